@@ -1,0 +1,139 @@
+//! GPU devices and the processes on them, from NVML or a mock scenario.
+//!
+//! A [`GpuSource`] is polled on its own task; each pass becomes an immutable
+//! [`GpuSnapshot`] published to readers, which never call NVML themselves.
+//! Figures that could not be read are [`Reading::Unavailable`] with the reason,
+//! never zero: a wrong zero scales a workload away.
+
+use std::{sync::Arc, time::SystemTime};
+
+use serde::Serialize;
+
+/// A figure that was read, or the reason it could not be.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Reading<T> {
+    Ok(T),
+    Unavailable(Arc<str>),
+}
+
+impl<T: Copy> Reading<T> {
+    pub fn ok(&self) -> Option<T> {
+        match self {
+            Self::Ok(v) => Some(*v),
+            Self::Unavailable(_) => None,
+        }
+    }
+
+    pub fn unavailable(reason: impl Into<Arc<str>>) -> Self {
+        Self::Unavailable(reason.into())
+    }
+}
+
+/// How a process uses a GPU.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ProcessKind {
+    Compute,
+    Graphics,
+    /// A client of the MPS server.
+    Mps,
+}
+
+/// One process on one GPU in one sampling pass.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct GpuProcess {
+    /// In the daemon's pid namespace (the host's, with `hostPID: true`).
+    pub pid: u32,
+    pub kind: ProcessKind,
+    pub used_memory_mib: Reading<u64>,
+    /// SM utilization % over the samples since the previous pass (0 when NVML had
+    /// no samples for it: it was idle). Unavailable on MIG devices.
+    pub sm_util: Reading<u32>,
+    /// Memory-controller utilization %, as `sm_util`.
+    pub mem_util: Reading<u32>,
+    /// MIG GPU instance the memory is reported against.
+    pub gpu_instance_id: Option<u32>,
+}
+
+/// One GPU in one sampling pass.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct GpuDevice {
+    pub index: u32,
+    pub uuid: String,
+    pub name: String,
+    pub sm_util: Reading<u32>,
+    pub mem_util: Reading<u32>,
+    pub memory_used_mib: Reading<u64>,
+    pub memory_total_mib: Reading<u64>,
+    pub temperature_c: Reading<u32>,
+    pub power_w: Reading<f64>,
+    pub power_limit_w: Reading<f64>,
+    pub mig_enabled: bool,
+    /// Processes on this GPU. If the process list itself could not be read this
+    /// is empty and `processes_error` says why.
+    pub processes: Vec<GpuProcess>,
+    pub processes_error: Option<Arc<str>>,
+}
+
+/// Everything one sampling pass saw.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct GpuSnapshot {
+    pub taken_at: SystemTime,
+    pub devices: Vec<GpuDevice>,
+}
+
+/// What the GPU poller publishes after every pass (on a `tokio::sync::watch`).
+#[derive(Clone, Debug, Serialize)]
+pub struct GpuStatus {
+    /// The newest snapshot that was read successfully, if any.
+    pub last_good: Option<Arc<GpuSnapshot>>,
+    /// Why the newest pass failed (no driver, NVML error); `None` when `last_good`
+    /// is the newest pass. While this is set, `last_good` is stale.
+    pub error: Option<Arc<str>>,
+    /// When the newest pass finished.
+    pub updated_at: SystemTime,
+}
+
+/// Which GPU source `serve` uses.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum SourceKind {
+    /// The NVIDIA driver's NVML library, loaded at run time.
+    #[default]
+    Nvml,
+    /// A scenario file (see README), re-read when it changes.
+    Mock,
+}
+
+/// GPU sampling settings.
+#[derive(Clone, Debug)]
+pub struct Config {
+    pub source: SourceKind,
+    /// Overrides where libnvidia-ml.so is loaded from.
+    pub nvml_lib: Option<std::path::PathBuf>,
+    /// Scenario file for the mock source.
+    pub scenario: Option<std::path::PathBuf>,
+    pub poll_interval: std::time::Duration,
+}
+
+/// Errors of the GPU domain.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("GPU source is not available: {0}")]
+    Unavailable(String),
+}
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// Starts polling the configured source on its own task and returns the channel
+/// it publishes to. A source that cannot start (no driver) still returns: the
+/// published status carries the error and the poller keeps retrying.
+pub fn start(config: Config) -> tokio::sync::watch::Receiver<Arc<GpuStatus>> {
+    let status = GpuStatus {
+        last_good: None,
+        error: Some(format!("GPU source {:?} not implemented yet", config.source).into()),
+        updated_at: SystemTime::now(),
+    };
+    let (_tx, rx) = tokio::sync::watch::channel(Arc::new(status));
+    rx
+}

@@ -1,0 +1,14 @@
+//! gpu-scaler: per-pod GPU usage on a Kubernetes node (eBPF attribution joined
+//! with NVML), served to KEDA through its ExternalScaler gRPC contract.
+//!
+//! Dependencies point inward: `scaler` reads published snapshots from `sampler`,
+//! which joins `attribution`, `gpu` and `pods`; nothing outside `attribution`
+//! touches eBPF maps and nothing outside `gpu` touches NVML.
+
+pub mod attribution;
+pub mod cli;
+pub mod gpu;
+pub mod pods;
+pub mod sampler;
+pub mod scaler;
+pub mod telemetry;

@@ -1,0 +1,1 @@
+//! Joins attribution x GPU samples x pods into a per-pod NodeSnapshot every poll.

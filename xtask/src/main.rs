@@ -1,0 +1,83 @@
+//! `cargo xtask <task>`: the project's set-up-and-go commands and chores.
+
+mod toolchain;
+
+use std::process::Command;
+
+use anyhow::{Context as _, Result, bail};
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "xtask", about = "gpu-scaler developer tasks")]
+struct Args {
+    #[command(subcommand)]
+    task: Task,
+}
+
+#[derive(Subcommand)]
+enum Task {
+    /// Install what is missing of the eBPF toolchain (idempotent).
+    Setup,
+    /// Set up, then run the local demo daemon.
+    Run {
+        /// Extra arguments for `gpu-scaler serve`.
+        #[arg(trailing_var_arg = true)]
+        args: Vec<String>,
+    },
+    /// Set up, then check formatting and lints and run every test.
+    Test {
+        /// Skip `cargo fmt --check` and clippy.
+        #[arg(long)]
+        no_lint: bool,
+        /// Extra arguments for `cargo test`.
+        #[arg(trailing_var_arg = true)]
+        args: Vec<String>,
+    },
+}
+
+fn main() -> Result<()> {
+    let args = Args::parse();
+    match args.task {
+        Task::Setup => toolchain::ensure(),
+        Task::Run { args } => {
+            toolchain::ensure()?;
+            cargo(&["build", "--release", "--package", "gpu-scaler"])?;
+            let mut cmd = Command::new("target/release/gpu-scaler");
+            cmd.arg("serve").args(args);
+            run(&mut cmd)
+        }
+        Task::Test { no_lint, args } => {
+            toolchain::ensure()?;
+            if !no_lint {
+                cargo(&["fmt", "--all", "--", "--check"])?;
+                cargo(&[
+                    "clippy",
+                    "--workspace",
+                    "--all-targets",
+                    "--",
+                    "-D",
+                    "warnings",
+                ])?;
+            }
+            let mut test = vec!["test", "--workspace"];
+            test.extend(args.iter().map(String::as_str));
+            cargo(&test)
+        }
+    }
+}
+
+/// Runs cargo with `args` in the workspace root.
+fn cargo(args: &[&str]) -> Result<()> {
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    run(Command::new(cargo).args(args))
+}
+
+/// Runs a command to completion, echoing it first; a non-zero exit is an error.
+fn run(cmd: &mut Command) -> Result<()> {
+    eprintln!("+ {cmd:?}");
+    let status = cmd.status().with_context(|| format!("spawning {cmd:?}"))?;
+    if !status.success() {
+        bail!("{cmd:?} failed: {status}");
+    }
+    Ok(())
+}

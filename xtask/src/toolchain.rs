@@ -1,0 +1,116 @@
+//! Installs the eBPF toolchain, only what is missing: nightly's rust-src, Debian's
+//! LLVM 22 development packages, and bpf-linker built against them. Nightly's LLVM
+//! is 22, so bpf-linker must link the same major version.
+
+use std::process::{Command, Stdio};
+
+use anyhow::{Context as _, Result, bail};
+
+const NIGHTLY: &str = "nightly";
+const DEBIAN_PACKAGES: &[&str] = &["llvm-22-dev", "libpolly-22-dev", "libzstd-dev", "zlib1g-dev"];
+const LLVM_BIN: &str = "/usr/lib/llvm-22/bin";
+const BPF_LINKER_VERSION: &str = "0.13.0";
+
+/// Ensures every part of the toolchain is present, installing the missing ones.
+pub fn ensure() -> Result<()> {
+    if std::env::var("GPU_SCALER_NO_EBPF").is_ok_and(|v| v == "1") {
+        eprintln!("xtask: GPU_SCALER_NO_EBPF=1, not checking the eBPF toolchain");
+        return Ok(());
+    }
+    ensure_nightly()?;
+    ensure_debian_packages()?;
+    ensure_bpf_linker()?;
+    Ok(())
+}
+
+fn ensure_nightly() -> Result<()> {
+    let toolchains = output(Command::new("rustup").args(["toolchain", "list"]))
+        .context("rustup is needed to build the eBPF probe")?;
+    if !toolchains.lines().any(|l| l.starts_with(NIGHTLY)) {
+        eprintln!("xtask: installing the {NIGHTLY} toolchain");
+        super::run(Command::new("rustup").args(["toolchain", "install", NIGHTLY, "--profile", "minimal"]))?;
+    }
+    let components = output(Command::new("rustup").args([
+        "component",
+        "list",
+        "--installed",
+        "--toolchain",
+        NIGHTLY,
+    ]))?;
+    if !components.lines().any(|l| l.starts_with("rust-src")) {
+        eprintln!("xtask: adding rust-src to {NIGHTLY}");
+        super::run(Command::new("rustup").args(["component", "add", "rust-src", "--toolchain", NIGHTLY]))?;
+    }
+    Ok(())
+}
+
+fn ensure_debian_packages() -> Result<()> {
+    let missing: Vec<&str> = DEBIAN_PACKAGES
+        .iter()
+        .copied()
+        .filter(|p| !debian_installed(p))
+        .collect();
+    if missing.is_empty() {
+        return Ok(());
+    }
+    if !is_root() {
+        bail!(
+            "missing Debian packages {missing:?}; install them with `sudo apt-get install {}` \
+             or run this command as root",
+            missing.join(" ")
+        );
+    }
+    eprintln!("xtask: installing {missing:?}");
+    super::run(Command::new("apt-get").arg("update").arg("-qq"))?;
+    super::run(
+        Command::new("apt-get")
+            .args(["install", "-y", "-qq", "--no-install-recommends"])
+            .args(&missing)
+            .env("DEBIAN_FRONTEND", "noninteractive"),
+    )
+}
+
+fn ensure_bpf_linker() -> Result<()> {
+    if let Ok(version) = output(Command::new("bpf-linker").arg("--version"))
+        && version.contains(BPF_LINKER_VERSION)
+    {
+        return Ok(());
+    }
+    eprintln!("xtask: building bpf-linker {BPF_LINKER_VERSION} against LLVM 22 (a few minutes, once)");
+    let path = format!("{LLVM_BIN}:{}", std::env::var("PATH").unwrap_or_default());
+    super::run(
+        Command::new("cargo")
+            .args([
+                "install",
+                "bpf-linker",
+                "--locked",
+                "--version",
+                BPF_LINKER_VERSION,
+                "--no-default-features",
+                "--features",
+                "llvm-22",
+            ])
+            .env("PATH", path),
+    )
+}
+
+fn debian_installed(package: &str) -> bool {
+    output(Command::new("dpkg-query").args(["-W", "-f=${Status}", package]))
+        .is_ok_and(|s| s.contains("install ok installed"))
+}
+
+fn is_root() -> bool {
+    output(Command::new("id").arg("-u")).is_ok_and(|s| s.trim() == "0")
+}
+
+/// Runs a command and returns its stdout; a non-zero exit is an error.
+fn output(cmd: &mut Command) -> Result<String> {
+    let out = cmd
+        .stderr(Stdio::null())
+        .output()
+        .with_context(|| format!("spawning {cmd:?}"))?;
+    if !out.status.success() {
+        bail!("{cmd:?} failed: {}", out.status);
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
