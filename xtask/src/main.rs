@@ -1,5 +1,6 @@
 //! `cargo xtask <task>`: the project's set-up-and-go commands and chores.
 
+mod demo;
 mod toolchain;
 
 use std::process::Command;
@@ -18,12 +19,9 @@ struct Args {
 enum Task {
     /// Install what is missing of the eBPF toolchain (idempotent).
     Setup,
-    /// Set up, then run the local demo daemon.
-    Run {
-        /// Extra arguments for `gpu-scaler serve`.
-        #[arg(trailing_var_arg = true)]
-        args: Vec<String>,
-    },
+    /// Set up, build, and run the local demo: the daemon with demo pods and a mock
+    /// GPU load, shown live.
+    Run(demo::RunArgs),
     /// Set up, then check formatting and lints and run every test.
     Test {
         /// Skip `cargo fmt --check` and clippy.
@@ -39,12 +37,10 @@ fn main() -> Result<()> {
     let args = Args::parse();
     match args.task {
         Task::Setup => toolchain::ensure(),
-        Task::Run { args } => {
+        Task::Run(args) => {
             toolchain::ensure()?;
             cargo(&["build", "--release", "--package", "gpu-scaler"])?;
-            let mut cmd = Command::new("target/release/gpu-scaler");
-            cmd.arg("serve").args(args);
-            run(&mut cmd)
+            demo::run(std::path::Path::new("target/release/gpu-scaler"), args)
         }
         Task::Test { no_lint, args } => {
             toolchain::ensure()?;

@@ -7,7 +7,12 @@ use std::process::{Command, Stdio};
 use anyhow::{Context as _, Result, bail};
 
 const NIGHTLY: &str = "nightly";
-const DEBIAN_PACKAGES: &[&str] = &["llvm-22-dev", "libpolly-22-dev", "libzstd-dev", "zlib1g-dev"];
+const DEBIAN_PACKAGES: &[&str] = &[
+    "llvm-22-dev",
+    "libpolly-22-dev",
+    "libzstd-dev",
+    "zlib1g-dev",
+];
 const LLVM_BIN: &str = "/usr/lib/llvm-22/bin";
 const BPF_LINKER_VERSION: &str = "0.13.0";
 
@@ -28,7 +33,13 @@ fn ensure_nightly() -> Result<()> {
         .context("rustup is needed to build the eBPF probe")?;
     if !toolchains.lines().any(|l| l.starts_with(NIGHTLY)) {
         eprintln!("xtask: installing the {NIGHTLY} toolchain");
-        super::run(Command::new("rustup").args(["toolchain", "install", NIGHTLY, "--profile", "minimal"]))?;
+        super::run(Command::new("rustup").args([
+            "toolchain",
+            "install",
+            NIGHTLY,
+            "--profile",
+            "minimal",
+        ]))?;
     }
     let components = output(Command::new("rustup").args([
         "component",
@@ -39,7 +50,13 @@ fn ensure_nightly() -> Result<()> {
     ]))?;
     if !components.lines().any(|l| l.starts_with("rust-src")) {
         eprintln!("xtask: adding rust-src to {NIGHTLY}");
-        super::run(Command::new("rustup").args(["component", "add", "rust-src", "--toolchain", NIGHTLY]))?;
+        super::run(Command::new("rustup").args([
+            "component",
+            "add",
+            "rust-src",
+            "--toolchain",
+            NIGHTLY,
+        ]))?;
     }
     Ok(())
 }
@@ -76,7 +93,9 @@ fn ensure_bpf_linker() -> Result<()> {
     {
         return Ok(());
     }
-    eprintln!("xtask: building bpf-linker {BPF_LINKER_VERSION} against LLVM 22 (a few minutes, once)");
+    eprintln!(
+        "xtask: building bpf-linker {BPF_LINKER_VERSION} against LLVM 22 (a few minutes, once)"
+    );
     let path = format!("{LLVM_BIN}:{}", std::env::var("PATH").unwrap_or_default());
     super::run(
         Command::new("cargo")

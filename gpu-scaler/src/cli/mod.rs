@@ -15,7 +15,13 @@ use crate::telemetry::LogFormat;
 #[command(name = "gpu-scaler", version, about)]
 pub struct Args {
     /// Log format on stderr.
-    #[arg(long, env = "GPU_SCALER_LOG_FORMAT", value_enum, default_value_t, global = true)]
+    #[arg(
+        long,
+        env = "GPU_SCALER_LOG_FORMAT",
+        value_enum,
+        default_value_t,
+        global = true
+    )]
     pub log_format: LogFormat,
 
     #[command(subcommand)]

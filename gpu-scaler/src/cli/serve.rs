@@ -11,7 +11,11 @@ pub struct ServeArgs {
     pub listen: SocketAddr,
 
     /// Address of the HTTP listener for /healthz, /readyz and /metrics.
-    #[arg(long, env = "GPU_SCALER_METRICS_LISTEN", default_value = "0.0.0.0:9090")]
+    #[arg(
+        long,
+        env = "GPU_SCALER_METRICS_LISTEN",
+        default_value = "0.0.0.0:9090"
+    )]
     pub metrics_listen: SocketAddr,
 
     /// This node's name; pods whose spec.nodeName differs are not local. Unset: all
