@@ -102,7 +102,6 @@ fn ensure_bpf_linker() -> Result<()> {
             .args([
                 "install",
                 "bpf-linker",
-                "--locked",
                 "--version",
                 BPF_LINKER_VERSION,
                 "--no-default-features",
