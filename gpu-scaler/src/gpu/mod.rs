@@ -5,6 +5,12 @@
 //! Figures that could not be read are [`Reading::Unavailable`] with the reason,
 //! never zero: a wrong zero scales a workload away.
 
+pub mod collector;
+pub mod mock;
+pub mod nvml;
+mod poller;
+pub mod scenario;
+
 use std::{sync::Arc, time::SystemTime};
 
 use serde::Serialize;
@@ -24,7 +30,9 @@ impl<T: Copy> Reading<T> {
             Self::Unavailable(_) => None,
         }
     }
+}
 
+impl<T> Reading<T> {
     pub fn unavailable(reason: impl Into<Arc<str>>) -> Self {
         Self::Unavailable(reason.into())
     }
@@ -121,19 +129,88 @@ pub struct Config {
 pub enum Error {
     #[error("GPU source is not available: {0}")]
     Unavailable(String),
+    #[error("loading NVML from {lib}: {source}")]
+    Init {
+        lib: String,
+        #[source]
+        source: nvml_wrapper::error::NvmlError,
+    },
+    #[error("{call}: {source}")]
+    Nvml {
+        call: &'static str,
+        #[source]
+        source: nvml_wrapper::error::NvmlError,
+    },
+    #[error("GPU scenario {path}: {source}")]
+    Scenario {
+        path: String,
+        #[source]
+        source: scenario::ParseError,
+    },
+    #[error("reading GPU scenario {path}: {source}")]
+    ScenarioIo {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
-/// Starts polling the configured source on its own task and returns the channel
-/// it publishes to. A source that cannot start (no driver) still returns: the
-/// published status carries the error and the poller keeps retrying.
+/// Where GPU figures come from. One call of [`GpuSource::poll`] is one sampling
+/// pass; implementations keep what must survive between passes (NVML's
+/// lastSeen, the loaded library, the last scenario read).
+pub trait GpuSource: Send {
+    /// Samples every device once.
+    fn poll(&mut self) -> Result<GpuSnapshot>;
+}
+
+/// The source `config` asks for. Nothing is loaded or read until the first poll.
+pub fn source(config: &Config) -> Result<Box<dyn GpuSource>> {
+    match config.source {
+        SourceKind::Nvml => Ok(Box::new(nvml::NvmlSource::new(config.nvml_lib.clone()))),
+        SourceKind::Mock => match &config.scenario {
+            Some(path) => Ok(Box::new(mock::MockSource::new(path.clone()))),
+            None => Err(Error::Unavailable(
+                "the mock GPU source needs a scenario file (--gpu-scenario)".into(),
+            )),
+        },
+    }
+}
+
+/// A source that cannot be built from its configuration: every poll says why.
+struct Misconfigured(String);
+
+impl GpuSource for Misconfigured {
+    fn poll(&mut self) -> Result<GpuSnapshot> {
+        Err(Error::Unavailable(self.0.clone()))
+    }
+}
+
+/// Starts polling the configured source on its own thread and returns the
+/// channel it publishes to after every pass. A source that cannot start (no
+/// driver) still returns: the published status carries the error and the
+/// poller keeps retrying, so it recovers by itself. Polling stops when every
+/// receiver has been dropped.
 pub fn start(config: Config) -> tokio::sync::watch::Receiver<Arc<GpuStatus>> {
-    let status = GpuStatus {
+    let pending = GpuStatus {
         last_good: None,
-        error: Some(format!("GPU source {:?} not implemented yet", config.source).into()),
+        error: Some("GPU source has not been polled yet".into()),
         updated_at: SystemTime::now(),
     };
-    let (_tx, rx) = tokio::sync::watch::channel(Arc::new(status));
+    let (tx, rx) = tokio::sync::watch::channel(Arc::new(pending));
+    let source = source(&config).unwrap_or_else(|e| Box::new(Misconfigured(e.to_string())));
+    let spawned = std::thread::Builder::new()
+        .name("gpu-poller".into())
+        .spawn(move || poller::run(source, config.poll_interval, tx));
+    if let Err(e) = spawned {
+        // The sender went down with the closure; hand out a channel that says why.
+        let failed = GpuStatus {
+            last_good: None,
+            error: Some(format!("cannot start the GPU poller thread: {e}").into()),
+            updated_at: SystemTime::now(),
+        };
+        return tokio::sync::watch::channel(Arc::new(failed)).1;
+    }
     rx
 }

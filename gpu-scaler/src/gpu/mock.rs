@@ -1,0 +1,190 @@
+//! The `mock` source: GPUs described by a scenario file (see [`super::scenario`]),
+//! re-read whenever its contents change, so a load curve can be scripted by
+//! rewriting the file. Answers go through the same collector as NVML's.
+
+use std::{
+    path::PathBuf,
+    time::{SystemTime, UNIX_EPOCH},
+};
+
+use nvml_wrapper::{
+    enums::device::UsedGpuMemory,
+    error::NvmlError,
+    struct_wrappers::device::{ProcessInfo, ProcessUtilizationSample},
+};
+
+use super::{
+    Error, GpuSnapshot, GpuSource, ProcessKind, Result,
+    collector::{Collector, Driver, DriverDevice, NvResult},
+    scenario::{self, Answer, Gpu, ParseError, Scenario},
+};
+
+/// Serves a scenario file. A file that does not parse is an error for every
+/// poll until it is fixed; the poller keeps the last good snapshot meanwhile.
+pub struct MockSource {
+    path: PathBuf,
+    /// The file's bytes as last read, and what they parsed to.
+    loaded: Option<(Vec<u8>, std::result::Result<Scenario, ParseError>)>,
+    collector: Collector,
+}
+
+impl MockSource {
+    pub fn new(path: PathBuf) -> Self {
+        Self {
+            path,
+            loaded: None,
+            collector: Collector::default(),
+        }
+    }
+
+    /// Reads the file and parses it if it changed. Reading a small file every
+    /// poll is cheaper than it sounds and, unlike mtimes, never misses a change.
+    fn refresh(&mut self) -> Result<()> {
+        let bytes = std::fs::read(&self.path).map_err(|source| Error::ScenarioIo {
+            path: self.path.display().to_string(),
+            source,
+        })?;
+        if self.loaded.as_ref().is_some_and(|(old, _)| *old == bytes) {
+            return Ok(());
+        }
+        let parsed = std::str::from_utf8(&bytes)
+            .map_err(|e| ParseError {
+                line: 1,
+                column: 1,
+                message: format!("not UTF-8: {e}"),
+            })
+            .and_then(Scenario::parse);
+        match &parsed {
+            Ok(s) => {
+                tracing::info!(path = %self.path.display(), gpus = s.gpu.len(), "GPU scenario loaded");
+            }
+            Err(e) => {
+                tracing::warn!(path = %self.path.display(), error = %e, "GPU scenario rejected");
+            }
+        }
+        self.loaded = Some((bytes, parsed));
+        Ok(())
+    }
+}
+
+impl GpuSource for MockSource {
+    fn poll(&mut self) -> Result<GpuSnapshot> {
+        self.refresh()?;
+        match &self.loaded {
+            Some((_, Ok(scenario))) => self.collector.pass(&mut ScenarioDriver {
+                scenario,
+                now_us: now_us(),
+            }),
+            Some((_, Err(e))) => Err(Error::Scenario {
+                path: self.path.display().to_string(),
+                source: e.clone(),
+            }),
+            None => Err(Error::Unavailable("scenario file not read yet".into())),
+        }
+    }
+}
+
+fn now_us() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_micros()).unwrap_or(u64::MAX))
+}
+
+/// The scenario's answer as the NVML error nvml-wrapper would have made of it.
+fn nv<T>(answer: Answer<T>) -> NvResult<T> {
+    answer.map_err(|kind| NvmlError::from(kind.code()))
+}
+
+struct ScenarioDriver<'a> {
+    scenario: &'a Scenario,
+    now_us: u64,
+}
+
+impl Driver for ScenarioDriver<'_> {
+    fn device_count(&mut self) -> NvResult<u32> {
+        nv(self.scenario.init())?;
+        nv(self.scenario.device_count())
+    }
+
+    fn device(&self, index: u32) -> NvResult<Box<dyn DriverDevice + '_>> {
+        let gpu = nv(self.scenario.device(index))?;
+        Ok(Box::new(ScenarioDevice {
+            gpu,
+            index,
+            now_us: self.now_us,
+        }))
+    }
+}
+
+struct ScenarioDevice<'a> {
+    gpu: &'a Gpu,
+    index: u32,
+    now_us: u64,
+}
+
+impl DriverDevice for ScenarioDevice<'_> {
+    fn uuid(&self) -> NvResult<String> {
+        nv(self.gpu.uuid(self.index))
+    }
+
+    fn name(&self) -> NvResult<String> {
+        nv(self.gpu.name())
+    }
+
+    fn utilization(&self) -> NvResult<(u32, u32)> {
+        nv(self.gpu.utilization())
+    }
+
+    fn memory(&self) -> NvResult<(u64, u64)> {
+        nv(self.gpu.memory())
+    }
+
+    fn temperature(&self) -> NvResult<u32> {
+        nv(self.gpu.temperature())
+    }
+
+    fn power_mw(&self) -> NvResult<u32> {
+        nv(self.gpu.power_mw())
+    }
+
+    fn power_limit_mw(&self) -> NvResult<u32> {
+        nv(self.gpu.power_limit_mw())
+    }
+
+    fn mig_enabled(&self) -> NvResult<bool> {
+        nv(self.gpu.mig_enabled())
+    }
+
+    fn processes(&self, kind: ProcessKind) -> NvResult<Vec<ProcessInfo>> {
+        let kind = match kind {
+            ProcessKind::Compute => scenario::ProcessKind::Compute,
+            ProcessKind::Graphics => scenario::ProcessKind::Graphics,
+            ProcessKind::Mps => scenario::ProcessKind::Mps,
+        };
+        Ok(nv(self.gpu.processes(kind))?
+            .into_iter()
+            .map(|p| ProcessInfo {
+                pid: p.pid,
+                used_gpu_memory: p
+                    .used_memory_bytes
+                    .map_or(UsedGpuMemory::Unavailable, UsedGpuMemory::Used),
+                gpu_instance_id: p.gpu_instance_id,
+                compute_instance_id: None,
+            })
+            .collect())
+    }
+
+    fn samples(&self, last_seen_us: u64) -> NvResult<Vec<ProcessUtilizationSample>> {
+        Ok(nv(self.gpu.process_samples(last_seen_us, self.now_us))?
+            .into_iter()
+            .map(|s| ProcessUtilizationSample {
+                pid: s.pid,
+                timestamp: s.timestamp_us,
+                sm_util: s.sm_util,
+                mem_util: s.mem_util,
+                enc_util: 0,
+                dec_util: 0,
+            })
+            .collect())
+    }
+}
