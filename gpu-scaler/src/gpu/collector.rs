@@ -49,6 +49,9 @@ pub(crate) trait DriverDevice {
 
 const MIB: u64 = 1024 * 1024;
 
+/// (SM %, memory-controller %) per pid over one pass.
+type UtilByPid = HashMap<u32, (Reading<u32>, Reading<u32>)>;
+
 /// What a device was called the last time NVML told us.
 #[derive(Clone, Debug)]
 struct Identity {
@@ -255,7 +258,7 @@ impl Collector {
         &mut self,
         uuid: &str,
         dev: &dyn DriverDevice,
-    ) -> std::result::Result<HashMap<u32, (Reading<u32>, Reading<u32>)>, Arc<str>> {
+    ) -> std::result::Result<UtilByPid, Arc<str>> {
         let last_seen = self.last_seen.get(uuid).copied().unwrap_or(0);
         let samples = match dev.samples(last_seen) {
             Ok(samples) => samples,
@@ -306,7 +309,7 @@ impl Mean {
 fn aggregate(
     samples: &[ProcessUtilizationSample],
     last_seen: u64,
-) -> (HashMap<u32, (Reading<u32>, Reading<u32>)>, u64) {
+) -> (UtilByPid, u64) {
     let mut sums: HashMap<u32, (Mean, Mean)> = HashMap::new();
     let mut newest = last_seen;
     for s in samples.iter().filter(|s| s.timestamp > last_seen) {
