@@ -1,1 +1,3 @@
 //! Helpers for the integration tests in this directory.
+
+pub mod fake_nvml;

@@ -306,10 +306,7 @@ impl Mean {
 /// of its samples, leaving out values over 100 % (a driver glitch, not load).
 /// Some drivers return older samples whatever lastSeen says; they are skipped
 /// here so nothing is counted twice. Returns the newest timestamp seen.
-fn aggregate(
-    samples: &[ProcessUtilizationSample],
-    last_seen: u64,
-) -> (UtilByPid, u64) {
+fn aggregate(samples: &[ProcessUtilizationSample], last_seen: u64) -> (UtilByPid, u64) {
     let mut sums: HashMap<u32, (Mean, Mean)> = HashMap::new();
     let mut newest = last_seen;
     for s in samples.iter().filter(|s| s.timestamp > last_seen) {

@@ -300,10 +300,14 @@ impl Gpu {
         self.check(self.errors.memory)?;
         let total = self.memory_total_mib.ok_or(NvmlErrorKind::NotSupported)?;
         let used = self.memory_used_mib.unwrap_or_else(|| {
-            self.process
-                .iter()
-                .filter_map(|p| p.used_memory_mib)
-                .sum::<u64>()
+            // A process in several lists (compute and graphics) holds its
+            // memory once.
+            let mut per_process = std::collections::BTreeMap::new();
+            for p in &self.process {
+                let m = per_process.entry((p.pid, p.gpu_instance_id)).or_insert(0);
+                *m = p.used_memory_mib.unwrap_or(0).max(*m);
+            }
+            per_process.values().sum::<u64>()
         });
         Ok((used.saturating_mul(MIB), total.saturating_mul(MIB)))
     }

@@ -87,7 +87,9 @@ fn scenario_path() -> Option<PathBuf> {
     }
     let mut info: libc::Dl_info = unsafe { std::mem::zeroed() };
     // SAFETY: dladdr only reads the address and fills `info`.
-    let found = unsafe { libc::dladdr(nvmlInit_v2 as *const c_void, &mut info) };
+    // A private function's address: taking an exported one would make the
+    // library reference its own symbol by name, which tests rename away.
+    let found = unsafe { libc::dladdr(scenario_path as *const c_void, &mut info) };
     if found == 0 || info.dli_fname.is_null() {
         return None;
     }
@@ -211,6 +213,15 @@ fn now_us() -> u64 {
 
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn nvmlInit_v2() -> nvmlReturn_t {
+    init()
+}
+
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn nvmlInitWithFlags(_flags: c_uint) -> nvmlReturn_t {
+    init()
+}
+
+fn init() -> nvmlReturn_t {
     let mut st = state();
     let Some(path) = scenario_path() else {
         eprintln!("fake-nvml: no scenario: set {SCENARIO_ENV}");
@@ -245,12 +256,6 @@ pub unsafe extern "C" fn nvmlInit_v2() -> nvmlReturn_t {
 }
 
 #[unsafe(no_mangle)]
-pub unsafe extern "C" fn nvmlInitWithFlags(_flags: c_uint) -> nvmlReturn_t {
-    // SAFETY: takes no arguments.
-    unsafe { nvmlInit_v2() }
-}
-
-#[unsafe(no_mangle)]
 pub unsafe extern "C" fn nvmlShutdown() -> nvmlReturn_t {
     let mut st = state();
     if st.inits == 0 {
@@ -278,7 +283,10 @@ pub unsafe extern "C" fn nvmlErrorString(result: nvmlReturn_t) -> *const c_char 
 }
 
 #[unsafe(no_mangle)]
-pub unsafe extern "C" fn nvmlSystemGetDriverVersion(version: *mut c_char, length: c_uint) -> nvmlReturn_t {
+pub unsafe extern "C" fn nvmlSystemGetDriverVersion(
+    version: *mut c_char,
+    length: c_uint,
+) -> nvmlReturn_t {
     with_scenario(|loaded| {
         let v = loaded
             .scenario
