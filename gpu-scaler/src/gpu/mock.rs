@@ -188,3 +188,134 @@ impl DriverDevice for ScenarioDevice<'_> {
             .collect())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::{path::Path, sync::Arc, time::Duration};
+
+    use super::*;
+    use crate::gpu::{self, GpuStatus, Reading};
+
+    fn scenario(util: u32) -> String {
+        format!(
+            "[[gpu]]\nutilization = {util}\nmemory_utilization = 1\n\
+             [[gpu.process]]\npid = 10\nsm_util = {util}\nused_memory_mib = 5\n"
+        )
+    }
+
+    /// Replaces the file atomically, as an editor or a script should.
+    fn write(path: &Path, text: &str) {
+        let tmp = path.with_extension("tmp");
+        std::fs::write(&tmp, text).expect("write scenario");
+        std::fs::rename(&tmp, path).expect("install scenario");
+    }
+
+    fn start(path: &Path, interval: Duration) -> tokio::sync::watch::Receiver<Arc<GpuStatus>> {
+        gpu::start(gpu::Config {
+            source: gpu::SourceKind::Mock,
+            nvml_lib: None,
+            scenario: Some(path.to_path_buf()),
+            poll_interval: interval,
+        })
+    }
+
+    /// The next status published after the current one.
+    async fn next(rx: &mut tokio::sync::watch::Receiver<Arc<GpuStatus>>) -> Arc<GpuStatus> {
+        tokio::time::timeout(Duration::from_secs(10), rx.changed())
+            .await
+            .expect("a status within 10 s")
+            .expect("poller alive");
+        rx.borrow_and_update().clone()
+    }
+
+    fn device_util(status: &GpuStatus) -> Option<u32> {
+        status.last_good.as_ref()?.devices.first()?.sm_util.ok()
+    }
+
+    #[tokio::test]
+    async fn a_changed_scenario_is_picked_up_by_the_next_pass() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("s.toml");
+        write(&path, &scenario(10));
+        let interval = Duration::from_millis(100);
+        let mut rx = start(&path, interval);
+        let mut status = next(&mut rx).await;
+        while device_util(&status) != Some(10) {
+            status = next(&mut rx).await;
+        }
+
+        write(&path, &scenario(75));
+        // A pass may have been running while the file was replaced; the one
+        // after it starts later and must read the new file: at most two
+        // passes, so within one poll interval of the next pass.
+        let first = next(&mut rx).await;
+        let second = if device_util(&first) == Some(75) {
+            first
+        } else {
+            next(&mut rx).await
+        };
+        assert_eq!(device_util(&second), Some(75), "{second:?}");
+        let p = &second.last_good.as_ref().expect("snapshot").devices[0].processes[0];
+        assert_eq!(p.sm_util, Reading::Ok(75));
+    }
+
+    #[tokio::test]
+    async fn a_malformed_scenario_keeps_the_last_good_snapshot_marked_stale() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("s.toml");
+        write(&path, &scenario(30));
+        let mut rx = start(&path, Duration::from_millis(50));
+        let mut good = next(&mut rx).await;
+        while good.error.is_some() {
+            good = next(&mut rx).await;
+        }
+        let good_snapshot = good.last_good.clone().expect("a good snapshot");
+
+        write(
+            &path,
+            "[[gpu]]\nutilization = 30\nmemory_utilization = 1\ntemperature_c = hot\n",
+        );
+        let mut bad = next(&mut rx).await;
+        while bad.error.is_none() {
+            bad = next(&mut rx).await;
+        }
+        let error = bad.error.as_deref().expect("error");
+        assert!(
+            error.contains("s.toml") && error.contains("line 4"),
+            "{error}"
+        );
+        let kept = bad.last_good.as_ref().expect("last good kept");
+        assert!(
+            Arc::ptr_eq(kept, &good_snapshot),
+            "the last good snapshot, unchanged"
+        );
+
+        write(&path, &scenario(40));
+        let mut fixed = next(&mut rx).await;
+        while fixed.error.is_some() {
+            fixed = next(&mut rx).await;
+        }
+        assert_eq!(device_util(&fixed), Some(40));
+    }
+
+    #[test]
+    fn a_missing_file_is_an_error_naming_it() {
+        let mut source = MockSource::new("/nonexistent/gpu-scenario.toml".into());
+        let err = source.poll().expect_err("no file").to_string();
+        assert!(err.contains("/nonexistent/gpu-scenario.toml"), "{err}");
+    }
+
+    #[test]
+    fn mock_without_a_scenario_is_a_configuration_error() {
+        let err = gpu::source(&gpu::Config {
+            source: gpu::SourceKind::Mock,
+            nvml_lib: None,
+            scenario: None,
+            poll_interval: Duration::from_secs(1),
+        })
+        .err()
+        .expect("needs a scenario")
+        .to_string();
+        assert!(err.contains("--gpu-scenario"), "{err}");
+    }
+}
