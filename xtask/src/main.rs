@@ -1,5 +1,6 @@
 //! `cargo xtask <task>`: the project's set-up-and-go commands and chores.
 
+mod bench_gpu;
 mod demo;
 mod toolchain;
 
@@ -22,6 +23,11 @@ enum Task {
     /// Set up, build, and run the local demo: the daemon with demo pods and a mock
     /// GPU load, shown live.
     Run(demo::RunArgs),
+    /// Measure and print performance figures.
+    Bench {
+        #[command(subcommand)]
+        what: Bench,
+    },
     /// Set up, then check formatting and lints and run every test.
     Test {
         /// Skip `cargo fmt --check` and clippy.
@@ -30,6 +36,20 @@ enum Task {
         /// Extra arguments for `cargo test`.
         #[arg(trailing_var_arg = true)]
         args: Vec<String>,
+    },
+}
+
+#[derive(Subcommand)]
+enum Bench {
+    /// Cost of one GPU sampling pass (8 GPUs x 64 processes, fake NVML) and
+    /// the poller's and daemon's CPU use at a 1 s interval.
+    Gpu {
+        /// Sampling passes to time.
+        #[arg(long, default_value_t = 2000)]
+        passes: u64,
+        /// Seconds over which CPU use is measured.
+        #[arg(long, default_value_t = 30)]
+        cpu_secs: u64,
     },
 }
 
@@ -42,6 +62,9 @@ fn main() -> Result<()> {
             cargo(&["build", "--release", "--package", "gpu-scaler"])?;
             demo::run(std::path::Path::new("target/release/gpu-scaler"), args)
         }
+        Task::Bench {
+            what: Bench::Gpu { passes, cpu_secs },
+        } => bench_gpu::run(passes, cpu_secs),
         Task::Test { no_lint, args } => {
             toolchain::ensure()?;
             if !no_lint {
