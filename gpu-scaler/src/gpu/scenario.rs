@@ -466,6 +466,26 @@ used_memory_mib = 30000
     }
 
     #[test]
+    fn the_readme_examples_parse() {
+        let readme = include_str!("../../../README.md");
+        let start = readme
+            .find("## GPU scenario files")
+            .expect("README has a GPU scenario files section");
+        let section = &readme[start..];
+        let section = &section[..section[3..].find("\n## ").map_or(section.len(), |i| i + 3)];
+        let blocks: Vec<&str> = section
+            .split("```toml\n")
+            .skip(1)
+            .map(|b| b.split("```").next().expect("closed block"))
+            .collect();
+        assert_eq!(blocks.len(), 2, "the format and the test-only keys");
+        for block in blocks {
+            let s = Scenario::parse(block).unwrap_or_else(|e| panic!("{e}\n{block}"));
+            assert!(!s.gpu.is_empty());
+        }
+    }
+
+    #[test]
     fn defaults_are_derived_not_guessed() {
         let s = Scenario::parse("[[gpu]]\n[[gpu]]\n").expect("parses");
         assert_eq!(
