@@ -39,10 +39,8 @@ fn env_or(name: &str, default: u64) -> u64 {
 fn scenario() -> String {
     let mut s = String::new();
     for g in 0..GPUS {
-        s += &format!(
-            "[[gpu]]\nname = \"NVIDIA H100 80GB HBM3\"\nmemory_total_mib = 81559\nutilization = 85\n\
-             memory_utilization = 40\ntemperature_c = 62\npower_w = 420.0\npower_limit_w = 700.0\n"
-        );
+        s += "[[gpu]]\nname = \"NVIDIA H100 80GB HBM3\"\nmemory_total_mib = 81559\nutilization = 85\n\
+              memory_utilization = 40\ntemperature_c = 62\npower_w = 420.0\npower_limit_w = 700.0\n";
         for p in 0..PROCESSES {
             s += &format!(
                 "[[gpu.process]]\npid = {}\nsm_util = {}\nmem_util = {}\nused_memory_mib = {}\n",

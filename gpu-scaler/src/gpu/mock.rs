@@ -228,6 +228,21 @@ mod tests {
         rx.borrow_and_update().clone()
     }
 
+    /// The first status from now on that satisfies `done`, within 100 passes.
+    async fn until(
+        rx: &mut tokio::sync::watch::Receiver<Arc<GpuStatus>>,
+        what: &str,
+        done: impl Fn(&GpuStatus) -> bool,
+    ) -> Arc<GpuStatus> {
+        for _ in 0..100 {
+            let status = next(rx).await;
+            if done(&status) {
+                return status;
+            }
+        }
+        panic!("no status with {what} in 100 passes: {:?}", rx.borrow());
+    }
+
     fn device_util(status: &GpuStatus) -> Option<u32> {
         status.last_good.as_ref()?.devices.first()?.sm_util.ok()
     }
@@ -239,10 +254,10 @@ mod tests {
         write(&path, &scenario(10));
         let interval = Duration::from_millis(100);
         let mut rx = start(&path, interval);
-        let mut status = next(&mut rx).await;
-        while device_util(&status) != Some(10) {
-            status = next(&mut rx).await;
-        }
+        until(&mut rx, "the first scenario", |s| {
+            device_util(s) == Some(10)
+        })
+        .await;
 
         write(&path, &scenario(75));
         // A pass may have been running while the file was replaced; the one
@@ -265,20 +280,14 @@ mod tests {
         let path = dir.path().join("s.toml");
         write(&path, &scenario(30));
         let mut rx = start(&path, Duration::from_millis(50));
-        let mut good = next(&mut rx).await;
-        while good.error.is_some() {
-            good = next(&mut rx).await;
-        }
+        let good = until(&mut rx, "a good pass", |s| s.error.is_none()).await;
         let good_snapshot = good.last_good.clone().expect("a good snapshot");
 
         write(
             &path,
             "[[gpu]]\nutilization = 30\nmemory_utilization = 1\ntemperature_c = hot\n",
         );
-        let mut bad = next(&mut rx).await;
-        while bad.error.is_none() {
-            bad = next(&mut rx).await;
-        }
+        let bad = until(&mut rx, "the parse error", |s| s.error.is_some()).await;
         let error = bad.error.as_deref().expect("error");
         assert!(
             error.contains("s.toml") && error.contains("line 4"),
@@ -291,10 +300,7 @@ mod tests {
         );
 
         write(&path, &scenario(40));
-        let mut fixed = next(&mut rx).await;
-        while fixed.error.is_some() {
-            fixed = next(&mut rx).await;
-        }
+        let fixed = until(&mut rx, "recovery", |s| s.error.is_none()).await;
         assert_eq!(device_util(&fixed), Some(40));
     }
 
