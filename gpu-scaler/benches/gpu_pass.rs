@@ -15,9 +15,14 @@
 
 use std::{
     ffi::{c_char, c_uint},
-    path::{Path, PathBuf},
+    path::Path,
     time::{Duration, Instant},
 };
+
+#[path = "../tests/common/mod.rs"]
+mod common;
+
+use common::fake_nvml;
 
 use gpu_scaler::gpu::{self, GpuSource, mock::MockSource, nvml::NvmlSource};
 use nvml_wrapper_sys::bindings::{
@@ -52,18 +57,6 @@ fn scenario() -> String {
         }
     }
     s
-}
-
-fn fake_nvml() -> PathBuf {
-    let exe = std::env::current_exe().expect("bench executable path");
-    let deps = exe.parent().expect("deps directory");
-    [
-        deps.join("libfake_nvml.so"),
-        deps.join("../libfake_nvml.so"),
-    ]
-    .into_iter()
-    .find(|p| p.is_file())
-    .expect("libfake_nvml.so beside the bench executable (fake-nvml is a dev-dependency)")
 }
 
 fn median_p90(mut v: Vec<Duration>) -> (Duration, Duration) {

@@ -1,7 +1,11 @@
 //! `gpu-scaler gpus` as a user runs it: the real binary, a real scenario file,
 //! and the fake libnvidia-ml.so loaded through `--nvml-lib`.
 
-use std::{path::PathBuf, process::Command};
+use std::process::Command;
+
+mod common;
+
+use common::fake_nvml;
 
 const SCENARIO: &str = r#"
 [[gpu]]
@@ -20,19 +24,6 @@ sm_util = 60
 mem_util = 25
 used_memory_mib = 30000
 "#;
-
-/// libfake_nvml.so, which cargo builds beside this test (dev-dependency).
-fn fake_nvml() -> PathBuf {
-    let exe = std::env::current_exe().expect("test executable path");
-    let deps = exe.parent().expect("deps directory");
-    [
-        deps.join("libfake_nvml.so"),
-        deps.join("../libfake_nvml.so"),
-    ]
-    .into_iter()
-    .find(|p| p.is_file())
-    .expect("libfake_nvml.so beside the test executable")
-}
 
 /// The scenario, with this test process as the GPU process.
 fn scenario() -> String {
