@@ -260,6 +260,8 @@ mod tests {
         .await;
 
         write(&path, &scenario(75));
+        // Statuses from before the write are not the question.
+        rx.borrow_and_update();
         // A pass may have been running while the file was replaced; the one
         // after it starts later and must read the new file: at most two
         // passes, so within one poll interval of the next pass.
@@ -280,8 +282,7 @@ mod tests {
         let path = dir.path().join("s.toml");
         write(&path, &scenario(30));
         let mut rx = start(&path, Duration::from_millis(50));
-        let good = until(&mut rx, "a good pass", |s| s.error.is_none()).await;
-        let good_snapshot = good.last_good.clone().expect("a good snapshot");
+        until(&mut rx, "a good pass", |s| s.error.is_none()).await;
 
         write(
             &path,
@@ -294,8 +295,15 @@ mod tests {
             "{error}"
         );
         let kept = bad.last_good.as_ref().expect("last good kept");
+        assert_eq!(device_util(&bad), Some(30), "the good file's figures");
+        // Stays the very same snapshot while the file is bad.
+        let still_bad = next(&mut rx).await;
+        assert!(still_bad.error.is_some());
         assert!(
-            Arc::ptr_eq(kept, &good_snapshot),
+            still_bad
+                .last_good
+                .as_ref()
+                .is_some_and(|s| Arc::ptr_eq(s, kept)),
             "the last good snapshot, unchanged"
         );
 

@@ -5,7 +5,7 @@
 //! Figures that could not be read are [`Reading::Unavailable`] with the reason,
 //! never zero: a wrong zero scales a workload away.
 
-pub mod collector;
+mod collector;
 pub mod mock;
 pub mod nvml;
 mod poller;
@@ -68,6 +68,8 @@ pub struct GpuProcess {
 #[derive(Clone, Debug, PartialEq, Serialize)]
 pub struct GpuDevice {
     pub index: u32,
+    /// As NVML last reported it; empty only for a device lost before its first
+    /// successful read.
     pub uuid: String,
     pub name: String,
     pub sm_util: Reading<u32>,
