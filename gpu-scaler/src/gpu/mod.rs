@@ -67,6 +67,9 @@ pub struct GpuProcess {
 /// One GPU in one sampling pass.
 #[derive(Clone, Debug, PartialEq, Serialize)]
 pub struct GpuDevice {
+    /// NVML index. A device reported lost because NVML stopped enumerating it
+    /// keeps the index it last had, which another device may hold now: key by
+    /// `uuid`.
     pub index: u32,
     /// As NVML last reported it; empty only for a device lost before its first
     /// successful read.
