@@ -1,6 +1,6 @@
 //! GPU devices and the processes on them, from NVML or a mock scenario.
 //!
-//! A [`GpuSource`] is polled on its own task; each pass becomes an immutable
+//! A [`GpuSource`] is polled on its own thread; each pass becomes an immutable
 //! [`GpuSnapshot`] published to readers, which never call NVML themselves.
 //! Figures that could not be read are [`Reading::Unavailable`] with the reason,
 //! never zero: a wrong zero scales a workload away.
