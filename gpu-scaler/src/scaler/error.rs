@@ -1,0 +1,62 @@
+//! The scaler's errors and the one place they become gRPC status codes.
+
+use std::{sync::Arc, time::Duration};
+
+use super::metadata;
+
+/// Why a scaler request cannot be answered with a number.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// A known metadata key has a bad value.
+    #[error(transparent)]
+    Metadata(#[from] metadata::Error),
+    #[error("the ScaledObject reference has no namespace; the scaler only answers within a namespace")]
+    MissingNamespace,
+    #[error("GetMetrics has no scaledObjectRef")]
+    MissingRef,
+    #[error("metric {requested:?} is not this ScaledObject's metric; its metric is {served:?}")]
+    UnknownMetric { requested: String, served: String },
+    #[error(
+        "GPU samples are {age_ms} ms old, more than three poll intervals ({limit_ms} ms): the GPU poller is not keeping up"
+    )]
+    Stale { age_ms: u128, limit_ms: u128 },
+    #[error("the GPU source is down: {0}")]
+    GpuDown(Arc<str>),
+    /// A figure a value needs could not be read (MIG, a lost process list).
+    #[error("{0}")]
+    ReadingUnavailable(String),
+    /// Anything else a workload view cannot answer (e.g. a peer daemon).
+    #[error("{0}")]
+    Unavailable(String),
+}
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+impl Error {
+    pub fn stale(age: Duration, limit: Duration) -> Self {
+        Self::Stale {
+            age_ms: age.as_millis(),
+            limit_ms: limit.as_millis(),
+        }
+    }
+
+    /// The gRPC code KEDA sees: bad input is INVALID_ARGUMENT (KEDA shows it on
+    /// the ScaledObject and retrying will not help); a source that cannot answer
+    /// is UNAVAILABLE (transient; never turned into a number).
+    pub fn code(&self) -> tonic::Code {
+        match self {
+            Self::Metadata(_) | Self::MissingNamespace | Self::MissingRef | Self::UnknownMetric { .. } => {
+                tonic::Code::InvalidArgument
+            }
+            Self::Stale { .. } | Self::GpuDown(_) | Self::ReadingUnavailable(_) | Self::Unavailable(_) => {
+                tonic::Code::Unavailable
+            }
+        }
+    }
+}
+
+impl From<Error> for tonic::Status {
+    fn from(err: Error) -> Self {
+        tonic::Status::new(err.code(), err.to_string())
+    }
+}

@@ -1,0 +1,473 @@
+//! ScaledObject trigger metadata -> a [`Query`]. Every key is documented in the
+//! README's "ScaledObject metadata" section; keep the two in step.
+//!
+//! Unknown keys are ignored: KEDA forwards its own (`scalerAddress`, ...). A known
+//! key with a bad value is an [`Error`] naming the key, the value and what is
+//! allowed.
+
+use std::{collections::HashMap, fmt};
+
+use crate::pods::Selector;
+
+/// What is measured for each pod.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Metric {
+    /// SM utilization %, summed over the pod's processes on a GPU, averaged over
+    /// the GPUs it uses.
+    GpuUtilization,
+    /// Memory-controller utilization %, as `GpuUtilization`.
+    MemoryUtilization,
+    /// GPU memory used, MiB, summed over GPUs.
+    MemoryUsedMib,
+    /// GPU memory used as % of the memory of the GPUs it uses.
+    MemoryUsedPercent,
+    /// Attributed power, watts.
+    PowerDraw,
+    /// Hottest GPU it uses, °C.
+    Temperature,
+}
+
+impl Metric {
+    pub const ALL: [Metric; 6] = [
+        Self::GpuUtilization,
+        Self::MemoryUtilization,
+        Self::MemoryUsedMib,
+        Self::MemoryUsedPercent,
+        Self::PowerDraw,
+        Self::Temperature,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::GpuUtilization => "gpu_utilization",
+            Self::MemoryUtilization => "memory_utilization",
+            Self::MemoryUsedMib => "memory_used_mib",
+            Self::MemoryUsedPercent => "memory_used_percent",
+            Self::PowerDraw => "power_draw",
+            Self::Temperature => "temperature",
+        }
+    }
+
+    fn parse(s: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|m| m.as_str().eq_ignore_ascii_case(s.trim()))
+    }
+}
+
+impl fmt::Display for Metric {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// How per-pod values become the workload's one number.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Aggregation {
+    Sum,
+    Avg,
+    Max,
+    Min,
+    P95,
+    P99,
+}
+
+impl Aggregation {
+    pub const ALL: [Aggregation; 6] = [Self::Sum, Self::Avg, Self::Max, Self::Min, Self::P95, Self::P99];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Sum => "sum",
+            Self::Avg => "avg",
+            Self::Max => "max",
+            Self::Min => "min",
+            Self::P95 => "p95",
+            Self::P99 => "p99",
+        }
+    }
+
+    fn parse(s: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|a| a.as_str().eq_ignore_ascii_case(s.trim()))
+    }
+
+    /// The default for a metric: temperatures do not add up, so `max`.
+    pub fn default_for(metric: Metric) -> Self {
+        match metric {
+            Metric::Temperature => Self::Max,
+            _ => Self::Sum,
+        }
+    }
+}
+
+impl fmt::Display for Aggregation {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// A named set of defaults for a kind of workload.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Profile {
+    pub name: &'static str,
+    pub metric: Metric,
+    pub target: f64,
+    pub activation: f64,
+}
+
+/// The `profile` table (README: "Profiles").
+pub const PROFILES: [Profile; 6] = [
+    Profile { name: "vllm-inference", metric: Metric::MemoryUsedPercent, target: 80.0, activation: 5.0 },
+    Profile { name: "triton-inference", metric: Metric::GpuUtilization, target: 75.0, activation: 10.0 },
+    Profile { name: "training", metric: Metric::GpuUtilization, target: 90.0, activation: 0.0 },
+    Profile { name: "batch", metric: Metric::MemoryUsedPercent, target: 70.0, activation: 1.0 },
+    Profile { name: "ollama", metric: Metric::MemoryUsedPercent, target: 70.0, activation: 3.0 },
+    Profile { name: "tgi-inference", metric: Metric::MemoryUsedPercent, target: 75.0, activation: 5.0 },
+];
+
+pub const DEFAULT_TARGET: f64 = 80.0;
+pub const DEFAULT_ACTIVATION: f64 = 0.0;
+
+/// Metadata keys this scaler reads.
+pub mod keys {
+    pub const POD_SELECTOR: &str = "podSelector";
+    pub const METRIC: &str = "metric";
+    pub const METRIC_TYPE: &str = "metricType";
+    pub const PROFILE: &str = "profile";
+    pub const TARGET_VALUE: &str = "targetValue";
+    pub const ACTIVATION_THRESHOLD: &str = "activationThreshold";
+    pub const TARGET_GPU_UTILIZATION: &str = "targetGpuUtilization";
+    pub const TARGET_MEMORY_UTILIZATION: &str = "targetMemoryUtilization";
+    pub const AGGREGATION: &str = "aggregation";
+    pub const METRIC_NAME: &str = "metricName";
+}
+
+/// A known key with a value it cannot take.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("metadata {key}: {value:?} is not allowed: {allowed}")]
+pub struct Error {
+    pub key: &'static str,
+    pub value: String,
+    /// What would be accepted (and why this was not, when that helps).
+    pub allowed: String,
+}
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// One ScaledObject trigger's question, parsed and defaulted.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Query {
+    pub selector: Selector,
+    pub metric: Metric,
+    pub aggregation: Aggregation,
+    pub target: f64,
+    pub activation: f64,
+    /// `metricName`, if the user chose one.
+    pub metric_name: Option<String>,
+}
+
+fn list<T: fmt::Display>(items: impl IntoIterator<Item = T>) -> String {
+    items.into_iter().map(|i| i.to_string()).collect::<Vec<_>>().join(", ")
+}
+
+fn number(key: &'static str, value: &str, allowed: &str, ok: impl Fn(f64) -> bool) -> Result<f64> {
+    let err = || Error {
+        key,
+        value: value.to_owned(),
+        allowed: allowed.to_owned(),
+    };
+    let v: f64 = value.trim().parse().map_err(|_| err())?;
+    if v.is_finite() && ok(v) { Ok(v) } else { Err(err()) }
+}
+
+fn metric(key: &'static str, value: &str) -> Result<Metric> {
+    Metric::parse(value).ok_or_else(|| Error {
+        key,
+        value: value.to_owned(),
+        allowed: format!("one of {}", list(Metric::ALL)),
+    })
+}
+
+/// Parses a trigger's metadata.
+pub fn parse(meta: &HashMap<String, String>) -> Result<Query> {
+    let get = |k: &str| meta.get(k).map(String::as_str);
+
+    let selector_text = get(keys::POD_SELECTOR).ok_or_else(|| Error {
+        key: keys::POD_SELECTOR,
+        value: String::new(),
+        allowed: "a Kubernetes label selector such as app=vllm,tier in (gpu,edge),!canary (required)".into(),
+    })?;
+    let selector = Selector::parse(selector_text).map_err(|e| Error {
+        key: keys::POD_SELECTOR,
+        value: selector_text.to_owned(),
+        allowed: format!("a Kubernetes label selector such as app=vllm,tier in (gpu,edge),!canary ({e})"),
+    })?;
+
+    let profile = match get(keys::PROFILE) {
+        None => None,
+        Some(v) => Some(
+            PROFILES
+                .iter()
+                .find(|p| p.name.eq_ignore_ascii_case(v.trim()))
+                .ok_or_else(|| Error {
+                    key: keys::PROFILE,
+                    value: v.to_owned(),
+                    allowed: format!("one of {}", list(PROFILES.iter().map(|p| p.name))),
+                })?,
+        ),
+    };
+    let mut chosen_metric = profile.map(|p| p.metric);
+    let mut target = profile.map(|p| p.target);
+    let mut activation = profile.map(|p| p.activation);
+
+    let explicit_metric = match (get(keys::METRIC), get(keys::METRIC_TYPE)) {
+        (Some(m), Some(t)) => {
+            let (m1, m2) = (metric(keys::METRIC, m)?, metric(keys::METRIC_TYPE, t)?);
+            if m1 != m2 {
+                return Err(Error {
+                    key: keys::METRIC_TYPE,
+                    value: t.to_owned(),
+                    allowed: format!(
+                        "the same metric as {} ({m1}): metricType is an alias of metric; set one of them",
+                        keys::METRIC
+                    ),
+                });
+            }
+            Some(m1)
+        }
+        (Some(m), None) => Some(metric(keys::METRIC, m)?),
+        (None, Some(t)) => Some(metric(keys::METRIC_TYPE, t)?),
+        (None, None) => None,
+    };
+    if explicit_metric.is_some() {
+        chosen_metric = explicit_metric;
+    }
+
+    let explicit_target = match get(keys::TARGET_VALUE) {
+        Some(v) => Some(number(keys::TARGET_VALUE, v, "a number greater than 0", |x| x > 0.0)?),
+        None => None,
+    };
+    if explicit_target.is_some() {
+        target = explicit_target;
+    }
+    if let Some(v) = get(keys::ACTIVATION_THRESHOLD) {
+        activation = Some(number(
+            keys::ACTIVATION_THRESHOLD,
+            v,
+            "a number greater than or equal to 0",
+            |x| x >= 0.0,
+        )?);
+    }
+
+    // Shorthands set metric and target together, so they cannot be combined with
+    // a different metric or an explicit target.
+    let shorthands = [
+        (keys::TARGET_GPU_UTILIZATION, Metric::GpuUtilization),
+        (keys::TARGET_MEMORY_UTILIZATION, Metric::MemoryUtilization),
+    ];
+    let mut shorthand_used: Option<&'static str> = None;
+    for (key, m) in shorthands {
+        let Some(v) = get(key) else { continue };
+        let t = number(key, v, "a percentage greater than 0 and at most 100", |x| x > 0.0 && x <= 100.0)?;
+        if let Some(other) = shorthand_used {
+            return Err(Error {
+                key,
+                value: v.to_owned(),
+                allowed: format!("not together with {other}: each sets the metric; use one trigger per metric"),
+            });
+        }
+        if let Some(em) = explicit_metric
+            && em != m
+        {
+            return Err(Error {
+                key,
+                value: v.to_owned(),
+                allowed: format!("only with metric {m} (it sets the metric), but metric is {em}"),
+            });
+        }
+        if explicit_target.is_some() {
+            return Err(Error {
+                key,
+                value: v.to_owned(),
+                allowed: format!("not together with {}: both set the target", keys::TARGET_VALUE),
+            });
+        }
+        shorthand_used = Some(key);
+        chosen_metric = Some(m);
+        target = Some(t);
+    }
+
+    let metric = chosen_metric.unwrap_or(Metric::GpuUtilization);
+    let aggregation = match get(keys::AGGREGATION) {
+        Some(v) => Aggregation::parse(v).ok_or_else(|| Error {
+            key: keys::AGGREGATION,
+            value: v.to_owned(),
+            allowed: format!("one of {}", list(Aggregation::ALL)),
+        })?,
+        None => Aggregation::default_for(metric),
+    };
+    let metric_name = match get(keys::METRIC_NAME) {
+        None => None,
+        Some(v) => {
+            let ok = !v.is_empty()
+                && v.len() <= 200
+                && v.bytes().all(|c| c.is_ascii_alphanumeric() || matches!(c, b'-' | b'_' | b'.'))
+                && v.as_bytes()[0].is_ascii_alphanumeric();
+            if !ok {
+                return Err(Error {
+                    key: keys::METRIC_NAME,
+                    value: v.to_owned(),
+                    allowed: "1-200 characters: letters, digits, '-', '_' or '.', starting with a letter or digit"
+                        .into(),
+                });
+            }
+            Some(v.to_owned())
+        }
+    };
+    Ok(Query {
+        selector,
+        metric,
+        aggregation,
+        target: target.unwrap_or(DEFAULT_TARGET),
+        activation: activation.unwrap_or(DEFAULT_ACTIVATION),
+        metric_name,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn meta(pairs: &[(&str, &str)]) -> HashMap<String, String> {
+        pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
+    }
+
+    fn ok(pairs: &[(&str, &str)]) -> Query {
+        parse(&meta(pairs)).unwrap_or_else(|e| panic!("{pairs:?}: {e}"))
+    }
+
+    #[test]
+    fn defaults() {
+        let q = ok(&[("podSelector", "app=vllm"), ("scalerAddress", "x:6000"), ("whatever", "!!")]);
+        assert_eq!(q.metric, Metric::GpuUtilization);
+        assert_eq!(q.aggregation, Aggregation::Sum);
+        assert_eq!(q.target, 80.0);
+        assert_eq!(q.activation, 0.0);
+        assert_eq!(q.metric_name, None);
+        assert_eq!(q.selector.to_string(), "app=vllm");
+    }
+
+    #[test]
+    fn every_metric_and_alias() {
+        for m in Metric::ALL {
+            assert_eq!(ok(&[("podSelector", "a"), ("metric", m.as_str())]).metric, m);
+            assert_eq!(ok(&[("podSelector", "a"), ("metricType", m.as_str())]).metric, m);
+        }
+        assert_eq!(ok(&[("podSelector", "a"), ("metric", "GPU_Utilization")]).metric, Metric::GpuUtilization);
+        let q = ok(&[("podSelector", "a"), ("metric", "power_draw"), ("metricType", "power_draw")]);
+        assert_eq!(q.metric, Metric::PowerDraw);
+    }
+
+    #[test]
+    fn temperature_defaults_to_max() {
+        assert_eq!(ok(&[("podSelector", "a"), ("metric", "temperature")]).aggregation, Aggregation::Max);
+        let q = ok(&[("podSelector", "a"), ("metric", "temperature"), ("aggregation", "avg")]);
+        assert_eq!(q.aggregation, Aggregation::Avg);
+        for a in Aggregation::ALL {
+            assert_eq!(ok(&[("podSelector", "a"), ("aggregation", a.as_str())]).aggregation, a);
+        }
+    }
+
+    #[test]
+    fn profiles_and_overrides() {
+        for p in PROFILES {
+            let q = ok(&[("podSelector", "a"), ("profile", p.name)]);
+            assert_eq!((q.metric, q.target, q.activation), (p.metric, p.target, p.activation), "{}", p.name);
+        }
+        let q = ok(&[("podSelector", "a"), ("profile", "vllm-inference"), ("targetValue", "60")]);
+        assert_eq!((q.metric, q.target, q.activation), (Metric::MemoryUsedPercent, 60.0, 5.0));
+        let q = ok(&[("podSelector", "a"), ("profile", "training"), ("metric", "power_draw"), ("activationThreshold", "2.5")]);
+        assert_eq!((q.metric, q.target, q.activation), (Metric::PowerDraw, 90.0, 2.5));
+        let q = ok(&[("podSelector", "a"), ("profile", "batch"), ("targetGpuUtilization", "50")]);
+        assert_eq!((q.metric, q.target, q.activation), (Metric::GpuUtilization, 50.0, 1.0));
+    }
+
+    #[test]
+    fn shorthands() {
+        let q = ok(&[("podSelector", "a"), ("targetGpuUtilization", "70")]);
+        assert_eq!((q.metric, q.target), (Metric::GpuUtilization, 70.0));
+        let q = ok(&[("podSelector", "a"), ("targetMemoryUtilization", "55.5")]);
+        assert_eq!((q.metric, q.target), (Metric::MemoryUtilization, 55.5));
+        let q = ok(&[("podSelector", "a"), ("metric", "gpu_utilization"), ("targetGpuUtilization", "70")]);
+        assert_eq!((q.metric, q.target), (Metric::GpuUtilization, 70.0));
+        let q = ok(&[("podSelector", "a"), ("metricName", "my-llm.gpu_1")]);
+        assert_eq!(q.metric_name.as_deref(), Some("my-llm.gpu_1"));
+        assert_eq!(ok(&[("podSelector", "a"), ("targetValue", "0.5")]).target, 0.5);
+    }
+
+    /// Every bad value of a known key: the error names the key and the value, and
+    /// says what is allowed.
+    #[test]
+    fn bad_metadata() {
+        let cases: &[(&[(&str, &str)], &str, &str)] = &[
+            (&[], "podSelector", "required"),
+            (&[("podSelector", "")], "podSelector", "empty"),
+            (&[("podSelector", "app=")], "", ""),
+            (&[("podSelector", "app in vllm")], "podSelector", "expected '('"),
+            (&[("podSelector", "app==(x)")], "podSelector", "label value"),
+            (&[("podSelector", "a,")], "podSelector", "label key"),
+            (&[("podSelector", "a"), ("metric", "gpu")], "metric", "gpu_utilization"),
+            (&[("podSelector", "a"), ("metric", "")], "metric", "one of"),
+            (&[("podSelector", "a"), ("metricType", "AverageValue")], "metricType", "one of"),
+            (&[("podSelector", "a"), ("metric", "power_draw"), ("metricType", "temperature")], "metricType", "alias"),
+            (&[("podSelector", "a"), ("profile", "vllm")], "profile", "vllm-inference"),
+            (&[("podSelector", "a"), ("profile", "")], "profile", "one of"),
+            (&[("podSelector", "a"), ("targetValue", "abc")], "targetValue", "greater than 0"),
+            (&[("podSelector", "a"), ("targetValue", "0")], "targetValue", "greater than 0"),
+            (&[("podSelector", "a"), ("targetValue", "-5")], "targetValue", "greater than 0"),
+            (&[("podSelector", "a"), ("targetValue", "NaN")], "targetValue", "number"),
+            (&[("podSelector", "a"), ("targetValue", "inf")], "targetValue", "number"),
+            (&[("podSelector", "a"), ("targetValue", "")], "targetValue", "number"),
+            (&[("podSelector", "a"), ("targetValue", "80%")], "targetValue", "number"),
+            (&[("podSelector", "a"), ("activationThreshold", "-1")], "activationThreshold", "greater than or equal to 0"),
+            (&[("podSelector", "a"), ("activationThreshold", "five")], "activationThreshold", "number"),
+            (&[("podSelector", "a"), ("targetGpuUtilization", "0")], "targetGpuUtilization", "at most 100"),
+            (&[("podSelector", "a"), ("targetGpuUtilization", "150")], "targetGpuUtilization", "at most 100"),
+            (&[("podSelector", "a"), ("targetMemoryUtilization", "x")], "targetMemoryUtilization", "percentage"),
+            (
+                &[("podSelector", "a"), ("targetGpuUtilization", "50"), ("targetMemoryUtilization", "50")],
+                "targetMemoryUtilization",
+                "not together with targetGpuUtilization",
+            ),
+            (
+                &[("podSelector", "a"), ("metric", "memory_used_mib"), ("targetGpuUtilization", "50")],
+                "targetGpuUtilization",
+                "only with metric gpu_utilization",
+            ),
+            (
+                &[("podSelector", "a"), ("targetValue", "10"), ("targetGpuUtilization", "50")],
+                "targetGpuUtilization",
+                "both set the target",
+            ),
+            (&[("podSelector", "a"), ("aggregation", "median")], "aggregation", "sum, avg, max, min, p95, p99"),
+            (&[("podSelector", "a"), ("aggregation", "")], "aggregation", "one of"),
+            (&[("podSelector", "a"), ("metricName", "")], "metricName", "1-200"),
+            (&[("podSelector", "a"), ("metricName", "has space")], "metricName", "letters"),
+            (&[("podSelector", "a"), ("metricName", "-lead")], "metricName", "starting with"),
+        ];
+        let mut checked = 0;
+        for (pairs, key, allowed) in cases {
+            if key.is_empty() {
+                // `app=` is a valid selector (empty value), kept here to pin that down.
+                ok(pairs);
+                continue;
+            }
+            let err = parse(&meta(pairs)).expect_err(&format!("{pairs:?} must be rejected"));
+            assert_eq!(err.key, *key, "{pairs:?}");
+            let msg = err.to_string();
+            assert!(msg.contains(key), "{msg}");
+            assert!(msg.contains(allowed), "{pairs:?}: {msg} should contain {allowed:?}");
+            let bad_value = pairs.iter().find(|(k, _)| k == key).map_or("", |(_, v)| v);
+            assert!(msg.contains(&format!("{bad_value:?}")), "{msg} should quote {bad_value:?}");
+            checked += 1;
+        }
+        assert!(checked >= 25, "only {checked} bad cases");
+    }
+}

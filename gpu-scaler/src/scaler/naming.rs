@@ -1,0 +1,93 @@
+//! Metric names: unique per distinct query, stable across restarts and daemons
+//! (every daemon behind the Service must answer to the same name), and matched
+//! the way names come back from KEDA: possibly with its `sN-` trigger-index
+//! prefix and in another case (the external metrics API lowercases them).
+
+use super::metadata::Query;
+
+/// FNV-1a, 64 bit: stable across Rust versions, unlike `DefaultHasher`.
+fn fnv1a(bytes: &[u8]) -> u64 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in bytes {
+        h ^= u64::from(*b);
+        h = h.wrapping_mul(0x0100_0000_01b3);
+    }
+    h
+}
+
+/// The name of `query`'s metric: `metricName` if set, otherwise
+/// `gpu-<metric>-<aggregation>-<hash>` where the hash covers everything that
+/// changes the value (metric, aggregation, canonical selector). The target and
+/// activation only change the spec, so they are not part of it.
+pub fn metric_name(query: &Query) -> String {
+    if let Some(name) = &query.metric_name {
+        return name.clone();
+    }
+    let canonical = format!("{}|{}|{}", query.metric, query.aggregation, query.selector);
+    format!(
+        "gpu-{}-{}-{:08x}",
+        query.metric.as_str().replace('_', "-"),
+        query.aggregation,
+        fnv1a(canonical.as_bytes()) as u32
+    )
+}
+
+/// Strips KEDA's `s<index>-` prefix, if there is one.
+fn strip_index(name: &str) -> &str {
+    let Some(rest) = name.strip_prefix(['s', 'S']) else {
+        return name;
+    };
+    let digits = rest.bytes().take_while(u8::is_ascii_digit).count();
+    match rest[digits..].strip_prefix('-') {
+        Some(tail) if digits > 0 => tail,
+        _ => name,
+    }
+}
+
+/// Whether a name KEDA sent refers to `served`.
+pub fn matches(requested: &str, served: &str) -> bool {
+    requested.eq_ignore_ascii_case(served) || strip_index(requested).eq_ignore_ascii_case(served)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::HashMap;
+
+    use super::*;
+    use crate::scaler::metadata;
+
+    fn query(pairs: &[(&str, &str)]) -> Query {
+        let meta: HashMap<String, String> = pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+        metadata::parse(&meta).expect("valid metadata")
+    }
+
+    #[test]
+    fn stable_and_unique_per_query() {
+        let a = metric_name(&query(&[("podSelector", "app=vllm,tier=gpu")]));
+        assert_eq!(a, metric_name(&query(&[("podSelector", "tier=gpu, app==vllm"), ("targetValue", "5")])));
+        assert!(a.starts_with("gpu-gpu-utilization-sum-"), "{a}");
+        // Pinned so a change of the scheme is a deliberate one (names must stay
+        // stable across daemon versions during a rolling update).
+        assert_eq!(a, "gpu-gpu-utilization-sum-63eab0c7");
+        let others = [
+            metric_name(&query(&[("podSelector", "app=vllm")])),
+            metric_name(&query(&[("podSelector", "app=vllm,tier=gpu"), ("aggregation", "max")])),
+            metric_name(&query(&[("podSelector", "app=vllm,tier=gpu"), ("metric", "power_draw")])),
+        ];
+        for o in &others {
+            assert_ne!(&a, o);
+        }
+        assert_eq!(metric_name(&query(&[("podSelector", "a"), ("metricName", "Mine")])), "Mine");
+    }
+
+    #[test]
+    fn matching() {
+        assert!(matches("gpu-x-sum-1", "gpu-x-sum-1"));
+        assert!(matches("s0-gpu-x-sum-1", "gpu-x-sum-1"));
+        assert!(matches("S12-GPU-X-Sum-1", "gpu-x-sum-1"));
+        assert!(matches("s1-mine", "s1-mine"));
+        assert!(!matches("s-gpu-x", "gpu-x"));
+        assert!(!matches("s0gpu-x", "gpu-x"));
+        assert!(!matches("s0-gpu-y", "gpu-x"));
+    }
+}

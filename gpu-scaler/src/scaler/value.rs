@@ -1,0 +1,196 @@
+//! Per-pod values and their aggregation into the workload's one number.
+//!
+//! With KEDA's default `AverageValue` the HPA computes `ceil(value / target)`
+//! replicas, so the default aggregation is `sum`: the workload's total, whose
+//! ratio to a per-replica target is the replica count.
+
+use crate::{
+    gpu::Reading,
+    sampler::{GpuUsage, PodUsage},
+};
+
+use super::{
+    Error, Result,
+    metadata::{Aggregation, Metric, Query},
+};
+
+fn get<T: Copy>(r: &Reading<T>, what: &str, pod: &PodUsage, gpu: &GpuUsage) -> Result<T> {
+    match r {
+        Reading::Ok(v) => Ok(*v),
+        Reading::Unavailable(reason) => Err(Error::ReadingUnavailable(format!(
+            "{what} of pod {}/{} on GPU {} ({}) is unavailable: {reason}",
+            pod.pod.namespace, pod.pod.name, gpu.gpu_index, gpu.gpu_uuid
+        ))),
+    }
+}
+
+/// One pod's value of `metric`. A pod with no GPU process is 0.
+pub fn pod_value(metric: Metric, pod: &PodUsage) -> Result<f64> {
+    if pod.gpus.is_empty() {
+        return Ok(0.0);
+    }
+    let n = pod.gpus.len() as f64;
+    let mut acc = 0.0;
+    match metric {
+        Metric::GpuUtilization => {
+            for g in &pod.gpus {
+                acc += get(&g.sm_util, "SM utilization", pod, g)?;
+            }
+            Ok(acc / n)
+        }
+        Metric::MemoryUtilization => {
+            for g in &pod.gpus {
+                acc += get(&g.mem_util, "memory-controller utilization", pod, g)?;
+            }
+            Ok(acc / n)
+        }
+        Metric::MemoryUsedMib => {
+            for g in &pod.gpus {
+                acc += get(&g.memory_used_mib, "memory used", pod, g)? as f64;
+            }
+            Ok(acc)
+        }
+        Metric::MemoryUsedPercent => {
+            let mut total = 0.0;
+            for g in &pod.gpus {
+                acc += get(&g.memory_used_mib, "memory used", pod, g)? as f64;
+                total += get(&g.memory_total_mib, "memory size", pod, g)? as f64;
+            }
+            if total <= 0.0 {
+                return Err(Error::ReadingUnavailable(format!(
+                    "the GPUs of pod {}/{} report no memory",
+                    pod.pod.namespace, pod.pod.name
+                )));
+            }
+            Ok(100.0 * acc / total)
+        }
+        Metric::PowerDraw => {
+            for g in &pod.gpus {
+                acc += get(&g.power_w, "attributed power", pod, g)?;
+            }
+            Ok(acc)
+        }
+        Metric::Temperature => {
+            let mut hottest = f64::MIN;
+            for g in &pod.gpus {
+                hottest = hottest.max(f64::from(get(&g.temperature_c, "temperature", pod, g)?));
+            }
+            Ok(hottest)
+        }
+    }
+}
+
+/// Aggregates per-pod values; no pods is 0 (nothing runs, nothing is used).
+/// Percentiles are nearest-rank.
+pub fn aggregate(aggregation: Aggregation, values: &[f64]) -> f64 {
+    if values.is_empty() {
+        return 0.0;
+    }
+    let mut v = values.to_vec();
+    v.sort_by(f64::total_cmp);
+    let percentile = |p: f64| {
+        let rank = ((p / 100.0) * v.len() as f64).ceil().max(1.0) as usize;
+        v[rank.min(v.len()) - 1]
+    };
+    match aggregation {
+        Aggregation::Sum => v.iter().sum(),
+        Aggregation::Avg => v.iter().sum::<f64>() / v.len() as f64,
+        Aggregation::Max => v[v.len() - 1],
+        Aggregation::Min => v[0],
+        Aggregation::P95 => percentile(95.0),
+        Aggregation::P99 => percentile(99.0),
+    }
+}
+
+/// The workload's value for `query` over its pods.
+pub fn workload_value(query: &Query, pods: &[PodUsage]) -> Result<f64> {
+    let values = pods
+        .iter()
+        .map(|p| pod_value(query.metric, p))
+        .collect::<Result<Vec<_>>>()?;
+    Ok(aggregate(query.aggregation, &values))
+}
+
+#[cfg(test)]
+mod tests {
+    use std::{collections::BTreeMap, sync::Arc};
+
+    use super::*;
+    use crate::pods::Pod;
+
+    fn gpu(index: u32, sm: f64, mem: f64, used: u64, total: u64, temp: u32, power: f64) -> GpuUsage {
+        GpuUsage {
+            gpu_index: index,
+            gpu_uuid: format!("GPU-{index}"),
+            pids: vec![1],
+            sm_util: Reading::Ok(sm),
+            mem_util: Reading::Ok(mem),
+            memory_used_mib: Reading::Ok(used),
+            memory_total_mib: Reading::Ok(total),
+            temperature_c: Reading::Ok(temp),
+            power_w: Reading::Ok(power),
+        }
+    }
+
+    fn pod(gpus: Vec<GpuUsage>) -> PodUsage {
+        PodUsage {
+            pod: Arc::new(Pod {
+                uid: "u".into(),
+                namespace: "ml".into(),
+                name: "p".into(),
+                labels: BTreeMap::new(),
+                node_name: None,
+                phase: None,
+                ready: true,
+            }),
+            gpus,
+        }
+    }
+
+    #[test]
+    fn per_pod_definitions() {
+        let p = pod(vec![
+            gpu(0, 60.0, 10.0, 1024, 4096, 70, 100.0),
+            gpu(1, 20.0, 30.0, 1024, 12288, 80, 50.0),
+        ]);
+        assert_eq!(pod_value(Metric::GpuUtilization, &p).expect("ok"), 40.0);
+        assert_eq!(pod_value(Metric::MemoryUtilization, &p).expect("ok"), 20.0);
+        assert_eq!(pod_value(Metric::MemoryUsedMib, &p).expect("ok"), 2048.0);
+        assert_eq!(pod_value(Metric::MemoryUsedPercent, &p).expect("ok"), 12.5);
+        assert_eq!(pod_value(Metric::PowerDraw, &p).expect("ok"), 150.0);
+        assert_eq!(pod_value(Metric::Temperature, &p).expect("ok"), 80.0);
+        for m in Metric::ALL {
+            assert_eq!(pod_value(m, &pod(vec![])).expect("ok"), 0.0, "{m}: a pod without GPU processes is 0");
+        }
+    }
+
+    #[test]
+    fn unavailable_is_an_error_never_a_number() {
+        let mut g = gpu(0, 60.0, 10.0, 1024, 4096, 70, 100.0);
+        g.sm_util = Reading::unavailable("MIG");
+        let p = pod(vec![g]);
+        let err = pod_value(Metric::GpuUtilization, &p).expect_err("unavailable");
+        assert!(err.to_string().contains("ml/p") && err.to_string().contains("MIG"), "{err}");
+        assert_eq!(pod_value(Metric::MemoryUsedMib, &p).expect("memory still known"), 1024.0);
+        let mut g = gpu(0, 1.0, 1.0, 1, 0, 1, 1.0);
+        g.memory_total_mib = Reading::Ok(0);
+        assert!(pod_value(Metric::MemoryUsedPercent, &pod(vec![g])).is_err());
+    }
+
+    #[test]
+    fn aggregations() {
+        let v = [10.0, 40.0, 20.0, 30.0];
+        assert_eq!(aggregate(Aggregation::Sum, &v), 100.0);
+        assert_eq!(aggregate(Aggregation::Avg, &v), 25.0);
+        assert_eq!(aggregate(Aggregation::Max, &v), 40.0);
+        assert_eq!(aggregate(Aggregation::Min, &v), 10.0);
+        assert_eq!(aggregate(Aggregation::P95, &v), 40.0);
+        let hundred: Vec<f64> = (1..=100).map(f64::from).collect();
+        assert_eq!(aggregate(Aggregation::P95, &hundred), 95.0);
+        assert_eq!(aggregate(Aggregation::P99, &hundred), 99.0);
+        assert_eq!(aggregate(Aggregation::P99, &[5.0]), 5.0);
+        for a in Aggregation::ALL {
+            assert_eq!(aggregate(a, &[]), 0.0);
+        }
+    }
+}

@@ -1,0 +1,115 @@
+//! Where a workload's pods and their GPU use come from.
+//!
+//! The gRPC service asks a [`WorkloadView`] for the pods of one namespace that
+//! a selector matches. [`LocalView`] answers from this node's [`NodeSnapshot`];
+//! a cluster-wide view (fan-out to peer daemons) implements the same trait.
+
+use std::{
+    future::Future,
+    pin::Pin,
+    sync::Arc,
+    time::{Duration, SystemTime},
+};
+
+use tokio_stream::{Stream, StreamExt as _, wrappers::WatchStream};
+
+use super::{Error, Result};
+use crate::{
+    pods::Selector,
+    sampler::{NodeSnapshot, PodUsage, SnapshotReceiver},
+};
+
+pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
+/// Fires whenever an answer may have changed.
+pub type Updates = Pin<Box<dyn Stream<Item = ()> + Send>>;
+
+/// A workload's pods and their GPU use at one moment.
+#[derive(Clone, Debug)]
+pub struct Workload {
+    /// The selected pods (only ever from the requested namespace), each with
+    /// its GPU use (empty when it runs no GPU process).
+    pub pods: Vec<PodUsage>,
+    /// When the oldest data in the answer was sampled.
+    pub sampled_at: SystemTime,
+}
+
+/// Answers "which pods are this workload and what do they use".
+pub trait WorkloadView: Send + Sync + 'static {
+    /// The pods of `namespace` matching `selector`. Pods of other namespaces
+    /// must never be returned. Data that cannot be trusted (stale, a GPU source
+    /// down) is an error, never a partial answer.
+    fn workload<'a>(&'a self, namespace: &'a str, selector: &'a Selector) -> BoxFuture<'a, Result<Workload>>;
+
+    /// A stream that yields when new data arrives (for StreamIsActive).
+    fn updates(&self) -> Updates;
+}
+
+/// How old GPU samples may be: three poll intervals.
+pub fn staleness_limit(poll_interval: Duration) -> Duration {
+    poll_interval * 3
+}
+
+/// Checks that a snapshot may be answered from at `now`.
+pub fn check_fresh(snap: &NodeSnapshot, poll_interval: Duration, now: SystemTime) -> Result<()> {
+    if let Some(err) = &snap.gpu_error {
+        return Err(Error::GpuDown(err.clone()));
+    }
+    let limit = staleness_limit(poll_interval);
+    let age = snap
+        .samples_age(now)
+        .ok_or_else(|| Error::GpuDown("no GPU sample yet".into()))?;
+    if age > limit {
+        return Err(Error::stale(age, limit));
+    }
+    if let Some(g) = snap.gpus.iter().find(|g| g.processes_error.is_some()) {
+        return Err(Error::ReadingUnavailable(format!(
+            "the process list of GPU {} ({}) could not be read: {}",
+            g.index,
+            g.uuid,
+            g.processes_error.as_deref().unwrap_or_default()
+        )));
+    }
+    Ok(())
+}
+
+/// This node's pods, from its own snapshots.
+#[derive(Clone)]
+pub struct LocalView {
+    snapshots: SnapshotReceiver,
+    poll_interval: Duration,
+}
+
+impl LocalView {
+    pub fn new(snapshots: SnapshotReceiver, poll_interval: Duration) -> Self {
+        Self {
+            snapshots,
+            poll_interval,
+        }
+    }
+
+    /// The answer from one snapshot (synchronous: it is all in memory).
+    pub fn select(&self, snap: &NodeSnapshot, namespace: &str, selector: &Selector) -> Result<Workload> {
+        check_fresh(snap, self.poll_interval, SystemTime::now())?;
+        let pods = snap
+            .pods
+            .values()
+            .filter(|u| u.pod.namespace == namespace && selector.matches(&u.pod.labels))
+            .cloned()
+            .collect();
+        Ok(Workload {
+            pods,
+            sampled_at: snap.samples_taken_at.unwrap_or(snap.taken_at),
+        })
+    }
+}
+
+impl WorkloadView for LocalView {
+    fn workload<'a>(&'a self, namespace: &'a str, selector: &'a Selector) -> BoxFuture<'a, Result<Workload>> {
+        let snap: Arc<NodeSnapshot> = self.snapshots.borrow().clone();
+        Box::pin(async move { self.select(&snap, namespace, selector) })
+    }
+
+    fn updates(&self) -> Updates {
+        Box::pin(WatchStream::from_changes(self.snapshots.clone()).map(|_| ()))
+    }
+}
