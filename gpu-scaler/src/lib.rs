@@ -7,6 +7,7 @@
 
 pub mod attribution;
 pub mod cli;
+pub mod daemon;
 pub mod gpu;
 pub mod pods;
 pub mod sampler;

@@ -47,8 +47,13 @@ pub enum Error {
     Attribution(#[from] crate::attribution::Error),
     #[error(transparent)]
     Gpu(#[from] crate::gpu::Error),
+    #[error(transparent)]
+    Daemon(#[from] crate::daemon::Error),
     #[error("{0}")]
     Io(#[from] std::io::Error),
+    /// A call to a running scaler failed (`query`).
+    #[error("{0}")]
+    Rpc(String),
     #[error("{0}")]
     Usage(String),
 }

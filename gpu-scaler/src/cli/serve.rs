@@ -2,7 +2,10 @@
 
 use std::{net::SocketAddr, path::PathBuf, time::Duration};
 
-use crate::{attribution, gpu};
+use tokio::signal::unix::{SignalKind, signal};
+use tokio_util::sync::CancellationToken;
+
+use crate::{attribution, daemon, gpu};
 
 #[derive(Debug, clap::Args)]
 pub struct ServeArgs {
@@ -65,16 +68,48 @@ pub struct ServeArgs {
 }
 
 pub async fn run(args: ServeArgs) -> super::Result<()> {
-    let _attributor = attribution::start(attribution::Config {
-        mode: args.attribution,
-        exit_grace: args.exit_grace,
-    })
-    .await?;
-    let _gpus = gpu::start(gpu::Config {
-        source: args.gpu,
-        nvml_lib: args.nvml_lib,
-        scenario: args.gpu_scenario,
-        poll_interval: args.poll_interval,
-    });
-    Err(super::Error::Usage("serve is not wired up yet".into()))
+    let config = daemon::Config {
+        listen: args.listen,
+        metrics_listen: args.metrics_listen,
+        node_name: args.node_name,
+        attribution: attribution::Config {
+            mode: args.attribution,
+            exit_grace: args.exit_grace,
+        },
+        gpu: gpu::Config {
+            source: args.gpu,
+            nvml_lib: args.nvml_lib,
+            scenario: args.gpu_scenario,
+            poll_interval: args.poll_interval,
+        },
+        pods_file: args.pods_file,
+        tls: args.tls_cert.zip(args.tls_key).map(|(cert, key)| daemon::TlsFiles {
+            cert,
+            key,
+            client_ca: args.tls_client_ca,
+        }),
+    };
+    let shutdown = CancellationToken::new();
+    tokio::spawn(cancel_on_signal(shutdown.clone()));
+    daemon::run(config, shutdown).await?;
+    Ok(())
+}
+
+/// SIGTERM (the kubelet) or Ctrl-C starts a graceful shutdown: open
+/// StreamIsActive streams end with OK so KEDA reconnects at once.
+async fn cancel_on_signal(token: CancellationToken) {
+    let mut term = match signal(SignalKind::terminate()) {
+        Ok(s) => s,
+        Err(err) => {
+            tracing::warn!(error = %err, "cannot watch SIGTERM; only Ctrl-C stops gracefully");
+            let _ = tokio::signal::ctrl_c().await;
+            token.cancel();
+            return;
+        }
+    };
+    tokio::select! {
+        _ = term.recv() => tracing::info!("SIGTERM: shutting down"),
+        _ = tokio::signal::ctrl_c() => tracing::info!("Ctrl-C: shutting down"),
+    }
+    token.cancel();
 }

@@ -1,0 +1,259 @@
+//! `gpu-scaler serve` wired up: attribution, GPU sampling, pods, the sampler,
+//! the gRPC scaler (ExternalScaler + grpc.health.v1, TLS/mTLS) and the HTTP
+//! listener (/healthz, /readyz, /metrics), with graceful shutdown.
+//!
+//! [`start_with`] takes the inputs ready-made so tests can feed a hand-written
+//! attributor and GPU channel through the same wiring as [`run`].
+
+pub mod http;
+
+use std::{
+    net::SocketAddr,
+    path::{Path, PathBuf},
+    sync::Arc,
+    time::{Duration, SystemTime},
+};
+
+use tokio::{net::TcpListener, sync::watch, task::JoinHandle};
+use tokio_util::sync::CancellationToken;
+
+use crate::{
+    attribution::{self, Attributor},
+    gpu::{self, GpuStatus},
+    pods::{self, PodSet, PodsReceiver},
+    sampler::{self, NodeSnapshot, SnapshotReceiver},
+    scaler::{LocalView, ScalerService, server},
+};
+
+/// Errors that stop the daemon.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error(transparent)]
+    Attribution(#[from] attribution::Error),
+    #[error(transparent)]
+    Pods(#[from] pods::file::Error),
+    #[error("binding {addr}: {source}")]
+    Bind {
+        addr: SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("reading {path}: {source}")]
+    ReadTls {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    Grpc(#[from] server::Error),
+    #[error("HTTP listener: {0}")]
+    Http(#[source] std::io::Error),
+    #[error("a daemon task panicked: {0}")]
+    Task(String),
+}
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// Paths of the TLS material for the scaler port.
+#[derive(Clone, Debug)]
+pub struct TlsFiles {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+    pub client_ca: Option<PathBuf>,
+}
+
+impl TlsFiles {
+    pub fn load(&self) -> Result<server::Tls> {
+        let read = |p: &Path| {
+            std::fs::read(p).map_err(|source| Error::ReadTls {
+                path: p.display().to_string(),
+                source,
+            })
+        };
+        Ok(server::Tls {
+            cert_pem: read(&self.cert)?,
+            key_pem: read(&self.key)?,
+            client_ca_pem: self.client_ca.as_deref().map(read).transpose()?,
+        })
+    }
+}
+
+/// Everything `serve` needs.
+#[derive(Clone, Debug)]
+pub struct Config {
+    pub listen: SocketAddr,
+    pub metrics_listen: SocketAddr,
+    pub node_name: Option<String>,
+    pub attribution: attribution::Config,
+    pub gpu: gpu::Config,
+    pub pods_file: Option<PathBuf>,
+    pub tls: Option<TlsFiles>,
+}
+
+/// The daemon's inputs, already started.
+pub struct Inputs {
+    pub attributor: Arc<dyn Attributor>,
+    pub gpu: watch::Receiver<Arc<GpuStatus>>,
+    pub pods: PodsReceiver,
+}
+
+/// Settings of the serving side.
+#[derive(Clone, Debug)]
+pub struct Settings {
+    pub poll_interval: Duration,
+    pub tls: Option<server::Tls>,
+}
+
+/// A started daemon.
+pub struct Running {
+    pub grpc_addr: SocketAddr,
+    pub http_addr: SocketAddr,
+    pub snapshots: SnapshotReceiver,
+    task: JoinHandle<Result<()>>,
+}
+
+impl Running {
+    /// Waits until the daemon has shut down (after its token was cancelled) or
+    /// failed.
+    pub async fn wait(self) -> Result<()> {
+        self.task.await.map_err(|e| Error::Task(e.to_string()))?
+    }
+}
+
+async fn bind(addr: SocketAddr) -> Result<TcpListener> {
+    TcpListener::bind(addr).await.map_err(|source| Error::Bind { addr, source })
+}
+
+/// Starts every part from `config` and serves until `shutdown` is cancelled.
+pub async fn run(config: Config, shutdown: CancellationToken) -> Result<()> {
+    let tls = config.tls.as_ref().map(TlsFiles::load).transpose()?;
+    let attributor = attribution::start(config.attribution.clone()).await?;
+    tracing::info!(backend = %attributor.backend(), "attribution started");
+    let poll_interval = config.gpu.poll_interval;
+    let gpu = gpu::start(config.gpu.clone());
+    let pods = match &config.pods_file {
+        Some(path) => pods::file::start(pods::file::Config {
+            path: path.clone(),
+            node_name: config.node_name.clone(),
+            check_interval: poll_interval.min(Duration::from_secs(1)),
+        })?,
+        None => {
+            tracing::warn!("no pod source (--pods-file): GPU use is attributed to pod UIDs but no workload can be selected");
+            let (tx, rx) = watch::channel(Arc::new(PodSet::empty("none", config.node_name.clone())));
+            // Keep the sender alive as long as the daemon so the sampler runs.
+            let token = shutdown.clone();
+            tokio::spawn(async move {
+                token.cancelled().await;
+                drop(tx);
+            });
+            rx
+        }
+    };
+    let grpc = bind(config.listen).await?;
+    let http = bind(config.metrics_listen).await?;
+    let running = start_with(
+        Inputs { attributor, gpu, pods },
+        grpc,
+        http,
+        Settings { poll_interval, tls },
+        shutdown,
+    )?;
+    tracing::info!(grpc = %running.grpc_addr, http = %running.http_addr, "serving");
+    running.wait().await
+}
+
+/// Why the daemon is not ready to answer, if it is not: the GPU source must be
+/// answering and the snapshot fresh. (Attribution is ready once started.)
+pub fn readiness(snap: &NodeSnapshot, gpu: &GpuStatus, poll_interval: Duration, now: SystemTime) -> Vec<String> {
+    let mut reasons = Vec::new();
+    if let Some(e) = &gpu.error {
+        reasons.push(format!("GPU source: {e}"));
+    }
+    if let Err(e) = crate::scaler::view::check_fresh(snap, poll_interval, now) {
+        reasons.push(format!("snapshot: {e}"));
+    }
+    reasons
+}
+
+/// Wires started inputs to bound listeners and serves until `shutdown`.
+pub fn start_with(
+    inputs: Inputs,
+    grpc: TcpListener,
+    http: TcpListener,
+    settings: Settings,
+    shutdown: CancellationToken,
+) -> Result<Running> {
+    let grpc_addr = grpc.local_addr().map_err(Error::Http)?;
+    let http_addr = http.local_addr().map_err(Error::Http)?;
+    let gpu = inputs.gpu.clone();
+    let snapshots = sampler::start(inputs.attributor, inputs.gpu, inputs.pods);
+    let view = Arc::new(LocalView::new(snapshots.clone(), settings.poll_interval));
+    let service = ScalerService::new(view, shutdown.clone(), settings.poll_interval);
+    let (reporter, health_service) = server::health();
+
+    // grpc.health.v1 follows readiness, so probes and KEDA-side checks see a
+    // scaler that cannot answer as NOT_SERVING.
+    let health_task = {
+        let mut snaps = snapshots.clone();
+        let gpu = gpu.clone();
+        let shutdown = shutdown.clone();
+        let poll = settings.poll_interval;
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(poll);
+            let mut last = None;
+            loop {
+                let ready = {
+                    let snap = snaps.borrow_and_update().clone();
+                    readiness(&snap, &gpu.borrow(), poll, SystemTime::now()).is_empty()
+                };
+                if last != Some(ready) {
+                    if ready {
+                        reporter.set_serving::<server::Served>().await;
+                    } else {
+                        reporter.set_not_serving::<server::Served>().await;
+                    }
+                    last = Some(ready);
+                }
+                tokio::select! {
+                    _ = shutdown.cancelled() => break,
+                    _ = snaps.changed() => {}
+                    _ = tick.tick() => {}
+                }
+            }
+            reporter.set_not_serving::<server::Served>().await;
+        })
+    };
+
+    let http_state = http::State {
+        snapshots: snapshots.clone(),
+        gpu,
+        poll_interval: settings.poll_interval,
+    };
+    let grpc_fut = server::serve(grpc, service, settings.tls, Some(health_service), shutdown.clone());
+    let http_fut = http::serve(http, http_state, shutdown.clone());
+    let task = tokio::spawn(async move {
+        let (g, h) = tokio::join!(
+            async {
+                let r = grpc_fut.await;
+                // One listener failing takes the daemon down, not half of it.
+                shutdown.cancel();
+                r
+            },
+            async {
+                let r = http_fut.await;
+                shutdown.cancel();
+                r
+            }
+        );
+        let _ = health_task.await;
+        tracing::info!("daemon stopped");
+        g?;
+        h.map_err(Error::Http)
+    });
+    Ok(Running {
+        grpc_addr,
+        http_addr,
+        snapshots,
+        task,
+    })
+}
