@@ -93,11 +93,16 @@ pub struct NodeSnapshot {
     pub node_name: Option<String>,
     pub attribution: Backend,
     pub gpus: Vec<GpuSummary>,
-    /// Every local pod, by UID.
+    /// Every local pod, by UID (serialized as a list of [`PodUsage`]).
+    #[serde(serialize_with = "values_only")]
     pub pods: BTreeMap<String, PodUsage>,
     pub unowned: Vec<UnownedUsage>,
     /// Why the pod source's newest refresh failed, if it did.
     pub pods_error: Option<Arc<str>>,
+}
+
+fn values_only<S: serde::Serializer>(map: &BTreeMap<String, PodUsage>, s: S) -> Result<S::Ok, S::Error> {
+    s.collect_seq(map.values())
 }
 
 impl NodeSnapshot {

@@ -1,3 +1,4 @@
 //! Helpers for the integration tests in this directory.
 
 pub mod fake_nvml;
+pub mod scaler;

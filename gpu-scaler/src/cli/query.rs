@@ -48,6 +48,9 @@ pub struct QueryArgs {
     /// Name to verify the scaler's certificate against (default: the address's host).
     #[arg(long)]
     pub tls_server_name: Option<String>,
+    /// Print one JSON object instead of text.
+    #[arg(long)]
+    pub json: bool,
 }
 
 fn read(path: &PathBuf) -> super::Result<Vec<u8>> {
@@ -122,10 +125,6 @@ pub async fn run(args: QueryArgs) -> super::Result<()> {
             spec.metric_specs.len()
         )));
     };
-    println!(
-        "spec:     {}  target {} (targetSize {}, targetSizeFloat {})",
-        spec.metric_name, spec.target_size_float, spec.target_size, spec.target_size_float
-    );
 
     let metrics = client
         .get_metrics(GetMetricsRequest {
@@ -141,10 +140,6 @@ pub async fn run(args: QueryArgs) -> super::Result<()> {
             metrics.metric_values.len()
         )));
     };
-    println!(
-        "value:    {}  (metricValue {}, metricValueFloat {})",
-        value.metric_value_float, value.metric_value, value.metric_value_float
-    );
 
     let active = client
         .is_active(object)
@@ -152,7 +147,6 @@ pub async fn run(args: QueryArgs) -> super::Result<()> {
         .map_err(|s| rpc("IsActive", s))?
         .into_inner()
         .result;
-    println!("active:   {active}");
 
     // KEDA uses the float fields when they are > 0, the int fields otherwise.
     let v = if value.metric_value_float > 0.0 {
@@ -172,10 +166,36 @@ pub async fn run(args: QueryArgs) -> super::Result<()> {
         tolerance: 0.1,
     };
     let desired = hpa::desired_replicas(&policy, args.replicas, v, target, active);
-    println!(
-        "replicas: {} -> {desired}  ({:?}, tolerance 0.1, min {}, max {})",
-        args.replicas, args.metric_type, args.min_replicas, args.max_replicas
-    );
+    if args.json {
+        let out = serde_json::json!({
+            "metric_name": spec.metric_name,
+            "target": target,
+            "target_size": spec.target_size,
+            "target_size_float": spec.target_size_float,
+            "value": v,
+            "metric_value": value.metric_value,
+            "metric_value_float": value.metric_value_float,
+            "active": active,
+            "metric_type": format!("{:?}", args.metric_type),
+            "current_replicas": args.replicas,
+            "desired_replicas": desired,
+        });
+        println!("{out}");
+    } else {
+        println!(
+            "spec:     {}  target {} (targetSize {}, targetSizeFloat {})",
+            spec.metric_name, spec.target_size_float, spec.target_size, spec.target_size_float
+        );
+        println!(
+            "value:    {}  (metricValue {}, metricValueFloat {})",
+            value.metric_value_float, value.metric_value, value.metric_value_float
+        );
+        println!("active:   {active}");
+        println!(
+            "replicas: {} -> {desired}  ({:?}, tolerance 0.1, min {}, max {})",
+            args.replicas, args.metric_type, args.min_replicas, args.max_replicas
+        );
+    }
     Ok(())
 }
 

@@ -1,5 +1,6 @@
 //! The HTTP listener: /healthz (the process answers), /readyz (GPU source
-//! answering and a fresh snapshot) and /metrics (Prometheus text).
+//! answering and a fresh snapshot), /metrics (Prometheus text) and
+//! /v1/snapshot (the newest node snapshot as JSON).
 
 use std::{fmt::Write as _, sync::Arc, time::Duration, time::SystemTime};
 
@@ -59,8 +60,22 @@ async fn metrics(extract::State(s): extract::State<State>) -> impl IntoResponse 
     ([("content-type", "text/plain; version=0.0.4")], out)
 }
 
+/// The newest node snapshot as JSON (diagnostics, the demo).
+async fn snapshot(extract::State(s): extract::State<State>) -> impl IntoResponse {
+    let snap = s.snapshots.borrow().clone();
+    match serde_json::to_string(&*snap) {
+        Ok(body) => (StatusCode::OK, [("content-type", "application/json")], body),
+        Err(e) => (
+            StatusCode::INTERNAL_SERVER_ERROR,
+            [("content-type", "text/plain")],
+            format!("serializing the snapshot: {e}\n"),
+        ),
+    }
+}
+
 pub fn router(state: State) -> Router {
     Router::new()
+        .route("/v1/snapshot", get(snapshot))
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))

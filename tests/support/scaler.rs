@@ -1,0 +1,247 @@
+//! A scaler daemon in-process with hand-fed inputs, for the gRPC tests.
+//!
+//! [`Node`] runs the real wiring (`gpu_scaler::daemon::start_with`: sampler,
+//! gRPC server with ExternalScaler + grpc.health.v1, HTTP listener) on
+//! 127.0.0.1 ephemeral ports. What cannot run here is fed by hand through the
+//! same interfaces the real parts use: a [`TableAttributor`] (pid -> owner map)
+//! implements `Attributor`, GPU passes are sent on the `GpuStatus` watch
+//! channel, and pods on the `PodSet` channel.
+
+use std::{
+    collections::{BTreeMap, HashMap},
+    sync::{Arc, RwLock},
+    time::{Duration, SystemTime},
+};
+
+use gpu_scaler::{
+    attribution::{Attribution, Attributor, Backend, Owner, PodIdentity, QosClass},
+    daemon::{self, Inputs, Settings},
+    gpu::{GpuDevice, GpuProcess, GpuSnapshot, GpuStatus, ProcessKind, Reading},
+    pods::{Pod, PodSet, PodsSender},
+    scaler::{proto::external_scaler_client::ExternalScalerClient, server::Tls},
+};
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+use tonic::transport::Channel;
+
+/// An `Attributor` answering from a table the test edits.
+#[derive(Default)]
+pub struct TableAttributor {
+    table: RwLock<HashMap<u32, Attribution>>,
+}
+
+impl TableAttributor {
+    /// Makes `pid` a process of the pod `pod_uid`.
+    pub fn assign(&self, pid: u32, pod_uid: &str) {
+        let attribution = Attribution {
+            cgroup_id: None,
+            cgroup_path: format!("/kubepods.slice/kubepods-pod{}.slice", pod_uid.replace('-', "_")).into(),
+            owner: Owner::Pod(PodIdentity {
+                pod_uid: pod_uid.to_owned(),
+                container_id: None,
+                runtime: None,
+                qos: QosClass::Burstable,
+                is_conmon: false,
+            }),
+            backend: Backend::Procfs,
+        };
+        self.table.write().expect("attributor lock").insert(pid, attribution);
+    }
+
+    /// Makes `pid` a host process (no pod).
+    pub fn assign_host(&self, pid: u32) {
+        let attribution = Attribution {
+            cgroup_id: None,
+            cgroup_path: "/system.slice/x.service".into(),
+            owner: Owner::Host,
+            backend: Backend::Procfs,
+        };
+        self.table.write().expect("attributor lock").insert(pid, attribution);
+    }
+}
+
+impl Attributor for TableAttributor {
+    fn resolve(&self, pid: u32) -> Option<Attribution> {
+        self.table.read().expect("attributor lock").get(&pid).cloned()
+    }
+    fn backend(&self) -> Backend {
+        Backend::Procfs
+    }
+}
+
+/// A pod in `namespace` with `labels`, on no particular node.
+pub fn pod(namespace: &str, name: &str, uid: &str, labels: &[(&str, &str)]) -> Pod {
+    Pod {
+        uid: uid.to_owned(),
+        namespace: namespace.to_owned(),
+        name: name.to_owned(),
+        labels: labels
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect::<BTreeMap<_, _>>(),
+        node_name: None,
+        phase: Some("Running".into()),
+        ready: true,
+    }
+}
+
+/// A compute process with SM %, memory-controller % and memory used.
+pub fn process(pid: u32, sm: u32, mem: u32, used_mib: u64) -> GpuProcess {
+    GpuProcess {
+        pid,
+        kind: ProcessKind::Compute,
+        used_memory_mib: Reading::Ok(used_mib),
+        sm_util: Reading::Ok(sm),
+        mem_util: Reading::Ok(mem),
+        gpu_instance_id: None,
+    }
+}
+
+/// A GPU with 80 GiB, at `temp_c` and `power_w`, running `processes`.
+pub fn device(index: u32, temp_c: u32, power_w: f64, processes: Vec<GpuProcess>) -> GpuDevice {
+    GpuDevice {
+        index,
+        uuid: format!("GPU-{index:08}"),
+        name: "Test GPU".into(),
+        sm_util: Reading::Ok(processes.iter().filter_map(|p| p.sm_util.ok()).sum::<u32>().min(100)),
+        mem_util: Reading::Ok(0),
+        memory_used_mib: Reading::Ok(processes.iter().filter_map(|p| p.used_memory_mib.ok()).sum()),
+        memory_total_mib: Reading::Ok(81_920),
+        temperature_c: Reading::Ok(temp_c),
+        power_w: Reading::Ok(power_w),
+        power_limit_w: Reading::Ok(700.0),
+        mig_enabled: false,
+        processes,
+        processes_error: None,
+    }
+}
+
+/// A daemon on 127.0.0.1 with hand-fed inputs.
+pub struct Node {
+    pub attributor: Arc<TableAttributor>,
+    gpu_tx: watch::Sender<Arc<GpuStatus>>,
+    pods_tx: PodsSender,
+    /// When the newest input was fed; the sampler's join of it runs later.
+    last_fed: std::sync::Mutex<SystemTime>,
+    pub grpc_addr: std::net::SocketAddr,
+    pub http_addr: std::net::SocketAddr,
+    pub shutdown: CancellationToken,
+    running: Option<daemon::Running>,
+}
+
+impl Node {
+    /// Starts a daemon polling every `poll_interval` (which sets the staleness
+    /// limit: three intervals), with optional TLS.
+    pub async fn start(poll_interval: Duration, tls: Option<Tls>) -> Node {
+        let attributor = Arc::new(TableAttributor::default());
+        let (gpu_tx, gpu_rx) = watch::channel(Arc::new(GpuStatus {
+            last_good: None,
+            error: Some("no pass yet".into()),
+            updated_at: SystemTime::now(),
+        }));
+        let (pods_tx, pods_rx) = watch::channel(Arc::new(PodSet::empty("test", None)));
+        let grpc = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind gRPC");
+        let http = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind HTTP");
+        let shutdown = CancellationToken::new();
+        let running = daemon::start_with(
+            Inputs {
+                attributor: attributor.clone(),
+                gpu: gpu_rx,
+                pods: pods_rx,
+            },
+            grpc,
+            http,
+            Settings { poll_interval, tls },
+            shutdown.clone(),
+        )
+        .expect("daemon starts");
+        Node {
+            attributor,
+            gpu_tx,
+            pods_tx,
+            last_fed: std::sync::Mutex::new(SystemTime::now()),
+            grpc_addr: running.grpc_addr,
+            http_addr: running.http_addr,
+            shutdown,
+            running: Some(running),
+        }
+    }
+
+    /// Publishes a new pod set.
+    pub fn set_pods(&self, pods: Vec<Pod>) {
+        self.fed();
+        self.pods_tx.send_replace(Arc::new(PodSet::from_pods(pods, None, "test")));
+    }
+
+    /// Publishes a GPU pass taken now.
+    pub fn set_gpus(&self, devices: Vec<GpuDevice>) {
+        self.fed();
+        let now = SystemTime::now();
+        self.gpu_tx.send_replace(Arc::new(GpuStatus {
+            last_good: Some(Arc::new(GpuSnapshot { taken_at: now, devices })),
+            error: None,
+            updated_at: now,
+        }));
+    }
+
+    /// Publishes a failed GPU pass (the last good samples are kept, as the real
+    /// poller does).
+    pub fn fail_gpus(&self, reason: &str) {
+        self.fed();
+        let last_good = self.gpu_tx.borrow().last_good.clone();
+        self.gpu_tx.send_replace(Arc::new(GpuStatus {
+            last_good,
+            error: Some(reason.into()),
+            updated_at: SystemTime::now(),
+        }));
+    }
+
+    fn fed(&self) {
+        *self.last_fed.lock().expect("last_fed lock") = SystemTime::now();
+    }
+
+    /// Waits until the sampler has joined everything fed so far (its join
+    /// starts after the feed, so its timestamp is not earlier).
+    pub async fn settle(&self) {
+        let since = *self.last_fed.lock().expect("last_fed lock");
+        let mut rx = self.running.as_ref().expect("running").snapshots.clone();
+        tokio::time::timeout(Duration::from_secs(5), rx.wait_for(|s| s.taken_at >= since))
+            .await
+            .expect("snapshot within 5 s")
+            .expect("sampler alive");
+    }
+
+    /// A plaintext gRPC client.
+    pub async fn client(&self) -> ExternalScalerClient<Channel> {
+        ExternalScalerClient::connect(format!("http://{}", self.grpc_addr))
+            .await
+            .expect("connect to the scaler")
+    }
+
+    /// Cancels the daemon and waits for it to stop.
+    pub async fn stop(mut self) {
+        self.shutdown.cancel();
+        let running = self.running.take().expect("running");
+        tokio::time::timeout(Duration::from_secs(10), running.wait())
+            .await
+            .expect("daemon stops within 10 s")
+            .expect("daemon stops cleanly");
+    }
+
+    /// GET `path` on the HTTP listener: (status code, body).
+    pub async fn http_get(&self, path: &str) -> (u16, String) {
+        use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+        let mut s = tokio::net::TcpStream::connect(self.http_addr).await.expect("connect HTTP");
+        let req = format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n");
+        s.write_all(req.as_bytes()).await.expect("send request");
+        let mut buf = String::new();
+        s.read_to_string(&mut buf).await.expect("read response");
+        let code = buf
+            .split_whitespace()
+            .nth(1)
+            .and_then(|c| c.parse().ok())
+            .expect("status line");
+        let body = buf.split_once("\r\n\r\n").map(|(_, b)| b.to_owned()).unwrap_or_default();
+        (code, body)
+    }
+}
