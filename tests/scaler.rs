@@ -8,8 +8,8 @@ use gpu_scaler::{
     scaler::{
         hpa::{self, Policy, TargetType},
         proto::{
-            GetMetricSpecResponse, GetMetricsRequest, IsActiveResponse, MetricValue, ScaledObjectRef,
-            external_scaler_client::ExternalScalerClient,
+            GetMetricSpecResponse, GetMetricsRequest, IsActiveResponse, MetricValue,
+            ScaledObjectRef, external_scaler_client::ExternalScalerClient,
         },
         server::Tls,
     },
@@ -25,15 +25,25 @@ fn object(namespace: &str, meta: &[(&str, &str)]) -> ScaledObjectRef {
     ScaledObjectRef {
         name: "so".into(),
         namespace: namespace.into(),
-        scaler_metadata: meta.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect::<HashMap<_, _>>(),
+        scaler_metadata: meta
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect::<HashMap<_, _>>(),
     }
 }
 
-async fn spec(c: &mut ExternalScalerClient<Channel>, o: &ScaledObjectRef) -> Result<GetMetricSpecResponse, Status> {
+async fn spec(
+    c: &mut ExternalScalerClient<Channel>,
+    o: &ScaledObjectRef,
+) -> Result<GetMetricSpecResponse, Status> {
     c.get_metric_spec(o.clone()).await.map(|r| r.into_inner())
 }
 
-async fn metrics(c: &mut ExternalScalerClient<Channel>, o: &ScaledObjectRef, name: &str) -> Result<MetricValue, Status> {
+async fn metrics(
+    c: &mut ExternalScalerClient<Channel>,
+    o: &ScaledObjectRef,
+    name: &str,
+) -> Result<MetricValue, Status> {
     let r = c
         .get_metrics(GetMetricsRequest {
             scaled_object_ref: Some(o.clone()),
@@ -41,7 +51,11 @@ async fn metrics(c: &mut ExternalScalerClient<Channel>, o: &ScaledObjectRef, nam
         })
         .await?
         .into_inner();
-    assert_eq!(r.metric_values.len(), 1, "GetMetrics returns exactly one value: {r:?}");
+    assert_eq!(
+        r.metric_values.len(),
+        1,
+        "GetMetrics returns exactly one value: {r:?}"
+    );
     Ok(r.metric_values.into_iter().next().expect("one value"))
 }
 
@@ -52,7 +66,12 @@ async fn keda_poll(c: &mut ExternalScalerClient<Channel>, o: &ScaledObjectRef) -
     assert_eq!(s.metric_specs.len(), 1);
     let s = &s.metric_specs[0];
     let v = metrics(c, o, &s.metric_name).await.expect("GetMetrics");
-    let active = c.is_active(o.clone()).await.expect("IsActive").into_inner().result;
+    let active = c
+        .is_active(o.clone())
+        .await
+        .expect("IsActive")
+        .into_inner()
+        .result;
     (s.target_size_float, v.metric_value_float, active)
 }
 
@@ -71,7 +90,13 @@ async fn fleet(node: &Node) {
         pod("ml", "embed", "ue", &[("app", "embed")]),
         pod("prod", "vllm-0", "ux", &[("app", "vllm"), ("tier", "gpu")]),
     ]);
-    for (pid, uid) in [(100, "u0"), (101, "u1"), (102, "u1"), (200, "ux"), (300, "ue")] {
+    for (pid, uid) in [
+        (100, "u0"),
+        (101, "u1"),
+        (102, "u1"),
+        (200, "ux"),
+        (300, "ue"),
+    ] {
         node.attributor.assign(pid, uid);
     }
     node.attributor.assign_host(400);
@@ -80,13 +105,21 @@ async fn fleet(node: &Node) {
             0,
             60,
             200.0,
-            vec![process(100, 30, 10, 8192), process(101, 20, 5, 4096), process(400, 5, 0, 100)],
+            vec![
+                process(100, 30, 10, 8192),
+                process(101, 20, 5, 4096),
+                process(400, 5, 0, 100),
+            ],
         ),
         device(
             1,
             70,
             300.0,
-            vec![process(102, 40, 20, 8192), process(200, 50, 40, 20_000), process(300, 10, 1, 1000)],
+            vec![
+                process(102, 40, 20, 8192),
+                process(200, 50, 40, 20_000),
+                process(300, 10, 1, 1000),
+            ],
         ),
     ]);
     node.settle().await;
@@ -99,17 +132,41 @@ async fn every_rpc_with_both_fields_and_hand_computed_values() {
     let mut c = node.client().await;
 
     // GetMetricSpec: from metadata alone, both target fields.
-    let o = object("ml", &[("podSelector", "app=vllm"), ("scalerAddress", "gpu-scaler:6000")]);
+    let o = object(
+        "ml",
+        &[
+            ("podSelector", "app=vllm"),
+            ("scalerAddress", "gpu-scaler:6000"),
+        ],
+    );
     let s = spec(&mut c, &o).await.expect("GetMetricSpec");
     assert_eq!(s.metric_specs.len(), 1);
     let name = s.metric_specs[0].metric_name.clone();
     assert!(name.starts_with("gpu-gpu-utilization-sum-"), "{name}");
-    assert_eq!((s.metric_specs[0].target_size, s.metric_specs[0].target_size_float), (80, 80.0));
-    let s = spec(&mut c, &object("ml", &[("podSelector", "app=vllm"), ("targetValue", "7.5")]))
-        .await
-        .expect("GetMetricSpec");
-    assert_eq!((s.metric_specs[0].target_size, s.metric_specs[0].target_size_float), (8, 7.5));
-    assert_eq!(s.metric_specs[0].metric_name, name, "the target does not change the name");
+    assert_eq!(
+        (
+            s.metric_specs[0].target_size,
+            s.metric_specs[0].target_size_float
+        ),
+        (80, 80.0)
+    );
+    let s = spec(
+        &mut c,
+        &object("ml", &[("podSelector", "app=vllm"), ("targetValue", "7.5")]),
+    )
+    .await
+    .expect("GetMetricSpec");
+    assert_eq!(
+        (
+            s.metric_specs[0].target_size,
+            s.metric_specs[0].target_size_float
+        ),
+        (8, 7.5)
+    );
+    assert_eq!(
+        s.metric_specs[0].metric_name, name,
+        "the target does not change the name"
+    );
 
     // GetMetrics under every name KEDA may use; vllm in `prod` never counts.
     // gpu_utilization per pod: u0 30, u1 (20 + 40) / 2 = 30, u2 0.
@@ -122,18 +179,33 @@ async fn every_rpc_with_both_fields_and_hand_computed_values() {
     ] {
         let v = metrics(&mut c, &o, &asked).await.expect("GetMetrics");
         assert_eq!(v.metric_name, name);
-        assert_eq!((v.metric_value, v.metric_value_float), (60, 60.0), "asked as {asked:?}");
+        assert_eq!(
+            (v.metric_value, v.metric_value_float),
+            (60, 60.0),
+            "asked as {asked:?}"
+        );
     }
-    let err = metrics(&mut c, &o, "s0-gpu-memory-used-mib-sum-00000000").await.expect_err("other name");
+    let err = metrics(&mut c, &o, "s0-gpu-memory-used-mib-sum-00000000")
+        .await
+        .expect_err("other name");
     assert_eq!(err.code(), Code::InvalidArgument);
 
     // Every metric, hand-computed (GPU 0: 200 W split 30:20:5; GPU 1: 300 W split 40:50:10).
     let power_u0 = 200.0 * 30.0 / 55.0;
     let power_u1 = 200.0 * 20.0 / 55.0 + 300.0 * 40.0 / 100.0;
     for (meta, want) in [
-        (vec![("metric", "gpu_utilization"), ("aggregation", "avg")], 20.0),
-        (vec![("metric", "gpu_utilization"), ("aggregation", "max")], 30.0),
-        (vec![("metric", "gpu_utilization"), ("aggregation", "min")], 0.0),
+        (
+            vec![("metric", "gpu_utilization"), ("aggregation", "avg")],
+            20.0,
+        ),
+        (
+            vec![("metric", "gpu_utilization"), ("aggregation", "max")],
+            30.0,
+        ),
+        (
+            vec![("metric", "gpu_utilization"), ("aggregation", "min")],
+            0.0,
+        ),
         (vec![("metric", "memory_utilization")], 10.0 + 12.5),
         (vec![("metricType", "memory_used_mib")], 8192.0 + 12288.0),
         (vec![("metric", "memory_used_percent")], 10.0 + 7.5),
@@ -149,7 +221,11 @@ async fn every_rpc_with_both_fields_and_hand_computed_values() {
         assert_close(v, want, &format!("{meta:?}"));
     }
     // Selector forms: set-based and negation pick the same pods as by hand.
-    for (sel, want) in [("app=vllm,tier in (gpu)", 60.0), ("app=vllm,tier notin (gpu)", 0.0), ("app,!tier", 10.0)] {
+    for (sel, want) in [
+        ("app=vllm,tier in (gpu)", 60.0),
+        ("app=vllm,tier notin (gpu)", 0.0),
+        ("app,!tier", 10.0),
+    ] {
         let (_, v, _) = keda_poll(&mut c, &object("ml", &[("podSelector", sel)])).await;
         assert_close(v, want, sel);
     }
@@ -161,13 +237,23 @@ async fn every_rpc_with_both_fields_and_hand_computed_values() {
 
     // IsActive = value > activationThreshold.
     for (threshold, want) in [("59.9", true), ("60", false)] {
-        let o = object("ml", &[("podSelector", "app=vllm"), ("activationThreshold", threshold)]);
+        let o = object(
+            "ml",
+            &[
+                ("podSelector", "app=vllm"),
+                ("activationThreshold", threshold),
+            ],
+        );
         let r = c.is_active(o).await.expect("IsActive").into_inner();
         assert_eq!(r.result, want, "activation {threshold}");
     }
 
     // StreamMetricSpec sends the spec at once.
-    let mut st = c.stream_metric_spec(o.clone()).await.expect("StreamMetricSpec").into_inner();
+    let mut st = c
+        .stream_metric_spec(o.clone())
+        .await
+        .expect("StreamMetricSpec")
+        .into_inner();
     let first = tokio::time::timeout(WAIT, st.message())
         .await
         .expect("spec within 5 s")
@@ -190,7 +276,10 @@ async fn every_rpc_with_both_fields_and_hand_computed_values() {
         .await
         .expect("health check")
         .into_inner();
-    assert_eq!(h.status, tonic_health::pb::health_check_response::ServingStatus::Serving as i32);
+    assert_eq!(
+        h.status,
+        tonic_health::pb::health_check_response::ServingStatus::Serving as i32
+    );
 
     // The HTTP listener.
     assert_eq!(node.http_get("/healthz").await.0, 200);
@@ -229,28 +318,89 @@ async fn bad_metadata_is_invalid_argument_naming_the_key() {
         (&[("podSelector", "tier in ()")], "podSelector"),
         (&[("podSelector", "a"), ("metric", "gpu")], "metric"),
         (&[("podSelector", "a"), ("metric", "")], "metric"),
-        (&[("podSelector", "a"), ("metricType", "AverageValue")], "metricType"),
-        (&[("podSelector", "a"), ("metric", "power_draw"), ("metricType", "temperature")], "metricType"),
-        (&[("podSelector", "a"), ("profile", "vllm")], "profile"),
-        (&[("podSelector", "a"), ("targetValue", "abc")], "targetValue"),
-        (&[("podSelector", "a"), ("targetValue", "0")], "targetValue"),
-        (&[("podSelector", "a"), ("targetValue", "-5")], "targetValue"),
-        (&[("podSelector", "a"), ("targetValue", "NaN")], "targetValue"),
-        (&[("podSelector", "a"), ("targetValue", "inf")], "targetValue"),
-        (&[("podSelector", "a"), ("targetValue", "")], "targetValue"),
-        (&[("podSelector", "a"), ("activationThreshold", "-1")], "activationThreshold"),
-        (&[("podSelector", "a"), ("activationThreshold", "five")], "activationThreshold"),
-        (&[("podSelector", "a"), ("targetGpuUtilization", "0")], "targetGpuUtilization"),
-        (&[("podSelector", "a"), ("targetGpuUtilization", "150")], "targetGpuUtilization"),
-        (&[("podSelector", "a"), ("targetMemoryUtilization", "x")], "targetMemoryUtilization"),
         (
-            &[("podSelector", "a"), ("targetGpuUtilization", "50"), ("targetMemoryUtilization", "50")],
+            &[("podSelector", "a"), ("metricType", "AverageValue")],
+            "metricType",
+        ),
+        (
+            &[
+                ("podSelector", "a"),
+                ("metric", "power_draw"),
+                ("metricType", "temperature"),
+            ],
+            "metricType",
+        ),
+        (&[("podSelector", "a"), ("profile", "vllm")], "profile"),
+        (
+            &[("podSelector", "a"), ("targetValue", "abc")],
+            "targetValue",
+        ),
+        (&[("podSelector", "a"), ("targetValue", "0")], "targetValue"),
+        (
+            &[("podSelector", "a"), ("targetValue", "-5")],
+            "targetValue",
+        ),
+        (
+            &[("podSelector", "a"), ("targetValue", "NaN")],
+            "targetValue",
+        ),
+        (
+            &[("podSelector", "a"), ("targetValue", "inf")],
+            "targetValue",
+        ),
+        (&[("podSelector", "a"), ("targetValue", "")], "targetValue"),
+        (
+            &[("podSelector", "a"), ("activationThreshold", "-1")],
+            "activationThreshold",
+        ),
+        (
+            &[("podSelector", "a"), ("activationThreshold", "five")],
+            "activationThreshold",
+        ),
+        (
+            &[("podSelector", "a"), ("targetGpuUtilization", "0")],
+            "targetGpuUtilization",
+        ),
+        (
+            &[("podSelector", "a"), ("targetGpuUtilization", "150")],
+            "targetGpuUtilization",
+        ),
+        (
+            &[("podSelector", "a"), ("targetMemoryUtilization", "x")],
             "targetMemoryUtilization",
         ),
-        (&[("podSelector", "a"), ("metric", "memory_used_mib"), ("targetGpuUtilization", "50")], "targetGpuUtilization"),
-        (&[("podSelector", "a"), ("targetValue", "10"), ("targetGpuUtilization", "50")], "targetGpuUtilization"),
-        (&[("podSelector", "a"), ("aggregation", "median")], "aggregation"),
-        (&[("podSelector", "a"), ("metricName", "has space")], "metricName"),
+        (
+            &[
+                ("podSelector", "a"),
+                ("targetGpuUtilization", "50"),
+                ("targetMemoryUtilization", "50"),
+            ],
+            "targetMemoryUtilization",
+        ),
+        (
+            &[
+                ("podSelector", "a"),
+                ("metric", "memory_used_mib"),
+                ("targetGpuUtilization", "50"),
+            ],
+            "targetGpuUtilization",
+        ),
+        (
+            &[
+                ("podSelector", "a"),
+                ("targetValue", "10"),
+                ("targetGpuUtilization", "50"),
+            ],
+            "targetGpuUtilization",
+        ),
+        (
+            &[("podSelector", "a"), ("aggregation", "median")],
+            "aggregation",
+        ),
+        (
+            &[("podSelector", "a"), ("metricName", "has space")],
+            "metricName",
+        ),
         (&[("podSelector", "a"), ("metricName", "")], "metricName"),
     ];
     assert!(cases.len() >= 25);
@@ -258,15 +408,42 @@ async fn bad_metadata_is_invalid_argument_naming_the_key() {
         let o = object("ml", meta);
         let check = |what: &str, r: Status| {
             assert_eq!(r.code(), Code::InvalidArgument, "{what} {meta:?}: {r:?}");
-            assert!(r.message().contains(key), "{what} {meta:?}: {:?} should name {key}", r.message());
+            assert!(
+                r.message().contains(key),
+                "{what} {meta:?}: {:?} should name {key}",
+                r.message()
+            );
         };
-        check("GetMetricSpec", spec(&mut c, &o).await.expect_err("bad metadata"));
-        check("GetMetrics", metrics(&mut c, &o, "").await.expect_err("bad metadata"));
-        check("IsActive", c.is_active(o.clone()).await.expect_err("bad metadata"));
-        check("StreamIsActive", c.stream_is_active(o.clone()).await.err().expect("bad metadata"));
-        check("StreamMetricSpec", c.stream_metric_spec(o.clone()).await.err().expect("bad metadata"));
+        check(
+            "GetMetricSpec",
+            spec(&mut c, &o).await.expect_err("bad metadata"),
+        );
+        check(
+            "GetMetrics",
+            metrics(&mut c, &o, "").await.expect_err("bad metadata"),
+        );
+        check(
+            "IsActive",
+            c.is_active(o.clone()).await.expect_err("bad metadata"),
+        );
+        check(
+            "StreamIsActive",
+            c.stream_is_active(o.clone())
+                .await
+                .err()
+                .expect("bad metadata"),
+        );
+        check(
+            "StreamMetricSpec",
+            c.stream_metric_spec(o.clone())
+                .await
+                .err()
+                .expect("bad metadata"),
+        );
     }
-    let err = spec(&mut c, &object("", &[("podSelector", "a")])).await.expect_err("no namespace");
+    let err = spec(&mut c, &object("", &[("podSelector", "a")]))
+        .await
+        .expect_err("no namespace");
     assert_eq!(err.code(), Code::InvalidArgument);
     assert!(err.message().contains("namespace"), "{}", err.message());
     let err = c
@@ -295,11 +472,26 @@ async fn stream_is_active_current_state_changes_and_ok_on_shutdown() {
     node.set_gpus(vec![device(0, 50, 100.0, vec![process(10, 30, 0, 1)])]);
     node.settle().await;
     let mut c = node.client().await;
-    let o = object("ml", &[("podSelector", "app=w"), ("activationThreshold", "10")]);
+    let o = object(
+        "ml",
+        &[("podSelector", "app=w"), ("activationThreshold", "10")],
+    );
 
-    let mut st = c.stream_is_active(o.clone()).await.expect("StreamIsActive").into_inner();
-    assert_eq!(next(&mut st).await.expect("ok"), Some(true), "current state at once");
-    let mut spec_stream = c.stream_metric_spec(o.clone()).await.expect("StreamMetricSpec").into_inner();
+    let mut st = c
+        .stream_is_active(o.clone())
+        .await
+        .expect("StreamIsActive")
+        .into_inner();
+    assert_eq!(
+        next(&mut st).await.expect("ok"),
+        Some(true),
+        "current state at once"
+    );
+    let mut spec_stream = c
+        .stream_metric_spec(o.clone())
+        .await
+        .expect("StreamMetricSpec")
+        .into_inner();
     tokio::time::timeout(WAIT, spec_stream.message())
         .await
         .expect("spec at once")
@@ -307,7 +499,11 @@ async fn stream_is_active_current_state_changes_and_ok_on_shutdown() {
         .expect("a spec");
 
     node.set_gpus(vec![device(0, 50, 100.0, vec![process(10, 5, 0, 1)])]);
-    assert_eq!(next(&mut st).await.expect("ok"), Some(false), "pushed on change");
+    assert_eq!(
+        next(&mut st).await.expect("ok"),
+        Some(false),
+        "pushed on change"
+    );
     // New data without a change of state sends nothing; the next message is
     // the next change.
     node.set_gpus(vec![device(0, 50, 100.0, vec![process(10, 6, 0, 1)])]);
@@ -316,14 +512,20 @@ async fn stream_is_active_current_state_changes_and_ok_on_shutdown() {
     assert_eq!(next(&mut st).await.expect("ok"), Some(true));
 
     // A second stream opened now also gets the current state at once.
-    let mut st2 = c.stream_is_active(o.clone()).await.expect("StreamIsActive").into_inner();
+    let mut st2 = c
+        .stream_is_active(o.clone())
+        .await
+        .expect("StreamIsActive")
+        .into_inner();
     assert_eq!(next(&mut st2).await.expect("ok"), Some(true));
 
     // Shutdown ends every stream with status OK (end of stream, no error).
     node.stop().await;
     assert_eq!(next(&mut st).await.expect("ends with OK"), None);
     assert_eq!(next(&mut st2).await.expect("ends with OK"), None);
-    let end = tokio::time::timeout(WAIT, spec_stream.message()).await.expect("spec stream ends");
+    let end = tokio::time::timeout(WAIT, spec_stream.message())
+        .await
+        .expect("spec stream ends");
     assert!(matches!(end, Ok(None)), "{end:?}");
 }
 
@@ -342,7 +544,13 @@ async fn stale_samples_and_a_down_gpu_source_are_unavailable() {
 
     node.set_gpus(vec![device(0, 50, 100.0, vec![process(10, 30, 0, 1)])]);
     node.settle().await;
-    assert_eq!(metrics(&mut c, &o, "").await.expect("fresh").metric_value_float, 30.0);
+    assert_eq!(
+        metrics(&mut c, &o, "")
+            .await
+            .expect("fresh")
+            .metric_value_float,
+        30.0
+    );
 
     // Three poll intervals (300 ms) without a pass: stale.
     tokio::time::sleep(Duration::from_millis(450)).await;
@@ -351,14 +559,22 @@ async fn stale_samples_and_a_down_gpu_source_are_unavailable() {
     assert!(err.message().contains("old"), "{}", err.message());
     let err = c.is_active(o.clone()).await.expect_err("stale");
     assert_eq!(err.code(), Code::Unavailable);
-    let mut st = c.stream_is_active(o.clone()).await.expect("stream opens").into_inner();
-    let first = tokio::time::timeout(WAIT, st.message()).await.expect("first event");
+    let mut st = c
+        .stream_is_active(o.clone())
+        .await
+        .expect("stream opens")
+        .into_inner();
+    let first = tokio::time::timeout(WAIT, st.message())
+        .await
+        .expect("first event");
     assert_eq!(first.expect_err("stale stream").code(), Code::Unavailable);
     let (code, body) = node.http_get("/readyz").await;
     assert_eq!(code, 503);
     assert!(body.contains("old"), "{body}");
     // GetMetricSpec needs metadata only: still answers.
-    spec(&mut c, &o).await.expect("spec does not depend on samples");
+    spec(&mut c, &o)
+        .await
+        .expect("spec does not depend on samples");
 
     // A failing GPU source: unavailable with its reason, even though the last
     // good samples are still there.
@@ -369,7 +585,11 @@ async fn stale_samples_and_a_down_gpu_source_are_unavailable() {
     node.settle().await;
     let err = metrics(&mut c, &o, "").await.expect_err("GPU down");
     assert_eq!(err.code(), Code::Unavailable);
-    assert!(err.message().contains("fallen off the bus"), "{}", err.message());
+    assert!(
+        err.message().contains("fallen off the bus"),
+        "{}",
+        err.message()
+    );
     let (code, body) = node.http_get("/readyz").await;
     assert_eq!(code, 503);
     assert!(body.contains("fallen off the bus"), "{body}");
@@ -383,17 +603,32 @@ async fn stale_samples_and_a_down_gpu_source_are_unavailable() {
     let err = metrics(&mut c, &o, "").await.expect_err("no SM figure");
     assert_eq!(err.code(), Code::Unavailable);
     assert!(err.message().contains("MIG"), "{}", err.message());
-    let mem = object("ml", &[("podSelector", "app=w"), ("metric", "memory_used_mib")]);
-    assert_eq!(metrics(&mut c, &mem, "").await.expect("memory is known").metric_value, 2048);
+    let mem = object(
+        "ml",
+        &[("podSelector", "app=w"), ("metric", "memory_used_mib")],
+    );
+    assert_eq!(
+        metrics(&mut c, &mem, "")
+            .await
+            .expect("memory is known")
+            .metric_value,
+        2048
+    );
 
     // A GPU whose process list could not be read: nobody's share is known.
     let mut d = device(0, 50, 100.0, vec![]);
     d.processes_error = Some("NVML: insufficient permissions".into());
     node.set_gpus(vec![d]);
     node.settle().await;
-    let err = metrics(&mut c, &mem, "").await.expect_err("process list unknown");
+    let err = metrics(&mut c, &mem, "")
+        .await
+        .expect_err("process list unknown");
     assert_eq!(err.code(), Code::Unavailable);
-    assert!(err.message().contains("insufficient permissions"), "{}", err.message());
+    assert!(
+        err.message().contains("insufficient permissions"),
+        "{}",
+        err.message()
+    );
     node.stop().await;
 }
 
@@ -411,7 +646,9 @@ fn pki() -> Pki {
     let ca = |cn: &str| {
         let mut params = CertificateParams::new(Vec::<String>::new()).expect("CA params");
         params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-        params.distinguished_name.push(rcgen::DnType::CommonName, cn);
+        params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, cn);
         CertifiedIssuer::self_signed(params, KeyPair::generate().expect("CA key")).expect("CA cert")
     };
     let leaf = |issuer: &CertifiedIssuer<'_, KeyPair>, name: &str| {
@@ -478,7 +715,9 @@ async fn tls_and_mtls() {
         }),
     )
     .await;
-    let mut c = tls_client(node.grpc_addr, &pki.ca_pem, None).await.expect("TLS connect");
+    let mut c = tls_client(node.grpc_addr, &pki.ca_pem, None)
+        .await
+        .expect("TLS connect");
     spec(&mut c, &o).await.expect("GetMetricSpec over TLS");
     let plain = ExternalScalerClient::connect(format!("http://{}", node.grpc_addr)).await;
     refused(plain.map_err(|e| e.to_string()), &o).await;
@@ -499,7 +738,11 @@ async fn tls_and_mtls() {
         .expect("mTLS connect");
     spec(&mut c, &o).await.expect("GetMetricSpec over mTLS");
     refused(tls_client(node.grpc_addr, &pki.ca_pem, None).await, &o).await;
-    refused(tls_client(node.grpc_addr, &pki.ca_pem, Some(&pki.stranger)).await, &o).await;
+    refused(
+        tls_client(node.grpc_addr, &pki.ca_pem, Some(&pki.stranger)).await,
+        &o,
+    )
+    .await;
     node.stop().await;
 }
 
@@ -519,7 +762,11 @@ async fn hpa_simulation_converges_and_scales_to_zero_and_back() {
     let target = 60.0;
     let o = object(
         "ml",
-        &[("podSelector", "app=worker"), ("targetValue", "60"), ("activationThreshold", "5")],
+        &[
+            ("podSelector", "app=worker"),
+            ("targetValue", "60"),
+            ("activationThreshold", "5"),
+        ],
     );
     let policy = Policy {
         target_type: TargetType::AverageValue,
@@ -544,7 +791,12 @@ async fn hpa_simulation_converges_and_scales_to_zero_and_back() {
             pods.push(pod("ml", name, uid, &[("app", "worker")]));
             node.attributor.assign(pid, uid);
             let share = (f64::from(demand) / f64::from(n)).round().min(100.0) as u32;
-            devices.push(device(i as u32, 50, 100.0, vec![process(pid, share, 0, 1024)]));
+            devices.push(device(
+                i as u32,
+                50,
+                100.0,
+                vec![process(pid, share, 0, 1024)],
+            ));
         }
         // The same labels in another namespace never count.
         pods.push(pod("other", "worker-x", "x", &[("app", "worker")]));
@@ -568,19 +820,34 @@ async fn hpa_simulation_converges_and_scales_to_zero_and_back() {
             seen.push(replicas);
         }
         history.push((demand, seen.clone()));
-        assert_eq!(replicas, want, "demand {demand}: converges to ceil({demand} / {target}); saw {seen:?}");
+        assert_eq!(
+            replicas, want,
+            "demand {demand}: converges to ceil({demand} / {target}); saw {seen:?}"
+        );
         // No oscillation: the count moves one way and then holds.
         let settled = seen.iter().position(|r| *r == want).expect("reached");
-        assert!(seen[settled..].iter().all(|r| *r == want), "demand {demand}: {seen:?}");
-        let monotone = seen.windows(2).all(|w| w[0] <= w[1]) || seen.windows(2).all(|w| w[0] >= w[1]);
+        assert!(
+            seen[settled..].iter().all(|r| *r == want),
+            "demand {demand}: {seen:?}"
+        );
+        let monotone =
+            seen.windows(2).all(|w| w[0] <= w[1]) || seen.windows(2).all(|w| w[0] >= w[1]);
         assert!(monotone, "demand {demand}: {seen:?}");
     }
 
     // Idle: the value falls to the activation threshold; KEDA scales to zero.
-    let mut st = c.stream_is_active(o.clone()).await.expect("StreamIsActive").into_inner();
+    let mut st = c
+        .stream_is_active(o.clone())
+        .await
+        .expect("StreamIsActive")
+        .into_inner();
     assert_eq!(next(&mut st).await.expect("ok"), Some(true));
     feed(replicas, 0, false);
-    assert_eq!(next(&mut st).await.expect("ok"), Some(false), "pushed: inactive");
+    assert_eq!(
+        next(&mut st).await.expect("ok"),
+        Some(false),
+        "pushed: inactive"
+    );
     let (_, value, active) = keda_poll(&mut c, &o).await;
     assert_eq!((value, active), (0.0, false));
     replicas = hpa::desired_replicas(&policy, replicas, value, target, active);
@@ -593,7 +860,11 @@ async fn hpa_simulation_converges_and_scales_to_zero_and_back() {
     // Back: demand appears on the warm-up Job's pod; the stream says active at
     // once and KEDA wakes the deployment, after which the HPA converges.
     feed(0, 150, true);
-    assert_eq!(next(&mut st).await.expect("ok"), Some(true), "pushed: active");
+    assert_eq!(
+        next(&mut st).await.expect("ok"),
+        Some(true),
+        "pushed: active"
+    );
     let (_, value, active) = keda_poll(&mut c, &o).await;
     assert!(active && value == 100.0, "value {value}");
     replicas = hpa::desired_replicas(&policy, replicas, value, target, active);

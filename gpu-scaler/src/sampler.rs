@@ -101,7 +101,10 @@ pub struct NodeSnapshot {
     pub pods_error: Option<Arc<str>>,
 }
 
-fn values_only<S: serde::Serializer>(map: &BTreeMap<String, PodUsage>, s: S) -> Result<S::Ok, S::Error> {
+fn values_only<S: serde::Serializer>(
+    map: &BTreeMap<String, PodUsage>,
+    s: S,
+) -> Result<S::Ok, S::Error> {
     s.collect_seq(map.values())
 }
 
@@ -339,7 +342,11 @@ pub fn start(
             let status = gpu.borrow_and_update().clone();
             let set = pods.borrow_and_update().clone();
             let snap = join(&status, &set, attributor.as_ref(), SystemTime::now());
-            tracing::trace!(pods = snap.pods.len(), gpus = snap.gpus.len(), "node snapshot");
+            tracing::trace!(
+                pods = snap.pods.len(),
+                gpus = snap.gpus.len(),
+                "node snapshot"
+            );
             tx.send_replace(Arc::new(snap));
         }
         tracing::debug!("sampler stopped");
@@ -453,8 +460,25 @@ pub(crate) mod tests {
     fn joins_pods_gpus_and_power() {
         let pods = PodSet::from_pods([pod("a"), pod("b"), pod("idle")], Some("n1".into()), "t");
         let st = status(vec![
-            device(0, 300.0, vec![proc(10, 30, 10, 1000), proc(11, 10, 5, 500), proc(20, 60, 20, 2000)]),
-            device(1, 100.0, vec![proc(20, 0, 0, 100), proc(30, 0, 0, 50), proc(99, 0, 0, 7), proc(40, 0, 0, 1)]),
+            device(
+                0,
+                300.0,
+                vec![
+                    proc(10, 30, 10, 1000),
+                    proc(11, 10, 5, 500),
+                    proc(20, 60, 20, 2000),
+                ],
+            ),
+            device(
+                1,
+                100.0,
+                vec![
+                    proc(20, 0, 0, 100),
+                    proc(30, 0, 0, 50),
+                    proc(99, 0, 0, 7),
+                    proc(40, 0, 0, 1),
+                ],
+            ),
         ]);
         let snap = join(&st, &pods, &table(), SystemTime::UNIX_EPOCH);
         assert!(snap.gpu_error.is_none());
@@ -478,13 +502,22 @@ pub(crate) mod tests {
         assert_eq!(b[1].temperature_c, Reading::Ok(61));
         assert_eq!(b[1].memory_total_mib, Reading::Ok(80_000));
 
-        let whys: Vec<_> = snap.unowned.iter().map(|u| (&u.why, u.usage.pids.clone())).collect();
+        let whys: Vec<_> = snap
+            .unowned
+            .iter()
+            .map(|u| (&u.why, u.usage.pids.clone()))
+            .collect();
         assert_eq!(
             whys,
             [
                 (&Unowned::Host, vec![30]),
                 (&Unowned::UnknownPid, vec![99]),
-                (&Unowned::UnknownPod { pod_uid: "elsewhere".into() }, vec![40]),
+                (
+                    &Unowned::UnknownPod {
+                        pod_uid: "elsewhere".into()
+                    },
+                    vec![40]
+                ),
             ]
         );
     }
@@ -506,7 +539,9 @@ pub(crate) mod tests {
         let mut dev = device(0, 0.0, vec![proc(10, 5, 0, 1)]);
         dev.power_w = Reading::unavailable("not supported");
         let snap = join(&status(vec![dev]), &pods, &table(), SystemTime::UNIX_EPOCH);
-        assert!(matches!(&snap.pods["a"].gpus[0].power_w, Reading::Unavailable(r) if r.contains("not supported")));
+        assert!(
+            matches!(&snap.pods["a"].gpus[0].power_w, Reading::Unavailable(r) if r.contains("not supported"))
+        );
     }
 
     #[test]
@@ -532,7 +567,11 @@ pub(crate) mod tests {
         let (_ptx, prx) = watch::channel(Arc::new(PodSet::from_pods([pod("a")], None, "t")));
         let mut snaps = start(Arc::new(table()), grx, prx);
         assert!(snaps.borrow_and_update().pods["a"].gpus.is_empty());
-        gtx.send_replace(Arc::new(status(vec![device(0, 10.0, vec![proc(10, 7, 0, 1)])])));
+        gtx.send_replace(Arc::new(status(vec![device(
+            0,
+            10.0,
+            vec![proc(10, 7, 0, 1)],
+        )])));
         tokio::time::timeout(std::time::Duration::from_secs(5), snaps.changed())
             .await
             .expect("snapshot published")

@@ -35,7 +35,11 @@ impl TableAttributor {
     pub fn assign(&self, pid: u32, pod_uid: &str) {
         let attribution = Attribution {
             cgroup_id: None,
-            cgroup_path: format!("/kubepods.slice/kubepods-pod{}.slice", pod_uid.replace('-', "_")).into(),
+            cgroup_path: format!(
+                "/kubepods.slice/kubepods-pod{}.slice",
+                pod_uid.replace('-', "_")
+            )
+            .into(),
             owner: Owner::Pod(PodIdentity {
                 pod_uid: pod_uid.to_owned(),
                 container_id: None,
@@ -45,7 +49,10 @@ impl TableAttributor {
             }),
             backend: Backend::Procfs,
         };
-        self.table.write().expect("attributor lock").insert(pid, attribution);
+        self.table
+            .write()
+            .expect("attributor lock")
+            .insert(pid, attribution);
     }
 
     /// Makes `pid` a host process (no pod).
@@ -56,13 +63,20 @@ impl TableAttributor {
             owner: Owner::Host,
             backend: Backend::Procfs,
         };
-        self.table.write().expect("attributor lock").insert(pid, attribution);
+        self.table
+            .write()
+            .expect("attributor lock")
+            .insert(pid, attribution);
     }
 }
 
 impl Attributor for TableAttributor {
     fn resolve(&self, pid: u32) -> Option<Attribution> {
-        self.table.read().expect("attributor lock").get(&pid).cloned()
+        self.table
+            .read()
+            .expect("attributor lock")
+            .get(&pid)
+            .cloned()
     }
     fn backend(&self) -> Backend {
         Backend::Procfs
@@ -103,9 +117,20 @@ pub fn device(index: u32, temp_c: u32, power_w: f64, processes: Vec<GpuProcess>)
         index,
         uuid: format!("GPU-{index:08}"),
         name: "Test GPU".into(),
-        sm_util: Reading::Ok(processes.iter().filter_map(|p| p.sm_util.ok()).sum::<u32>().min(100)),
+        sm_util: Reading::Ok(
+            processes
+                .iter()
+                .filter_map(|p| p.sm_util.ok())
+                .sum::<u32>()
+                .min(100),
+        ),
         mem_util: Reading::Ok(0),
-        memory_used_mib: Reading::Ok(processes.iter().filter_map(|p| p.used_memory_mib.ok()).sum()),
+        memory_used_mib: Reading::Ok(
+            processes
+                .iter()
+                .filter_map(|p| p.used_memory_mib.ok())
+                .sum(),
+        ),
         memory_total_mib: Reading::Ok(81_920),
         temperature_c: Reading::Ok(temp_c),
         power_w: Reading::Ok(power_w),
@@ -140,8 +165,12 @@ impl Node {
             updated_at: SystemTime::now(),
         }));
         let (pods_tx, pods_rx) = watch::channel(Arc::new(PodSet::empty("test", None)));
-        let grpc = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind gRPC");
-        let http = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind HTTP");
+        let grpc = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind gRPC");
+        let http = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind HTTP");
         let shutdown = CancellationToken::new();
         let running = daemon::start_with(
             Inputs {
@@ -170,7 +199,8 @@ impl Node {
     /// Publishes a new pod set.
     pub fn set_pods(&self, pods: Vec<Pod>) {
         self.fed();
-        self.pods_tx.send_replace(Arc::new(PodSet::from_pods(pods, None, "test")));
+        self.pods_tx
+            .send_replace(Arc::new(PodSet::from_pods(pods, None, "test")));
     }
 
     /// Publishes a GPU pass taken now.
@@ -178,7 +208,10 @@ impl Node {
         self.fed();
         let now = SystemTime::now();
         self.gpu_tx.send_replace(Arc::new(GpuStatus {
-            last_good: Some(Arc::new(GpuSnapshot { taken_at: now, devices })),
+            last_good: Some(Arc::new(GpuSnapshot {
+                taken_at: now,
+                devices,
+            })),
             error: None,
             updated_at: now,
         }));
@@ -231,7 +264,9 @@ impl Node {
     /// GET `path` on the HTTP listener: (status code, body).
     pub async fn http_get(&self, path: &str) -> (u16, String) {
         use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
-        let mut s = tokio::net::TcpStream::connect(self.http_addr).await.expect("connect HTTP");
+        let mut s = tokio::net::TcpStream::connect(self.http_addr)
+            .await
+            .expect("connect HTTP");
         let req = format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n");
         s.write_all(req.as_bytes()).await.expect("send request");
         let mut buf = String::new();
@@ -241,7 +276,10 @@ impl Node {
             .nth(1)
             .and_then(|c| c.parse().ok())
             .expect("status line");
-        let body = buf.split_once("\r\n\r\n").map(|(_, b)| b.to_owned()).unwrap_or_default();
+        let body = buf
+            .split_once("\r\n\r\n")
+            .map(|(_, b)| b.to_owned())
+            .unwrap_or_default();
         (code, body)
     }
 }

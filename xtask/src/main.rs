@@ -1,6 +1,7 @@
 //! `cargo xtask <task>`: the project's set-up-and-go commands and chores.
 
 mod bench_gpu;
+mod bench_scaler;
 mod demo;
 mod toolchain;
 
@@ -51,6 +52,9 @@ enum Bench {
         #[arg(long, default_value_t = 30)]
         cpu_secs: u64,
     },
+    /// The KEDA-facing gRPC scaler: GetMetrics latency and throughput at 1, 64
+    /// and 512 clients, memory with 10,000 StreamIsActive streams, freshness.
+    Scaler,
 }
 
 fn main() -> Result<()> {
@@ -65,6 +69,12 @@ fn main() -> Result<()> {
         Task::Bench {
             what: Bench::Gpu { passes, cpu_secs },
         } => bench_gpu::run(passes, cpu_secs),
+        Task::Bench {
+            what: Bench::Scaler,
+        } => {
+            toolchain::ensure()?;
+            bench_scaler::run()
+        }
         Task::Test { no_lint, args } => {
             toolchain::ensure()?;
             if !no_lint {

@@ -205,7 +205,11 @@ mod tests {
 
     #[test]
     fn metadata_pairs() {
-        let m = parse_metadata(&["podSelector=app=vllm,tier in (a,b)".into(), "targetValue=5".into()]).expect("valid");
+        let m = parse_metadata(&[
+            "podSelector=app=vllm,tier in (a,b)".into(),
+            "targetValue=5".into(),
+        ])
+        .expect("valid");
         assert_eq!(m["podSelector"], "app=vllm,tier in (a,b)");
         assert_eq!(m["targetValue"], "5");
         let err = parse_metadata(&["nokey".into()]).expect_err("no =");

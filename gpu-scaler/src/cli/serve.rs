@@ -83,11 +83,14 @@ pub async fn run(args: ServeArgs) -> super::Result<()> {
             poll_interval: args.poll_interval,
         },
         pods_file: args.pods_file,
-        tls: args.tls_cert.zip(args.tls_key).map(|(cert, key)| daemon::TlsFiles {
-            cert,
-            key,
-            client_ca: args.tls_client_ca,
-        }),
+        tls: args
+            .tls_cert
+            .zip(args.tls_key)
+            .map(|(cert, key)| daemon::TlsFiles {
+                cert,
+                key,
+                client_ca: args.tls_client_ca,
+            }),
     };
     let shutdown = CancellationToken::new();
     tokio::spawn(cancel_on_signal(shutdown.clone()));

@@ -29,7 +29,10 @@ async fn readyz(extract::State(s): extract::State<State>) -> impl IntoResponse {
     if reasons.is_empty() {
         (StatusCode::OK, "ready\n".to_owned())
     } else {
-        (StatusCode::SERVICE_UNAVAILABLE, format!("not ready:\n{}\n", reasons.join("\n")))
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("not ready:\n{}\n", reasons.join("\n")),
+        )
     }
 }
 
@@ -38,7 +41,10 @@ async fn metrics(extract::State(s): extract::State<State>) -> impl IntoResponse 
     let snap = s.snapshots.borrow().clone();
     let now = SystemTime::now();
     let mut out = String::new();
-    let _ = writeln!(out, "# HELP gpu_scaler_snapshot_age_seconds Age of the GPU samples in the newest node snapshot.");
+    let _ = writeln!(
+        out,
+        "# HELP gpu_scaler_snapshot_age_seconds Age of the GPU samples in the newest node snapshot."
+    );
     let _ = writeln!(out, "# TYPE gpu_scaler_snapshot_age_seconds gauge");
     match snap.samples_age(now) {
         Some(age) => {
@@ -48,10 +54,20 @@ async fn metrics(extract::State(s): extract::State<State>) -> impl IntoResponse 
             let _ = writeln!(out, "gpu_scaler_snapshot_age_seconds NaN");
         }
     }
-    let _ = writeln!(out, "# HELP gpu_scaler_gpu_source_up Whether the GPU source answered its newest poll.");
+    let _ = writeln!(
+        out,
+        "# HELP gpu_scaler_gpu_source_up Whether the GPU source answered its newest poll."
+    );
     let _ = writeln!(out, "# TYPE gpu_scaler_gpu_source_up gauge");
-    let _ = writeln!(out, "gpu_scaler_gpu_source_up {}", u8::from(snap.gpu_error.is_none()));
-    let _ = writeln!(out, "# HELP gpu_scaler_local_pods Pods on this node known to the pod source.");
+    let _ = writeln!(
+        out,
+        "gpu_scaler_gpu_source_up {}",
+        u8::from(snap.gpu_error.is_none())
+    );
+    let _ = writeln!(
+        out,
+        "# HELP gpu_scaler_local_pods Pods on this node known to the pod source."
+    );
     let _ = writeln!(out, "# TYPE gpu_scaler_local_pods gauge");
     let _ = writeln!(out, "gpu_scaler_local_pods {}", snap.pods.len());
     let _ = writeln!(out, "# HELP gpu_scaler_gpus GPUs in the newest snapshot.");
@@ -82,7 +98,11 @@ pub fn router(state: State) -> Router {
         .with_state(state)
 }
 
-pub async fn serve(listener: TcpListener, state: State, shutdown: CancellationToken) -> std::io::Result<()> {
+pub async fn serve(
+    listener: TcpListener,
+    state: State,
+    shutdown: CancellationToken,
+) -> std::io::Result<()> {
     axum::serve(listener, router(state))
         .with_graceful_shutdown(shutdown.cancelled_owned())
         .await

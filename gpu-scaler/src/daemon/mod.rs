@@ -121,7 +121,9 @@ impl Running {
 }
 
 async fn bind(addr: SocketAddr) -> Result<TcpListener> {
-    TcpListener::bind(addr).await.map_err(|source| Error::Bind { addr, source })
+    TcpListener::bind(addr)
+        .await
+        .map_err(|source| Error::Bind { addr, source })
 }
 
 /// Starts every part from `config` and serves until `shutdown` is cancelled.
@@ -138,8 +140,11 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<()> {
             check_interval: poll_interval.min(Duration::from_secs(1)),
         })?,
         None => {
-            tracing::warn!("no pod source (--pods-file): GPU use is attributed to pod UIDs but no workload can be selected");
-            let (tx, rx) = watch::channel(Arc::new(PodSet::empty("none", config.node_name.clone())));
+            tracing::warn!(
+                "no pod source (--pods-file): GPU use is attributed to pod UIDs but no workload can be selected"
+            );
+            let (tx, rx) =
+                watch::channel(Arc::new(PodSet::empty("none", config.node_name.clone())));
             // Keep the sender alive as long as the daemon so the sampler runs.
             let token = shutdown.clone();
             tokio::spawn(async move {
@@ -152,7 +157,11 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<()> {
     let grpc = bind(config.listen).await?;
     let http = bind(config.metrics_listen).await?;
     let running = start_with(
-        Inputs { attributor, gpu, pods },
+        Inputs {
+            attributor,
+            gpu,
+            pods,
+        },
         grpc,
         http,
         Settings { poll_interval, tls },
@@ -164,7 +173,12 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<()> {
 
 /// Why the daemon is not ready to answer, if it is not: the GPU source must be
 /// answering and the snapshot fresh. (Attribution is ready once started.)
-pub fn readiness(snap: &NodeSnapshot, gpu: &GpuStatus, poll_interval: Duration, now: SystemTime) -> Vec<String> {
+pub fn readiness(
+    snap: &NodeSnapshot,
+    gpu: &GpuStatus,
+    poll_interval: Duration,
+    now: SystemTime,
+) -> Vec<String> {
     let mut reasons = Vec::new();
     if let Some(e) = &gpu.error {
         reasons.push(format!("GPU source: {e}"));
@@ -229,7 +243,13 @@ pub fn start_with(
         gpu,
         poll_interval: settings.poll_interval,
     };
-    let grpc_fut = server::serve(grpc, service, settings.tls, Some(health_service), shutdown.clone());
+    let grpc_fut = server::serve(
+        grpc,
+        service,
+        settings.tls,
+        Some(health_service),
+        shutdown.clone(),
+    );
     let http_fut = http::serve(http, http_state, shutdown.clone());
     let task = tokio::spawn(async move {
         let (g, h) = tokio::join!(

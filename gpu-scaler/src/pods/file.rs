@@ -96,8 +96,16 @@ pub fn parse(path: &str, text: &str) -> Result<Vec<Pod>> {
     let list: ListJson = serde_json::from_str(text).map_err(|e| format(e.to_string()))?;
     match list.kind.as_deref() {
         Some("List") | Some("PodList") => {}
-        Some(other) => return Err(format(format!("kind is {other:?}; expected \"List\" or \"PodList\""))),
-        None => return Err(format("no \"kind\" field; expected \"List\" or \"PodList\"".into())),
+        Some(other) => {
+            return Err(format(format!(
+                "kind is {other:?}; expected \"List\" or \"PodList\""
+            )));
+        }
+        None => {
+            return Err(format(
+                "no \"kind\" field; expected \"List\" or \"PodList\"".into(),
+            ));
+        }
     }
     let mut pods = Vec::with_capacity(list.items.len());
     for (i, item) in list.items.into_iter().enumerate() {
@@ -132,7 +140,10 @@ pub fn parse(path: &str, text: &str) -> Result<Vec<Pod>> {
             namespace,
             name,
             labels: meta.labels.unwrap_or_default(),
-            node_name: item.spec.and_then(|s| s.node_name).filter(|n| !n.is_empty()),
+            node_name: item
+                .spec
+                .and_then(|s| s.node_name)
+                .filter(|n| !n.is_empty()),
             phase,
             ready,
         });
@@ -261,13 +272,28 @@ mod tests {
             ("not json", "expected"),
             (r#"{"items": []}"#, "no \"kind\""),
             (r#"{"kind": "ServiceList", "items": []}"#, "ServiceList"),
-            (r#"{"kind": "List", "items": [{"kind": "Service", "metadata": {}}]}"#, "items[0] is a Service"),
-            (r#"{"kind": "List", "items": [{"kind": "Pod"}]}"#, "items[0] has no metadata"),
-            (r#"{"kind": "List", "items": [{"metadata": {"name": "a", "namespace": "b"}}]}"#, "metadata.uid"),
-            (r#"{"kind": "List", "items": [{"metadata": {"name": "a", "uid": "u"}}]}"#, "metadata.namespace"),
+            (
+                r#"{"kind": "List", "items": [{"kind": "Service", "metadata": {}}]}"#,
+                "items[0] is a Service",
+            ),
+            (
+                r#"{"kind": "List", "items": [{"kind": "Pod"}]}"#,
+                "items[0] has no metadata",
+            ),
+            (
+                r#"{"kind": "List", "items": [{"metadata": {"name": "a", "namespace": "b"}}]}"#,
+                "metadata.uid",
+            ),
+            (
+                r#"{"kind": "List", "items": [{"metadata": {"name": "a", "uid": "u"}}]}"#,
+                "metadata.namespace",
+            ),
         ] {
             let err = parse("f.json", text).expect_err(text).to_string();
-            assert!(err.contains(want) && err.contains("f.json"), "{text}: {err}");
+            assert!(
+                err.contains(want) && err.contains("f.json"),
+                "{text}: {err}"
+            );
         }
     }
 
@@ -294,7 +320,14 @@ mod tests {
             .expect("sender alive");
         let broken = rx.borrow_and_update().clone();
         assert_eq!(broken.pods.len(), 2);
-        assert!(broken.error.as_deref().is_some_and(|e| e.contains("pods.json")), "{:?}", broken.error);
+        assert!(
+            broken
+                .error
+                .as_deref()
+                .is_some_and(|e| e.contains("pods.json")),
+            "{:?}",
+            broken.error
+        );
 
         // An atomic replace (write + rename) with a new pod is picked up.
         let tmp = dir.path().join("pods.json.tmp");
@@ -317,7 +350,10 @@ mod tests {
     }
 
     fn start_blocking(path: &str) -> Result<PodsReceiver> {
-        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("runtime");
         let _guard = rt.enter();
         start(Config {
             path: path.into(),

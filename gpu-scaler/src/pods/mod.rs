@@ -70,7 +70,10 @@ impl PodSet {
         source: impl Into<Arc<str>>,
     ) -> Self {
         Self {
-            pods: pods.into_iter().map(|p| (p.uid.clone(), Arc::new(p))).collect(),
+            pods: pods
+                .into_iter()
+                .map(|p| (p.uid.clone(), Arc::new(p)))
+                .collect(),
             node_name,
             source: source.into(),
             loaded_at: SystemTime::now(),
@@ -141,7 +144,10 @@ mod tests {
         let s = Selector::parse("app=vllm").expect("selector");
         let sel: Vec<_> = set.select("a", &s).map(|p| p.uid.as_str()).collect();
         assert_eq!(sel, ["1", "2", "4"]);
-        let all = PodSet { node_name: None, ..set };
+        let all = PodSet {
+            node_name: None,
+            ..set
+        };
         assert_eq!(all.local().count(), 5);
     }
 }

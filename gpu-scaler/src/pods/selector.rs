@@ -86,7 +86,9 @@ impl Selector {
         let mut parser = Parser::new(input);
         let mut requirements = Vec::new();
         if parser.peek().is_none() {
-            return Err(parser.error_here("the selector is empty; expected a requirement such as app=vllm"));
+            return Err(
+                parser.error_here("the selector is empty; expected a requirement such as app=vllm")
+            );
         }
         loop {
             requirements.push(parser.requirement()?);
@@ -253,8 +255,10 @@ impl Parser {
     }
 
     fn found(&self) -> String {
-        self.peek()
-            .map_or_else(|| "the end of the selector".to_owned(), |(_, t)| t.to_string())
+        self.peek().map_or_else(
+            || "the end of the selector".to_owned(),
+            |(_, t)| t.to_string(),
+        )
     }
 
     fn requirement(&mut self) -> Result<Requirement> {
@@ -298,7 +302,10 @@ impl Parser {
         match self.peek() {
             Some((_, Token::Word(w))) => {
                 let w = w.clone();
-                validate_key(&w).map_err(|message| Error { column: col, message })?;
+                validate_key(&w).map_err(|message| Error {
+                    column: col,
+                    message,
+                })?;
                 self.next();
                 Ok(w)
             }
@@ -313,17 +320,24 @@ impl Parser {
             None | Some((_, Token::Comma)) => Ok(String::new()),
             Some((_, Token::Word(w))) => {
                 let w = w.clone();
-                validate_value(&w).map_err(|message| Error { column: col, message })?;
+                validate_value(&w).map_err(|message| Error {
+                    column: col,
+                    message,
+                })?;
                 self.next();
                 Ok(w)
             }
-            Some(_) => Err(self.error_here(format!("expected a label value, found {}", self.found()))),
+            Some(_) => {
+                Err(self.error_here(format!("expected a label value, found {}", self.found())))
+            }
         }
     }
 
     fn value_set(&mut self, op: &str) -> Result<Vec<String>> {
         if !matches!(self.peek(), Some((_, Token::Open))) {
-            return Err(self.error_here(format!("expected '(' after '{op}', found {}", self.found())));
+            return Err(
+                self.error_here(format!("expected '(' after '{op}', found {}", self.found()))
+            );
         }
         self.next();
         let mut values = Vec::new();
@@ -331,13 +345,18 @@ impl Parser {
             let col = self.column();
             match self.next() {
                 Some((_, Token::Word(w))) => {
-                    validate_value(&w).map_err(|message| Error { column: col, message })?;
+                    validate_value(&w).map_err(|message| Error {
+                        column: col,
+                        message,
+                    })?;
                     values.push(w);
                 }
                 Some((_, Token::Close)) if values.is_empty() => {
                     return Err(Error {
                         column: col,
-                        message: format!("the value set of '{op}' is empty; list at least one value"),
+                        message: format!(
+                            "the value set of '{op}' is empty; list at least one value"
+                        ),
                     });
                 }
                 Some((_, t)) => {
@@ -349,7 +368,8 @@ impl Parser {
                 None => {
                     return Err(Error {
                         column: col,
-                        message: "expected a label value in the set, found the end of the selector".into(),
+                        message: "expected a label value in the set, found the end of the selector"
+                            .into(),
                     });
                 }
             }
@@ -385,7 +405,8 @@ fn valid_name(s: &str) -> bool {
         && b.len() <= 63
         && b[0].is_ascii_alphanumeric()
         && b[b.len() - 1].is_ascii_alphanumeric()
-        && b.iter().all(|c| c.is_ascii_alphanumeric() || matches!(c, b'-' | b'_' | b'.'))
+        && b.iter()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, b'-' | b'_' | b'.'))
 }
 
 /// A DNS-1123 subdomain (the optional key prefix).
@@ -396,7 +417,8 @@ fn valid_prefix(s: &str) -> bool {
             !b.is_empty()
                 && b[0].is_ascii_alphanumeric()
                 && b[b.len() - 1].is_ascii_alphanumeric()
-                && b.iter().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || *c == b'-')
+                && b.iter()
+                    .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || *c == b'-')
         })
 }
 
@@ -437,7 +459,10 @@ mod tests {
     use super::*;
 
     fn labels(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
-        pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
     }
 
     fn sel(s: &str) -> Selector {
@@ -479,7 +504,10 @@ mod tests {
         assert!(sel("missing!=x").matches(&l), "!= matches an absent key");
         assert!(sel("env notin (dev,test)").matches(&l));
         assert!(!sel("env notin (prod)").matches(&l));
-        assert!(sel("missing notin (x)").matches(&l), "notin matches an absent key");
+        assert!(
+            sel("missing notin (x)").matches(&l),
+            "notin matches an absent key"
+        );
         assert!(sel("env").matches(&l));
         assert!(!sel("missing").matches(&l));
         assert!(sel("!missing").matches(&l));
@@ -494,7 +522,10 @@ mod tests {
     fn canonical_form_ignores_order_and_spacing() {
         assert_eq!(sel("b=2,a=1"), sel(" a = 1 , b == 2 "));
         assert_eq!(sel("t in (y,x,x)").to_string(), "t in (x,y)");
-        assert_eq!(sel("app=vllm,tier in (gpu,edge),!canary").to_string(), "!canary,app=vllm,tier in (edge,gpu)");
+        assert_eq!(
+            sel("app=vllm,tier in (gpu,edge),!canary").to_string(),
+            "!canary,app=vllm,tier in (edge,gpu)"
+        );
         // The printed form parses back to the same selector.
         let s = sel("x notin (b,a),k,!n,q!=r");
         assert_eq!(sel(&s.to_string()), s);
@@ -518,7 +549,10 @@ mod tests {
         assert!(e.message.contains("empty"), "{e}");
         let e = err("app vllm");
         assert_eq!(e.column, 5);
-        assert!(e.message.contains("expected an operator after key 'app'"), "{e}");
+        assert!(
+            e.message.contains("expected an operator after key 'app'"),
+            "{e}"
+        );
         let e = err("app=vllm tier=gpu");
         assert_eq!(e.column, 10);
         assert!(e.message.contains("expected ',' or the end"), "{e}");
@@ -531,9 +565,15 @@ mod tests {
         let e = err(&format!("a={}", "x".repeat(64)));
         assert!(e.message.contains("invalid label value"), "{e}");
         let e = err("a=(b)");
-        assert!(e.message.contains("expected a label value, found '('"), "{e}");
+        assert!(
+            e.message.contains("expected a label value, found '('"),
+            "{e}"
+        );
         let e = err("!");
-        assert!(e.message.contains("expected a label key, found the end"), "{e}");
+        assert!(
+            e.message.contains("expected a label key, found the end"),
+            "{e}"
+        );
         let e = err("a in (b c)");
         assert!(e.message.contains("expected ',' or ')'"), "{e}");
         assert_eq!(e.to_string(), format!("column {}: {}", e.column, e.message));

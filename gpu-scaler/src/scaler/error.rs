@@ -10,7 +10,9 @@ pub enum Error {
     /// A known metadata key has a bad value.
     #[error(transparent)]
     Metadata(#[from] metadata::Error),
-    #[error("the ScaledObject reference has no namespace; the scaler only answers within a namespace")]
+    #[error(
+        "the ScaledObject reference has no namespace; the scaler only answers within a namespace"
+    )]
     MissingNamespace,
     #[error("GetMetrics has no scaledObjectRef")]
     MissingRef,
@@ -45,12 +47,14 @@ impl Error {
     /// is UNAVAILABLE (transient; never turned into a number).
     pub fn code(&self) -> tonic::Code {
         match self {
-            Self::Metadata(_) | Self::MissingNamespace | Self::MissingRef | Self::UnknownMetric { .. } => {
-                tonic::Code::InvalidArgument
-            }
-            Self::Stale { .. } | Self::GpuDown(_) | Self::ReadingUnavailable(_) | Self::Unavailable(_) => {
-                tonic::Code::Unavailable
-            }
+            Self::Metadata(_)
+            | Self::MissingNamespace
+            | Self::MissingRef
+            | Self::UnknownMetric { .. } => tonic::Code::InvalidArgument,
+            Self::Stale { .. }
+            | Self::GpuDown(_)
+            | Self::ReadingUnavailable(_)
+            | Self::Unavailable(_) => tonic::Code::Unavailable,
         }
     }
 }

@@ -41,7 +41,13 @@ impl Default for Policy {
 }
 
 /// The replicas after one evaluation, from `current`.
-pub fn desired_replicas(policy: &Policy, current: u32, value: f64, target: f64, active: bool) -> u32 {
+pub fn desired_replicas(
+    policy: &Policy,
+    current: u32,
+    value: f64,
+    target: f64,
+    active: bool,
+) -> u32 {
     let floor = policy.min.max(1);
     if !active && policy.min == 0 {
         return 0;
@@ -81,18 +87,41 @@ mod tests {
         assert_eq!(desired_replicas(&P, 4, 330.0, 80.0, true), 4);
         // 360 / 320 = 1.125: outside, ceil(360/80) = 5.
         assert_eq!(desired_replicas(&P, 4, 360.0, 80.0, true), 5);
-        assert_eq!(desired_replicas(&P, 4, 10_000.0, 80.0, true), 10, "clamped to max");
-        assert_eq!(desired_replicas(&P, 4, 1.0, 80.0, true), 1, "at least one while active");
-        assert_eq!(desired_replicas(&P, 4, 0.0, 80.0, false), 0, "inactive scales to zero");
-        assert_eq!(desired_replicas(&P, 0, 50.0, 80.0, true), 1, "active at zero wakes to one");
+        assert_eq!(
+            desired_replicas(&P, 4, 10_000.0, 80.0, true),
+            10,
+            "clamped to max"
+        );
+        assert_eq!(
+            desired_replicas(&P, 4, 1.0, 80.0, true),
+            1,
+            "at least one while active"
+        );
+        assert_eq!(
+            desired_replicas(&P, 4, 0.0, 80.0, false),
+            0,
+            "inactive scales to zero"
+        );
+        assert_eq!(
+            desired_replicas(&P, 0, 50.0, 80.0, true),
+            1,
+            "active at zero wakes to one"
+        );
         let min2 = Policy { min: 2, ..P };
-        assert_eq!(desired_replicas(&min2, 4, 0.0, 80.0, false), 2, "min > 0 never reaches zero");
+        assert_eq!(
+            desired_replicas(&min2, 4, 0.0, 80.0, false),
+            2,
+            "min > 0 never reaches zero"
+        );
         assert_eq!(desired_replicas(&min2, 0, 50.0, 80.0, true), 2);
     }
 
     #[test]
     fn value_type() {
-        let v = Policy { target_type: TargetType::Value, ..P };
+        let v = Policy {
+            target_type: TargetType::Value,
+            ..P
+        };
         // A per-replica average of 90 against 60 on 2 replicas: ceil(1.5 * 2) = 3.
         assert_eq!(desired_replicas(&v, 2, 90.0, 60.0, true), 3);
         assert_eq!(desired_replicas(&v, 3, 62.0, 60.0, true), 3);

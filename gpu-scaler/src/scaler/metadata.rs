@@ -49,7 +49,9 @@ impl Metric {
     }
 
     fn parse(s: &str) -> Option<Self> {
-        Self::ALL.into_iter().find(|m| m.as_str().eq_ignore_ascii_case(s.trim()))
+        Self::ALL
+            .into_iter()
+            .find(|m| m.as_str().eq_ignore_ascii_case(s.trim()))
     }
 }
 
@@ -71,7 +73,14 @@ pub enum Aggregation {
 }
 
 impl Aggregation {
-    pub const ALL: [Aggregation; 6] = [Self::Sum, Self::Avg, Self::Max, Self::Min, Self::P95, Self::P99];
+    pub const ALL: [Aggregation; 6] = [
+        Self::Sum,
+        Self::Avg,
+        Self::Max,
+        Self::Min,
+        Self::P95,
+        Self::P99,
+    ];
 
     pub fn as_str(self) -> &'static str {
         match self {
@@ -85,7 +94,9 @@ impl Aggregation {
     }
 
     fn parse(s: &str) -> Option<Self> {
-        Self::ALL.into_iter().find(|a| a.as_str().eq_ignore_ascii_case(s.trim()))
+        Self::ALL
+            .into_iter()
+            .find(|a| a.as_str().eq_ignore_ascii_case(s.trim()))
     }
 
     /// The default for a metric: temperatures do not add up, so `max`.
@@ -114,12 +125,42 @@ pub struct Profile {
 
 /// The `profile` table (README: "Profiles").
 pub const PROFILES: [Profile; 6] = [
-    Profile { name: "vllm-inference", metric: Metric::MemoryUsedPercent, target: 80.0, activation: 5.0 },
-    Profile { name: "triton-inference", metric: Metric::GpuUtilization, target: 75.0, activation: 10.0 },
-    Profile { name: "training", metric: Metric::GpuUtilization, target: 90.0, activation: 0.0 },
-    Profile { name: "batch", metric: Metric::MemoryUsedPercent, target: 70.0, activation: 1.0 },
-    Profile { name: "ollama", metric: Metric::MemoryUsedPercent, target: 70.0, activation: 3.0 },
-    Profile { name: "tgi-inference", metric: Metric::MemoryUsedPercent, target: 75.0, activation: 5.0 },
+    Profile {
+        name: "vllm-inference",
+        metric: Metric::MemoryUsedPercent,
+        target: 80.0,
+        activation: 5.0,
+    },
+    Profile {
+        name: "triton-inference",
+        metric: Metric::GpuUtilization,
+        target: 75.0,
+        activation: 10.0,
+    },
+    Profile {
+        name: "training",
+        metric: Metric::GpuUtilization,
+        target: 90.0,
+        activation: 0.0,
+    },
+    Profile {
+        name: "batch",
+        metric: Metric::MemoryUsedPercent,
+        target: 70.0,
+        activation: 1.0,
+    },
+    Profile {
+        name: "ollama",
+        metric: Metric::MemoryUsedPercent,
+        target: 70.0,
+        activation: 3.0,
+    },
+    Profile {
+        name: "tgi-inference",
+        metric: Metric::MemoryUsedPercent,
+        target: 75.0,
+        activation: 5.0,
+    },
 ];
 
 pub const DEFAULT_TARGET: f64 = 80.0;
@@ -164,7 +205,11 @@ pub struct Query {
 }
 
 fn list<T: fmt::Display>(items: impl IntoIterator<Item = T>) -> String {
-    items.into_iter().map(|i| i.to_string()).collect::<Vec<_>>().join(", ")
+    items
+        .into_iter()
+        .map(|i| i.to_string())
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 fn number(key: &'static str, value: &str, allowed: &str, ok: impl Fn(f64) -> bool) -> Result<f64> {
@@ -174,7 +219,11 @@ fn number(key: &'static str, value: &str, allowed: &str, ok: impl Fn(f64) -> boo
         allowed: allowed.to_owned(),
     };
     let v: f64 = value.trim().parse().map_err(|_| err())?;
-    if v.is_finite() && ok(v) { Ok(v) } else { Err(err()) }
+    if v.is_finite() && ok(v) {
+        Ok(v)
+    } else {
+        Err(err())
+    }
 }
 
 fn metric(key: &'static str, value: &str) -> Result<Metric> {
@@ -192,12 +241,16 @@ pub fn parse(meta: &HashMap<String, String>) -> Result<Query> {
     let selector_text = get(keys::POD_SELECTOR).ok_or_else(|| Error {
         key: keys::POD_SELECTOR,
         value: String::new(),
-        allowed: "a Kubernetes label selector such as app=vllm,tier in (gpu,edge),!canary (required)".into(),
+        allowed:
+            "a Kubernetes label selector such as app=vllm,tier in (gpu,edge),!canary (required)"
+                .into(),
     })?;
     let selector = Selector::parse(selector_text).map_err(|e| Error {
         key: keys::POD_SELECTOR,
         value: selector_text.to_owned(),
-        allowed: format!("a Kubernetes label selector such as app=vllm,tier in (gpu,edge),!canary ({e})"),
+        allowed: format!(
+            "a Kubernetes label selector such as app=vllm,tier in (gpu,edge),!canary ({e})"
+        ),
     })?;
 
     let profile = match get(keys::PROFILE) {
@@ -241,7 +294,12 @@ pub fn parse(meta: &HashMap<String, String>) -> Result<Query> {
     }
 
     let explicit_target = match get(keys::TARGET_VALUE) {
-        Some(v) => Some(number(keys::TARGET_VALUE, v, "a number greater than 0", |x| x > 0.0)?),
+        Some(v) => Some(number(
+            keys::TARGET_VALUE,
+            v,
+            "a number greater than 0",
+            |x| x > 0.0,
+        )?),
         None => None,
     };
     if explicit_target.is_some() {
@@ -257,20 +315,26 @@ pub fn parse(meta: &HashMap<String, String>) -> Result<Query> {
     }
 
     // Shorthands set metric and target together, so they cannot be combined with
-    // a different metric or an explicit target.
+    // a different metric or an explicit target. targetMemoryUtilization means
+    // VRAM used % (memory_used_percent), as in keda-gpu-scaler, whose
+    // ScaledObjects this keeps working; it is not the memory-controller %.
     let shorthands = [
         (keys::TARGET_GPU_UTILIZATION, Metric::GpuUtilization),
-        (keys::TARGET_MEMORY_UTILIZATION, Metric::MemoryUtilization),
+        (keys::TARGET_MEMORY_UTILIZATION, Metric::MemoryUsedPercent),
     ];
     let mut shorthand_used: Option<&'static str> = None;
     for (key, m) in shorthands {
         let Some(v) = get(key) else { continue };
-        let t = number(key, v, "a percentage greater than 0 and at most 100", |x| x > 0.0 && x <= 100.0)?;
+        let t = number(key, v, "a percentage greater than 0 and at most 100", |x| {
+            x > 0.0 && x <= 100.0
+        })?;
         if let Some(other) = shorthand_used {
             return Err(Error {
                 key,
                 value: v.to_owned(),
-                allowed: format!("not together with {other}: each sets the metric; use one trigger per metric"),
+                allowed: format!(
+                    "not together with {other}: each sets the metric; use one trigger per metric"
+                ),
             });
         }
         if let Some(em) = explicit_metric
@@ -286,7 +350,10 @@ pub fn parse(meta: &HashMap<String, String>) -> Result<Query> {
             return Err(Error {
                 key,
                 value: v.to_owned(),
-                allowed: format!("not together with {}: both set the target", keys::TARGET_VALUE),
+                allowed: format!(
+                    "not together with {}: both set the target",
+                    keys::TARGET_VALUE
+                ),
             });
         }
         shorthand_used = Some(key);
@@ -308,7 +375,8 @@ pub fn parse(meta: &HashMap<String, String>) -> Result<Query> {
         Some(v) => {
             let ok = !v.is_empty()
                 && v.len() <= 200
-                && v.bytes().all(|c| c.is_ascii_alphanumeric() || matches!(c, b'-' | b'_' | b'.'))
+                && v.bytes()
+                    .all(|c| c.is_ascii_alphanumeric() || matches!(c, b'-' | b'_' | b'.'))
                 && v.as_bytes()[0].is_ascii_alphanumeric();
             if !ok {
                 return Err(Error {
@@ -336,7 +404,10 @@ mod tests {
     use super::*;
 
     fn meta(pairs: &[(&str, &str)]) -> HashMap<String, String> {
-        pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
     }
 
     fn ok(pairs: &[(&str, &str)]) -> Query {
@@ -345,7 +416,11 @@ mod tests {
 
     #[test]
     fn defaults() {
-        let q = ok(&[("podSelector", "app=vllm"), ("scalerAddress", "x:6000"), ("whatever", "!!")]);
+        let q = ok(&[
+            ("podSelector", "app=vllm"),
+            ("scalerAddress", "x:6000"),
+            ("whatever", "!!"),
+        ]);
         assert_eq!(q.metric, Metric::GpuUtilization);
         assert_eq!(q.aggregation, Aggregation::Sum);
         assert_eq!(q.target, 80.0);
@@ -357,21 +432,44 @@ mod tests {
     #[test]
     fn every_metric_and_alias() {
         for m in Metric::ALL {
-            assert_eq!(ok(&[("podSelector", "a"), ("metric", m.as_str())]).metric, m);
-            assert_eq!(ok(&[("podSelector", "a"), ("metricType", m.as_str())]).metric, m);
+            assert_eq!(
+                ok(&[("podSelector", "a"), ("metric", m.as_str())]).metric,
+                m
+            );
+            assert_eq!(
+                ok(&[("podSelector", "a"), ("metricType", m.as_str())]).metric,
+                m
+            );
         }
-        assert_eq!(ok(&[("podSelector", "a"), ("metric", "GPU_Utilization")]).metric, Metric::GpuUtilization);
-        let q = ok(&[("podSelector", "a"), ("metric", "power_draw"), ("metricType", "power_draw")]);
+        assert_eq!(
+            ok(&[("podSelector", "a"), ("metric", "GPU_Utilization")]).metric,
+            Metric::GpuUtilization
+        );
+        let q = ok(&[
+            ("podSelector", "a"),
+            ("metric", "power_draw"),
+            ("metricType", "power_draw"),
+        ]);
         assert_eq!(q.metric, Metric::PowerDraw);
     }
 
     #[test]
     fn temperature_defaults_to_max() {
-        assert_eq!(ok(&[("podSelector", "a"), ("metric", "temperature")]).aggregation, Aggregation::Max);
-        let q = ok(&[("podSelector", "a"), ("metric", "temperature"), ("aggregation", "avg")]);
+        assert_eq!(
+            ok(&[("podSelector", "a"), ("metric", "temperature")]).aggregation,
+            Aggregation::Max
+        );
+        let q = ok(&[
+            ("podSelector", "a"),
+            ("metric", "temperature"),
+            ("aggregation", "avg"),
+        ]);
         assert_eq!(q.aggregation, Aggregation::Avg);
         for a in Aggregation::ALL {
-            assert_eq!(ok(&[("podSelector", "a"), ("aggregation", a.as_str())]).aggregation, a);
+            assert_eq!(
+                ok(&[("podSelector", "a"), ("aggregation", a.as_str())]).aggregation,
+                a
+            );
         }
     }
 
@@ -379,14 +477,41 @@ mod tests {
     fn profiles_and_overrides() {
         for p in PROFILES {
             let q = ok(&[("podSelector", "a"), ("profile", p.name)]);
-            assert_eq!((q.metric, q.target, q.activation), (p.metric, p.target, p.activation), "{}", p.name);
+            assert_eq!(
+                (q.metric, q.target, q.activation),
+                (p.metric, p.target, p.activation),
+                "{}",
+                p.name
+            );
         }
-        let q = ok(&[("podSelector", "a"), ("profile", "vllm-inference"), ("targetValue", "60")]);
-        assert_eq!((q.metric, q.target, q.activation), (Metric::MemoryUsedPercent, 60.0, 5.0));
-        let q = ok(&[("podSelector", "a"), ("profile", "training"), ("metric", "power_draw"), ("activationThreshold", "2.5")]);
-        assert_eq!((q.metric, q.target, q.activation), (Metric::PowerDraw, 90.0, 2.5));
-        let q = ok(&[("podSelector", "a"), ("profile", "batch"), ("targetGpuUtilization", "50")]);
-        assert_eq!((q.metric, q.target, q.activation), (Metric::GpuUtilization, 50.0, 1.0));
+        let q = ok(&[
+            ("podSelector", "a"),
+            ("profile", "vllm-inference"),
+            ("targetValue", "60"),
+        ]);
+        assert_eq!(
+            (q.metric, q.target, q.activation),
+            (Metric::MemoryUsedPercent, 60.0, 5.0)
+        );
+        let q = ok(&[
+            ("podSelector", "a"),
+            ("profile", "training"),
+            ("metric", "power_draw"),
+            ("activationThreshold", "2.5"),
+        ]);
+        assert_eq!(
+            (q.metric, q.target, q.activation),
+            (Metric::PowerDraw, 90.0, 2.5)
+        );
+        let q = ok(&[
+            ("podSelector", "a"),
+            ("profile", "batch"),
+            ("targetGpuUtilization", "50"),
+        ]);
+        assert_eq!(
+            (q.metric, q.target, q.activation),
+            (Metric::GpuUtilization, 50.0, 1.0)
+        );
     }
 
     #[test]
@@ -394,12 +519,19 @@ mod tests {
         let q = ok(&[("podSelector", "a"), ("targetGpuUtilization", "70")]);
         assert_eq!((q.metric, q.target), (Metric::GpuUtilization, 70.0));
         let q = ok(&[("podSelector", "a"), ("targetMemoryUtilization", "55.5")]);
-        assert_eq!((q.metric, q.target), (Metric::MemoryUtilization, 55.5));
-        let q = ok(&[("podSelector", "a"), ("metric", "gpu_utilization"), ("targetGpuUtilization", "70")]);
+        assert_eq!((q.metric, q.target), (Metric::MemoryUsedPercent, 55.5));
+        let q = ok(&[
+            ("podSelector", "a"),
+            ("metric", "gpu_utilization"),
+            ("targetGpuUtilization", "70"),
+        ]);
         assert_eq!((q.metric, q.target), (Metric::GpuUtilization, 70.0));
         let q = ok(&[("podSelector", "a"), ("metricName", "my-llm.gpu_1")]);
         assert_eq!(q.metric_name.as_deref(), Some("my-llm.gpu_1"));
-        assert_eq!(ok(&[("podSelector", "a"), ("targetValue", "0.5")]).target, 0.5);
+        assert_eq!(
+            ok(&[("podSelector", "a"), ("targetValue", "0.5")]).target,
+            0.5
+        );
     }
 
     /// Every bad value of a known key: the error names the key and the value, and
@@ -410,47 +542,155 @@ mod tests {
             (&[], "podSelector", "required"),
             (&[("podSelector", "")], "podSelector", "empty"),
             (&[("podSelector", "app=")], "", ""),
-            (&[("podSelector", "app in vllm")], "podSelector", "expected '('"),
+            (
+                &[("podSelector", "app in vllm")],
+                "podSelector",
+                "expected '('",
+            ),
             (&[("podSelector", "app==(x)")], "podSelector", "label value"),
             (&[("podSelector", "a,")], "podSelector", "label key"),
-            (&[("podSelector", "a"), ("metric", "gpu")], "metric", "gpu_utilization"),
-            (&[("podSelector", "a"), ("metric", "")], "metric", "one of"),
-            (&[("podSelector", "a"), ("metricType", "AverageValue")], "metricType", "one of"),
-            (&[("podSelector", "a"), ("metric", "power_draw"), ("metricType", "temperature")], "metricType", "alias"),
-            (&[("podSelector", "a"), ("profile", "vllm")], "profile", "vllm-inference"),
-            (&[("podSelector", "a"), ("profile", "")], "profile", "one of"),
-            (&[("podSelector", "a"), ("targetValue", "abc")], "targetValue", "greater than 0"),
-            (&[("podSelector", "a"), ("targetValue", "0")], "targetValue", "greater than 0"),
-            (&[("podSelector", "a"), ("targetValue", "-5")], "targetValue", "greater than 0"),
-            (&[("podSelector", "a"), ("targetValue", "NaN")], "targetValue", "number"),
-            (&[("podSelector", "a"), ("targetValue", "inf")], "targetValue", "number"),
-            (&[("podSelector", "a"), ("targetValue", "")], "targetValue", "number"),
-            (&[("podSelector", "a"), ("targetValue", "80%")], "targetValue", "number"),
-            (&[("podSelector", "a"), ("activationThreshold", "-1")], "activationThreshold", "greater than or equal to 0"),
-            (&[("podSelector", "a"), ("activationThreshold", "five")], "activationThreshold", "number"),
-            (&[("podSelector", "a"), ("targetGpuUtilization", "0")], "targetGpuUtilization", "at most 100"),
-            (&[("podSelector", "a"), ("targetGpuUtilization", "150")], "targetGpuUtilization", "at most 100"),
-            (&[("podSelector", "a"), ("targetMemoryUtilization", "x")], "targetMemoryUtilization", "percentage"),
             (
-                &[("podSelector", "a"), ("targetGpuUtilization", "50"), ("targetMemoryUtilization", "50")],
+                &[("podSelector", "a"), ("metric", "gpu")],
+                "metric",
+                "gpu_utilization",
+            ),
+            (&[("podSelector", "a"), ("metric", "")], "metric", "one of"),
+            (
+                &[("podSelector", "a"), ("metricType", "AverageValue")],
+                "metricType",
+                "one of",
+            ),
+            (
+                &[
+                    ("podSelector", "a"),
+                    ("metric", "power_draw"),
+                    ("metricType", "temperature"),
+                ],
+                "metricType",
+                "alias",
+            ),
+            (
+                &[("podSelector", "a"), ("profile", "vllm")],
+                "profile",
+                "vllm-inference",
+            ),
+            (
+                &[("podSelector", "a"), ("profile", "")],
+                "profile",
+                "one of",
+            ),
+            (
+                &[("podSelector", "a"), ("targetValue", "abc")],
+                "targetValue",
+                "greater than 0",
+            ),
+            (
+                &[("podSelector", "a"), ("targetValue", "0")],
+                "targetValue",
+                "greater than 0",
+            ),
+            (
+                &[("podSelector", "a"), ("targetValue", "-5")],
+                "targetValue",
+                "greater than 0",
+            ),
+            (
+                &[("podSelector", "a"), ("targetValue", "NaN")],
+                "targetValue",
+                "number",
+            ),
+            (
+                &[("podSelector", "a"), ("targetValue", "inf")],
+                "targetValue",
+                "number",
+            ),
+            (
+                &[("podSelector", "a"), ("targetValue", "")],
+                "targetValue",
+                "number",
+            ),
+            (
+                &[("podSelector", "a"), ("targetValue", "80%")],
+                "targetValue",
+                "number",
+            ),
+            (
+                &[("podSelector", "a"), ("activationThreshold", "-1")],
+                "activationThreshold",
+                "greater than or equal to 0",
+            ),
+            (
+                &[("podSelector", "a"), ("activationThreshold", "five")],
+                "activationThreshold",
+                "number",
+            ),
+            (
+                &[("podSelector", "a"), ("targetGpuUtilization", "0")],
+                "targetGpuUtilization",
+                "at most 100",
+            ),
+            (
+                &[("podSelector", "a"), ("targetGpuUtilization", "150")],
+                "targetGpuUtilization",
+                "at most 100",
+            ),
+            (
+                &[("podSelector", "a"), ("targetMemoryUtilization", "x")],
+                "targetMemoryUtilization",
+                "percentage",
+            ),
+            (
+                &[
+                    ("podSelector", "a"),
+                    ("targetGpuUtilization", "50"),
+                    ("targetMemoryUtilization", "50"),
+                ],
                 "targetMemoryUtilization",
                 "not together with targetGpuUtilization",
             ),
             (
-                &[("podSelector", "a"), ("metric", "memory_used_mib"), ("targetGpuUtilization", "50")],
+                &[
+                    ("podSelector", "a"),
+                    ("metric", "memory_used_mib"),
+                    ("targetGpuUtilization", "50"),
+                ],
                 "targetGpuUtilization",
                 "only with metric gpu_utilization",
             ),
             (
-                &[("podSelector", "a"), ("targetValue", "10"), ("targetGpuUtilization", "50")],
+                &[
+                    ("podSelector", "a"),
+                    ("targetValue", "10"),
+                    ("targetGpuUtilization", "50"),
+                ],
                 "targetGpuUtilization",
                 "both set the target",
             ),
-            (&[("podSelector", "a"), ("aggregation", "median")], "aggregation", "sum, avg, max, min, p95, p99"),
-            (&[("podSelector", "a"), ("aggregation", "")], "aggregation", "one of"),
-            (&[("podSelector", "a"), ("metricName", "")], "metricName", "1-200"),
-            (&[("podSelector", "a"), ("metricName", "has space")], "metricName", "letters"),
-            (&[("podSelector", "a"), ("metricName", "-lead")], "metricName", "starting with"),
+            (
+                &[("podSelector", "a"), ("aggregation", "median")],
+                "aggregation",
+                "sum, avg, max, min, p95, p99",
+            ),
+            (
+                &[("podSelector", "a"), ("aggregation", "")],
+                "aggregation",
+                "one of",
+            ),
+            (
+                &[("podSelector", "a"), ("metricName", "")],
+                "metricName",
+                "1-200",
+            ),
+            (
+                &[("podSelector", "a"), ("metricName", "has space")],
+                "metricName",
+                "letters",
+            ),
+            (
+                &[("podSelector", "a"), ("metricName", "-lead")],
+                "metricName",
+                "starting with",
+            ),
         ];
         let mut checked = 0;
         for (pairs, key, allowed) in cases {
@@ -463,9 +703,15 @@ mod tests {
             assert_eq!(err.key, *key, "{pairs:?}");
             let msg = err.to_string();
             assert!(msg.contains(key), "{msg}");
-            assert!(msg.contains(allowed), "{pairs:?}: {msg} should contain {allowed:?}");
+            assert!(
+                msg.contains(allowed),
+                "{pairs:?}: {msg} should contain {allowed:?}"
+            );
             let bad_value = pairs.iter().find(|(k, _)| k == key).map_or("", |(_, v)| v);
-            assert!(msg.contains(&format!("{bad_value:?}")), "{msg} should quote {bad_value:?}");
+            assert!(
+                msg.contains(&format!("{bad_value:?}")),
+                "{msg} should quote {bad_value:?}"
+            );
             checked += 1;
         }
         assert!(checked >= 25, "only {checked} bad cases");

@@ -57,27 +57,45 @@ mod tests {
     use crate::scaler::metadata;
 
     fn query(pairs: &[(&str, &str)]) -> Query {
-        let meta: HashMap<String, String> = pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+        let meta: HashMap<String, String> = pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
         metadata::parse(&meta).expect("valid metadata")
     }
 
     #[test]
     fn stable_and_unique_per_query() {
         let a = metric_name(&query(&[("podSelector", "app=vllm,tier=gpu")]));
-        assert_eq!(a, metric_name(&query(&[("podSelector", "tier=gpu, app==vllm"), ("targetValue", "5")])));
+        assert_eq!(
+            a,
+            metric_name(&query(&[
+                ("podSelector", "tier=gpu, app==vllm"),
+                ("targetValue", "5")
+            ]))
+        );
         assert!(a.starts_with("gpu-gpu-utilization-sum-"), "{a}");
         // Pinned so a change of the scheme is a deliberate one (names must stay
         // stable across daemon versions during a rolling update).
         assert_eq!(a, "gpu-gpu-utilization-sum-63eab0c7");
         let others = [
             metric_name(&query(&[("podSelector", "app=vllm")])),
-            metric_name(&query(&[("podSelector", "app=vllm,tier=gpu"), ("aggregation", "max")])),
-            metric_name(&query(&[("podSelector", "app=vllm,tier=gpu"), ("metric", "power_draw")])),
+            metric_name(&query(&[
+                ("podSelector", "app=vllm,tier=gpu"),
+                ("aggregation", "max"),
+            ])),
+            metric_name(&query(&[
+                ("podSelector", "app=vllm,tier=gpu"),
+                ("metric", "power_draw"),
+            ])),
         ];
         for o in &others {
             assert_ne!(&a, o);
         }
-        assert_eq!(metric_name(&query(&[("podSelector", "a"), ("metricName", "Mine")])), "Mine");
+        assert_eq!(
+            metric_name(&query(&[("podSelector", "a"), ("metricName", "Mine")])),
+            "Mine"
+        );
     }
 
     #[test]

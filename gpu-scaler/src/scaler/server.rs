@@ -35,7 +35,10 @@ pub type Served = ExternalScalerServer<ScalerService>;
 
 /// A health reporter and its service; the reporter marks ExternalScaler
 /// serving or not (see `daemon`).
-pub fn health() -> (HealthReporter, tonic_health::pb::health_server::HealthServer<impl tonic_health::pb::health_server::Health>) {
+pub fn health() -> (
+    HealthReporter,
+    tonic_health::pb::health_server::HealthServer<impl tonic_health::pb::health_server::Health>,
+) {
     tonic_health::server::health_reporter()
 }
 
@@ -45,14 +48,17 @@ pub async fn serve(
     listener: TcpListener,
     service: ScalerService,
     tls: Option<Tls>,
-    health: Option<tonic_health::pb::health_server::HealthServer<impl tonic_health::pb::health_server::Health>>,
+    health: Option<
+        tonic_health::pb::health_server::HealthServer<impl tonic_health::pb::health_server::Health>,
+    >,
     shutdown: CancellationToken,
 ) -> Result<(), Error> {
     let mut builder = Server::builder()
         .tcp_nodelay(true)
         .http2_keepalive_interval(Some(Duration::from_secs(30)));
     if let Some(tls) = tls {
-        let mut cfg = ServerTlsConfig::new().identity(Identity::from_pem(tls.cert_pem, tls.key_pem));
+        let mut cfg =
+            ServerTlsConfig::new().identity(Identity::from_pem(tls.cert_pem, tls.key_pem));
         if let Some(ca) = tls.client_ca_pem {
             cfg = cfg.client_ca_root(Certificate::from_pem(ca));
         }

@@ -12,8 +12,8 @@ use super::{
     metadata::Query,
     naming,
     proto::{
-        GetMetricSpecResponse, GetMetricsRequest, GetMetricsResponse, IsActiveResponse, MetricSpec, MetricValue,
-        ScaledObjectRef, external_scaler_server::ExternalScaler,
+        GetMetricSpecResponse, GetMetricsRequest, GetMetricsResponse, IsActiveResponse, MetricSpec,
+        MetricValue, ScaledObjectRef, external_scaler_server::ExternalScaler,
     },
     value,
     view::WorkloadView,
@@ -46,7 +46,11 @@ fn spec(query: &Query) -> MetricSpec {
 }
 
 impl ScalerService {
-    pub fn new(view: Arc<dyn WorkloadView>, shutdown: CancellationToken, recheck: Duration) -> Self {
+    pub fn new(
+        view: Arc<dyn WorkloadView>,
+        shutdown: CancellationToken,
+        recheck: Duration,
+    ) -> Self {
         Self {
             view,
             shutdown,
@@ -76,7 +80,10 @@ type StreamOf<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
 
 #[tonic::async_trait]
 impl ExternalScaler for ScalerService {
-    async fn is_active(&self, request: Request<ScaledObjectRef>) -> Result<Response<IsActiveResponse>, Status> {
+    async fn is_active(
+        &self,
+        request: Request<ScaledObjectRef>,
+    ) -> Result<Response<IsActiveResponse>, Status> {
         let r = request.into_inner();
         let query = Self::query(&r)?;
         let result = self.active(&r.namespace, &query).await?;
@@ -102,7 +109,11 @@ impl ExternalScaler for ScalerService {
             loop {
                 match this.active(&r.namespace, &query).await {
                     Ok(active) if last != Some(active) => {
-                        if tx.send(Ok(IsActiveResponse { result: active })).await.is_err() {
+                        if tx
+                            .send(Ok(IsActiveResponse { result: active }))
+                            .await
+                            .is_err()
+                        {
                             break;
                         }
                         last = Some(active);
@@ -138,7 +149,10 @@ impl ExternalScaler for ScalerService {
         }))
     }
 
-    async fn get_metrics(&self, request: Request<GetMetricsRequest>) -> Result<Response<GetMetricsResponse>, Status> {
+    async fn get_metrics(
+        &self,
+        request: Request<GetMetricsRequest>,
+    ) -> Result<Response<GetMetricsResponse>, Status> {
         let req = request.into_inner();
         let r = req.scaled_object_ref.ok_or(Error::MissingRef)?;
         let query = Self::query(&r)?;

@@ -118,7 +118,15 @@ mod tests {
     use super::*;
     use crate::pods::Pod;
 
-    fn gpu(index: u32, sm: f64, mem: f64, used: u64, total: u64, temp: u32, power: f64) -> GpuUsage {
+    fn gpu(
+        index: u32,
+        sm: f64,
+        mem: f64,
+        used: u64,
+        total: u64,
+        temp: u32,
+        power: f64,
+    ) -> GpuUsage {
         GpuUsage {
             gpu_index: index,
             gpu_uuid: format!("GPU-{index}"),
@@ -160,7 +168,11 @@ mod tests {
         assert_eq!(pod_value(Metric::PowerDraw, &p).expect("ok"), 150.0);
         assert_eq!(pod_value(Metric::Temperature, &p).expect("ok"), 80.0);
         for m in Metric::ALL {
-            assert_eq!(pod_value(m, &pod(vec![])).expect("ok"), 0.0, "{m}: a pod without GPU processes is 0");
+            assert_eq!(
+                pod_value(m, &pod(vec![])).expect("ok"),
+                0.0,
+                "{m}: a pod without GPU processes is 0"
+            );
         }
     }
 
@@ -170,8 +182,14 @@ mod tests {
         g.sm_util = Reading::unavailable("MIG");
         let p = pod(vec![g]);
         let err = pod_value(Metric::GpuUtilization, &p).expect_err("unavailable");
-        assert!(err.to_string().contains("ml/p") && err.to_string().contains("MIG"), "{err}");
-        assert_eq!(pod_value(Metric::MemoryUsedMib, &p).expect("memory still known"), 1024.0);
+        assert!(
+            err.to_string().contains("ml/p") && err.to_string().contains("MIG"),
+            "{err}"
+        );
+        assert_eq!(
+            pod_value(Metric::MemoryUsedMib, &p).expect("memory still known"),
+            1024.0
+        );
         let mut g = gpu(0, 1.0, 1.0, 1, 0, 1, 1.0);
         g.memory_total_mib = Reading::Ok(0);
         assert!(pod_value(Metric::MemoryUsedPercent, &pod(vec![g])).is_err());

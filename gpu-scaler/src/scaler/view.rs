@@ -38,7 +38,11 @@ pub trait WorkloadView: Send + Sync + 'static {
     /// The pods of `namespace` matching `selector`. Pods of other namespaces
     /// must never be returned. Data that cannot be trusted (stale, a GPU source
     /// down) is an error, never a partial answer.
-    fn workload<'a>(&'a self, namespace: &'a str, selector: &'a Selector) -> BoxFuture<'a, Result<Workload>>;
+    fn workload<'a>(
+        &'a self,
+        namespace: &'a str,
+        selector: &'a Selector,
+    ) -> BoxFuture<'a, Result<Workload>>;
 
     /// A stream that yields when new data arrives (for StreamIsActive).
     fn updates(&self) -> Updates;
@@ -88,7 +92,12 @@ impl LocalView {
     }
 
     /// The answer from one snapshot (synchronous: it is all in memory).
-    pub fn select(&self, snap: &NodeSnapshot, namespace: &str, selector: &Selector) -> Result<Workload> {
+    pub fn select(
+        &self,
+        snap: &NodeSnapshot,
+        namespace: &str,
+        selector: &Selector,
+    ) -> Result<Workload> {
         check_fresh(snap, self.poll_interval, SystemTime::now())?;
         let pods = snap
             .pods
@@ -104,7 +113,11 @@ impl LocalView {
 }
 
 impl WorkloadView for LocalView {
-    fn workload<'a>(&'a self, namespace: &'a str, selector: &'a Selector) -> BoxFuture<'a, Result<Workload>> {
+    fn workload<'a>(
+        &'a self,
+        namespace: &'a str,
+        selector: &'a Selector,
+    ) -> BoxFuture<'a, Result<Workload>> {
         let snap: Arc<NodeSnapshot> = self.snapshots.borrow().clone();
         Box::pin(async move { self.select(&snap, namespace, selector) })
     }
