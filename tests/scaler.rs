@@ -430,15 +430,13 @@ async fn bad_metadata_is_invalid_argument_naming_the_key() {
             "StreamIsActive",
             c.stream_is_active(o.clone())
                 .await
-                .err()
-                .expect("bad metadata"),
+                .expect_err("bad metadata"),
         );
         check(
             "StreamMetricSpec",
             c.stream_metric_spec(o.clone())
                 .await
-                .err()
-                .expect("bad metadata"),
+                .expect_err("bad metadata"),
         );
     }
     let err = spec(&mut c, &object("", &[("podSelector", "a")]))

@@ -534,11 +534,13 @@ mod tests {
         );
     }
 
+    type Pairs = &'static [(&'static str, &'static str)];
+
     /// Every bad value of a known key: the error names the key and the value, and
     /// says what is allowed.
     #[test]
     fn bad_metadata() {
-        let cases: &[(&[(&str, &str)], &str, &str)] = &[
+        let cases: &[(Pairs, &str, &str)] = &[
             (&[], "podSelector", "required"),
             (&[("podSelector", "")], "podSelector", "empty"),
             (&[("podSelector", "app=")], "", ""),
