@@ -877,3 +877,112 @@ async fn hpa_simulation_converges_and_scales_to_zero_and_back() {
     drop(st);
     node.stop().await;
 }
+
+fn query_args(
+    addr: std::net::SocketAddr,
+    metadata: &[&str],
+    replicas: u32,
+) -> gpu_scaler::cli::query::QueryArgs {
+    use clap::Parser as _;
+    let mut argv = vec![
+        "gpu-scaler".to_owned(),
+        "query".to_owned(),
+        "--address".to_owned(),
+        addr.to_string(),
+        "--namespace".to_owned(),
+        "ml".to_owned(),
+        "--replicas".to_owned(),
+        replicas.to_string(),
+    ];
+    argv.extend(metadata.iter().map(|m| m.to_string()));
+    match gpu_scaler::cli::Args::parse_from(argv).command {
+        gpu_scaler::cli::Command::Query(q) => q,
+        _ => panic!("parsed as query"),
+    }
+}
+
+#[tokio::test]
+async fn query_command_asks_as_keda_and_computes_replicas() {
+    let node = Node::start(SLOW_POLL, None).await;
+    fleet(&node).await;
+    // vllm in `ml`: gpu_utilization 30 + 30 + 0 = 60; with target 25 on 1 replica
+    // the HPA asks for ceil(60 / 25) = 3.
+    let args = query_args(
+        node.grpc_addr,
+        &["podSelector=app=vllm", "targetValue=25"],
+        1,
+    );
+    let a = gpu_scaler::cli::query::ask(&args).await.expect("query");
+    assert!(
+        a.metric_name.starts_with("gpu-gpu-utilization-sum-"),
+        "{a:?}"
+    );
+    assert_eq!((a.target, a.value, a.active), (25.0, 60.0, true));
+    assert_eq!((a.current_replicas, a.desired_replicas), (1, 3));
+    // Within the 10 % tolerance on 2 replicas (60 / 50 = 1.2 is outside; 60 / 57 inside).
+    let args = query_args(
+        node.grpc_addr,
+        &["podSelector=app=vllm", "targetValue=28.5"],
+        2,
+    );
+    assert_eq!(
+        gpu_scaler::cli::query::ask(&args)
+            .await
+            .expect("query")
+            .desired_replicas,
+        2
+    );
+    let args = query_args(
+        node.grpc_addr,
+        &["podSelector=app=vllm", "targetValue=-1"],
+        2,
+    );
+    let err = gpu_scaler::cli::query::ask(&args)
+        .await
+        .expect_err("bad metadata");
+    assert!(
+        err.to_string().contains("InvalidArgument") && err.to_string().contains("targetValue"),
+        "{err}"
+    );
+    node.stop().await;
+
+    // Over mTLS with the client options.
+    let pki = pki();
+    let dir = std::env::temp_dir().join(format!("gpu-scaler-query-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("temp dir");
+    let write = |name: &str, pem: &str| {
+        let p = dir.join(name);
+        std::fs::write(&p, pem).expect("write PEM");
+        p.display().to_string()
+    };
+    let (ca, cert, key) = (
+        write("ca.pem", &pki.ca_pem),
+        write("c.pem", &pki.client.0),
+        write("k.pem", &pki.client.1),
+    );
+    let node = Node::start(
+        SLOW_POLL,
+        Some(Tls {
+            cert_pem: pki.server.0.clone().into_bytes(),
+            key_pem: pki.server.1.clone().into_bytes(),
+            client_ca_pem: Some(pki.ca_pem.clone().into_bytes()),
+        }),
+    )
+    .await;
+    fleet(&node).await;
+    let mut args = query_args(node.grpc_addr, &["podSelector=app=vllm"], 1);
+    args.tls_ca = Some(ca.clone().into());
+    args.tls_server_name = Some("localhost".into());
+    assert!(
+        gpu_scaler::cli::query::ask(&args).await.is_err(),
+        "mTLS refuses a client without a certificate"
+    );
+    args.tls_cert = Some(cert.into());
+    args.tls_key = Some(key.into());
+    let a = gpu_scaler::cli::query::ask(&args)
+        .await
+        .expect("query over mTLS");
+    assert_eq!(a.value, 60.0);
+    node.stop().await;
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -95,14 +95,14 @@ pub struct NodeSnapshot {
     pub gpus: Vec<GpuSummary>,
     /// Every local pod, by UID (serialized as a list of [`PodUsage`]).
     #[serde(serialize_with = "values_only")]
-    pub pods: BTreeMap<String, PodUsage>,
+    pub pods: BTreeMap<String, Arc<PodUsage>>,
     pub unowned: Vec<UnownedUsage>,
     /// Why the pod source's newest refresh failed, if it did.
     pub pods_error: Option<Arc<str>>,
 }
 
 fn values_only<S: serde::Serializer>(
-    map: &BTreeMap<String, PodUsage>,
+    map: &BTreeMap<String, Arc<PodUsage>>,
     s: S,
 ) -> Result<S::Ok, S::Error> {
     s.collect_seq(map.values())
@@ -312,7 +312,10 @@ pub fn join(
         node_name: pods.node_name.clone(),
         attribution: attributor.backend(),
         gpus,
-        pods: pod_usage,
+        pods: pod_usage
+            .into_iter()
+            .map(|(uid, u)| (uid, Arc::new(u)))
+            .collect(),
         unowned,
         pods_error: pods.error.clone(),
     }

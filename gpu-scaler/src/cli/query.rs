@@ -105,9 +105,29 @@ fn rpc(what: &str, status: tonic::Status) -> super::Error {
     super::Error::Rpc(format!("{what}: {:?}: {}", status.code(), status.message()))
 }
 
-pub async fn run(args: QueryArgs) -> super::Result<()> {
+/// What KEDA would get and the HPA would do with it.
+#[derive(Clone, Debug, PartialEq, serde::Serialize)]
+pub struct Answer {
+    pub metric_name: String,
+    /// The target KEDA uses (the float field when > 0, else the int field).
+    pub target: f64,
+    pub target_size: i64,
+    pub target_size_float: f64,
+    /// The value KEDA uses, chosen the same way.
+    pub value: f64,
+    pub metric_value: i64,
+    pub metric_value_float: f64,
+    pub active: bool,
+    pub metric_type: String,
+    pub current_replicas: u32,
+    pub desired_replicas: u32,
+}
+
+/// Asks the scaler as KEDA does: GetMetricSpec, GetMetrics with the spec's
+/// name, IsActive; then applies the HPA arithmetic.
+pub async fn ask(args: &QueryArgs) -> super::Result<Answer> {
     let scaler_metadata = parse_metadata(&args.metadata)?;
-    let mut client = ExternalScalerClient::new(connect(&args).await?);
+    let mut client = ExternalScalerClient::new(connect(args).await?);
     let object = ScaledObjectRef {
         name: args.name.clone(),
         namespace: args.namespace.clone(),
@@ -165,35 +185,43 @@ pub async fn run(args: QueryArgs) -> super::Result<()> {
         max: args.max_replicas,
         tolerance: 0.1,
     };
-    let desired = hpa::desired_replicas(&policy, args.replicas, v, target, active);
+    Ok(Answer {
+        metric_name: spec.metric_name.clone(),
+        target,
+        target_size: spec.target_size,
+        target_size_float: spec.target_size_float,
+        value: v,
+        metric_value: value.metric_value,
+        metric_value_float: value.metric_value_float,
+        active,
+        metric_type: format!("{:?}", args.metric_type),
+        current_replicas: args.replicas,
+        desired_replicas: hpa::desired_replicas(&policy, args.replicas, v, target, active),
+    })
+}
+
+pub async fn run(args: QueryArgs) -> super::Result<()> {
+    let a = ask(&args).await?;
     if args.json {
-        let out = serde_json::json!({
-            "metric_name": spec.metric_name,
-            "target": target,
-            "target_size": spec.target_size,
-            "target_size_float": spec.target_size_float,
-            "value": v,
-            "metric_value": value.metric_value,
-            "metric_value_float": value.metric_value_float,
-            "active": active,
-            "metric_type": format!("{:?}", args.metric_type),
-            "current_replicas": args.replicas,
-            "desired_replicas": desired,
-        });
+        let out = serde_json::to_string(&a).map_err(|e| super::Error::Rpc(e.to_string()))?;
         println!("{out}");
     } else {
         println!(
             "spec:     {}  target {} (targetSize {}, targetSizeFloat {})",
-            spec.metric_name, spec.target_size_float, spec.target_size, spec.target_size_float
+            a.metric_name, a.target, a.target_size, a.target_size_float
         );
         println!(
             "value:    {}  (metricValue {}, metricValueFloat {})",
-            value.metric_value_float, value.metric_value, value.metric_value_float
+            a.value, a.metric_value, a.metric_value_float
         );
-        println!("active:   {active}");
+        println!("active:   {}", a.active);
         println!(
-            "replicas: {} -> {desired}  ({:?}, tolerance 0.1, min {}, max {})",
-            args.replicas, args.metric_type, args.min_replicas, args.max_replicas
+            "replicas: {} -> {}  ({}, tolerance 0.1, min {}, max {})",
+            a.current_replicas,
+            a.desired_replicas,
+            a.metric_type,
+            args.min_replicas,
+            args.max_replicas
         );
     }
     Ok(())

@@ -4,6 +4,8 @@
 //! replicas, so the default aggregation is `sum`: the workload's total, whose
 //! ratio to a per-replica target is the replica count.
 
+use std::sync::Arc;
+
 use crate::{
     gpu::Reading,
     sampler::{GpuUsage, PodUsage},
@@ -103,7 +105,7 @@ pub fn aggregate(aggregation: Aggregation, values: &[f64]) -> f64 {
 }
 
 /// The workload's value for `query` over its pods.
-pub fn workload_value(query: &Query, pods: &[PodUsage]) -> Result<f64> {
+pub fn workload_value(query: &Query, pods: &[Arc<PodUsage>]) -> Result<f64> {
     let values = pods
         .iter()
         .map(|p| pod_value(query.metric, p))
@@ -113,7 +115,7 @@ pub fn workload_value(query: &Query, pods: &[PodUsage]) -> Result<f64> {
 
 #[cfg(test)]
 mod tests {
-    use std::{collections::BTreeMap, sync::Arc};
+    use std::collections::BTreeMap;
 
     use super::*;
     use crate::pods::Pod;

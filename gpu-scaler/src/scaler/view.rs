@@ -28,7 +28,7 @@ pub type Updates = Pin<Box<dyn Stream<Item = ()> + Send>>;
 pub struct Workload {
     /// The selected pods (only ever from the requested namespace), each with
     /// its GPU use (empty when it runs no GPU process).
-    pub pods: Vec<PodUsage>,
+    pub pods: Vec<Arc<PodUsage>>,
     /// When the oldest data in the answer was sampled.
     pub sampled_at: SystemTime,
 }
