@@ -52,6 +52,8 @@ fn main() -> anyhow::Result<()> {
     }
     let fds = protox::compile(files, [&proto_dir]).context("parsing proto/")?;
     tonic_prost_build::configure()
+        // Small per-RPC buffers: see gpu-scaler/src/scaler/codec.rs.
+        .codec_path("crate::scaler::codec::SmallCodec")
         .build_client(true)
         .build_server(true)
         .compile_fds(fds)

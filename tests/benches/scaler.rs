@@ -180,7 +180,11 @@ fn ms(d: Duration) -> String {
     format!("{:.3} ms", d.as_secs_f64() * 1000.0)
 }
 
-async fn latency(addr: &str, clients: usize, run_for: Duration) {
+/// `pace`: `None` is closed loop (each client sends its next request as soon
+/// as the previous one returns: saturation throughput, latency is mostly
+/// queueing); `Some(p)` sends one request per client every `p` (open loop, as
+/// KEDA's polling does), so the latency is the service's own.
+async fn latency(addr: &str, clients: usize, run_for: Duration, pace: Option<Duration>) {
     let mut conns = Vec::with_capacity(clients);
     for _ in 0..clients {
         conns.push(connect(addr).await);
@@ -201,7 +205,15 @@ async fn latency(addr: &str, clients: usize, run_for: Duration) {
             let request = request.clone();
             tokio::spawn(async move {
                 let mut lat = Vec::new();
+                let mut tick = pace.map(|p| {
+                    let mut t = tokio::time::interval(p);
+                    t.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+                    t
+                });
                 while start.elapsed() < run_for {
+                    if let Some(t) = &mut tick {
+                        t.tick().await;
+                    }
                     let t = Instant::now();
                     c.get_metrics(request.clone()).await.expect("GetMetrics");
                     lat.push(t.elapsed());
@@ -216,8 +228,12 @@ async fn latency(addr: &str, clients: usize, run_for: Duration) {
     }
     let elapsed = start.elapsed();
     all.sort();
+    let mode = match pace {
+        None => "closed loop".to_owned(),
+        Some(p) => format!("1 req / {} ms each", p.as_millis()),
+    };
     println!(
-        "GetMetrics  clients {clients:>4}: p50 {}  p99 {}  max {}  throughput {:.0} req/s  ({} requests in {:.1} s)",
+        "GetMetrics  clients {clients:>4} ({mode}): p50 {}  p99 {}  max {}  throughput {:.0} req/s  ({} requests in {:.1} s)",
         ms(percentile(&all, 50.0)),
         ms(percentile(&all, 99.0)),
         ms(*all.last().expect("requests")),
@@ -353,7 +369,16 @@ fn client() {
     println!("daemon RSS idle: {:.1} MiB", rss as f64 / 1024.0);
     rt.block_on(async {
         for clients in [1, 64, 512] {
-            latency(&server.addr, clients, Duration::from_secs(5)).await;
+            latency(&server.addr, clients, Duration::from_secs(5), None).await;
+        }
+        for clients in [1, 64, 512] {
+            latency(
+                &server.addr,
+                clients,
+                Duration::from_secs(5),
+                Some(Duration::from_millis(100)),
+            )
+            .await;
         }
         freshness(&mut server).await;
         streams(&server, 10_000, 100).await;

@@ -6,6 +6,7 @@
 //! `service` speaks the gRPC contract and `error` maps failures to status
 //! codes in one place. Handlers only read published snapshots.
 
+pub mod codec;
 pub mod error;
 pub mod hpa;
 pub mod metadata;
