@@ -986,3 +986,76 @@ async fn query_command_asks_as_keda_and_computes_replicas() {
     node.stop().await;
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[tokio::test]
+async fn pods_file_feeds_the_scaler_and_only_local_pods_count() {
+    let dir = std::env::temp_dir().join(format!("gpu-scaler-pods-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("temp dir");
+    let path = dir.join("pods.json");
+    let list = |b_node: &str| {
+        serde_json::json!({
+            "apiVersion": "v1", "kind": "List", "metadata": {"resourceVersion": ""},
+            "items": [
+                {"apiVersion": "v1", "kind": "Pod",
+                 "metadata": {"name": "vllm-a", "namespace": "ml", "uid": "ua", "labels": {"app": "vllm"}},
+                 "spec": {"nodeName": "n1"}, "status": {"phase": "Running"}},
+                {"apiVersion": "v1", "kind": "Pod",
+                 "metadata": {"name": "vllm-b", "namespace": "ml", "uid": "ub", "labels": {"app": "vllm"}},
+                 "spec": {"nodeName": b_node}, "status": {"phase": "Running"}}
+            ]
+        })
+        .to_string()
+    };
+    std::fs::write(&path, list("n2")).expect("write pods file");
+    let pods = gpu_scaler::pods::file::start(gpu_scaler::pods::file::Config {
+        path: path.clone(),
+        node_name: Some("n1".into()),
+        check_interval: Duration::from_millis(20),
+    })
+    .expect("pods file source");
+    let node = Node::start_with_pods(SLOW_POLL, None, Some(pods)).await;
+    node.attributor.assign(1, "ua");
+    node.attributor.assign(2, "ub");
+    let gpus = || {
+        vec![device(
+            0,
+            50,
+            100.0,
+            vec![process(1, 30, 0, 1), process(2, 20, 0, 1)],
+        )]
+    };
+    node.set_gpus(gpus());
+    node.settle().await;
+    let mut c = node.client().await;
+    let o = object("ml", &[("podSelector", "app=vllm")]);
+    assert_eq!(
+        metrics(&mut c, &o, "")
+            .await
+            .expect("value")
+            .metric_value_float,
+        30.0,
+        "only vllm-a is on n1"
+    );
+
+    // The pod moves to this node (a rewrite of the file): it counts from then on.
+    std::fs::write(&path, list("n1")).expect("rewrite pods file");
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        node.set_gpus(gpus());
+        node.settle().await;
+        let v = metrics(&mut c, &o, "")
+            .await
+            .expect("value")
+            .metric_value_float;
+        if v == 50.0 {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the rewritten file was not picked up (value {v})"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    node.stop().await;
+    let _ = std::fs::remove_dir_all(&dir);
+}

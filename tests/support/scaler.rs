@@ -17,7 +17,7 @@ use gpu_scaler::{
     attribution::{Attribution, Attributor, Backend, Owner, PodIdentity, QosClass},
     daemon::{self, Inputs, Settings},
     gpu::{GpuDevice, GpuProcess, GpuSnapshot, GpuStatus, ProcessKind, Reading},
-    pods::{Pod, PodSet, PodsSender},
+    pods::{Pod, PodSet, PodsReceiver, PodsSender},
     scaler::{proto::external_scaler_client::ExternalScalerClient, server::Tls},
 };
 use tokio::sync::watch;
@@ -158,13 +158,24 @@ impl Node {
     /// Starts a daemon polling every `poll_interval` (which sets the staleness
     /// limit: three intervals), with optional TLS.
     pub async fn start(poll_interval: Duration, tls: Option<Tls>) -> Node {
+        Self::start_with_pods(poll_interval, tls, None).await
+    }
+
+    /// As [`Node::start`], with pods from a real source (e.g. the pods file)
+    /// instead of [`Node::set_pods`] (which then has no effect).
+    pub async fn start_with_pods(
+        poll_interval: Duration,
+        tls: Option<Tls>,
+        pods: Option<PodsReceiver>,
+    ) -> Node {
         let attributor = Arc::new(TableAttributor::default());
         let (gpu_tx, gpu_rx) = watch::channel(Arc::new(GpuStatus {
             last_good: None,
             error: Some("no pass yet".into()),
             updated_at: SystemTime::now(),
         }));
-        let (pods_tx, pods_rx) = watch::channel(Arc::new(PodSet::empty("test", None)));
+        let (pods_tx, own_pods) = watch::channel(Arc::new(PodSet::empty("test", None)));
+        let pods_rx = pods.unwrap_or(own_pods);
         let grpc = tokio::net::TcpListener::bind("127.0.0.1:0")
             .await
             .expect("bind gRPC");
