@@ -143,6 +143,17 @@ impl Server {
     }
 }
 
+/// CPU time (user + system) a process has used so far.
+fn cpu_time(pid: u32) -> Duration {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).expect("proc stat");
+    // Fields after the parenthesised command name; utime and stime are the
+    // 14th and 15th fields overall, in clock ticks (USER_HZ, 100 on Linux).
+    let rest = &stat[stat.rfind(')').expect("comm") + 2..];
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let ticks: u64 = f[11].parse::<u64>().expect("utime") + f[12].parse::<u64>().expect("stime");
+    Duration::from_millis(ticks * 10)
+}
+
 impl Drop for Server {
     fn drop(&mut self) {
         let _ = self.child.kill();
@@ -184,7 +195,8 @@ fn ms(d: Duration) -> String {
 /// as the previous one returns: saturation throughput, latency is mostly
 /// queueing); `Some(p)` sends one request per client every `p` (open loop, as
 /// KEDA's polling does), so the latency is the service's own.
-async fn latency(addr: &str, clients: usize, run_for: Duration, pace: Option<Duration>) {
+async fn latency(server: &Server, clients: usize, run_for: Duration, pace: Option<Duration>) {
+    let addr = server.addr.as_str();
     let mut conns = Vec::with_capacity(clients);
     for _ in 0..clients {
         conns.push(connect(addr).await);
@@ -198,15 +210,20 @@ async fn latency(addr: &str, clients: usize, run_for: Duration, pace: Option<Dur
     for c in &mut conns {
         c.get_metrics(request.clone()).await.expect("GetMetrics");
     }
+    let cpu0 = cpu_time(server.child.id());
     let start = Instant::now();
     let tasks: Vec<_> = conns
         .into_iter()
-        .map(|mut c| {
+        .enumerate()
+        .map(|(i, mut c)| {
             let request = request.clone();
             tokio::spawn(async move {
                 let mut lat = Vec::new();
+                // Clients are spread evenly over the period, as independent
+                // ScaledObjects' polling loops are, rather than all at once.
                 let mut tick = pace.map(|p| {
-                    let mut t = tokio::time::interval(p);
+                    let offset = p.mul_f64(i as f64 / clients as f64);
+                    let mut t = tokio::time::interval_at(tokio::time::Instant::now() + offset, p);
                     t.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
                     t
                 });
@@ -227,19 +244,21 @@ async fn latency(addr: &str, clients: usize, run_for: Duration, pace: Option<Dur
         all.extend(t.await.expect("client task"));
     }
     let elapsed = start.elapsed();
+    let cpu = cpu_time(server.child.id()) - cpu0;
     all.sort();
     let mode = match pace {
         None => "closed loop".to_owned(),
         Some(p) => format!("1 req / {} ms each", p.as_millis()),
     };
     println!(
-        "GetMetrics  clients {clients:>4} ({mode}): p50 {}  p99 {}  max {}  throughput {:.0} req/s  ({} requests in {:.1} s)",
+        "GetMetrics  clients {clients:>4} ({mode}): p50 {}  p99 {}  max {}  throughput {:.0} req/s  ({} requests in {:.1} s; daemon CPU {:.1} us/request)",
         ms(percentile(&all, 50.0)),
         ms(percentile(&all, 99.0)),
         ms(*all.last().expect("requests")),
         all.len() as f64 / elapsed.as_secs_f64(),
         all.len(),
-        elapsed.as_secs_f64()
+        elapsed.as_secs_f64(),
+        cpu.as_secs_f64() * 1e6 / all.len() as f64
     );
 }
 
@@ -356,6 +375,33 @@ async fn streams(server: &Server, count: usize, per_connection: usize) {
     drop(open);
 }
 
+/// The scaler's own work per GetMetrics (metadata, selection, value), without
+/// gRPC, in this process.
+async fn handler_cost() {
+    use gpu_scaler::scaler::{LocalView, WorkloadView as _, metadata, value};
+    let node = Node::start(Duration::from_secs(60), None).await;
+    feed(&node, 30);
+    node.settle().await;
+    let view = LocalView::new(node.snapshots(), Duration::from_secs(60));
+    let meta = object(&[("podSelector", "app=vllm,tier in (gpu)")]).scaler_metadata;
+    let n = 100_000;
+    let t = Instant::now();
+    let mut sum = 0.0;
+    for _ in 0..n {
+        let q = metadata::parse(&meta).expect("metadata");
+        let w = view.workload("bench", &q.selector).await.expect("workload");
+        sum += value::workload_value(&q, &w.pods).expect("value");
+    }
+    let per = t.elapsed() / n;
+    assert_eq!(sum, f64::from(n) * f64::from(30 * PODS));
+    println!(
+        "handler     metadata + select {PODS} of {} pods + value, no gRPC: {:.2} us/request",
+        2 * PODS,
+        per.as_secs_f64() * 1e6
+    );
+    node.stop().await;
+}
+
 fn client() {
     let rt = tokio::runtime::Runtime::new().expect("runtime");
     let mut server = Server::start();
@@ -367,13 +413,20 @@ fn client() {
     );
     let (rss, _) = server.memory_kib();
     println!("daemon RSS idle: {:.1} MiB", rss as f64 / 1024.0);
+    println!(
+        "load average at start: {}",
+        std::fs::read_to_string("/proc/loadavg")
+            .unwrap_or_default()
+            .trim()
+    );
     rt.block_on(async {
+        handler_cost().await;
         for clients in [1, 64, 512] {
-            latency(&server.addr, clients, Duration::from_secs(5), None).await;
+            latency(&server, clients, Duration::from_secs(5), None).await;
         }
         for clients in [1, 64, 512] {
             latency(
-                &server.addr,
+                &server,
                 clients,
                 Duration::from_secs(5),
                 Some(Duration::from_millis(100)),

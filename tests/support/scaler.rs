@@ -255,6 +255,11 @@ impl Node {
             .expect("sampler alive");
     }
 
+    /// The daemon's node snapshots.
+    pub fn snapshots(&self) -> gpu_scaler::sampler::SnapshotReceiver {
+        self.running.as_ref().expect("running").snapshots.clone()
+    }
+
     /// A plaintext gRPC client.
     pub async fn client(&self) -> ExternalScalerClient<Channel> {
         ExternalScalerClient::connect(format!("http://{}", self.grpc_addr))
