@@ -27,7 +27,15 @@ async fn readyz(extract::State(s): extract::State<State>) -> impl IntoResponse {
     let gpu = s.gpu.borrow().clone();
     let reasons = super::readiness(&snap, &gpu, s.poll_interval, SystemTime::now());
     if reasons.is_empty() {
-        (StatusCode::OK, "ready\n".to_owned())
+        (
+            StatusCode::OK,
+            format!(
+                "ready: attribution {}, {} GPUs, {} local pods\n",
+                snap.attribution,
+                snap.gpus.len(),
+                snap.pods.len()
+            ),
+        )
     } else {
         (
             StatusCode::SERVICE_UNAVAILABLE,
