@@ -529,7 +529,9 @@ async fn stream_is_active_current_state_changes_and_ok_on_shutdown() {
 
 #[tokio::test]
 async fn stale_samples_and_a_down_gpu_source_are_unavailable() {
-    let poll = Duration::from_millis(100);
+    // Long enough that a loaded CI machine does not make fresh samples stale
+    // between a feed and the next call.
+    let poll = Duration::from_millis(250);
     let node = Node::start(poll, None).await;
     node.set_pods(vec![pod("ml", "w-0", "w0", &[("app", "w")])]);
     node.attributor.assign(10, "w0");
@@ -550,8 +552,8 @@ async fn stale_samples_and_a_down_gpu_source_are_unavailable() {
         30.0
     );
 
-    // Three poll intervals (300 ms) without a pass: stale.
-    tokio::time::sleep(Duration::from_millis(450)).await;
+    // Three poll intervals (750 ms) without a pass: stale.
+    tokio::time::sleep(Duration::from_millis(1000)).await;
     let err = metrics(&mut c, &o, "").await.expect_err("stale");
     assert_eq!(err.code(), Code::Unavailable);
     assert!(err.message().contains("old"), "{}", err.message());
