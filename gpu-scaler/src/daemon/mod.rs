@@ -277,3 +277,68 @@ pub fn start_with(
         task,
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+
+    use super::*;
+    use crate::{attribution::Backend, gpu::GpuSnapshot};
+
+    fn snapshot(samples_at: Option<SystemTime>, gpu_error: Option<&str>) -> NodeSnapshot {
+        NodeSnapshot {
+            taken_at: SystemTime::now(),
+            samples_taken_at: samples_at,
+            gpu_error: gpu_error.map(Into::into),
+            node_name: None,
+            attribution: Backend::Procfs,
+            gpus: Vec::new(),
+            pods: BTreeMap::new(),
+            unowned: Vec::new(),
+            pods_error: None,
+        }
+    }
+
+    fn status(error: Option<&str>) -> GpuStatus {
+        GpuStatus {
+            last_good: Some(Arc::new(GpuSnapshot {
+                taken_at: SystemTime::now(),
+                devices: Vec::new(),
+            })),
+            error: error.map(Into::into),
+            updated_at: SystemTime::now(),
+        }
+    }
+
+    #[test]
+    fn readiness_reasons() {
+        let poll = Duration::from_secs(1);
+        let now = SystemTime::now();
+        assert!(readiness(&snapshot(Some(now), None), &status(None), poll, now).is_empty());
+        let old = now - Duration::from_secs(4);
+        let r = readiness(&snapshot(Some(old), None), &status(None), poll, now);
+        assert_eq!(r.len(), 1);
+        assert!(r[0].contains("4000 ms old"), "{r:?}");
+        let r = readiness(
+            &snapshot(Some(now), Some("no driver")),
+            &status(Some("no driver")),
+            poll,
+            now,
+        );
+        assert_eq!(r.len(), 2, "{r:?}");
+        assert!(r.iter().all(|x| x.contains("no driver")), "{r:?}");
+        let r = readiness(&snapshot(None, None), &status(None), poll, now);
+        assert!(r[0].contains("no GPU sample yet"), "{r:?}");
+    }
+
+    #[test]
+    fn tls_files_name_the_missing_path() {
+        let files = TlsFiles {
+            cert: "/nonexistent/cert.pem".into(),
+            key: "/nonexistent/key.pem".into(),
+            client_ca: None,
+        };
+        let err = files.load().expect_err("missing files");
+        assert!(err.to_string().contains("/nonexistent/cert.pem"), "{err}");
+    }
+}
