@@ -1061,3 +1061,87 @@ async fn pods_file_feeds_the_scaler_and_only_local_pods_count() {
     node.stop().await;
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// A scenario with one GPU per (pid, SM %) pair, 80 GiB, 200 W.
+fn scenario(procs: &[(u32, u32)]) -> String {
+    let mut s = String::new();
+    for (pid, sm) in procs {
+        s.push_str(&format!(
+            "[[gpu]]\nmemory_total_mib = 81920\nutilization = {sm}\nmemory_utilization = 0\n\
+             temperature_c = 60\npower_w = 200.0\npower_limit_w = 700.0\n\n\
+             [[gpu.process]]\npid = {pid}\nsm_util = {sm}\nmem_util = 0\nused_memory_mib = 1024\n\n"
+        ));
+    }
+    s
+}
+
+/// The real GPU poller with the mock scenario source, through the daemon's
+/// wiring: figures from the file reach GetMetrics, and a rewrite of the file
+/// reaches it on a following poll.
+#[tokio::test]
+async fn mock_scenario_source_reaches_get_metrics() {
+    let dir = std::env::temp_dir().join(format!("gpu-scaler-scenario-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("temp dir");
+    let path = dir.join("scenario.toml");
+    std::fs::write(&path, scenario(&[(100, 30), (101, 50), (200, 90)])).expect("write scenario");
+    let poll = Duration::from_millis(100);
+    let gpu = gpu_scaler::gpu::start(gpu_scaler::gpu::Config {
+        source: gpu_scaler::gpu::SourceKind::Mock,
+        nvml_lib: None,
+        scenario: Some(path.clone()),
+        poll_interval: poll,
+    });
+    let node = Node::start_with_sources(Duration::from_secs(10), None, None, Some(gpu)).await;
+    node.set_pods(vec![
+        pod("ml", "a", "ua", &[("app", "vllm")]),
+        pod("ml", "b", "ub", &[("app", "vllm")]),
+        pod("prod", "c", "uc", &[("app", "vllm")]),
+    ]);
+    node.attributor.assign(100, "ua");
+    node.attributor.assign(101, "ub");
+    node.attributor.assign(200, "uc");
+    let mut c = node.client().await;
+    let o = object("ml", &[("podSelector", "app=vllm")]);
+    let waiter = c.clone();
+    let wait_for = |want: f64| {
+        let o = o.clone();
+        let mut c = waiter.clone();
+        async move {
+            let deadline = tokio::time::Instant::now() + WAIT;
+            loop {
+                let got = metrics(&mut c, &o, "").await.map(|v| v.metric_value_float);
+                if got.as_ref().is_ok_and(|v| *v == want) {
+                    return;
+                }
+                assert!(
+                    tokio::time::Instant::now() < deadline,
+                    "waiting for {want}, have {got:?}"
+                );
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }
+    };
+    wait_for(80.0).await;
+    let mem = object(
+        "ml",
+        &[
+            ("podSelector", "app=vllm"),
+            ("metric", "memory_used_percent"),
+        ],
+    );
+    assert_close(
+        metrics(&mut c, &mem, "")
+            .await
+            .expect("memory")
+            .metric_value_float,
+        2.0 * 100.0 * 1024.0 / 81920.0,
+        "memory_used_percent",
+    );
+
+    let tmp = dir.join("scenario.toml.tmp");
+    std::fs::write(&tmp, scenario(&[(100, 10), (101, 15), (200, 90)])).expect("write scenario");
+    std::fs::rename(&tmp, &path).expect("replace scenario");
+    wait_for(25.0).await;
+    node.stop().await;
+    let _ = std::fs::remove_dir_all(&dir);
+}

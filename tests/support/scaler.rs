@@ -168,12 +168,26 @@ impl Node {
         tls: Option<Tls>,
         pods: Option<PodsReceiver>,
     ) -> Node {
+        Self::start_with_sources(poll_interval, tls, pods, None).await
+    }
+
+    /// As [`Node::start`], with pods and/or GPU passes from real sources (the
+    /// pods file; `gpu_scaler::gpu::start`, e.g. the mock scenario source)
+    /// instead of [`Node::set_pods`] / [`Node::set_gpus`], which then have no
+    /// effect (and [`Node::settle`] only covers what was fed by hand).
+    pub async fn start_with_sources(
+        poll_interval: Duration,
+        tls: Option<Tls>,
+        pods: Option<PodsReceiver>,
+        gpu: Option<watch::Receiver<Arc<GpuStatus>>>,
+    ) -> Node {
         let attributor = Arc::new(TableAttributor::default());
-        let (gpu_tx, gpu_rx) = watch::channel(Arc::new(GpuStatus {
+        let (gpu_tx, own_gpu) = watch::channel(Arc::new(GpuStatus {
             last_good: None,
             error: Some("no pass yet".into()),
             updated_at: SystemTime::now(),
         }));
+        let gpu_rx = gpu.unwrap_or(own_gpu);
         let (pods_tx, own_pods) = watch::channel(Arc::new(PodSet::empty("test", None)));
         let pods_rx = pods.unwrap_or(own_pods);
         let grpc = tokio::net::TcpListener::bind("127.0.0.1:0")
