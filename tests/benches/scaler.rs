@@ -11,6 +11,8 @@
 //! daemon wiring fed by hand (`support::scaler::Node`): 64 selected pods on 8
 //! GPUs plus 64 same-labelled pods in another namespace, re-fed every poll
 //! interval (1 s) like a GPU poller would. Commands on its stdin change the load.
+//! The end-to-end freshness run starts a second server whose GPU figures come
+//! from the real poller reading a mock scenario file the benchmark rewrites.
 
 use std::{
     collections::HashMap,
@@ -33,11 +35,61 @@ const POLL: Duration = Duration::from_secs(1);
 
 fn main() {
     // `cargo bench` passes `--bench`; nothing else is understood.
-    if std::env::var_os(SERVER_ENV).is_some() {
-        server();
-    } else {
-        client();
+    match std::env::var(SERVER_ENV).as_deref() {
+        Ok("mock") => mock_server(),
+        Ok(_) => server(),
+        Err(_) => client(),
     }
+}
+
+const SCENARIO_ENV: &str = "GPU_SCALER_BENCH_SCENARIO";
+/// GPUs (one selected pod each) in the end-to-end freshness run.
+const MOCK_PODS: u32 = 8;
+
+/// A scenario file: MOCK_PODS GPUs, each running one process at `level` SM %.
+fn mock_scenario(level: u32) -> String {
+    let mut s = String::new();
+    for i in 0..MOCK_PODS {
+        s.push_str(&format!(
+            "[[gpu]]\nmemory_total_mib = 81920\nutilization = {level}\nmemory_utilization = 0\n\
+             temperature_c = 60\npower_w = 300.0\npower_limit_w = 700.0\n\n\
+             [[gpu.process]]\npid = {}\nsm_util = {level}\nused_memory_mib = 1024\n\n",
+            30_000 + i
+        ));
+    }
+    s
+}
+
+/// The server with the real GPU poller on the mock scenario source.
+fn mock_server() {
+    let path = std::env::var(SCENARIO_ENV).expect("scenario path");
+    let rt = tokio::runtime::Runtime::new().expect("runtime");
+    rt.block_on(async {
+        let gpu = gpu_scaler::gpu::start(gpu_scaler::gpu::Config {
+            source: gpu_scaler::gpu::SourceKind::Mock,
+            nvml_lib: None,
+            scenario: Some(path.into()),
+            poll_interval: POLL,
+        });
+        let node = Node::start_with_sources(POLL, None, None, Some(gpu)).await;
+        let pods = (0..MOCK_PODS)
+            .map(|i| {
+                node.attributor.assign(30_000 + i, &format!("m{i}"));
+                pod(
+                    "bench",
+                    &format!("m-{i}"),
+                    &format!("m{i}"),
+                    &[("app", "mock")],
+                )
+            })
+            .collect();
+        node.set_pods(pods);
+        println!("addr {}", node.grpc_addr);
+        // Serve until the parent closes stdin.
+        let mut lines =
+            tokio::io::AsyncBufReadExt::lines(tokio::io::BufReader::new(tokio::io::stdin()));
+        while let Ok(Some(_)) = lines.next_line().await {}
+    });
 }
 
 fn feed(node: &Node, level: u32) {
@@ -103,8 +155,12 @@ struct Server {
 
 impl Server {
     fn start() -> Server {
+        Self::start_with(&[(SERVER_ENV, "1")])
+    }
+
+    fn start_with(env: &[(&str, &str)]) -> Server {
         let mut child = Command::new(std::env::current_exe().expect("own path"))
-            .env(SERVER_ENV, "1")
+            .envs(env.iter().copied())
             .env("RUST_LOG", "off")
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
@@ -337,6 +393,92 @@ async fn freshness(server: &mut Server) {
     );
 }
 
+/// From a rewrite of the mock scenario file to GetMetrics showing it and to
+/// the StreamIsActive push, through the real GPU poller (1 s interval).
+async fn end_to_end_freshness() {
+    let dir = std::env::temp_dir().join(format!("gpu-scaler-bench-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("temp dir");
+    let path = dir.join("scenario.toml");
+    let tmp = dir.join("scenario.toml.tmp");
+    std::fs::write(&path, mock_scenario(20)).expect("write scenario");
+    let path_str = path.display().to_string();
+    let server = Server::start_with(&[(SERVER_ENV, "mock"), (SCENARIO_ENV, &path_str)]);
+    let mut c = connect(&server.addr).await;
+    // 8 pods at 20 % = 160, at 40 % = 320; activation 240.
+    let o = object(&[("podSelector", "app=mock"), ("activationThreshold", "240")]);
+    let request = GetMetricsRequest {
+        scaled_object_ref: Some(o.clone()),
+        metric_name: String::new(),
+    };
+    loop {
+        let v = c.get_metrics(request.clone()).await;
+        if v.is_ok_and(|v| v.into_inner().metric_values[0].metric_value_float == 160.0) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let mut stream = connect(&server.addr)
+        .await
+        .stream_is_active(o.clone())
+        .await
+        .expect("stream")
+        .into_inner();
+    assert!(
+        !stream
+            .message()
+            .await
+            .expect("first")
+            .expect("first message")
+            .result
+    );
+    let mut level = 20;
+    let (mut to_metrics, mut to_push) = (Vec::new(), Vec::new());
+    for i in 0..12u64 {
+        // Land the change at different points of the poll cycle.
+        tokio::time::sleep(Duration::from_millis(100 + (i * 379) % 1000)).await;
+        level = if level == 20 { 40 } else { 20 };
+        let want = f64::from(level * MOCK_PODS);
+        std::fs::write(&tmp, mock_scenario(level)).expect("write scenario");
+        let t0 = Instant::now();
+        std::fs::rename(&tmp, &path).expect("replace scenario");
+        let push = async {
+            let m = stream.message().await.expect("push").expect("message");
+            assert_eq!(m.result, level == 40);
+            t0.elapsed()
+        };
+        let visible = async {
+            loop {
+                let v = c
+                    .get_metrics(request.clone())
+                    .await
+                    .expect("GetMetrics")
+                    .into_inner();
+                if v.metric_values[0].metric_value_float == want {
+                    return t0.elapsed();
+                }
+                tokio::time::sleep(Duration::from_millis(1)).await;
+            }
+        };
+        let (p, m) = tokio::join!(push, visible);
+        to_push.push(p);
+        to_metrics.push(m);
+    }
+    to_metrics.sort();
+    to_push.sort();
+    println!(
+        "end to end  scenario file rewritten -> GetMetrics shows it (poll 1 s): p50 {}  max {}",
+        ms(percentile(&to_metrics, 50.0)),
+        ms(*to_metrics.last().expect("samples"))
+    );
+    println!(
+        "end to end  scenario file rewritten -> StreamIsActive push (poll 1 s): p50 {}  max {}",
+        ms(percentile(&to_push, 50.0)),
+        ms(*to_push.last().expect("samples"))
+    );
+    drop(server);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
 async fn streams(server: &Server, count: usize, per_connection: usize) {
     let (rss0, _) = server.memory_kib();
     let o = object(&[("podSelector", "app=vllm"), ("activationThreshold", "5")]);
@@ -434,6 +576,7 @@ fn client() {
             .await;
         }
         freshness(&mut server).await;
+        end_to_end_freshness().await;
         streams(&server, 10_000, 100).await;
     });
 }
