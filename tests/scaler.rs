@@ -950,8 +950,8 @@ async fn query_command_asks_as_keda_and_computes_replicas() {
 
     // Over mTLS with the client options.
     let pki = pki();
-    let dir = std::env::temp_dir().join(format!("gpu-scaler-query-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).expect("temp dir");
+    let tmpdir = tempfile::tempdir().expect("temp dir");
+    let dir = tmpdir.path();
     let write = |name: &str, pem: &str| {
         let p = dir.join(name);
         std::fs::write(&p, pem).expect("write PEM");
@@ -986,13 +986,12 @@ async fn query_command_asks_as_keda_and_computes_replicas() {
         .expect("query over mTLS");
     assert_eq!(a.value, 60.0);
     node.stop().await;
-    let _ = std::fs::remove_dir_all(&dir);
 }
 
 #[tokio::test]
 async fn pods_file_feeds_the_scaler_and_only_local_pods_count() {
-    let dir = std::env::temp_dir().join(format!("gpu-scaler-pods-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).expect("temp dir");
+    let tmpdir = tempfile::tempdir().expect("temp dir");
+    let dir = tmpdir.path();
     let path = dir.join("pods.json");
     let list = |b_node: &str| {
         serde_json::json!({
@@ -1059,7 +1058,6 @@ async fn pods_file_feeds_the_scaler_and_only_local_pods_count() {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     node.stop().await;
-    let _ = std::fs::remove_dir_all(&dir);
 }
 
 /// A scenario with one GPU per (pid, SM %) pair, 80 GiB, 200 W.
@@ -1080,8 +1078,8 @@ fn scenario(procs: &[(u32, u32)]) -> String {
 /// reaches it on a following poll.
 #[tokio::test]
 async fn mock_scenario_source_reaches_get_metrics() {
-    let dir = std::env::temp_dir().join(format!("gpu-scaler-scenario-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).expect("temp dir");
+    let tmpdir = tempfile::tempdir().expect("temp dir");
+    let dir = tmpdir.path();
     let path = dir.join("scenario.toml");
     std::fs::write(&path, scenario(&[(100, 30), (101, 50), (200, 90)])).expect("write scenario");
     let poll = Duration::from_millis(100);
@@ -1143,5 +1141,4 @@ async fn mock_scenario_source_reaches_get_metrics() {
     std::fs::rename(&tmp, &path).expect("replace scenario");
     wait_for(25.0).await;
     node.stop().await;
-    let _ = std::fs::remove_dir_all(&dir);
 }
