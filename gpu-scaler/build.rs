@@ -46,7 +46,7 @@ fn main() -> anyhow::Result<()> {
         .parent()
         .ok_or_else(|| anyhow!("manifest dir has no parent"))?
         .join("proto");
-    let files = ["externalscaler.proto"];
+    let files = ["externalscaler.proto", "gpuscaler_peer_v1.proto"];
     for f in files {
         println!("cargo:rerun-if-changed={}", proto_dir.join(f).display());
     }

@@ -8,6 +8,7 @@
 pub mod attribution;
 pub mod cli;
 pub mod daemon;
+pub mod cluster;
 pub mod gpu;
 pub mod pods;
 pub mod sampler;

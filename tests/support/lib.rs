@@ -2,3 +2,4 @@
 
 pub mod fake_nvml;
 pub mod scaler;
+pub mod kube_api;

@@ -6,6 +6,7 @@
 //! a Kubernetes watch feeds the same channel type.
 
 pub mod file;
+pub mod kube;
 pub mod selector;
 
 use std::{collections::BTreeMap, sync::Arc, time::SystemTime};

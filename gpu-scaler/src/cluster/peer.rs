@@ -1,0 +1,196 @@
+//! The node-to-node protocol (`gpuscaler.peer.v1`): its server, which answers
+//! from this node's newest snapshot, and its clients, one channel per peer.
+//! With `--peer-tls-cert/--peer-tls-key/--peer-tls-ca` both sides present a
+//! certificate the shared CA signed (mTLS), and clients check the server's name
+//! against `--peer-tls-server-name`.
+
+use std::{
+    collections::HashMap,
+    net::SocketAddr,
+    path::PathBuf,
+    sync::{Arc, Mutex},
+    time::Duration,
+};
+
+use tonic::{
+    Request, Response, Status,
+    transport::{
+        Certificate, Channel, ClientTlsConfig, Endpoint, Identity, Server, ServerTlsConfig,
+    },
+};
+
+use super::{Error, Result};
+
+/// Code generated from `proto/gpuscaler_peer_v1.proto` by build.rs.
+pub mod proto {
+    tonic::include_proto!("gpuscaler.peer.v1");
+}
+
+use proto::{
+    GetPodUsageRequest, GetPodUsageResponse,
+    peer_client::PeerClient,
+    peer_server::{Peer, PeerServer},
+};
+
+/// Most pod uids one request may ask about.
+pub const MAX_PODS_PER_REQUEST: usize = 100_000;
+
+/// This node's per-pod usage, as the protocol carries it. The daemon answers its
+/// own node through this same function (not a shortcut), so its figures go
+/// through the same conversion as every peer's.
+pub trait LocalUsage: Send + Sync + 'static {
+    /// This node's name.
+    fn node_name(&self) -> &str;
+    /// Usage of `uids` from the newest snapshot, or why there is none to give
+    /// (GPU source down, stale snapshot): never zeros in its place.
+    fn pod_usage(&self, uids: &[String]) -> std::result::Result<GetPodUsageResponse, String>;
+}
+
+/// The gRPC service peers call.
+pub struct PeerService {
+    local: Arc<dyn LocalUsage>,
+}
+
+impl PeerService {
+    pub fn new(local: Arc<dyn LocalUsage>) -> Self {
+        Self { local }
+    }
+}
+
+#[tonic::async_trait]
+impl Peer for PeerService {
+    async fn get_pod_usage(
+        &self,
+        request: Request<GetPodUsageRequest>,
+    ) -> std::result::Result<Response<GetPodUsageResponse>, Status> {
+        let req = request.into_inner();
+        if req.pod_uids.len() > MAX_PODS_PER_REQUEST {
+            return Err(Status::invalid_argument(format!(
+                "{} pod uids asked; at most {MAX_PODS_PER_REQUEST} per request",
+                req.pod_uids.len()
+            )));
+        }
+        self.local
+            .pod_usage(&req.pod_uids)
+            .map(Response::new)
+            .map_err(|reason| {
+                Status::unavailable(format!("node {}: {reason}", self.local.node_name()))
+            })
+    }
+}
+
+/// Certificates for mTLS between daemons.
+#[derive(Clone, Debug)]
+pub struct PeerTls {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+    pub ca: PathBuf,
+    /// The name peers' certificates are checked against.
+    pub server_name: String,
+}
+
+fn read(path: &PathBuf) -> Result<Vec<u8>> {
+    std::fs::read(path).map_err(|e| Error::Tls(format!("{}: {e}", path.display())))
+}
+
+impl PeerTls {
+    fn identity(&self) -> Result<Identity> {
+        Ok(Identity::from_pem(read(&self.cert)?, read(&self.key)?))
+    }
+
+    pub fn server(&self) -> Result<ServerTlsConfig> {
+        Ok(ServerTlsConfig::new()
+            .identity(self.identity()?)
+            .client_ca_root(Certificate::from_pem(read(&self.ca)?)))
+    }
+
+    pub fn client(&self) -> Result<ClientTlsConfig> {
+        Ok(ClientTlsConfig::new()
+            .ca_certificate(Certificate::from_pem(read(&self.ca)?))
+            .identity(self.identity()?)
+            .domain_name(self.server_name.clone()))
+    }
+}
+
+/// Serves the peer protocol on `listener` until `shutdown` resolves.
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    local: Arc<dyn LocalUsage>,
+    tls: Option<&PeerTls>,
+    shutdown: impl Future<Output = ()> + Send,
+) -> Result<()> {
+    let mut server = Server::builder();
+    if let Some(tls) = tls {
+        server = server
+            .tls_config(tls.server()?)
+            .map_err(|e| Error::Tls(e.to_string()))?;
+    }
+    let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
+    server
+        .add_service(PeerServer::new(PeerService::new(local)))
+        .serve_with_incoming_shutdown(incoming, shutdown)
+        .await
+        .map_err(|e| Error::Serve(e.to_string()))
+}
+
+/// Clients for every peer, one lazily connected channel each.
+pub struct PeerClients {
+    tls: Option<ClientTlsConfig>,
+    timeout: Duration,
+    channels: Mutex<HashMap<SocketAddr, Channel>>,
+}
+
+impl PeerClients {
+    /// `timeout` bounds each call, connection included.
+    pub fn new(tls: Option<&PeerTls>, timeout: Duration) -> Result<Self> {
+        Ok(Self {
+            tls: tls.map(PeerTls::client).transpose()?,
+            timeout,
+            channels: Mutex::default(),
+        })
+    }
+
+    fn channel(&self, addr: SocketAddr) -> std::result::Result<Channel, String> {
+        let mut channels = self.channels.lock().expect("channels lock");
+        if let Some(c) = channels.get(&addr) {
+            return Ok(c.clone());
+        }
+        let scheme = if self.tls.is_some() { "https" } else { "http" };
+        let mut endpoint = Endpoint::from_shared(format!("{scheme}://{addr}"))
+            .map_err(|e| e.to_string())?
+            .connect_timeout(self.timeout)
+            .timeout(self.timeout)
+            .tcp_nodelay(true);
+        if let Some(tls) = &self.tls {
+            endpoint = endpoint
+                .tls_config(tls.clone())
+                .map_err(|e| e.to_string())?;
+        }
+        let channel = endpoint.connect_lazy();
+        channels.insert(addr, channel.clone());
+        Ok(channel)
+    }
+
+    /// Drops channels to addresses no longer in use (peers that went away).
+    pub fn retain(&self, keep: impl Fn(&SocketAddr) -> bool) {
+        self.channels
+            .lock()
+            .expect("channels lock")
+            .retain(|a, _| keep(a));
+    }
+
+    /// Asks the peer at `addr` for `uids`, within the timeout.
+    pub async fn ask(
+        &self,
+        addr: SocketAddr,
+        uids: Vec<String>,
+    ) -> std::result::Result<GetPodUsageResponse, String> {
+        let mut client = PeerClient::new(self.channel(addr)?);
+        let call = client.get_pod_usage(GetPodUsageRequest { pod_uids: uids });
+        match tokio::time::timeout(self.timeout, call).await {
+            Ok(Ok(resp)) => Ok(resp.into_inner()),
+            Ok(Err(status)) => Err(format!("{}: {}", status.code(), status.message())),
+            Err(_) => Err(format!("no answer within {:?}", self.timeout)),
+        }
+    }
+}

@@ -1,0 +1,128 @@
+//! What a node that does not answer counts as.
+//!
+//! `average` (the default): when at least half of the workload's pods reported,
+//! each pod that did not report counts as the average of the pods that did, so
+//! one slow node neither scales the workload down (as a zero would) nor stalls
+//! scaling; with fewer reports the answer is UNAVAILABLE. `fail`: any pod without
+//! a report makes the answer UNAVAILABLE. KEDA keeps the last replica count while
+//! a scaler is UNAVAILABLE.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use super::{Error, Result};
+
+/// `--missing-node-policy`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum MissingNodePolicy {
+    /// Count missing pods as the average of the reported ones if at least half of
+    /// the workload's pods reported; otherwise UNAVAILABLE.
+    #[default]
+    Average,
+    /// Any missing pod makes the answer UNAVAILABLE.
+    Fail,
+}
+
+impl MissingNodePolicy {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Average => "average",
+            Self::Fail => "fail",
+        }
+    }
+
+    /// Decides, from counts alone, whether an answer with `missing` of `total`
+    /// pods unreported may be given. `Ok(n)`: count `n` pods as the average of the
+    /// reported ones.
+    pub fn admit(self, total: usize, missing: usize) -> Result<usize> {
+        if missing == 0 {
+            return Ok(0);
+        }
+        let reported = total - missing;
+        match self {
+            Self::Fail => Err(Error::Unavailable(format!(
+                "{missing} of {total} pods of the workload have no report (--missing-node-policy fail)"
+            ))),
+            Self::Average if reported > 0 && reported * 2 >= total => Ok(missing),
+            Self::Average => Err(Error::Unavailable(format!(
+                "only {reported} of {total} pods of the workload reported, fewer than half \
+                 (--missing-node-policy average)"
+            ))),
+        }
+    }
+}
+
+/// Fills `missing` values with the mean of `reported` (what
+/// [`MissingNodePolicy::Average`] counts an unreported pod as). The mean is summed
+/// in sorted order so every daemon gets the same bits.
+pub fn fill_missing(reported: &mut Vec<f64>, missing: usize) {
+    if missing == 0 || reported.is_empty() {
+        return;
+    }
+    let mut sorted = reported.clone();
+    sorted.sort_by(f64::total_cmp);
+    let mean = sorted.iter().sum::<f64>() / sorted.len() as f64;
+    reported.extend(std::iter::repeat_n(mean, missing));
+}
+
+/// Counters of the cluster path, for /metrics.
+#[derive(Debug, Default)]
+pub struct Stats {
+    /// Peer RPCs sent.
+    pub peer_requests: AtomicU64,
+    /// Peer RPCs that failed or timed out.
+    pub peer_failures: AtomicU64,
+    /// Fan-outs run (one per workload per cache period, however many queries).
+    pub fanouts: AtomicU64,
+    /// Queries answered from a fan-out that was running or cached.
+    pub fanouts_shared: AtomicU64,
+    /// Answers in which unreported pods were counted as the average.
+    pub missing_averaged: AtomicU64,
+    /// Answers refused as UNAVAILABLE because of unreported pods.
+    pub missing_refused: AtomicU64,
+}
+
+impl Stats {
+    pub fn get(counter: &AtomicU64) -> u64 {
+        counter.load(Ordering::Relaxed)
+    }
+
+    pub(crate) fn inc(counter: &AtomicU64) {
+        counter.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn average_needs_half_the_pods() {
+        let p = MissingNodePolicy::Average;
+        assert_eq!(p.admit(4, 0).expect("all reported"), 0);
+        assert_eq!(p.admit(4, 2).expect("half reported"), 2);
+        assert_eq!(p.admit(3, 1).expect("two of three"), 1);
+        let e = p.admit(3, 2).expect_err("one of three");
+        assert!(e.to_string().contains("only 1 of 3"), "{e}");
+        assert!(
+            p.admit(2, 2).is_err(),
+            "nothing reported is never an answer"
+        );
+    }
+
+    #[test]
+    fn fail_refuses_any_gap() {
+        assert_eq!(MissingNodePolicy::Fail.admit(5, 0).expect("complete"), 0);
+        let e = MissingNodePolicy::Fail.admit(5, 1).expect_err("gap");
+        assert!(e.to_string().contains("1 of 5"), "{e}");
+    }
+
+    #[test]
+    fn fill_uses_the_mean_of_the_reported() {
+        let mut v = vec![10.0, 30.0];
+        fill_missing(&mut v, 2);
+        assert_eq!(v, [10.0, 30.0, 20.0, 20.0]);
+        let mut same_other_order = vec![30.0, 10.0];
+        fill_missing(&mut same_other_order, 2);
+        assert_eq!(same_other_order[2..], v[2..]);
+    }
+}

@@ -1,0 +1,231 @@
+//! A ScaledObject's pods without `podSelector`: the ScaledObject names its scale
+//! target (`spec.scaleTargetRef`), and the target's `scale` subresource carries
+//! the label selector of its pods in `status.selector`, which is what the HPA
+//! itself uses. This works for Deployments, StatefulSets and every custom
+//! resource with a scale subresource; the resource's plural comes from API
+//! discovery (`/apis/{group}/{version}`), cached per apiVersion and kind.
+
+use std::{
+    collections::HashMap,
+    sync::{Arc, Mutex},
+    time::{Duration, Instant},
+};
+
+use kube::{
+    Api, Client,
+    api::{ApiResource, DynamicObject, GroupVersionKind},
+    discovery::{ApiCapabilities, pinned_kind},
+};
+
+use super::{Error, Result};
+
+/// KEDA's default when `scaleTargetRef` leaves them out.
+const DEFAULT_API_VERSION: &str = "apps/v1";
+const DEFAULT_KIND: &str = "Deployment";
+
+/// How long a resolved selector is reused. A workload's selector is immutable in
+/// practice (Deployments reject changes to it); the TTL only bounds how long an
+/// edited ScaledObject keeps its old target.
+pub const RESOLVE_TTL: Duration = Duration::from_secs(30);
+
+/// What a ScaledObject scales.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ScaleTarget {
+    pub api_version: String,
+    pub kind: String,
+    pub name: String,
+}
+
+impl std::fmt::Display for ScaleTarget {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{} {} ({})", self.kind, self.name, self.api_version)
+    }
+}
+
+/// A ScaledObject resolved to the selector of its pods.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Resolved {
+    pub target: ScaleTarget,
+    /// The scale subresource's `status.selector`, label selector syntax.
+    pub selector: String,
+}
+
+/// (namespace, ScaledObject name) -> when resolved, and to what.
+type ResolvedCache = HashMap<(String, String), (Instant, Arc<Resolved>)>;
+
+/// Resolves ScaledObjects to pod selectors, with caching.
+pub struct TargetResolver {
+    client: Client,
+    ttl: Duration,
+    kinds: Mutex<HashMap<(String, String), (ApiResource, ApiCapabilities)>>,
+    resolved: Mutex<ResolvedCache>,
+}
+
+impl TargetResolver {
+    pub fn new(client: Client, ttl: Duration) -> Self {
+        Self {
+            client,
+            ttl,
+            kinds: Mutex::default(),
+            resolved: Mutex::default(),
+        }
+    }
+
+    /// The pod selector of ScaledObject `namespace/name`. Errors name what is
+    /// missing: the ScaledObject, its target, the target's scale subresource, or
+    /// the selector in it.
+    pub async fn resolve(&self, namespace: &str, name: &str) -> Result<Arc<Resolved>> {
+        let key = (namespace.to_owned(), name.to_owned());
+        if let Some((at, r)) = self.resolved.lock().expect("resolver lock").get(&key)
+            && at.elapsed() < self.ttl
+        {
+            return Ok(r.clone());
+        }
+        let resolved = Arc::new(self.resolve_uncached(namespace, name).await?);
+        let mut cache = self.resolved.lock().expect("resolver lock");
+        cache.retain(|_, (at, _)| at.elapsed() < self.ttl);
+        cache.insert(key, (Instant::now(), resolved.clone()));
+        Ok(resolved)
+    }
+
+    async fn resolve_uncached(&self, namespace: &str, name: &str) -> Result<Resolved> {
+        let so_res = ApiResource::from_gvk_with_plural(
+            &GroupVersionKind::gvk("keda.sh", "v1alpha1", "ScaledObject"),
+            "scaledobjects",
+        );
+        let scaled_objects: Api<DynamicObject> =
+            Api::namespaced_with(self.client.clone(), namespace, &so_res);
+        let so = scaled_objects.get(name).await.map_err(|e| match e {
+            kube::Error::Api(s) if s.code == 404 => Error::ScaledObjectNotFound {
+                namespace: namespace.into(),
+                name: name.into(),
+            },
+            e => Error::Kube(e),
+        })?;
+        let target = scale_target(&so.data).map_err(|reason| Error::ScaledObjectInvalid {
+            namespace: namespace.into(),
+            name: name.into(),
+            reason,
+        })?;
+        let (ar, caps) = self.kind(&target).await?;
+        if !caps.supports_operation("get")
+            || !caps.subresources.iter().any(|(s, _)| s.plural == "scale")
+        {
+            return Err(Error::NoScaleSubresource {
+                namespace: namespace.into(),
+                target,
+            });
+        }
+        let targets: Api<DynamicObject> = Api::namespaced_with(self.client.clone(), namespace, &ar);
+        let scale = targets.get_scale(&target.name).await.map_err(|e| match e {
+            kube::Error::Api(s) if s.code == 404 => Error::TargetNotFound {
+                namespace: namespace.into(),
+                scaled_object: name.into(),
+                target: target.clone(),
+            },
+            e => Error::Kube(e),
+        })?;
+        let selector = scale
+            .status
+            .and_then(|s| s.selector)
+            .filter(|s| !s.trim().is_empty())
+            .ok_or_else(|| Error::NoSelector {
+                namespace: namespace.into(),
+                target: target.clone(),
+            })?;
+        tracing::debug!(namespace, scaled_object = name, %target, selector, "resolved scale target");
+        Ok(Resolved { target, selector })
+    }
+
+    /// API discovery of the target's kind, cached: the plural and whether it has a
+    /// scale subresource.
+    async fn kind(&self, target: &ScaleTarget) -> Result<(ApiResource, ApiCapabilities)> {
+        let key = (target.api_version.clone(), target.kind.clone());
+        if let Some(found) = self.kinds.lock().expect("kinds lock").get(&key) {
+            return Ok(found.clone());
+        }
+        let (group, version) = match target.api_version.split_once('/') {
+            Some((g, v)) => (g, v),
+            None => ("", target.api_version.as_str()),
+        };
+        let gvk = GroupVersionKind::gvk(group, version, &target.kind);
+        let found = pinned_kind(&self.client, &gvk).await.map_err(|e| match e {
+            kube::Error::Api(s) if s.code == 404 => Error::UnknownKind(target.clone()),
+            kube::Error::Discovery(_) => Error::UnknownKind(target.clone()),
+            e => Error::Kube(e),
+        })?;
+        self.kinds
+            .lock()
+            .expect("kinds lock")
+            .insert(key, found.clone());
+        Ok(found)
+    }
+}
+
+/// `spec.scaleTargetRef` of a ScaledObject, with KEDA's defaults.
+pub fn scale_target(data: &serde_json::Value) -> std::result::Result<ScaleTarget, String> {
+    let r = &data["spec"]["scaleTargetRef"];
+    if r.is_null() {
+        return Err("spec.scaleTargetRef is missing".into());
+    }
+    let text = |key: &str, default: &str| -> std::result::Result<String, String> {
+        match &r[key] {
+            serde_json::Value::Null => Ok(default.to_owned()),
+            serde_json::Value::String(s) if s.is_empty() => Ok(default.to_owned()),
+            serde_json::Value::String(s) => Ok(s.clone()),
+            other => Err(format!(
+                "spec.scaleTargetRef.{key} is not a string: {other}"
+            )),
+        }
+    };
+    let name = text("name", "")?;
+    if name.is_empty() {
+        return Err("spec.scaleTargetRef.name is missing".into());
+    }
+    Ok(ScaleTarget {
+        api_version: text("apiVersion", DEFAULT_API_VERSION)?,
+        kind: text("kind", DEFAULT_KIND)?,
+        name,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use serde_json::json;
+
+    use super::*;
+
+    #[test]
+    fn scale_target_defaults_to_deployment() {
+        let t = scale_target(&json!({"spec": {"scaleTargetRef": {"name": "web"}}})).expect("valid");
+        assert_eq!(
+            t,
+            ScaleTarget {
+                api_version: "apps/v1".into(),
+                kind: "Deployment".into(),
+                name: "web".into()
+            }
+        );
+    }
+
+    #[test]
+    fn scale_target_honours_api_version_and_kind() {
+        let t = scale_target(&json!({"spec": {"scaleTargetRef":
+            {"apiVersion": "serving.example.com/v1", "kind": "InferenceService", "name": "llm"}}}))
+        .expect("valid");
+        assert_eq!(t.api_version, "serving.example.com/v1");
+        assert_eq!(t.kind, "InferenceService");
+    }
+
+    #[test]
+    fn scale_target_errors_are_clear() {
+        let e = scale_target(&json!({"spec": {}})).expect_err("no ref");
+        assert!(e.contains("scaleTargetRef is missing"), "{e}");
+        let e = scale_target(&json!({"spec": {"scaleTargetRef": {"kind": "Deployment"}}}))
+            .expect_err("no name");
+        assert!(e.contains("name is missing"), "{e}");
+        let e =
+            scale_target(&json!({"spec": {"scaleTargetRef": {"name": 3}}})).expect_err("bad name");
+        assert!(e.contains("not a string"), "{e}");
+    }
+}

@@ -1,0 +1,262 @@
+//! Pods from the Kubernetes API, through kube-rs.
+//!
+//! Two uses share one mechanism, [`PodWatch`]: the daemon's own node (a watch with
+//! the field selector `spec.nodeName=NODE`) and a workload's pods cluster-wide (a
+//! watch with a label selector in one namespace). Each watch keeps only the
+//! fields scaling needs ([`Pod`]); the API objects are dropped as they arrive, so a
+//! cache of 10,000 pods costs what 10,000 small structs cost, not 10,000 pod specs.
+//!
+//! kube-runtime's watcher does the protocol work: list, then watch from the list's
+//! resourceVersion with bookmarks, resume from the newest version after a dropped
+//! connection, and re-list after `410 Gone`.
+
+use std::{collections::BTreeMap, path::Path, sync::Arc, time::Duration};
+
+use ::kube::{
+    Api, Client,
+    runtime::{WatchStreamExt as _, watcher},
+};
+use futures::StreamExt as _;
+use k8s_openapi::api::core::v1::Pod as ApiPod;
+use tokio::sync::watch;
+
+use super::Pod;
+
+/// Errors of the Kubernetes pod sources.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("no Kubernetes configuration (in-cluster or kubeconfig): {0}")]
+    Config(String),
+    #[error("Kubernetes client: {0}")]
+    Client(#[from] ::kube::Error),
+    #[error("the pod list for {what} is not ready after {waited:?}: {reason}")]
+    NotReady {
+        what: String,
+        waited: Duration,
+        reason: String,
+    },
+}
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// A client for the cluster this daemon runs in: the kubeconfig at `kubeconfig`
+/// when given, else what kube infers (`KUBECONFIG`, `~/.kube/config`, then the
+/// in-cluster service account).
+pub async fn client(kubeconfig: Option<&Path>) -> Result<Client> {
+    let config = match kubeconfig {
+        Some(path) => {
+            let kc = ::kube::config::Kubeconfig::read_from(path)
+                .map_err(|e| Error::Config(format!("{}: {e}", path.display())))?;
+            ::kube::Config::from_custom_kubeconfig(kc, &Default::default())
+                .await
+                .map_err(|e| Error::Config(format!("{}: {e}", path.display())))?
+        }
+        None => ::kube::Config::infer()
+            .await
+            .map_err(|e| Error::Config(e.to_string()))?,
+    };
+    Ok(Client::try_from(config)?)
+}
+
+/// Keeps the fields of an API pod that scaling uses. A pod without a uid or a
+/// name (which the API server never sends) is dropped.
+pub fn trim(pod: &ApiPod) -> Option<Pod> {
+    let meta = &pod.metadata;
+    let status = pod.status.as_ref();
+    Some(Pod {
+        uid: meta.uid.clone()?,
+        namespace: meta.namespace.clone().unwrap_or_default(),
+        name: meta.name.clone()?,
+        labels: meta.labels.clone().unwrap_or_default(),
+        node_name: pod
+            .spec
+            .as_ref()
+            .and_then(|s| s.node_name.clone())
+            .filter(|n| !n.is_empty()),
+        phase: status.and_then(|s| s.phase.clone()),
+        ready: status
+            .and_then(|s| s.conditions.as_ref())
+            .is_some_and(|cs| cs.iter().any(|c| c.type_ == "Ready" && c.status == "True")),
+    })
+}
+
+/// Pods by uid.
+pub type PodMap = BTreeMap<String, Arc<Pod>>;
+
+/// A live, trimmed copy of the pods one list/watch selects. Dropping it stops the
+/// watch.
+#[derive(Debug)]
+pub struct PodWatch {
+    what: String,
+    rx: watch::Receiver<State>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+/// What a [`PodWatch`] publishes.
+#[derive(Clone, Debug, Default)]
+pub struct State {
+    /// The pods as of the newest event; `None` until the first list completed.
+    pub pods: Option<Arc<PodMap>>,
+    /// The newest error from the API server, cleared by the next good event.
+    pub error: Option<Arc<str>>,
+}
+
+impl Drop for PodWatch {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+impl PodWatch {
+    /// Pods on `node` in every namespace (the daemon's local pods).
+    pub fn node(client: Client, node: &str) -> Self {
+        let config = watcher::Config::default().fields(&format!("spec.nodeName={node}"));
+        Self::start(Api::all(client), config, format!("node {node}"))
+    }
+
+    /// Pods matching `selector` (Kubernetes label selector syntax) in `namespace`.
+    pub fn selector(client: Client, namespace: &str, selector: &str) -> Self {
+        let config = watcher::Config::default().labels(selector);
+        Self::start(
+            Api::namespaced(client, namespace),
+            config,
+            format!("selector {selector:?} in namespace {namespace}"),
+        )
+    }
+
+    fn start(api: Api<ApiPod>, config: watcher::Config, what: String) -> Self {
+        let (tx, rx) = watch::channel(State::default());
+        let task = tokio::spawn(run(api, config, what.clone(), tx));
+        Self { what, rx, task }
+    }
+
+    /// The pods now, or `None` before the first list completed.
+    pub fn current(&self) -> Option<Arc<PodMap>> {
+        self.rx.borrow().pods.clone()
+    }
+
+    /// A receiver that sees every published change.
+    pub fn subscribe(&self) -> watch::Receiver<State> {
+        self.rx.clone()
+    }
+
+    /// The pods, waiting up to `timeout` for the first list.
+    pub async fn ready(&self, timeout: Duration) -> Result<Arc<PodMap>> {
+        let mut rx = self.rx.clone();
+        let waited = tokio::time::timeout(timeout, rx.wait_for(|s| s.pods.is_some())).await;
+        match waited {
+            Ok(Ok(state)) => Ok(state.pods.clone().expect("waited for Some")),
+            Ok(Err(_)) | Err(_) => Err(Error::NotReady {
+                what: self.what.clone(),
+                waited: timeout,
+                reason: self
+                    .rx
+                    .borrow()
+                    .error
+                    .as_deref()
+                    .unwrap_or("no answer from the API server yet")
+                    .to_owned(),
+            }),
+        }
+    }
+}
+
+/// Applies watch events to the map and publishes it. Events that are already
+/// queued are applied together so a burst costs one publication, not one copy of
+/// the map per event.
+async fn run(api: Api<ApiPod>, config: watcher::Config, what: String, tx: watch::Sender<State>) {
+    let mut stream = watcher(api, config).default_backoff().boxed();
+    let mut live: PodMap = PodMap::new();
+    // Filled between Init and InitDone, then swapped in: pods that vanished while
+    // the watch was down disappear without a Delete event.
+    let mut relist: Option<PodMap> = None;
+    let mut listed = false;
+    while let Some(first) = stream.next().await {
+        let mut batch = vec![first];
+        while let Some(Some(more)) = futures::FutureExt::now_or_never(stream.next()) {
+            batch.push(more);
+        }
+        let mut changed = false;
+        let mut error = None;
+        for event in batch {
+            match event {
+                Ok(watcher::Event::Init) => relist = Some(PodMap::new()),
+                Ok(watcher::Event::InitApply(pod)) => {
+                    if let (Some(buf), Some(p)) = (relist.as_mut(), trim(&pod)) {
+                        buf.insert(p.uid.clone(), Arc::new(p));
+                    }
+                }
+                Ok(watcher::Event::InitDone) => {
+                    if let Some(buf) = relist.take() {
+                        live = buf;
+                    }
+                    listed = true;
+                    changed = true;
+                }
+                Ok(watcher::Event::Apply(pod)) => {
+                    if let Some(p) = trim(&pod) {
+                        changed |= live.get(&p.uid).map(|old| **old != p).unwrap_or(true);
+                        live.insert(p.uid.clone(), Arc::new(p));
+                    }
+                }
+                Ok(watcher::Event::Delete(pod)) => {
+                    if let Some(uid) = pod.metadata.uid.as_deref() {
+                        changed |= live.remove(uid).is_some();
+                    }
+                }
+                Err(e) => {
+                    tracing::warn!(pods = %what, error = %e, "pod watch error; retrying");
+                    error = Some(Arc::<str>::from(e.to_string()));
+                }
+            }
+        }
+        let had_error = tx.borrow().error.is_some();
+        if (changed && listed) || error.is_some() || had_error {
+            let pods = listed.then(|| Arc::new(live.clone()));
+            tx.send_replace(State { pods, error });
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn api_pod(json: serde_json::Value) -> ApiPod {
+        serde_json::from_value(json).expect("valid pod JSON")
+    }
+
+    #[test]
+    fn trim_keeps_what_scaling_uses() {
+        let pod = api_pod(serde_json::json!({
+            "metadata": {"uid": "u-1", "name": "web-0", "namespace": "ml",
+                         "labels": {"app": "web"}, "annotations": {"big": "x"}},
+            "spec": {"nodeName": "gpu-1", "containers": [{"name": "c", "image": "i"}]},
+            "status": {"phase": "Running", "conditions": [
+                {"type": "PodScheduled", "status": "True"},
+                {"type": "Ready", "status": "True"}]}
+        }));
+        let p = trim(&pod).expect("complete pod");
+        assert_eq!(p.uid, "u-1");
+        assert_eq!(p.namespace, "ml");
+        assert_eq!(p.name, "web-0");
+        assert_eq!(p.labels.get("app").map(String::as_str), Some("web"));
+        assert_eq!(p.node_name.as_deref(), Some("gpu-1"));
+        assert_eq!(p.phase.as_deref(), Some("Running"));
+        assert!(p.ready);
+    }
+
+    #[test]
+    fn trim_unscheduled_unready_and_incomplete() {
+        let pod = api_pod(serde_json::json!({
+            "metadata": {"uid": "u-2", "name": "web-1", "namespace": "ml"},
+            "spec": {"nodeName": "", "containers": []},
+            "status": {"phase": "Pending", "conditions": [{"type": "Ready", "status": "False"}]}
+        }));
+        let p = trim(&pod).expect("complete pod");
+        assert_eq!(p.node_name, None);
+        assert!(!p.ready);
+        let no_uid = api_pod(serde_json::json!({"metadata": {"name": "x"}}));
+        assert_eq!(trim(&no_uid), None);
+    }
+}
