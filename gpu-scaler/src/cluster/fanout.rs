@@ -273,3 +273,397 @@ impl Fanout {
         })
     }
 }
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use std::{
+        net::SocketAddr,
+        sync::atomic::{AtomicU64, Ordering},
+    };
+
+    use super::*;
+    use crate::{
+        cluster::{
+            discovery::StaticPeers,
+            peer::{self, PeerTls},
+        },
+        pods::kube::PodMap,
+    };
+
+    /// A node's usage, hand-fed: uid -> SM % on one GPU.
+    pub(crate) struct FakeNode {
+        pub name: String,
+        pub sm: Mutex<HashMap<String, f64>>,
+        pub calls: AtomicU64,
+        pub down: Mutex<Option<String>>,
+    }
+
+    impl FakeNode {
+        pub(crate) fn new(name: &str, pods: &[(&str, f64)]) -> Arc<Self> {
+            Arc::new(Self {
+                name: name.into(),
+                sm: Mutex::new(pods.iter().map(|(u, v)| ((*u).to_owned(), *v)).collect()),
+                calls: AtomicU64::new(0),
+                down: Mutex::new(None),
+            })
+        }
+    }
+
+    impl LocalUsage for FakeNode {
+        fn node_name(&self) -> &str {
+            &self.name
+        }
+        fn pod_usage(
+            &self,
+            uids: &[String],
+        ) -> std::result::Result<proto::GetPodUsageResponse, String> {
+            self.calls.fetch_add(1, Ordering::SeqCst);
+            if let Some(reason) = self.down.lock().expect("lock").clone() {
+                return Err(reason);
+            }
+            let sm = self.sm.lock().expect("lock");
+            let mut resp = proto::GetPodUsageResponse {
+                node_name: self.name.clone(),
+                snapshot_unix_nanos: 1_700_000_000_000_000_000,
+                ..Default::default()
+            };
+            for uid in uids {
+                match sm.get(uid) {
+                    Some(v) => resp.pods.push(proto::PodUsage {
+                        pod_uid: uid.clone(),
+                        gpus: vec![proto::GpuUsage {
+                            gpu_uuid: format!("GPU-{}", self.name),
+                            sm_util_percent: Some(*v),
+                            ..Default::default()
+                        }],
+                    }),
+                    None => resp.unknown_pod_uids.push(uid.clone()),
+                }
+            }
+            Ok(resp)
+        }
+    }
+
+    /// Pods from a fixed list.
+    pub(crate) struct FixedPods(pub Mutex<PodMap>);
+
+    impl PodDirectory for FixedPods {
+        fn workload_pods<'a>(
+            &'a self,
+            namespace: &'a str,
+            _selector: &'a str,
+        ) -> futures::future::BoxFuture<'a, Result<Arc<PodMap>>> {
+            let pods: PodMap = self
+                .0
+                .lock()
+                .expect("lock")
+                .iter()
+                .filter(|(_, p)| p.namespace == namespace)
+                .map(|(k, v)| (k.clone(), v.clone()))
+                .collect();
+            Box::pin(async move { Ok(Arc::new(pods)) })
+        }
+    }
+
+    pub(crate) fn pod(uid: &str, ns: &str, node: Option<&str>, phase: &str) -> (String, Arc<Pod>) {
+        (
+            uid.to_owned(),
+            Arc::new(Pod {
+                uid: uid.into(),
+                namespace: ns.into(),
+                name: format!("pod-{uid}"),
+                labels: [("app".to_owned(), "w".to_owned())].into(),
+                node_name: node.map(Into::into),
+                phase: Some(phase.into()),
+                ready: true,
+            }),
+        )
+    }
+
+    async fn serve_node(node: Arc<FakeNode>, tls: Option<PeerTls>) -> SocketAddr {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        tokio::spawn(async move {
+            peer::serve(listener, node, tls.as_ref(), std::future::pending())
+                .await
+                .expect("peer server");
+        });
+        addr
+    }
+
+    struct Cluster {
+        nodes: Vec<Arc<FakeNode>>,
+        fanout: Arc<Fanout>,
+    }
+
+    /// Node n0 is local; n1..n3 are served over gRPC; `extra` peers are added to
+    /// the book as given.
+    async fn cluster(
+        policy: MissingNodePolicy,
+        ttl: Duration,
+        extra: &[(&str, SocketAddr)],
+    ) -> Cluster {
+        let nodes = vec![
+            FakeNode::new("n0", &[("a", 10.0)]),
+            FakeNode::new("n1", &[("b", 20.0), ("c", 30.0)]),
+            FakeNode::new("n2", &[("d", 40.0)]),
+            FakeNode::new("n3", &[]),
+        ];
+        let mut book = Vec::new();
+        for n in &nodes[1..] {
+            book.push((n.name.clone(), serve_node(n.clone(), None).await));
+        }
+        book.extend(extra.iter().map(|(n, a)| ((*n).to_owned(), *a)));
+        let pods = FixedPods(Mutex::new(
+            [
+                pod("a", "ml", Some("n0"), "Running"),
+                pod("b", "ml", Some("n1"), "Running"),
+                pod("c", "ml", Some("n1"), "Running"),
+                pod("d", "ml", Some("n2"), "Running"),
+                pod("e", "ml", None, "Pending"),
+                pod("f", "ml", Some("n3"), "Succeeded"),
+                pod("x", "other", Some("n3"), "Running"),
+            ]
+            .into_iter()
+            .collect(),
+        ));
+        let fanout = Fanout::new(
+            FanoutConfig {
+                node_name: "n0".into(),
+                cache_ttl: ttl,
+                policy,
+            },
+            nodes[0].clone(),
+            Arc::new(StaticPeers::new(book)),
+            PeerClients::new(None, Duration::from_millis(300)).expect("clients"),
+            Arc::new(pods),
+            Arc::default(),
+        );
+        Cluster { nodes, fanout }
+    }
+
+    fn sm(r: &PodReport) -> Option<f64> {
+        r.usage
+            .as_ref()
+            .map(|u| u.gpus.iter().filter_map(|g| g.sm_util_percent).sum())
+    }
+
+    #[tokio::test]
+    async fn asks_only_the_nodes_that_host_the_workload() {
+        let c = cluster(MissingNodePolicy::Average, Duration::from_secs(60), &[]).await;
+        let u = c.fanout.workload("ml", "app=w").await.expect("answer");
+        let got: Vec<(&str, Option<f64>)> =
+            u.pods.iter().map(|p| (p.pod.uid.as_str(), sm(p))).collect();
+        // e is unscheduled (0, no GPU); f is finished; x is another namespace.
+        assert_eq!(
+            got,
+            [
+                ("a", Some(10.0)),
+                ("b", Some(20.0)),
+                ("c", Some(30.0)),
+                ("d", Some(40.0)),
+                ("e", Some(0.0))
+            ]
+        );
+        assert!(u.missing_nodes.is_empty(), "{:?}", u.missing_nodes);
+        let calls: Vec<u64> = c
+            .nodes
+            .iter()
+            .map(|n| n.calls.load(Ordering::SeqCst))
+            .collect();
+        assert_eq!(
+            calls,
+            [1, 1, 1, 0],
+            "one request per hosting node, none to n3"
+        );
+        assert_eq!(c.fanout.admit(&u, "ml", "app=w").expect("complete"), 0);
+    }
+
+    #[tokio::test]
+    async fn identical_queries_share_one_fan_out_per_ttl() {
+        let c = cluster(MissingNodePolicy::Average, Duration::from_millis(300), &[]).await;
+        let all =
+            futures::future::join_all((0..100).map(|_| c.fanout.workload("ml", "app=w"))).await;
+        let first = all[0].as_ref().expect("answer").clone();
+        for a in &all {
+            assert_eq!(a.as_ref().expect("answer"), &first);
+        }
+        c.fanout.workload("ml", "app=w").await.expect("cached");
+        assert_eq!(
+            c.nodes[1].calls.load(Ordering::SeqCst),
+            1,
+            "101 queries, one peer request"
+        );
+        assert_eq!(Stats::get(&c.fanout.stats().fanouts), 1);
+        assert_eq!(Stats::get(&c.fanout.stats().fanouts_shared), 100);
+        tokio::time::sleep(Duration::from_millis(350)).await;
+        c.fanout.workload("ml", "app=w").await.expect("refreshed");
+        assert_eq!(
+            c.nodes[1].calls.load(Ordering::SeqCst),
+            2,
+            "a new fan-out after the TTL"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_node_that_does_not_answer_follows_the_policy() {
+        // A listener that never answers: the call must time out, not hang.
+        let silent = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        let silent_addr = silent.local_addr().expect("addr");
+        let c = cluster(MissingNodePolicy::Average, Duration::ZERO, &[]).await;
+        *c.nodes[2].down.lock().expect("lock") = Some("GPU source is down".into());
+        let u = c.fanout.workload("ml", "app=w").await.expect("answer");
+        assert_eq!(u.unreported(), 1, "d on n2");
+        assert!(
+            u.missing_nodes["n2"].contains("GPU source is down"),
+            "{:?}",
+            u.missing_nodes
+        );
+        assert_eq!(
+            c.fanout.admit(&u, "ml", "app=w").expect("4 of 5 reported"),
+            1
+        );
+        assert_eq!(Stats::get(&c.fanout.stats().missing_averaged), 1);
+
+        // n1 silent too: 2 of 5 reported -> UNAVAILABLE.
+        let c2 = cluster(
+            MissingNodePolicy::Average,
+            Duration::ZERO,
+            &[("n1", silent_addr)],
+        )
+        .await;
+        *c2.nodes[2].down.lock().expect("lock") = Some("down".into());
+        let started = Instant::now();
+        let u = c2.fanout.workload("ml", "app=w").await.expect("answer");
+        assert!(
+            started.elapsed() < Duration::from_secs(2),
+            "per-peer timeout bounds the fan-out"
+        );
+        assert_eq!(u.unreported(), 3);
+        let e = c2
+            .fanout
+            .admit(&u, "ml", "app=w")
+            .expect_err("fewer than half");
+        assert!(e.to_string().contains("only 2 of 5"), "{e}");
+        assert_eq!(Stats::get(&c2.fanout.stats().missing_refused), 1);
+        drop(silent);
+
+        // fail: any gap refuses.
+        let c3 = cluster(MissingNodePolicy::Fail, Duration::ZERO, &[]).await;
+        *c3.nodes[2].down.lock().expect("lock") = Some("down".into());
+        let u = c3.fanout.workload("ml", "app=w").await.expect("answer");
+        assert!(c3.fanout.admit(&u, "ml", "app=w").is_err());
+    }
+
+    #[tokio::test]
+    async fn unknown_pods_and_unknown_nodes_are_unreported() {
+        let c = cluster(MissingNodePolicy::Average, Duration::ZERO, &[]).await;
+        c.nodes[2].sm.lock().expect("lock").clear();
+        let u = c.fanout.workload("ml", "app=w").await.expect("answer");
+        assert!(
+            u.missing_nodes["n2"].contains("does not know pods d"),
+            "{:?}",
+            u.missing_nodes
+        );
+        assert_eq!(u.unreported(), 1);
+        assert_eq!(c.nodes[2].calls.load(Ordering::SeqCst), 1);
+    }
+
+    #[tokio::test]
+    async fn a_node_without_a_known_daemon_is_unreported() {
+        let pods = FixedPods(Mutex::new(
+            [
+                pod("a", "ml", Some("n0"), "Running"),
+                pod("g", "ml", Some("n9"), "Running"),
+            ]
+            .into_iter()
+            .collect(),
+        ));
+        let fanout = Fanout::new(
+            FanoutConfig {
+                node_name: "n0".into(),
+                cache_ttl: Duration::ZERO,
+                policy: MissingNodePolicy::Average,
+            },
+            FakeNode::new("n0", &[("a", 10.0)]),
+            Arc::new(StaticPeers::default()),
+            PeerClients::new(None, Duration::from_millis(300)).expect("clients"),
+            Arc::new(pods),
+            Arc::default(),
+        );
+        let u = fanout.workload("ml", "app=w").await.expect("answer");
+        assert!(
+            u.missing_nodes["n9"].contains("no gpu-scaler daemon"),
+            "{:?}",
+            u.missing_nodes
+        );
+        assert_eq!(
+            fanout
+                .admit(&u, "ml", "app=w")
+                .expect("1 of 2 reported is half"),
+            1
+        );
+    }
+
+    /// A CA, and a certificate for `gpu-scaler-peer` it signed, written to `dir`.
+    pub(crate) fn write_certs(dir: &std::path::Path) -> PeerTls {
+        use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, IsCa, KeyPair};
+        let mut ca_params = CertificateParams::new(Vec::<String>::new()).expect("ca params");
+        ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        let ca = CertifiedIssuer::self_signed(ca_params, KeyPair::generate().expect("ca key"))
+            .expect("ca");
+        let key = KeyPair::generate().expect("leaf key");
+        let leaf = CertificateParams::new(vec!["gpu-scaler-peer".to_owned()])
+            .expect("leaf params")
+            .signed_by(&key, &ca)
+            .expect("leaf");
+        std::fs::write(dir.join("ca.pem"), ca.pem()).expect("write");
+        std::fs::write(dir.join("cert.pem"), leaf.pem()).expect("write");
+        std::fs::write(dir.join("key.pem"), key.serialize_pem()).expect("write");
+        PeerTls {
+            cert: dir.join("cert.pem"),
+            key: dir.join("key.pem"),
+            ca: dir.join("ca.pem"),
+            server_name: "gpu-scaler-peer".into(),
+        }
+    }
+
+    #[tokio::test]
+    async fn mtls_between_daemons() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let tls = write_certs(dir.path());
+        let node = FakeNode::new("n1", &[("b", 20.0)]);
+        let addr = serve_node(node, Some(tls.clone())).await;
+
+        let with_cert = PeerClients::new(Some(&tls), Duration::from_secs(2)).expect("clients");
+        let r = with_cert
+            .ask(addr, vec!["b".into()])
+            .await
+            .expect("mTLS call");
+        assert_eq!(r.pods[0].gpus[0].sm_util_percent, Some(20.0));
+
+        let plain = PeerClients::new(None, Duration::from_secs(2)).expect("clients");
+        assert!(
+            plain.ask(addr, vec!["b".into()]).await.is_err(),
+            "plaintext refused"
+        );
+
+        // Trusting the CA but presenting no certificate: refused by the server.
+        let ca = std::fs::read(&tls.ca).expect("ca");
+        let no_identity = PeerClients::with_tls_config(
+            Some(
+                tonic::transport::ClientTlsConfig::new()
+                    .ca_certificate(tonic::transport::Certificate::from_pem(ca))
+                    .domain_name("gpu-scaler-peer"),
+            ),
+            Duration::from_secs(2),
+        );
+        let e = no_identity
+            .ask(addr, vec!["b".into()])
+            .await
+            .expect_err("no client certificate");
+        assert!(!e.is_empty());
+    }
+}

@@ -143,11 +143,19 @@ pub struct PeerClients {
 impl PeerClients {
     /// `timeout` bounds each call, connection included.
     pub fn new(tls: Option<&PeerTls>, timeout: Duration) -> Result<Self> {
-        Ok(Self {
-            tls: tls.map(PeerTls::client).transpose()?,
+        Ok(Self::with_tls_config(
+            tls.map(PeerTls::client).transpose()?,
+            timeout,
+        ))
+    }
+
+    /// As [`PeerClients::new`], from a ready client TLS configuration.
+    pub fn with_tls_config(tls: Option<ClientTlsConfig>, timeout: Duration) -> Self {
+        Self {
+            tls,
             timeout,
             channels: Mutex::default(),
-        })
+        }
     }
 
     fn channel(&self, addr: SocketAddr) -> std::result::Result<Channel, String> {
