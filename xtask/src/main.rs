@@ -1,5 +1,6 @@
 //! `cargo xtask <task>`: the project's set-up-and-go commands and chores.
 
+mod bench_cluster;
 mod bench_gpu;
 mod bench_scaler;
 mod demo;
@@ -55,6 +56,12 @@ enum Bench {
     /// The KEDA-facing gRPC scaler: GetMetrics latency and throughput at 1, 64
     /// and 512 clients, memory with 10,000 StreamIsActive streams, freshness.
     Scaler,
+    /// The cluster: fan-out latency over 1, 8 and 64 peer processes, peer RPCs
+    /// per KEDA polling round, pod cache memory with 10,000 pods.
+    Cluster {
+        /// Only one part: `latency`, `coalescing` or `memory`.
+        part: Option<String>,
+    },
 }
 
 fn main() -> Result<()> {
@@ -74,6 +81,12 @@ fn main() -> Result<()> {
         } => {
             toolchain::ensure()?;
             bench_scaler::run()
+        }
+        Task::Bench {
+            what: Bench::Cluster { part },
+        } => {
+            toolchain::ensure()?;
+            bench_cluster::run(part.as_deref())
         }
         Task::Test { no_lint, args } => {
             toolchain::ensure()?;

@@ -166,7 +166,9 @@ impl PodWatch {
 /// the map per event.
 async fn run(api: Api<ApiPod>, config: watcher::Config, what: String, tx: watch::Sender<State>) {
     let mut stream = watcher(api, config).default_backoff().boxed();
-    let mut live: PodMap = PodMap::new();
+    // One copy of the map is kept: it is shared with the channel, and a change
+    // copies it (Arc::make_mut) only while readers still hold the published one.
+    let mut live: Arc<PodMap> = Arc::default();
     // Filled between Init and InitDone, then swapped in: pods that vanished while
     // the watch was down disappear without a Delete event.
     let mut relist: Option<PodMap> = None;
@@ -188,20 +190,25 @@ async fn run(api: Api<ApiPod>, config: watcher::Config, what: String, tx: watch:
                 }
                 Ok(watcher::Event::InitDone) => {
                     if let Some(buf) = relist.take() {
-                        live = buf;
+                        live = Arc::new(buf);
                     }
                     listed = true;
                     changed = true;
                 }
                 Ok(watcher::Event::Apply(pod)) => {
-                    if let Some(p) = trim(&pod) {
-                        changed |= live.get(&p.uid).map(|old| **old != p).unwrap_or(true);
-                        live.insert(p.uid.clone(), Arc::new(p));
+                    if let Some(p) = trim(&pod)
+                        && live.get(&p.uid).is_none_or(|old| **old != p)
+                    {
+                        Arc::make_mut(&mut live).insert(p.uid.clone(), Arc::new(p));
+                        changed = true;
                     }
                 }
                 Ok(watcher::Event::Delete(pod)) => {
-                    if let Some(uid) = pod.metadata.uid.as_deref() {
-                        changed |= live.remove(uid).is_some();
+                    if let Some(uid) = pod.metadata.uid.as_deref()
+                        && live.contains_key(uid)
+                    {
+                        Arc::make_mut(&mut live).remove(uid);
+                        changed = true;
                     }
                 }
                 Err(e) => {
@@ -212,7 +219,7 @@ async fn run(api: Api<ApiPod>, config: watcher::Config, what: String, tx: watch:
         }
         let had_error = tx.borrow().error.is_some();
         if (changed && listed) || error.is_some() || had_error {
-            let pods = listed.then(|| Arc::new(live.clone()));
+            let pods = listed.then(|| live.clone());
             tx.send_replace(State { pods, error });
         }
     }

@@ -1,0 +1,396 @@
+//! Cluster benchmark (`cargo xtask bench cluster`): prints figures, asserts
+//! nothing about speed.
+//!
+//! 1. Fan-out latency p50/p99 for a workload spread over 1, 8 and 64 nodes: the
+//!    peers are separate processes on loopback (this binary re-run as
+//!    `bench-cluster peer`, serving the real peer gRPC service), the asking side
+//!    is the real `cluster::Fanout` with its cache off.
+//! 2. Peer RPCs per KEDA polling round with 1,000 ScaledObjects over 10
+//!    workloads, each workload over 8 nodes: every ScaledObject asks GetMetrics
+//!    and IsActive once per round (both need the value), all at once.
+//! 3. Memory of the pod caches holding 10,000 pods, measured with a counting
+//!    allocator: live heap bytes after the caches filled, minus before. The pods
+//!    come from the fake API server over HTTP (its own store is allocated before
+//!    the baseline).
+
+use std::{
+    alloc::{GlobalAlloc, Layout, System},
+    collections::BTreeMap,
+    io::{BufRead as _, BufReader},
+    net::SocketAddr,
+    process::{Child, Command, Stdio},
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicIsize, Ordering},
+    },
+    time::{Duration, Instant},
+};
+
+use gpu_scaler::{
+    cluster::{
+        Fanout, FanoutConfig, MissingNodePolicy, Stats,
+        discovery::StaticPeers,
+        peer::{self, LocalUsage, PeerClients, proto},
+        workload::{CacheLimits, PodDirectory, WorkloadPods},
+    },
+    pods::{
+        Pod,
+        kube::{PodMap, PodWatch},
+    },
+};
+use gpu_scaler_tests::kube_api::{FakeKube, ResourceType, pod};
+
+struct Counting;
+
+static LIVE: AtomicIsize = AtomicIsize::new(0);
+
+// SAFETY: forwards to the system allocator; only counts.
+unsafe impl GlobalAlloc for Counting {
+    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
+        LIVE.fetch_add(layout.size() as isize, Ordering::Relaxed);
+        // SAFETY: same contract as ours.
+        unsafe { System.alloc(layout) }
+    }
+    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
+        LIVE.fetch_sub(layout.size() as isize, Ordering::Relaxed);
+        // SAFETY: same contract as ours.
+        unsafe { System.dealloc(ptr, layout) }
+    }
+}
+
+#[global_allocator]
+static ALLOC: Counting = Counting;
+
+fn live() -> isize {
+    LIVE.load(Ordering::Relaxed)
+}
+
+/// A peer's usage: every asked pod uses one GPU at a fixed figure.
+struct SyntheticNode {
+    name: String,
+}
+
+impl LocalUsage for SyntheticNode {
+    fn node_name(&self) -> &str {
+        &self.name
+    }
+    fn pod_usage(&self, uids: &[String]) -> Result<proto::GetPodUsageResponse, String> {
+        Ok(proto::GetPodUsageResponse {
+            node_name: self.name.clone(),
+            snapshot_unix_nanos: 1,
+            pods: uids
+                .iter()
+                .map(|u| proto::PodUsage {
+                    pod_uid: u.clone(),
+                    gpus: vec![proto::GpuUsage {
+                        gpu_uuid: "GPU-0".into(),
+                        sm_util_percent: Some(50.0),
+                        mem_util_percent: Some(20.0),
+                        memory_used_mib: Some(1024),
+                        power_watts: Some(100.0),
+                        gpu_memory_total_mib: Some(81920),
+                        gpu_temperature_celsius: Some(60),
+                        ..Default::default()
+                    }],
+                })
+                .collect(),
+            unknown_pod_uids: Vec::new(),
+        })
+    }
+}
+
+/// Child mode: serve the peer protocol for `node`, print the port, run until
+/// stdin closes (the parent exited or dropped us).
+async fn run_peer(node: String) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    println!("{}", listener.local_addr().expect("addr").port());
+    let stdin_closed = async {
+        let _ =
+            tokio::task::spawn_blocking(|| std::io::stdin().read_line(&mut String::new())).await;
+    };
+    peer::serve(
+        listener,
+        Arc::new(SyntheticNode { name: node }),
+        None,
+        stdin_closed,
+    )
+    .await
+    .expect("peer server");
+}
+
+struct Peers {
+    children: Vec<Child>,
+    book: Vec<(String, SocketAddr)>,
+}
+
+impl Drop for Peers {
+    fn drop(&mut self) {
+        for c in &mut self.children {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+fn spawn_peers(n: usize) -> Peers {
+    let exe = std::env::current_exe().expect("own path");
+    let mut peers = Peers {
+        children: Vec::new(),
+        book: Vec::new(),
+    };
+    for i in 0..n {
+        let node = format!("node-{i}");
+        let mut child = Command::new(&exe)
+            .args(["peer", &node])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .expect("spawn peer");
+        let mut line = String::new();
+        BufReader::new(child.stdout.as_mut().expect("stdout"))
+            .read_line(&mut line)
+            .expect("peer port");
+        let port: u16 = line.trim().parse().expect("port number");
+        peers
+            .book
+            .push((node, SocketAddr::from(([127, 0, 0, 1], port))));
+        peers.children.push(child);
+    }
+    peers
+}
+
+struct Fixed(Mutex<BTreeMap<String, Arc<PodMap>>>);
+
+impl PodDirectory for Fixed {
+    fn workload_pods<'a>(
+        &'a self,
+        _namespace: &'a str,
+        selector: &'a str,
+    ) -> futures::future::BoxFuture<'a, gpu_scaler::cluster::Result<Arc<PodMap>>> {
+        let pods = self
+            .0
+            .lock()
+            .expect("lock")
+            .get(selector)
+            .cloned()
+            .unwrap_or_default();
+        Box::pin(async move { Ok(pods) })
+    }
+}
+
+fn workload(selector: &str, nodes: &[(String, SocketAddr)], per_node: usize) -> PodMap {
+    let mut pods = PodMap::new();
+    for (n, (node, _)) in nodes.iter().enumerate() {
+        for k in 0..per_node {
+            let uid = format!("{selector}-{n}-{k}");
+            pods.insert(
+                uid.clone(),
+                Arc::new(Pod {
+                    uid,
+                    namespace: "ml".into(),
+                    name: format!("p-{n}-{k}"),
+                    labels: BTreeMap::new(),
+                    node_name: Some(node.clone()),
+                    phase: Some("Running".into()),
+                    ready: true,
+                }),
+            );
+        }
+    }
+    pods
+}
+
+fn fanout(peers: &Peers, dir: Fixed, ttl: Duration) -> Arc<Fanout> {
+    Fanout::new(
+        FanoutConfig {
+            node_name: "asking-node".into(),
+            cache_ttl: ttl,
+            policy: MissingNodePolicy::Average,
+        },
+        Arc::new(SyntheticNode {
+            name: "asking-node".into(),
+        }),
+        Arc::new(StaticPeers::new(peers.book.clone())),
+        PeerClients::new(None, Duration::from_secs(1)).expect("clients"),
+        Arc::new(dir),
+        Arc::default(),
+    )
+}
+
+fn percentile(sorted: &[Duration], p: f64) -> Duration {
+    let rank = ((p / 100.0) * sorted.len() as f64).ceil().max(1.0) as usize;
+    sorted[rank.min(sorted.len()) - 1]
+}
+
+async fn bench_latency() {
+    println!("== fan-out latency (peers = processes on loopback, 4 pods per node, cache off)");
+    for n in [1usize, 8, 64] {
+        let peers = spawn_peers(n);
+        let dir = Fixed(Mutex::new(
+            [("w".to_owned(), Arc::new(workload("w", &peers.book, 4)))].into(),
+        ));
+        let f = fanout(&peers, dir, Duration::ZERO);
+        for _ in 0..50 {
+            let u = f.workload("ml", "w").await.expect("warm-up");
+            assert_eq!(u.unreported(), 0, "every peer answers");
+        }
+        let rounds = 1000;
+        let mut lat = Vec::with_capacity(rounds);
+        for _ in 0..rounds {
+            let t = Instant::now();
+            let u = f.workload("ml", "w").await.expect("fan-out");
+            lat.push(t.elapsed());
+            assert_eq!(u.pods.len(), 4 * n);
+        }
+        lat.sort();
+        println!(
+            "nodes={n:>3}  pods={:>4}  p50={:>8.3} ms  p99={:>8.3} ms  ({rounds} sequential fan-outs)",
+            4 * n,
+            percentile(&lat, 50.0).as_secs_f64() * 1e3,
+            percentile(&lat, 99.0).as_secs_f64() * 1e3,
+        );
+    }
+}
+
+async fn bench_coalescing() {
+    println!(
+        "== peer RPCs per KEDA polling round (1,000 ScaledObjects over 10 workloads, 8 nodes each)"
+    );
+    let peers = spawn_peers(8);
+    let dir = Fixed(Mutex::new(
+        (0..10)
+            .map(|w| {
+                let sel = format!("app=w{w}");
+                let pods = Arc::new(workload(&sel, &peers.book, 2));
+                (sel, pods)
+            })
+            .collect(),
+    ));
+    let poll = Duration::from_secs(1);
+    let f = fanout(&peers, dir, poll);
+    let rounds = 6;
+    let mut per_round = Vec::new();
+    let began = Instant::now();
+    for _ in 0..rounds {
+        let before = Stats::get(&f.stats().peer_requests);
+        let start = Instant::now();
+        // GetMetrics and IsActive of every ScaledObject, all in flight at once.
+        let queries = (0..1000).flat_map(|so| {
+            let sel = format!("app=w{}", so % 10);
+            let f = f.clone();
+            [0, 1].map(move |_| {
+                let f = f.clone();
+                let sel = sel.clone();
+                async move { f.workload("ml", &sel).await.map(|_| ()) }
+            })
+        });
+        for r in futures::future::join_all(queries).await {
+            r.expect("answer");
+        }
+        per_round.push(Stats::get(&f.stats().peer_requests) - before);
+        tokio::time::sleep(poll.saturating_sub(start.elapsed())).await;
+    }
+    let total: u64 = per_round.iter().sum();
+    let intervals = began.elapsed().as_secs_f64() / poll.as_secs_f64();
+    println!(
+        "poll interval {poll:?}, {rounds} rounds of 2,000 queries (GetMetrics + IsActive x 1,000 ScaledObjects): \
+         peer RPCs per round {per_round:?}; {total} in {intervals:.2} intervals = {:.1} per interval \
+         (goal <= 10 workloads x 8 nodes = 80; without coalescing 2,000 x 8 = 16,000 per round)",
+        total as f64 / intervals
+    );
+}
+
+async fn bench_memory() {
+    println!("== pod cache memory, 10,000 pods (10 workloads x 1,000 pods over 100 nodes)");
+    let fake = FakeKube::start().await;
+    let pods = ResourceType::pods();
+    for i in 0..10_000 {
+        let app = format!("w{}", i % 10);
+        let node = format!("node-{}", i % 100);
+        let uid = format!("00000000-0000-4000-8000-{i:012}");
+        fake.apply(
+            &pods,
+            pod(
+                "ml",
+                &format!("{app}-{i}"),
+                &uid,
+                &[("app", &app), ("pod-template-hash", "5d8f7c9b6")],
+                Some(&node),
+                "Running",
+                true,
+            ),
+        );
+    }
+    let kubeconfig = std::env::temp_dir().join(format!(
+        "gpu-scaler-bench-{}.kubeconfig",
+        std::process::id()
+    ));
+    fake.write_kubeconfig(&kubeconfig);
+    let client = gpu_scaler::pods::kube::client(Some(&kubeconfig))
+        .await
+        .expect("client");
+    let _ = std::fs::remove_file(&kubeconfig);
+    tokio::time::sleep(Duration::from_millis(100)).await;
+
+    let base = live();
+    let cache = WorkloadPods::new(
+        client.clone(),
+        CacheLimits {
+            first_list: Duration::from_secs(30),
+            ..CacheLimits::default()
+        },
+    );
+    let mut total = 0;
+    for w in 0..10 {
+        total += cache
+            .workload_pods("ml", &format!("app=w{w}"))
+            .await
+            .expect("pods")
+            .len();
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let used = live() - base;
+    println!(
+        "workload cache: {total} pods in {} selector watches: {:.2} MiB live heap ({:.0} bytes/pod, watches and client included)",
+        cache.watched(),
+        used as f64 / (1024.0 * 1024.0),
+        used as f64 / total as f64
+    );
+
+    let base = live();
+    let node = PodWatch::node(client, "node-7");
+    let local = node
+        .ready(Duration::from_secs(30))
+        .await
+        .expect("node pods");
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let used = live() - base;
+    println!(
+        "node watch: {} pods of node-7: {:.1} KiB live heap",
+        local.len(),
+        used as f64 / 1024.0
+    );
+}
+
+#[tokio::main]
+async fn main() {
+    // `cargo bench` passes `--bench`; parts and the child mode are plain words.
+    let args: Vec<String> = std::env::args().skip(1).filter(|a| !a.starts_with("--")).collect();
+    match args.as_slice() {
+        [mode, node] if mode == "peer" => run_peer(node.clone()).await,
+        [] => {
+            bench_latency().await;
+            bench_coalescing().await;
+            bench_memory().await;
+        }
+        [which] if which == "latency" => bench_latency().await,
+        [which] if which == "coalescing" => bench_coalescing().await,
+        [which] if which == "memory" => bench_memory().await,
+        _ => {
+            eprintln!("usage: cargo xtask bench cluster [latency|coalescing|memory]");
+            std::process::exit(2);
+        }
+    }
+}
