@@ -7,8 +7,8 @@
 
 pub mod attribution;
 pub mod cli;
-pub mod daemon;
 pub mod cluster;
+pub mod daemon;
 pub mod gpu;
 pub mod pods;
 pub mod sampler;

@@ -377,7 +377,10 @@ async fn bench_memory() {
 #[tokio::main]
 async fn main() {
     // `cargo bench` passes `--bench`; parts and the child mode are plain words.
-    let args: Vec<String> = std::env::args().skip(1).filter(|a| !a.starts_with("--")).collect();
+    let args: Vec<String> = std::env::args()
+        .skip(1)
+        .filter(|a| !a.starts_with("--"))
+        .collect();
     match args.as_slice() {
         [mode, node] if mode == "peer" => run_peer(node.clone()).await,
         [] => {

@@ -531,7 +531,11 @@ async fn handler_cost() {
     let mut sum = 0.0;
     for _ in 0..n {
         let q = metadata::parse(&meta).expect("metadata");
-        let w = view.workload("bench", &q.selector).await.expect("workload");
+        let selector = q
+            .selector
+            .as_ref()
+            .expect("podSelector is required by parse");
+        let w = view.workload("bench", selector).await.expect("workload");
         sum += value::workload_value(&q, &w.pods).expect("value");
     }
     let per = t.elapsed() / n;

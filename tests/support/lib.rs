@@ -1,5 +1,5 @@
 //! Helpers for the integration tests in this directory.
 
 pub mod fake_nvml;
-pub mod scaler;
 pub mod kube_api;
+pub mod scaler;

@@ -5,7 +5,13 @@
 use anyhow::Result;
 
 pub fn run(part: Option<&str>) -> Result<()> {
-    let mut args = vec!["bench", "--package", "gpu-scaler-tests", "--bench", "cluster"];
+    let mut args = vec![
+        "bench",
+        "--package",
+        "gpu-scaler-tests",
+        "--bench",
+        "cluster",
+    ];
     if let Some(p) = part {
         args.extend(["--", p]);
     }

@@ -5,7 +5,7 @@ use std::{net::SocketAddr, path::PathBuf, time::Duration};
 use tokio::signal::unix::{SignalKind, signal};
 use tokio_util::sync::CancellationToken;
 
-use crate::{attribution, daemon, gpu};
+use crate::{attribution, cluster, daemon, gpu};
 
 #[derive(Debug, clap::Args)]
 pub struct ServeArgs {
@@ -65,6 +65,63 @@ pub struct ServeArgs {
     /// PEM CA bundle; when set, clients must present a certificate it signed (mTLS).
     #[arg(long, env = "GPU_SCALER_TLS_CLIENT_CA", requires = "tls_cert")]
     pub tls_client_ca: Option<PathBuf>,
+
+    /// Address of the node-to-node protocol (other daemons ask this one for its
+    /// pods' usage).
+    #[arg(long, env = "GPU_SCALER_PEER_LISTEN", default_value = "0.0.0.0:6001")]
+    pub peer_listen: SocketAddr,
+
+    /// Static peers, `NODE=IP:PORT,...` (instead of `--peer-service`).
+    #[arg(long, env = "GPU_SCALER_PEERS", value_delimiter = ',', value_parser = cluster::discovery::parse_peer)]
+    pub peers: Vec<(String, SocketAddr)>,
+
+    /// Headless Service in the daemon's namespace whose EndpointSlices list the
+    /// daemons (endpoint nodeName -> address, port named `peer`).
+    #[arg(long, env = "GPU_SCALER_PEER_SERVICE")]
+    pub peer_service: Option<String>,
+
+    /// The daemon's own namespace (of `--peer-service`).
+    #[arg(long, env = "POD_NAMESPACE")]
+    pub namespace: Option<String>,
+
+    /// How long a peer may take to answer, connection included (KEDA allows
+    /// 3 s for a whole polling round).
+    #[arg(long, env = "GPU_SCALER_PEER_TIMEOUT", default_value = "1s", value_parser = humantime::parse_duration)]
+    pub peer_timeout: Duration,
+
+    /// What the pods of a node that does not answer count as (README: Cluster).
+    #[arg(
+        long,
+        env = "GPU_SCALER_MISSING_NODE_POLICY",
+        value_enum,
+        default_value_t
+    )]
+    pub missing_node_policy: cluster::MissingNodePolicy,
+
+    /// PEM certificate for mTLS between daemons (needs --peer-tls-key and
+    /// --peer-tls-ca).
+    #[arg(long, env = "GPU_SCALER_PEER_TLS_CERT", requires_all = ["peer_tls_key", "peer_tls_ca"])]
+    pub peer_tls_cert: Option<PathBuf>,
+
+    /// PEM private key for `--peer-tls-cert`.
+    #[arg(long, env = "GPU_SCALER_PEER_TLS_KEY", requires = "peer_tls_cert")]
+    pub peer_tls_key: Option<PathBuf>,
+
+    /// PEM CA bundle that signed every daemon's peer certificate.
+    #[arg(long, env = "GPU_SCALER_PEER_TLS_CA", requires = "peer_tls_cert")]
+    pub peer_tls_ca: Option<PathBuf>,
+
+    /// The name peer certificates must carry (a DNS SAN).
+    #[arg(
+        long,
+        env = "GPU_SCALER_PEER_TLS_SERVER_NAME",
+        default_value = "gpu-scaler-peer"
+    )]
+    pub peer_tls_server_name: String,
+
+    /// Kubeconfig for the Kubernetes API (default: in-cluster, or KUBECONFIG).
+    #[arg(long, env = "GPU_SCALER_KUBECONFIG")]
+    pub kubeconfig: Option<PathBuf>,
 }
 
 pub async fn run(args: ServeArgs) -> super::Result<()> {
@@ -83,6 +140,24 @@ pub async fn run(args: ServeArgs) -> super::Result<()> {
             poll_interval: args.poll_interval,
         },
         pods_file: args.pods_file,
+        cluster: cluster::Config {
+            peer_listen: args.peer_listen,
+            peers: args.peers,
+            peer_service: args.peer_service,
+            namespace: args.namespace,
+            peer_timeout: args.peer_timeout,
+            missing_node_policy: args.missing_node_policy,
+            peer_tls: match (args.peer_tls_cert, args.peer_tls_key, args.peer_tls_ca) {
+                (Some(cert), Some(key), Some(ca)) => Some(cluster::peer::PeerTls {
+                    cert,
+                    key,
+                    ca,
+                    server_name: args.peer_tls_server_name,
+                }),
+                _ => None,
+            },
+            kubeconfig: args.kubeconfig,
+        },
         tls: args
             .tls_cert
             .zip(args.tls_key)

@@ -10,13 +10,17 @@
 //!   Service, or a static list);
 //! - [`fanout`]: ask only the nodes hosting the workload's pods, concurrently,
 //!   with a per-peer timeout, single flight and a short cache;
-//! - [`policy`]: what a node that does not answer counts as.
+//! - [`policy`]: what a node that does not answer counts as;
+//! - [`usage`]: snapshot <-> protocol conversion, the same for every node;
+//! - [`view`]: the scaler's [`crate::scaler::WorkloadView`] for the cluster.
 
 pub mod discovery;
 pub mod fanout;
 pub mod peer;
 pub mod policy;
 pub mod target;
+pub mod usage;
+pub mod view;
 pub mod workload;
 
 use std::sync::Arc;
@@ -90,4 +94,89 @@ impl Error {
             _ => false,
         }
     }
+}
+
+/// The cluster flags of `serve`.
+#[derive(Clone, Debug)]
+pub struct Config {
+    /// Where the peer protocol is served.
+    pub peer_listen: std::net::SocketAddr,
+    /// `--peers`: a static node -> address list (wins over `peer_service`).
+    pub peers: Vec<(String, std::net::SocketAddr)>,
+    /// `--peer-service`: the headless Service whose EndpointSlices list the peers.
+    pub peer_service: Option<String>,
+    /// The daemon's own namespace (the peer Service's).
+    pub namespace: Option<String>,
+    pub peer_timeout: std::time::Duration,
+    pub missing_node_policy: MissingNodePolicy,
+    pub peer_tls: Option<peer::PeerTls>,
+    /// `--kubeconfig`; unset: in-cluster or `KUBECONFIG`.
+    pub kubeconfig: Option<std::path::PathBuf>,
+}
+
+/// What a daemon's cluster side runs on, ready-made (tests build these by hand).
+pub struct Parts {
+    pub node_name: String,
+    pub peer_listener: tokio::net::TcpListener,
+    pub peers: Arc<dyn discovery::PeerBook>,
+    pub pods: Arc<dyn workload::PodDirectory>,
+    /// Kubernetes access to ScaledObjects; `None`: `podSelector` is required.
+    pub resolver: Option<Arc<target::TargetResolver>>,
+    pub peer_timeout: std::time::Duration,
+    pub policy: MissingNodePolicy,
+    pub tls: Option<peer::PeerTls>,
+    pub stats: Arc<Stats>,
+}
+
+/// The cluster side, started.
+pub struct Started {
+    pub view: Arc<view::ClusterView>,
+    pub peer_addr: std::net::SocketAddr,
+    pub stats: Arc<Stats>,
+    /// The peer server; ends after `shutdown`.
+    pub task: tokio::task::JoinHandle<Result<()>>,
+}
+
+/// Starts the peer server and the cluster view over this node's snapshots.
+pub fn start(
+    parts: Parts,
+    snapshots: crate::sampler::SnapshotReceiver,
+    poll_interval: std::time::Duration,
+    shutdown: tokio_util::sync::CancellationToken,
+) -> Result<Started> {
+    let peer_addr = parts
+        .peer_listener
+        .local_addr()
+        .map_err(|e| Error::Serve(e.to_string()))?;
+    let local: Arc<dyn peer::LocalUsage> = Arc::new(usage::SnapshotUsage::new(
+        parts.node_name.clone(),
+        snapshots.clone(),
+        poll_interval,
+    ));
+    let clients = peer::PeerClients::new(parts.tls.as_ref(), parts.peer_timeout)?;
+    let fanout = Fanout::new(
+        FanoutConfig {
+            node_name: parts.node_name,
+            cache_ttl: poll_interval,
+            policy: parts.policy,
+        },
+        local.clone(),
+        parts.peers,
+        clients,
+        parts.pods,
+        parts.stats.clone(),
+    );
+    let view = Arc::new(view::ClusterView::new(fanout, parts.resolver, snapshots));
+    let tls = parts.tls;
+    let listener = parts.peer_listener;
+    let task = tokio::spawn(async move {
+        peer::serve(listener, local, tls.as_ref(), shutdown.cancelled_owned()).await
+    });
+    tracing::info!(%peer_addr, "serving the peer protocol");
+    Ok(Started {
+        view,
+        peer_addr,
+        stats: parts.stats,
+        task,
+    })
 }

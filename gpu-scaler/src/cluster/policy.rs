@@ -51,19 +51,6 @@ impl MissingNodePolicy {
     }
 }
 
-/// Fills `missing` values with the mean of `reported` (what
-/// [`MissingNodePolicy::Average`] counts an unreported pod as). The mean is summed
-/// in sorted order so every daemon gets the same bits.
-pub fn fill_missing(reported: &mut Vec<f64>, missing: usize) {
-    if missing == 0 || reported.is_empty() {
-        return;
-    }
-    let mut sorted = reported.clone();
-    sorted.sort_by(f64::total_cmp);
-    let mean = sorted.iter().sum::<f64>() / sorted.len() as f64;
-    reported.extend(std::iter::repeat_n(mean, missing));
-}
-
 /// Counters of the cluster path, for /metrics.
 #[derive(Debug, Default)]
 pub struct Stats {
@@ -114,15 +101,5 @@ mod tests {
         assert_eq!(MissingNodePolicy::Fail.admit(5, 0).expect("complete"), 0);
         let e = MissingNodePolicy::Fail.admit(5, 1).expect_err("gap");
         assert!(e.to_string().contains("1 of 5"), "{e}");
-    }
-
-    #[test]
-    fn fill_uses_the_mean_of_the_reported() {
-        let mut v = vec![10.0, 30.0];
-        fill_missing(&mut v, 2);
-        assert_eq!(v, [10.0, 30.0, 20.0, 20.0]);
-        let mut same_other_order = vec![30.0, 10.0];
-        fill_missing(&mut same_other_order, 2);
-        assert_eq!(same_other_order[2..], v[2..]);
     }
 }

@@ -145,3 +145,26 @@ impl PodDirectory for WorkloadPods {
         Box::pin(self.get(namespace, selector))
     }
 }
+
+/// Pods from a pod source's sets (the `--pods-file` PodList, which lists the
+/// whole cluster's pods), for static setups without the Kubernetes API.
+pub struct PodSetDirectory(pub crate::pods::PodsReceiver);
+
+impl PodDirectory for PodSetDirectory {
+    fn workload_pods<'a>(
+        &'a self,
+        namespace: &'a str,
+        selector: &'a str,
+    ) -> BoxFuture<'a, Result<Arc<PodMap>>> {
+        let set = self.0.borrow().clone();
+        Box::pin(async move {
+            let selector = crate::pods::Selector::parse(selector)
+                .map_err(|e| Error::Unavailable(format!("selector {selector:?}: {e}")))?;
+            let pods: PodMap = set
+                .select(namespace, &selector)
+                .map(|p| (p.uid.clone(), p.clone()))
+                .collect();
+            Ok(Arc::new(pods))
+        })
+    }
+}

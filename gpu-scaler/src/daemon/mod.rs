@@ -50,6 +50,10 @@ pub enum Error {
     Http(#[source] std::io::Error),
     #[error("a daemon task panicked: {0}")]
     Task(String),
+    #[error(transparent)]
+    Cluster(#[from] crate::cluster::Error),
+    #[error("{0}")]
+    ClusterConfig(String),
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
@@ -88,6 +92,8 @@ pub struct Config {
     pub gpu: gpu::Config,
     pub pods_file: Option<PathBuf>,
     pub tls: Option<TlsFiles>,
+    /// Peers, Kubernetes access and the missing-node policy.
+    pub cluster: crate::cluster::Config,
 }
 
 /// The daemon's inputs, already started.
@@ -109,6 +115,11 @@ pub struct Running {
     pub grpc_addr: SocketAddr,
     pub http_addr: SocketAddr,
     pub snapshots: SnapshotReceiver,
+    /// Where the peer protocol is served, in cluster mode.
+    pub peer_addr: Option<SocketAddr>,
+    /// The cluster path's counters (peer RPCs, missing-node policy), in
+    /// cluster mode.
+    pub cluster_stats: Option<Arc<crate::cluster::Stats>>,
     task: JoinHandle<Result<()>>,
 }
 
@@ -133,13 +144,33 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<()> {
     tracing::info!(backend = %attributor.backend(), "attribution started");
     let poll_interval = config.gpu.poll_interval;
     let gpu = gpu::start(config.gpu.clone());
-    let pods = match &config.pods_file {
-        Some(path) => pods::file::start(pods::file::Config {
+    // Kubernetes: wherever there is no pods file (in a cluster), or when a
+    // kubeconfig is named explicitly.
+    let kube = if config.pods_file.is_none() || config.cluster.kubeconfig.is_some() {
+        match pods::kube::client(config.cluster.kubeconfig.as_deref()).await {
+            Ok(c) => Some(c),
+            Err(e) if config.cluster.kubeconfig.is_some() => {
+                return Err(Error::ClusterConfig(e.to_string()));
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "no Kubernetes API access; running without it");
+                None
+            }
+        }
+    } else {
+        None
+    };
+    let pods = match (&config.pods_file, &kube, &config.node_name) {
+        (Some(path), _, _) => pods::file::start(pods::file::Config {
             path: path.clone(),
             node_name: config.node_name.clone(),
             check_interval: poll_interval.min(Duration::from_secs(1)),
         })?,
-        None => {
+        (None, Some(client), Some(node)) => {
+            tracing::info!(node, "local pods from the Kubernetes API");
+            pods::kube::node_source(client.clone(), node, shutdown.clone())
+        }
+        _ => {
             tracing::warn!(
                 "no pod source (--pods-file): GPU use is attributed to pod UIDs but no workload can be selected"
             );
@@ -156,7 +187,8 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<()> {
     };
     let grpc = bind(config.listen).await?;
     let http = bind(config.metrics_listen).await?;
-    let running = start_with(
+    let cluster = cluster_parts(&config, kube, &pods).await?;
+    let running = start_with_cluster(
         Inputs {
             attributor,
             gpu,
@@ -165,10 +197,75 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<()> {
         grpc,
         http,
         Settings { poll_interval, tls },
+        cluster,
         shutdown,
     )?;
-    tracing::info!(grpc = %running.grpc_addr, http = %running.http_addr, "serving");
+    tracing::info!(grpc = %running.grpc_addr, http = %running.http_addr, peer = ?running.peer_addr, "serving");
     running.wait().await
+}
+
+/// The cluster side from the flags: on when the node has a name and either the
+/// Kubernetes API or a static peer list says where the other daemons are.
+async fn cluster_parts(
+    config: &Config,
+    kube: Option<kube::Client>,
+    pods: &PodsReceiver,
+) -> Result<Option<crate::cluster::Parts>> {
+    use crate::cluster::{Parts, discovery, target, workload};
+    let c = &config.cluster;
+    let Some(node_name) = config.node_name.clone() else {
+        tracing::info!("no --node-name: answering for this node's pods only");
+        return Ok(None);
+    };
+    if kube.is_none() && c.peers.is_empty() {
+        tracing::info!(
+            "neither Kubernetes access nor --peers: answering for this node's pods only"
+        );
+        return Ok(None);
+    }
+    let peers: Arc<dyn discovery::PeerBook> = match (&c.peer_service, &kube) {
+        _ if !c.peers.is_empty() => Arc::new(discovery::StaticPeers::new(c.peers.clone())),
+        (Some(service), Some(client)) => {
+            let namespace = c.namespace.clone().ok_or_else(|| {
+                Error::ClusterConfig(
+                    "--peer-service needs the daemon's namespace (--namespace or POD_NAMESPACE)"
+                        .into(),
+                )
+            })?;
+            tracing::info!(%namespace, service, "peers from the Service's EndpointSlices");
+            Arc::new(discovery::EndpointPeers::start(
+                client.clone(),
+                &namespace,
+                service,
+            ))
+        }
+        _ => {
+            tracing::warn!(
+                "no --peers and no --peer-service: pods on other nodes count as unreported \
+                 (--missing-node-policy)"
+            );
+            Arc::new(discovery::StaticPeers::default())
+        }
+    };
+    let directory: Arc<dyn workload::PodDirectory> = match &kube {
+        Some(client) => {
+            workload::WorkloadPods::new(client.clone(), workload::CacheLimits::default())
+        }
+        None => Arc::new(workload::PodSetDirectory(pods.clone())),
+    };
+    let resolver =
+        kube.map(|client| Arc::new(target::TargetResolver::new(client, target::RESOLVE_TTL)));
+    Ok(Some(Parts {
+        node_name,
+        peer_listener: bind(c.peer_listen).await?,
+        peers,
+        pods: directory,
+        resolver,
+        peer_timeout: c.peer_timeout,
+        policy: c.missing_node_policy,
+        tls: c.peer_tls.clone(),
+        stats: Arc::default(),
+    }))
 }
 
 /// Why the daemon is not ready to answer, if it is not: the GPU source must be
@@ -197,11 +294,41 @@ pub fn start_with(
     settings: Settings,
     shutdown: CancellationToken,
 ) -> Result<Running> {
+    start_with_cluster(inputs, grpc, http, settings, None, shutdown)
+}
+
+/// As [`start_with`]; with `cluster` the daemon answers for the whole cluster
+/// (the cluster-wide view, and the peer protocol served for other daemons).
+pub fn start_with_cluster(
+    inputs: Inputs,
+    grpc: TcpListener,
+    http: TcpListener,
+    settings: Settings,
+    cluster: Option<crate::cluster::Parts>,
+    shutdown: CancellationToken,
+) -> Result<Running> {
     let grpc_addr = grpc.local_addr().map_err(Error::Http)?;
     let http_addr = http.local_addr().map_err(Error::Http)?;
     let gpu = inputs.gpu.clone();
     let snapshots = sampler::start(inputs.attributor, inputs.gpu, inputs.pods);
-    let view = Arc::new(LocalView::new(snapshots.clone(), settings.poll_interval));
+    let cluster = cluster
+        .map(|parts| {
+            crate::cluster::start(
+                parts,
+                snapshots.clone(),
+                settings.poll_interval,
+                shutdown.clone(),
+            )
+        })
+        .transpose()?;
+    let view: Arc<dyn crate::scaler::WorkloadView> = match &cluster {
+        Some(c) => c.view.clone(),
+        None => Arc::new(LocalView::new(snapshots.clone(), settings.poll_interval)),
+    };
+    let (peer_addr, cluster_stats, peer_task) = match cluster {
+        Some(c) => (Some(c.peer_addr), Some(c.stats), Some(c.task)),
+        None => (None, None, None),
+    };
     let service = ScalerService::new(view, shutdown.clone(), settings.poll_interval);
     let (reporter, health_service) = server::health();
 
@@ -266,14 +393,21 @@ pub fn start_with(
             }
         );
         let _ = health_task.await;
+        let p = match peer_task {
+            Some(t) => t.await.map_err(|e| Error::Task(e.to_string()))?,
+            None => Ok(()),
+        };
         tracing::info!("daemon stopped");
         g?;
-        h.map_err(Error::Http)
+        h.map_err(Error::Http)?;
+        Ok(p?)
     });
     Ok(Running {
         grpc_addr,
         http_addr,
         snapshots,
+        peer_addr,
+        cluster_stats,
         task,
     })
 }

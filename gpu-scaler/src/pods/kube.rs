@@ -161,6 +161,58 @@ impl PodWatch {
     }
 }
 
+/// The daemon's local pod source in a cluster: the pods on `node`, published as
+/// [`super::PodSet`]s like the file source's. The task ends with `shutdown`.
+pub fn node_source(
+    client: Client,
+    node: &str,
+    shutdown: tokio_util::sync::CancellationToken,
+) -> super::PodsReceiver {
+    let source: Arc<str> = format!("kubernetes:spec.nodeName={node}").into();
+    let empty = super::PodSet::empty(source.clone(), Some(node.to_owned()));
+    let (tx, rx) = watch::channel(Arc::new(super::PodSet {
+        error: Some("the first pod list has not arrived yet".into()),
+        ..empty
+    }));
+    let pod_watch = PodWatch::node(client, node);
+    let node = node.to_owned();
+    tokio::spawn(async move {
+        let mut states = pod_watch.subscribe();
+        loop {
+            let state = states.borrow_and_update().clone();
+            let last = tx.borrow().clone();
+            let pods = state
+                .pods
+                .as_deref()
+                .cloned()
+                .unwrap_or_else(|| last.pods.clone());
+            let changed = state.pods.is_some();
+            tx.send_replace(Arc::new(super::PodSet {
+                pods,
+                node_name: Some(node.clone()),
+                source: source.clone(),
+                loaded_at: if changed {
+                    std::time::SystemTime::now()
+                } else {
+                    last.loaded_at
+                },
+                error: state.error.clone().or_else(|| {
+                    state
+                        .pods
+                        .is_none()
+                        .then(|| Arc::from("the first pod list has not arrived yet"))
+                }),
+            }));
+            tokio::select! {
+                () = shutdown.cancelled() => break,
+                r = states.changed() => if r.is_err() { break },
+            }
+        }
+        drop(pod_watch);
+    });
+    rx
+}
+
 /// Applies watch events to the map and publishes it. Events that are already
 /// queued are applied together so a burst costs one publication, not one copy of
 /// the map per event.

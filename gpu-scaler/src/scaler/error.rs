@@ -30,6 +30,10 @@ pub enum Error {
     /// Anything else a workload view cannot answer (e.g. a peer daemon).
     #[error("{0}")]
     Unavailable(String),
+    /// The ScaledObject cannot name its pods: it, its scale target or the
+    /// target's selector is missing (podSelector left out in a cluster).
+    #[error("{0}")]
+    Workload(String),
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
@@ -51,6 +55,7 @@ impl Error {
             | Self::MissingNamespace
             | Self::MissingRef
             | Self::UnknownMetric { .. } => tonic::Code::InvalidArgument,
+            Self::Workload(_) => tonic::Code::FailedPrecondition,
             Self::Stale { .. }
             | Self::GpuDown(_)
             | Self::ReadingUnavailable(_)

@@ -195,7 +195,9 @@ pub type Result<T, E = Error> = std::result::Result<T, E>;
 /// One ScaledObject trigger's question, parsed and defaulted.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Query {
-    pub selector: Selector,
+    /// `podSelector`; `None` only when the caller allowed it to be left out (in
+    /// a cluster: the pods are then those of the ScaledObject's scale target).
+    pub selector: Option<Selector>,
     pub metric: Metric,
     pub aggregation: Aggregation,
     pub target: f64,
@@ -234,24 +236,40 @@ fn metric(key: &'static str, value: &str) -> Result<Metric> {
     })
 }
 
-/// Parses a trigger's metadata.
+/// Parses a trigger's metadata; `podSelector` is required.
 pub fn parse(meta: &HashMap<String, String>) -> Result<Query> {
-    let get = |k: &str| meta.get(k).map(String::as_str);
+    parse_with(meta, false)
+}
 
-    let selector_text = get(keys::POD_SELECTOR).ok_or_else(|| Error {
+/// The error for a missing `podSelector` where nothing else can find the pods.
+pub fn pod_selector_required() -> Error {
+    Error {
         key: keys::POD_SELECTOR,
         value: String::new(),
-        allowed:
-            "a Kubernetes label selector such as app=vllm,tier in (gpu,edge),!canary (required)"
-                .into(),
-    })?;
-    let selector = Selector::parse(selector_text).map_err(|e| Error {
-        key: keys::POD_SELECTOR,
-        value: selector_text.to_owned(),
-        allowed: format!(
-            "a Kubernetes label selector such as app=vllm,tier in (gpu,edge),!canary ({e})"
-        ),
-    })?;
+        allowed: "a Kubernetes label selector such as app=vllm,tier in (gpu,edge),!canary \
+                  (required without access to the Kubernetes API, which would find the pods \
+                  through the ScaledObject's scaleTargetRef)"
+            .into(),
+    }
+}
+
+/// Parses a trigger's metadata; with `selector_optional` a missing
+/// `podSelector` gives `selector: None` (the pods then come from the
+/// ScaledObject's scale target).
+pub fn parse_with(meta: &HashMap<String, String>, selector_optional: bool) -> Result<Query> {
+    let get = |k: &str| meta.get(k).map(String::as_str);
+
+    let selector = match get(keys::POD_SELECTOR) {
+        None if selector_optional => None,
+        None => return Err(pod_selector_required()),
+        Some(selector_text) => Some(Selector::parse(selector_text).map_err(|e| Error {
+            key: keys::POD_SELECTOR,
+            value: selector_text.to_owned(),
+            allowed: format!(
+                "a Kubernetes label selector such as app=vllm,tier in (gpu,edge),!canary ({e})"
+            ),
+        })?),
+    };
 
     let profile = match get(keys::PROFILE) {
         None => None,
@@ -426,7 +444,10 @@ mod tests {
         assert_eq!(q.target, 80.0);
         assert_eq!(q.activation, 0.0);
         assert_eq!(q.metric_name, None);
-        assert_eq!(q.selector.to_string(), "app=vllm");
+        assert_eq!(
+            q.selector.as_ref().map(ToString::to_string).as_deref(),
+            Some("app=vllm")
+        );
     }
 
     #[test]

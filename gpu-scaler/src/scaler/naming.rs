@@ -23,7 +23,12 @@ pub fn metric_name(query: &Query) -> String {
     if let Some(name) = &query.metric_name {
         return name.clone();
     }
-    let canonical = format!("{}|{}|{}", query.metric, query.aggregation, query.selector);
+    let pods = match &query.selector {
+        Some(s) => s.to_string(),
+        // The ScaledObject's own scale target: KEDA scopes names per ScaledObject.
+        None => "scaleTargetRef".to_owned(),
+    };
+    let canonical = format!("{}|{}|{}", query.metric, query.aggregation, pods);
     format!(
         "gpu-{}-{}-{:08x}",
         query.metric.as_str().replace('_', "-"),

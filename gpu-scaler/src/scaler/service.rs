@@ -58,21 +58,31 @@ impl ScalerService {
         }
     }
 
-    fn query(r: &ScaledObjectRef) -> Result<Query> {
+    fn query(&self, r: &ScaledObjectRef) -> Result<Query> {
         if r.namespace.is_empty() {
             return Err(Error::MissingNamespace);
         }
-        Ok(metadata::parse(&r.scaler_metadata)?)
+        Ok(metadata::parse_with(
+            &r.scaler_metadata,
+            self.view.resolves_scale_targets(),
+        )?)
     }
 
-    /// The workload's value for an already parsed query.
-    pub async fn value(&self, namespace: &str, query: &Query) -> Result<f64> {
-        let workload = self.view.workload(namespace, &query.selector).await?;
-        value::workload_value(query, &workload.pods)
+    /// The value of ScaledObject `r` for its already parsed query.
+    pub async fn value(&self, r: &ScaledObjectRef, query: &Query) -> Result<f64> {
+        let workload = match &query.selector {
+            Some(selector) => self.view.workload(&r.namespace, selector).await?,
+            None => {
+                self.view
+                    .scale_target_workload(&r.namespace, &r.name)
+                    .await?
+            }
+        };
+        value::workload_value_counting_missing(query, &workload.pods, workload.missing)
     }
 
-    async fn active(&self, namespace: &str, query: &Query) -> Result<bool> {
-        Ok(self.value(namespace, query).await? > query.activation)
+    async fn active(&self, r: &ScaledObjectRef, query: &Query) -> Result<bool> {
+        Ok(self.value(r, query).await? > query.activation)
     }
 }
 
@@ -85,8 +95,8 @@ impl ExternalScaler for ScalerService {
         request: Request<ScaledObjectRef>,
     ) -> Result<Response<IsActiveResponse>, Status> {
         let r = request.into_inner();
-        let query = Self::query(&r)?;
-        let result = self.active(&r.namespace, &query).await?;
+        let query = self.query(&r)?;
+        let result = self.active(&r, &query).await?;
         Ok(Response::new(IsActiveResponse { result }))
     }
 
@@ -97,7 +107,7 @@ impl ExternalScaler for ScalerService {
         request: Request<ScaledObjectRef>,
     ) -> Result<Response<Self::StreamIsActiveStream>, Status> {
         let r = request.into_inner();
-        let query = Self::query(&r)?;
+        let query = self.query(&r)?;
         let (tx, rx) = mpsc::channel(1);
         let this = self.clone();
         tokio::spawn(async move {
@@ -107,7 +117,7 @@ impl ExternalScaler for ScalerService {
             recheck.tick().await;
             let mut last = None;
             loop {
-                match this.active(&r.namespace, &query).await {
+                match this.active(&r, &query).await {
                     Ok(active) if last != Some(active) => {
                         if tx
                             .send(Ok(IsActiveResponse { result: active }))
@@ -143,7 +153,7 @@ impl ExternalScaler for ScalerService {
         &self,
         request: Request<ScaledObjectRef>,
     ) -> Result<Response<GetMetricSpecResponse>, Status> {
-        let query = Self::query(request.get_ref())?;
+        let query = self.query(request.get_ref())?;
         Ok(Response::new(GetMetricSpecResponse {
             metric_specs: vec![spec(&query)],
         }))
@@ -155,7 +165,7 @@ impl ExternalScaler for ScalerService {
     ) -> Result<Response<GetMetricsResponse>, Status> {
         let req = request.into_inner();
         let r = req.scaled_object_ref.ok_or(Error::MissingRef)?;
-        let query = Self::query(&r)?;
+        let query = self.query(&r)?;
         let served = naming::metric_name(&query);
         if !req.metric_name.is_empty() && !naming::matches(&req.metric_name, &served) {
             return Err(Error::UnknownMetric {
@@ -164,7 +174,7 @@ impl ExternalScaler for ScalerService {
             }
             .into());
         }
-        let v = self.value(&r.namespace, &query).await?;
+        let v = self.value(&r, &query).await?;
         Ok(Response::new(GetMetricsResponse {
             metric_values: vec![MetricValue {
                 metric_name: served,
@@ -180,7 +190,7 @@ impl ExternalScaler for ScalerService {
         &self,
         request: Request<ScaledObjectRef>,
     ) -> Result<Response<Self::StreamMetricSpecStream>, Status> {
-        let query = Self::query(request.get_ref())?;
+        let query = self.query(request.get_ref())?;
         let (tx, rx) = mpsc::channel(1);
         let shutdown = self.shutdown.clone();
         tokio::spawn(async move {

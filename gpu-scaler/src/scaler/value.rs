@@ -106,10 +106,28 @@ pub fn aggregate(aggregation: Aggregation, values: &[f64]) -> f64 {
 
 /// The workload's value for `query` over its pods.
 pub fn workload_value(query: &Query, pods: &[Arc<PodUsage>]) -> Result<f64> {
-    let values = pods
+    workload_value_counting_missing(query, pods, 0)
+}
+
+/// As [`workload_value`], with `missing` more pods (their node did not answer,
+/// and the missing-node policy admitted the answer) each counted as the mean
+/// of the reported pods' values. The mean is summed in sorted order so every
+/// daemon computes the same bits whatever order the pods arrived in.
+pub fn workload_value_counting_missing(
+    query: &Query,
+    pods: &[Arc<PodUsage>],
+    missing: usize,
+) -> Result<f64> {
+    let mut values = pods
         .iter()
         .map(|p| pod_value(query.metric, p))
         .collect::<Result<Vec<_>>>()?;
+    if missing > 0 && !values.is_empty() {
+        let mut sorted = values.clone();
+        sorted.sort_by(f64::total_cmp);
+        let mean = sorted.iter().sum::<f64>() / sorted.len() as f64;
+        values.extend(std::iter::repeat_n(mean, missing));
+    }
     Ok(aggregate(query.aggregation, &values))
 }
 
@@ -212,5 +230,38 @@ mod tests {
         for a in Aggregation::ALL {
             assert_eq!(aggregate(a, &[]), 0.0);
         }
+    }
+
+    #[test]
+    fn missing_pods_count_as_the_mean_of_the_reported() {
+        let q = |agg: &str| {
+            crate::scaler::metadata::parse(
+                &[("podSelector", "a"), ("aggregation", agg)]
+                    .iter()
+                    .map(|(k, v)| (k.to_string(), v.to_string()))
+                    .collect(),
+            )
+            .expect("query")
+        };
+        let pods = [
+            Arc::new(pod(vec![gpu(0, 10.0, 0.0, 0, 1, 0, 0.0)])),
+            Arc::new(pod(vec![gpu(1, 30.0, 0.0, 0, 1, 0, 0.0)])),
+        ];
+        assert_eq!(
+            workload_value_counting_missing(&q("sum"), &pods, 2).expect("sum"),
+            80.0
+        );
+        assert_eq!(
+            workload_value_counting_missing(&q("avg"), &pods, 2).expect("avg"),
+            20.0
+        );
+        assert_eq!(
+            workload_value_counting_missing(&q("max"), &pods, 1).expect("max"),
+            30.0
+        );
+        assert_eq!(
+            workload_value_counting_missing(&q("sum"), &pods, 0).expect("none"),
+            40.0
+        );
     }
 }

@@ -31,6 +31,10 @@ pub struct Workload {
     pub pods: Vec<Arc<PodUsage>>,
     /// When the oldest data in the answer was sampled.
     pub sampled_at: SystemTime,
+    /// Pods of the workload whose node did not answer (cluster views only),
+    /// admitted by the missing-node policy: each counts as the average of
+    /// `pods`' values.
+    pub missing: usize,
 }
 
 /// Answers "which pods are this workload and what do they use".
@@ -46,6 +50,23 @@ pub trait WorkloadView: Send + Sync + 'static {
 
     /// A stream that yields when new data arrives (for StreamIsActive).
     fn updates(&self) -> Updates;
+
+    /// Whether [`WorkloadView::scale_target_workload`] can answer, i.e. whether
+    /// `podSelector` may be left out.
+    fn resolves_scale_targets(&self) -> bool {
+        false
+    }
+
+    /// The pods of ScaledObject `name` in `namespace`, which has no
+    /// `podSelector`: those its scale target's scale subresource selects.
+    fn scale_target_workload<'a>(
+        &'a self,
+        namespace: &'a str,
+        name: &'a str,
+    ) -> BoxFuture<'a, Result<Workload>> {
+        let _ = (namespace, name);
+        Box::pin(async { Err(Error::Metadata(super::metadata::pod_selector_required())) })
+    }
 }
 
 /// How old GPU samples may be: three poll intervals.
@@ -108,6 +129,7 @@ impl LocalView {
         Ok(Workload {
             pods,
             sampled_at: snap.samples_taken_at.unwrap_or(snap.taken_at),
+            missing: 0,
         })
     }
 }

@@ -1,0 +1,121 @@
+//! The cluster-wide [`WorkloadView`]: the workload's pods on every node, through
+//! the fan-out, with the missing-node policy applied.
+
+use std::sync::Arc;
+
+use tokio_stream::{StreamExt as _, wrappers::WatchStream};
+
+use super::{Error, Fanout, target::TargetResolver, usage::from_proto};
+use crate::{
+    pods::Selector,
+    sampler::SnapshotReceiver,
+    scaler::{
+        self,
+        view::{BoxFuture, Updates, Workload, WorkloadView},
+    },
+};
+
+/// Answers for the whole cluster from any daemon.
+pub struct ClusterView {
+    fanout: Arc<Fanout>,
+    resolver: Option<Arc<TargetResolver>>,
+    snapshots: SnapshotReceiver,
+}
+
+impl ClusterView {
+    /// `resolver` (Kubernetes access) lets ScaledObjects leave `podSelector` out.
+    pub fn new(
+        fanout: Arc<Fanout>,
+        resolver: Option<Arc<TargetResolver>>,
+        snapshots: SnapshotReceiver,
+    ) -> Self {
+        Self {
+            fanout,
+            resolver,
+            snapshots,
+        }
+    }
+
+    async fn answer(&self, namespace: &str, selector: &str) -> scaler::Result<Workload> {
+        let usage = self
+            .fanout
+            .workload(namespace, selector)
+            .await
+            .map_err(to_scaler)?;
+        let missing = self
+            .fanout
+            .admit(&usage, namespace, selector)
+            .map_err(to_scaler)?;
+        let pods = usage
+            .pods
+            .iter()
+            .filter_map(|r| {
+                r.usage
+                    .as_ref()
+                    .map(|u| Arc::new(from_proto(r.pod.clone(), u)))
+            })
+            .collect();
+        Ok(Workload {
+            pods,
+            sampled_at: usage.sampled_at,
+            missing,
+        })
+    }
+}
+
+/// Problems with the ScaledObject itself are NOT_FOUND/FAILED_PRECONDITION for
+/// KEDA; everything else is UNAVAILABLE (transient, never a number).
+fn to_scaler(e: Error) -> scaler::Error {
+    let e = match e {
+        Error::Shared(inner) => match Arc::try_unwrap(inner) {
+            Ok(e) => e,
+            Err(shared) => return to_scaler_ref(&shared),
+        },
+        e => e,
+    };
+    to_scaler_ref(&e)
+}
+
+fn to_scaler_ref(e: &Error) -> scaler::Error {
+    match e {
+        Error::Shared(inner) => to_scaler_ref(inner),
+        e if e.is_user_error() => scaler::Error::Workload(e.to_string()),
+        e => scaler::Error::Unavailable(e.to_string()),
+    }
+}
+
+impl WorkloadView for ClusterView {
+    fn workload<'a>(
+        &'a self,
+        namespace: &'a str,
+        selector: &'a Selector,
+    ) -> BoxFuture<'a, scaler::Result<Workload>> {
+        Box::pin(async move { self.answer(namespace, &selector.to_string()).await })
+    }
+
+    fn updates(&self) -> Updates {
+        // Peers publish on the same poll interval as this node, so this node's
+        // snapshots are the cadence at which any answer can change.
+        Box::pin(WatchStream::from_changes(self.snapshots.clone()).map(|_| ()))
+    }
+
+    fn resolves_scale_targets(&self) -> bool {
+        self.resolver.is_some()
+    }
+
+    fn scale_target_workload<'a>(
+        &'a self,
+        namespace: &'a str,
+        name: &'a str,
+    ) -> BoxFuture<'a, scaler::Result<Workload>> {
+        Box::pin(async move {
+            let Some(resolver) = &self.resolver else {
+                return Err(scaler::Error::Metadata(
+                    scaler::metadata::pod_selector_required(),
+                ));
+            };
+            let resolved = resolver.resolve(namespace, name).await.map_err(to_scaler)?;
+            self.answer(namespace, &resolved.selector).await
+        })
+    }
+}
