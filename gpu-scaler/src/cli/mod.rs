@@ -31,7 +31,7 @@ pub struct Args {
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Run the node daemon: attribution, GPU sampling and the KEDA scaler.
-    Serve(serve::ServeArgs),
+    Serve(Box<serve::ServeArgs>),
     /// List every process with its cgroup and pod (diagnostics).
     Ps(ps::PsArgs),
     /// Print the GPUs, their processes and the pods they belong to.
@@ -74,7 +74,7 @@ impl Args {
 /// Runs the parsed command to completion.
 pub async fn run(args: Args) -> Result<()> {
     match args.command {
-        Command::Serve(a) => serve::run(a).await,
+        Command::Serve(a) => serve::run(*a).await,
         Command::Ps(a) => ps::run(a).await,
         Command::Gpus(a) => gpus::run(a).await,
         Command::Query(a) => query::run(a).await,
