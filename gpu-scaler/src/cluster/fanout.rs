@@ -162,19 +162,23 @@ impl Fanout {
         let missing = usage.unreported();
         let total = usage.pods.len();
         let decision = self.config.policy.admit(total, missing);
+        // Counted per answer; logged at warn once per fan-out (in `run`), since
+        // thousands of queries can share one.
         if missing > 0 {
-            let nodes: Vec<&str> = usage.missing_nodes.keys().map(String::as_str).collect();
             match &decision {
                 Ok(_) => {
                     Stats::inc(&self.stats.missing_averaged);
-                    tracing::warn!(namespace, selector, missing, total, ?nodes, reasons = ?usage.missing_nodes,
-                        policy = self.config.policy.as_str(),
-                        "pods without a report count as the average of the reported ones");
+                    tracing::debug!(
+                        namespace,
+                        selector,
+                        missing,
+                        total,
+                        "unreported pods count as the average"
+                    );
                 }
                 Err(e) => {
                     Stats::inc(&self.stats.missing_refused);
-                    tracing::warn!(namespace, selector, missing, total, ?nodes, reasons = ?usage.missing_nodes,
-                        policy = self.config.policy.as_str(), error = %e, "answering UNAVAILABLE");
+                    tracing::debug!(namespace, selector, missing, total, error = %e, "answering UNAVAILABLE");
                 }
             }
         }
@@ -183,6 +187,10 @@ impl Fanout {
 
     async fn run(&self, namespace: &str, selector: &str) -> Result<WorkloadUsage> {
         let all = self.pods.workload_pods(namespace, selector).await?;
+        // Channels to daemons that left the peer book are dropped.
+        let book = self.peers.all();
+        let known: std::collections::HashSet<_> = book.values().collect();
+        self.clients.retain(|a| known.contains(a));
         // The directory is namespaced already; the check keeps it so whatever the
         // directory does.
         let pods: Vec<Arc<Pod>> = all
@@ -250,6 +258,20 @@ impl Fanout {
                     missing_nodes.insert(node, reason);
                 }
             }
+        }
+        if !missing_nodes.is_empty() {
+            let policy = self.config.policy;
+            let verdict = match policy.admit(
+                pods.len(),
+                pods.iter()
+                    .filter(|p| !usage.contains_key(&p.uid) && p.node_name.is_some())
+                    .count(),
+            ) {
+                Ok(_) => "their pods count as the average of the reported ones".to_owned(),
+                Err(e) => format!("answering UNAVAILABLE: {e}"),
+            };
+            tracing::warn!(namespace, selector, nodes = ?missing_nodes, policy = policy.as_str(), verdict,
+                "nodes of the workload did not answer");
         }
         let pods = pods
             .into_iter()
