@@ -5,6 +5,10 @@
 //!    peers are separate processes on loopback (this binary re-run as
 //!    `bench-cluster peer`, serving the real peer gRPC service), the asking side
 //!    is the real `cluster::Fanout` with its cache off.
+//!    Then the same through real `gpu-scaler serve` processes (each on its own
+//!    127.0.1.N address, `--gpu mock`, `--pods-file`, `--peers`): KEDA's
+//!    GetMetrics on one daemon, each with a selector of its own so no answer
+//!    comes from the cache (the pods are idle, so peers answer with no GPUs).
 //! 2. Peer RPCs per KEDA polling round with 1,000 ScaledObjects over 10
 //!    workloads, each workload over 8 nodes: every ScaledObject asks GetMetrics
 //!    and IsActive once per round (both need the value), all at once.
@@ -254,6 +258,187 @@ async fn bench_latency() {
     }
 }
 
+/// `gpu-scaler serve` processes on 127.0.1.1..N.
+struct Daemons(Vec<Child>);
+
+impl Drop for Daemons {
+    fn drop(&mut self) {
+        for c in &mut self.0 {
+            // SIGTERM for a graceful stop, then reap.
+            // SAFETY: kill(2) on our own child's pid.
+            unsafe { libc::kill(c.id() as i32, libc::SIGTERM) };
+        }
+        for c in &mut self.0 {
+            let _ = c.wait();
+        }
+    }
+}
+
+fn gpu_scaler_binary() -> std::path::PathBuf {
+    // target/release/deps/cluster-HASH -> target/release/gpu-scaler
+    let exe = std::env::current_exe().expect("own path");
+    let bin = exe
+        .parent()
+        .and_then(|d| d.parent())
+        .map(|d| d.join("gpu-scaler"))
+        .expect("target dir");
+    assert!(
+        bin.exists(),
+        "{} is missing: run `cargo build --release -p gpu-scaler` first (cargo xtask bench cluster does)",
+        bin.display()
+    );
+    bin
+}
+
+async fn bench_latency_serve() {
+    use gpu_scaler::scaler::proto::{
+        GetMetricsRequest, ScaledObjectRef, external_scaler_client::ExternalScalerClient,
+    };
+    println!(
+        "== GetMetrics through `gpu-scaler serve` processes (4 idle pods per node, a new selector each time)"
+    );
+    let bin = gpu_scaler_binary();
+    let dir = std::env::temp_dir().join(format!("gpu-scaler-bench-cluster-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("temp dir");
+    std::fs::write(
+        dir.join("scenario.toml"),
+        "[[gpu]]\nmemory_total_mib = 81559\nutilization = 0\nmemory_utilization = 0\n\
+         temperature_c = 40\npower_w = 60.0\npower_limit_w = 700.0\n",
+    )
+    .expect("scenario");
+    for n in [1usize, 8, 64] {
+        let node = |i: usize| format!("node-{i}");
+        let ip = |i: usize| format!("127.0.1.{}", i + 1);
+        let items: Vec<serde_json::Value> = (0..n)
+            .flat_map(|i| {
+                (0..4).map(move |k| {
+                    pod(
+                        "ml",
+                        &format!("w-{i}-{k}"),
+                        &format!("00000000-0000-4000-8000-{:06}{:06}", i, k),
+                        &[("app", "w")],
+                        Some(&node(i)),
+                        "Running",
+                        true,
+                    )
+                })
+            })
+            .collect();
+        let pods_file = dir.join(format!("pods-{n}.json"));
+        std::fs::write(
+            &pods_file,
+            serde_json::json!({"apiVersion": "v1", "kind": "List", "items": items}).to_string(),
+        )
+        .expect("pods file");
+        let peers: Vec<String> = (0..n)
+            .map(|i| format!("{}={}:16001", node(i), ip(i)))
+            .collect();
+        let mut daemons = Daemons(Vec::new());
+        for i in 0..n {
+            let child = Command::new(&bin)
+                .args([
+                    "serve",
+                    "--attribution",
+                    "procfs",
+                    "--gpu",
+                    "mock",
+                    "--poll-interval",
+                    "1s",
+                ])
+                .arg("--gpu-scenario")
+                .arg(dir.join("scenario.toml"))
+                .arg("--pods-file")
+                .arg(&pods_file)
+                .args(["--node-name", &node(i)])
+                .args(["--listen", &format!("{}:16000", ip(i))])
+                .args(["--peer-listen", &format!("{}:16001", ip(i))])
+                .args(["--metrics-listen", &format!("{}:19090", ip(i))])
+                .args(["--peers", &peers.join(",")])
+                .env("RUST_LOG", "error")
+                .stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .stderr(
+                    std::fs::File::create(dir.join(format!("stderr-{i}"))).expect("stderr file"),
+                )
+                .spawn()
+                .expect("spawn gpu-scaler serve");
+            daemons.0.push(child);
+        }
+        let ask = |k: usize| GetMetricsRequest {
+            scaled_object_ref: Some(ScaledObjectRef {
+                name: "bench".into(),
+                namespace: "ml".into(),
+                scaler_metadata: [("podSelector".to_owned(), format!("app=w,!unused-{k}"))].into(),
+            }),
+            metric_name: String::new(),
+        };
+        // Ready: every daemon up, fresh, and answering for all pods.
+        let deadline = Instant::now() + Duration::from_secs(60);
+        let mut client = loop {
+            if let Ok(mut c) =
+                ExternalScalerClient::connect(format!("http://{}:16000", ip(0))).await
+                && c.get_metrics(ask(usize::MAX)).await.is_ok()
+            {
+                let mut all = true;
+                for i in 0..n {
+                    all &= tokio::net::TcpStream::connect(format!("{}:16001", ip(i)))
+                        .await
+                        .is_ok();
+                }
+                if all {
+                    break c;
+                }
+            }
+            // A daemon that cannot start (e.g. no attribution backend on this
+            // build) ends this part with its reason: no figure rather than a wrong one.
+            for (i, c) in daemons.0.iter_mut().enumerate() {
+                if let Ok(Some(status)) = c.try_wait() {
+                    let err = std::fs::read_to_string(dir.join(format!("stderr-{i}")))
+                        .unwrap_or_default();
+                    println!(
+                        "NOT MEASURED: gpu-scaler serve on {} exited ({status}): {}",
+                        ip(i),
+                        err.lines().last().unwrap_or("no output")
+                    );
+                    let _ = std::fs::remove_dir_all(&dir);
+                    return;
+                }
+            }
+            assert!(Instant::now() < deadline, "daemons not ready within 60 s");
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        };
+        // Two poll intervals: every daemon has a fresh snapshot.
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        for k in 0..50 {
+            client.get_metrics(ask(k)).await.expect("warm-up");
+        }
+        let rounds = 1000;
+        let mut lat = Vec::with_capacity(rounds);
+        for k in 0..rounds {
+            let t = Instant::now();
+            let r = client
+                .get_metrics(ask(1_000 + k))
+                .await
+                .expect("GetMetrics");
+            lat.push(t.elapsed());
+            assert_eq!(
+                r.into_inner().metric_values[0].metric_value_float,
+                0.0,
+                "idle pods"
+            );
+        }
+        lat.sort();
+        println!(
+            "nodes={n:>3}  pods={:>4}  p50={:>8.3} ms  p99={:>8.3} ms  ({rounds} sequential GetMetrics, each a full fan-out)",
+            4 * n,
+            percentile(&lat, 50.0).as_secs_f64() * 1e3,
+            percentile(&lat, 99.0).as_secs_f64() * 1e3,
+        );
+        drop(daemons);
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
 async fn bench_coalescing() {
     println!(
         "== peer RPCs per KEDA polling round (1,000 ScaledObjects over 10 workloads, 8 nodes each)"
@@ -385,14 +570,19 @@ async fn main() {
         [mode, node] if mode == "peer" => run_peer(node.clone()).await,
         [] => {
             bench_latency().await;
+            bench_latency_serve().await;
             bench_coalescing().await;
             bench_memory().await;
         }
-        [which] if which == "latency" => bench_latency().await,
+        [which] if which == "latency" => {
+            bench_latency().await;
+            bench_latency_serve().await;
+        }
+        [which] if which == "serve" => bench_latency_serve().await,
         [which] if which == "coalescing" => bench_coalescing().await,
         [which] if which == "memory" => bench_memory().await,
         _ => {
-            eprintln!("usage: cargo xtask bench cluster [latency|coalescing|memory]");
+            eprintln!("usage: cargo xtask bench cluster [latency|serve|coalescing|memory]");
             std::process::exit(2);
         }
     }

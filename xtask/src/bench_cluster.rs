@@ -5,6 +5,8 @@
 use anyhow::Result;
 
 pub fn run(part: Option<&str>) -> Result<()> {
+    // The serve part starts real `gpu-scaler serve` processes.
+    super::cargo(&["build", "--release", "--package", "gpu-scaler"])?;
     let mut args = vec![
         "bench",
         "--package",
