@@ -191,3 +191,84 @@ async fn cancel_on_signal(token: CancellationToken) {
     }
     token.cancel();
 }
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser as _;
+
+    use crate::cli::{Args, Command};
+
+    fn serve(args: &[&str]) -> Result<super::ServeArgs, clap::Error> {
+        let argv = ["gpu-scaler", "serve"].iter().chain(args);
+        Args::try_parse_from(argv).map(|a| match a.command {
+            Command::Serve(s) => *s,
+            other => panic!("parsed as {other:?}"),
+        })
+    }
+
+    #[test]
+    fn cluster_flags() {
+        let s = serve(&[]).expect("defaults");
+        assert_eq!(s.peer_listen, "0.0.0.0:6001".parse().expect("addr"));
+        assert_eq!(s.peer_timeout, std::time::Duration::from_secs(1));
+        assert_eq!(
+            s.missing_node_policy,
+            crate::cluster::MissingNodePolicy::Average
+        );
+        assert!(s.peers.is_empty());
+
+        let s = serve(&[
+            "--peers",
+            "gpu-1=10.0.0.1:6001,gpu-2=10.0.0.2:6001",
+            "--missing-node-policy",
+            "fail",
+            "--peer-timeout",
+            "250ms",
+            "--peer-service",
+            "gpu-scaler-peers",
+            "--namespace",
+            "gpu-scaler",
+        ])
+        .expect("cluster flags");
+        assert_eq!(
+            s.peers,
+            vec![
+                ("gpu-1".to_owned(), "10.0.0.1:6001".parse().expect("addr")),
+                ("gpu-2".to_owned(), "10.0.0.2:6001".parse().expect("addr")),
+            ]
+        );
+        assert_eq!(
+            s.missing_node_policy,
+            crate::cluster::MissingNodePolicy::Fail
+        );
+        assert_eq!(s.peer_timeout, std::time::Duration::from_millis(250));
+        assert_eq!(s.peer_service.as_deref(), Some("gpu-scaler-peers"));
+    }
+
+    #[test]
+    fn bad_cluster_flags_are_clear_errors() {
+        let e = serve(&["--peers", "gpu-1"])
+            .expect_err("no address")
+            .to_string();
+        assert!(e.contains("NODE=ADDR"), "{e}");
+        let e = serve(&["--missing-node-policy", "zero"])
+            .expect_err("unknown policy")
+            .to_string();
+        assert!(e.contains("average") && e.contains("fail"), "{e}");
+        assert!(
+            serve(&["--peer-tls-cert", "c.pem"]).is_err(),
+            "cert without key and CA"
+        );
+        assert!(
+            serve(&[
+                "--peer-tls-cert",
+                "c.pem",
+                "--peer-tls-key",
+                "k.pem",
+                "--peer-tls-ca",
+                "ca.pem"
+            ])
+            .is_ok()
+        );
+    }
+}
