@@ -168,3 +168,48 @@ impl PodDirectory for PodSetDirectory {
         })
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::pods::{Pod, PodSet};
+
+    fn pod(uid: &str, ns: &str, app: &str, node: &str) -> Pod {
+        Pod {
+            uid: uid.into(),
+            namespace: ns.into(),
+            name: format!("p-{uid}"),
+            labels: [("app".to_owned(), app.to_owned())].into(),
+            node_name: Some(node.into()),
+            phase: Some("Running".into()),
+            ready: true,
+        }
+    }
+
+    #[tokio::test]
+    async fn pod_set_directory_selects_cluster_wide_within_the_namespace() {
+        let set = PodSet::from_pods(
+            [
+                pod("1", "ml", "llm", "n1"),
+                pod("2", "ml", "llm", "n2"),
+                pod("3", "other", "llm", "n1"),
+                pod("4", "ml", "web", "n1"),
+            ],
+            Some("n1".into()),
+            "test",
+        );
+        let (_tx, rx) = tokio::sync::watch::channel(Arc::new(set));
+        let dir = PodSetDirectory(rx);
+        let got = dir.workload_pods("ml", "app=llm").await.expect("pods");
+        assert_eq!(
+            got.keys().collect::<Vec<_>>(),
+            ["1", "2"],
+            "every node, one namespace"
+        );
+        let e = dir
+            .workload_pods("ml", "app in llm")
+            .await
+            .expect_err("bad selector");
+        assert!(e.to_string().contains("app in llm"), "{e}");
+    }
+}
