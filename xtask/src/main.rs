@@ -3,6 +3,7 @@
 mod bench_cluster;
 mod bench_gpu;
 mod bench_scaler;
+mod chart;
 mod demo;
 mod toolchain;
 
@@ -39,6 +40,10 @@ enum Task {
         #[arg(trailing_var_arg = true)]
         args: Vec<String>,
     },
+    /// Regenerate deploy/manifests/ from the Helm chart with default values.
+    Manifests,
+    /// Lint, render and validate the Helm chart, its manifests and examples.
+    Chart,
 }
 
 #[derive(Subcommand)]
@@ -101,10 +106,13 @@ fn main() -> Result<()> {
                     "warnings",
                 ])?;
             }
+            chart::check()?;
             let mut test = vec!["test", "--workspace"];
             test.extend(args.iter().map(String::as_str));
             cargo(&test)
         }
+        Task::Manifests => chart::manifests(),
+        Task::Chart => chart::check(),
     }
 }
 

