@@ -13,8 +13,7 @@
 
 use std::{
     collections::BTreeSet,
-    fmt,
-    fs,
+    fmt, fs,
     path::{Path, PathBuf},
     process::{Command, Stdio},
 };
@@ -53,7 +52,11 @@ const CRD_KINDS: &[&str] = &[
 pub fn manifests() -> Result<()> {
     let tools = Tools::ensure()?;
     let rendered = manifests_text(&tools)?;
-    fs::create_dir_all(Path::new(MANIFESTS).parent().expect("manifests path has a parent"))?;
+    fs::create_dir_all(
+        Path::new(MANIFESTS)
+            .parent()
+            .expect("manifests path has a parent"),
+    )?;
     fs::write(MANIFESTS, rendered).with_context(|| format!("writing {MANIFESTS}"))?;
     eprintln!("xtask: wrote {MANIFESTS}");
     Ok(())
@@ -89,7 +92,9 @@ pub fn check() -> Result<()> {
 
     for (set, expected) in BAD_VALUES {
         let err = match tools.template(None, set) {
-            Ok(_) => bail!("helm template --set {set:?} rendered; expected it to fail with {expected:?}"),
+            Ok(_) => {
+                bail!("helm template --set {set:?} rendered; expected it to fail with {expected:?}")
+            }
             Err(e) => format!("{e:#}"),
         };
         ensure!(
@@ -99,7 +104,8 @@ pub fn check() -> Result<()> {
     }
 
     let fresh = manifests_text(&tools)?;
-    let committed = fs::read_to_string(MANIFESTS).with_context(|| format!("reading {MANIFESTS}"))?;
+    let committed =
+        fs::read_to_string(MANIFESTS).with_context(|| format!("reading {MANIFESTS}"))?;
     ensure!(
         fresh == committed,
         "{MANIFESTS} differs from the chart rendered with default values; run `cargo xtask manifests`"
@@ -115,7 +121,10 @@ pub fn check() -> Result<()> {
 /// Values that must not render, and what the error must say.
 const BAD_VALUES: &[(&[&str], &str)] = &[
     (&["tls.source=vault"], "tls.source must be"),
-    (&["tls.enabled=true", "tls.source=certManager"], "needs tls.certManager.issuerRef.name"),
+    (
+        &["tls.enabled=true", "tls.source=certManager"],
+        "needs tls.certManager.issuerRef.name",
+    ),
     (
         &[
             "tls.enabled=true",
@@ -125,7 +134,10 @@ const BAD_VALUES: &[(&[&str], &str)] = &[
         ],
         "needs issuerRef.kind=ClusterIssuer",
     ),
-    (&["daemon.missingNodePolicy=zero"], "daemon.missingNodePolicy must be"),
+    (
+        &["daemon.missingNodePolicy=zero"],
+        "daemon.missingNodePolicy must be",
+    ),
     (&["daemon.attribution=guess"], "daemon.attribution must be"),
     (&["daemon.gpu=mock"], "needs daemon.mockScenario"),
 ];
@@ -163,9 +175,18 @@ impl Tools {
         let python = venv.join("bin/python");
         let validate = venv.join("bin/kubernetes-validate");
         if !validate.exists() {
-            eprintln!("xtask: installing {KUBERNETES_VALIDATE} into {}", venv.display());
+            eprintln!(
+                "xtask: installing {KUBERNETES_VALIDATE} into {}",
+                venv.display()
+            );
             super::run(Command::new("python3").arg("-m").arg("venv").arg(&venv))?;
-            super::run(Command::new(&python).args(["-m", "pip", "install", "--quiet", KUBERNETES_VALIDATE]))?;
+            super::run(Command::new(&python).args([
+                "-m",
+                "pip",
+                "install",
+                "--quiet",
+                KUBERNETES_VALIDATE,
+            ]))?;
         }
         Ok(Self {
             helm,
@@ -206,7 +227,8 @@ impl Tools {
     /// Validates every object of `yaml` against the Kubernetes schemas, strictly (no
     /// unknown fields). A kind without a schema is an error unless it is a known CRD.
     fn validate(&self, yaml: &str, name: &str) -> Result<()> {
-        let file = Path::new("target/tools/render").join(format!("{}.yaml", name.replace('/', "_")));
+        let file =
+            Path::new("target/tools/render").join(format!("{}.yaml", name.replace('/', "_")));
         fs::create_dir_all(file.parent().expect("render path has a parent"))?;
         fs::write(&file, yaml)?;
         for version in KUBERNETES_VERSIONS {
@@ -295,7 +317,8 @@ struct RbacCalls(BTreeSet<Call>);
 
 impl RbacCalls {
     fn load() -> Result<Self> {
-        let text = fs::read_to_string(RBAC_CALLS).with_context(|| format!("reading {RBAC_CALLS}"))?;
+        let text =
+            fs::read_to_string(RBAC_CALLS).with_context(|| format!("reading {RBAC_CALLS}"))?;
         Self::parse(&text).with_context(|| format!("parsing {RBAC_CALLS}"))
     }
 
@@ -308,7 +331,10 @@ impl RbacCalls {
             }
             let fields: Vec<&str> = line.split_whitespace().collect();
             let [group, resource, verb] = fields[..] else {
-                bail!("line {}: expected `group resource verb`, got {line:?}", n + 1);
+                bail!(
+                    "line {}: expected `group resource verb`, got {line:?}",
+                    n + 1
+                );
             };
             let group = if group == "\"\"" { "" } else { group };
             ensure!(
@@ -332,16 +358,23 @@ impl RbacCalls {
 /// resourceNames/nonResourceURLs are refused: the role must be exact.
 fn granted(role: &Value) -> Result<BTreeSet<Call>> {
     let mut out = BTreeSet::new();
-    for rule in role["rules"].as_array().context("ClusterRole without rules")? {
+    for rule in role["rules"]
+        .as_array()
+        .context("ClusterRole without rules")?
+    {
         ensure!(
             rule.get("resourceNames").is_none() && rule.get("nonResourceURLs").is_none(),
             "unexpected rule {rule}"
         );
         let strings = |key: &str| -> Result<Vec<String>> {
-            let list = rule[key].as_array().with_context(|| format!("rule without {key}: {rule}"))?;
+            let list = rule[key]
+                .as_array()
+                .with_context(|| format!("rule without {key}: {rule}"))?;
             list.iter()
                 .map(|v| {
-                    let s = v.as_str().with_context(|| format!("{key} not a string: {rule}"))?;
+                    let s = v
+                        .as_str()
+                        .with_context(|| format!("{key} not a string: {rule}"))?;
                     ensure!(!s.contains('*'), "wildcard {s:?} in {key}: {rule}");
                     Ok(s.to_owned())
                 })
@@ -383,7 +416,13 @@ fn find<'a>(objects: &'a [Value], kind: &str, name: &str) -> Result<&'a Value> {
 fn kinds(objects: &[Value]) -> Vec<String> {
     objects
         .iter()
-        .map(|o| format!("{}/{}", o["kind"].as_str().unwrap_or("?"), o["metadata"]["name"].as_str().unwrap_or("?")))
+        .map(|o| {
+            format!(
+                "{}/{}",
+                o["kind"].as_str().unwrap_or("?"),
+                o["metadata"]["name"].as_str().unwrap_or("?")
+            )
+        })
         .collect()
 }
 
@@ -392,7 +431,11 @@ fn container(objects: &[Value]) -> Result<&Value> {
     let containers = ds["spec"]["template"]["spec"]["containers"]
         .as_array()
         .context("DaemonSet without containers")?;
-    ensure!(containers.len() == 1, "expected one container, got {}", containers.len());
+    ensure!(
+        containers.len() == 1,
+        "expected one container, got {}",
+        containers.len()
+    );
     Ok(&containers[0])
 }
 
@@ -428,9 +471,15 @@ fn assert_common(objects: &[Value]) -> Result<()> {
     );
     let c = container(objects)?;
     ensure!(c["args"][0] == "serve", "the container must run `serve`");
-    for (name, field) in [("NODE_NAME", "spec.nodeName"), ("POD_NAMESPACE", "metadata.namespace")] {
+    for (name, field) in [
+        ("NODE_NAME", "spec.nodeName"),
+        ("POD_NAMESPACE", "metadata.namespace"),
+    ] {
         let e = env(c, name).with_context(|| format!("no {name} env"))?;
-        ensure!(e["valueFrom"]["fieldRef"]["fieldPath"] == field, "{name} must come from {field}");
+        ensure!(
+            e["valueFrom"]["fieldRef"]["fieldPath"] == field,
+            "{name} must come from {field}"
+        );
     }
     ensure!(
         c["securityContext"]["readOnlyRootFilesystem"] == true,
@@ -439,36 +488,58 @@ fn assert_common(objects: &[Value]) -> Result<()> {
     for mount in c["volumeMounts"].as_array().context("no volumeMounts")? {
         let host = volume(objects, mount["name"].as_str().unwrap_or_default())
             .is_some_and(|v| v.get("hostPath").is_some());
-        ensure!(!host || mount["readOnly"] == true, "host mount {mount} must be read-only");
+        ensure!(
+            !host || mount["readOnly"] == true,
+            "host mount {mount} must be read-only"
+        );
     }
     for (probe, path) in [
         ("startupProbe", "/healthz"),
         ("livenessProbe", "/healthz"),
         ("readinessProbe", "/readyz"),
     ] {
-        ensure!(c[probe]["httpGet"]["path"] == path, "{probe} must ask {path}");
-        ensure!(c[probe]["httpGet"]["port"] == "metrics", "{probe} must use the metrics port");
+        ensure!(
+            c[probe]["httpGet"]["path"] == path,
+            "{probe} must ask {path}"
+        );
+        ensure!(
+            c[probe]["httpGet"]["port"] == "metrics",
+            "{probe} must use the metrics port"
+        );
     }
     let ports: Vec<(String, i64)> = c["ports"]
         .as_array()
         .context("no ports")?
         .iter()
-        .map(|p| (p["name"].as_str().unwrap_or_default().to_owned(), p["containerPort"].as_i64().unwrap_or(0)))
+        .map(|p| {
+            (
+                p["name"].as_str().unwrap_or_default().to_owned(),
+                p["containerPort"].as_i64().unwrap_or(0),
+            )
+        })
         .collect();
     for expected in [("scaler", 6000), ("peer", 6001), ("metrics", 9090)] {
         ensure!(
-            ports.iter().any(|(n, p)| n == expected.0 && *p == expected.1),
+            ports
+                .iter()
+                .any(|(n, p)| n == expected.0 && *p == expected.1),
             "container port {expected:?} missing from {ports:?}"
         );
     }
     let peers = find(objects, "Service", &format!("{RELEASE}-peers"))?;
-    ensure!(peers["spec"]["clusterIP"] == "None", "the peers Service must be headless");
+    ensure!(
+        peers["spec"]["clusterIP"] == "None",
+        "the peers Service must be headless"
+    );
     ensure!(
         has_arg(c, &format!("--peer-service={RELEASE}-peers")),
         "--peer-service must name the headless Service"
     );
     let scaler = find(objects, "Service", RELEASE)?;
-    ensure!(scaler["spec"]["ports"][0]["port"] == 6000, "KEDA's Service must listen on 6000");
+    ensure!(
+        scaler["spec"]["ports"][0]["port"] == 6000,
+        "KEDA's Service must listen on 6000"
+    );
     find(objects, "Service", &format!("{RELEASE}-metrics"))?;
     let binding = find(objects, "ClusterRoleBinding", RELEASE)?;
     ensure!(
@@ -498,19 +569,52 @@ fn assert_scenario(name: &str, objects: &[Value], calls: &RbacCalls) -> Result<(
     let tls_env = env(c, "GPU_SCALER_TLS_CERT").is_some();
     match name {
         "default" => {
-            ensure!(c["securityContext"]["privileged"] == false, "privileged by default");
-            ensure!(c["securityContext"]["allowPrivilegeEscalation"] == false, "escalation allowed");
-            ensure!(caps["drop"] == serde_json::json!(["ALL"]), "capabilities not dropped: {caps}");
-            ensure!(caps["add"] == serde_json::json!(["BPF", "PERFMON"]), "capabilities {caps}");
-            ensure!(!tls_env && !has_arg(c, "--peer-tls-cert=/etc/gpu-scaler/tls/peer/tls.crt"), "TLS on by default");
-            for kind in ["NetworkPolicy", "ServiceMonitor", "Certificate", "ConfigMap"] {
-                ensure!(count(kind) == 0, "{kind} rendered by default: {:?}", kinds(objects));
+            ensure!(
+                c["securityContext"]["privileged"] == false,
+                "privileged by default"
+            );
+            ensure!(
+                c["securityContext"]["allowPrivilegeEscalation"] == false,
+                "escalation allowed"
+            );
+            ensure!(
+                caps["drop"] == serde_json::json!(["ALL"]),
+                "capabilities not dropped: {caps}"
+            );
+            ensure!(
+                caps["add"] == serde_json::json!(["BPF", "PERFMON"]),
+                "capabilities {caps}"
+            );
+            ensure!(
+                !tls_env && !has_arg(c, "--peer-tls-cert=/etc/gpu-scaler/tls/peer/tls.crt"),
+                "TLS on by default"
+            );
+            for kind in [
+                "NetworkPolicy",
+                "ServiceMonitor",
+                "Certificate",
+                "ConfigMap",
+            ] {
+                ensure!(
+                    count(kind) == 0,
+                    "{kind} rendered by default: {:?}",
+                    kinds(objects)
+                );
             }
             let pod = &find(objects, "DaemonSet", RELEASE)?["spec"]["template"]["spec"];
             ensure!(pod["runtimeClassName"] == "nvidia", "runtimeClassName");
-            ensure!(pod["nodeSelector"]["nvidia.com/gpu.present"] == "true", "nodeSelector");
-            ensure!(pod["priorityClassName"] == "system-node-critical", "priorityClassName");
-            ensure!(env(c, "NVIDIA_VISIBLE_DEVICES").is_some_and(|e| e["value"] == "all"), "NVIDIA_VISIBLE_DEVICES");
+            ensure!(
+                pod["nodeSelector"]["nvidia.com/gpu.present"] == "true",
+                "nodeSelector"
+            );
+            ensure!(
+                pod["priorityClassName"] == "system-node-critical",
+                "priorityClassName"
+            );
+            ensure!(
+                env(c, "NVIDIA_VISIBLE_DEVICES").is_some_and(|e| e["value"] == "all"),
+                "NVIDIA_VISIBLE_DEVICES"
+            );
             ensure!(
                 env(c, "NVIDIA_DRIVER_CAPABILITIES").is_some_and(|e| e["value"] == "utility"),
                 "NVIDIA_DRIVER_CAPABILITIES"
@@ -518,81 +622,156 @@ fn assert_scenario(name: &str, objects: &[Value], calls: &RbacCalls) -> Result<(
         }
         "privileged-values" => {
             ensure!(c["securityContext"]["privileged"] == true, "not privileged");
-            ensure!(c["securityContext"].get("capabilities").is_none(), "capabilities with privileged");
+            ensure!(
+                c["securityContext"].get("capabilities").is_none(),
+                "capabilities with privileged"
+            );
         }
         "tls-secret-values" => {
             ensure!(tls_env, "no GPU_SCALER_TLS_CERT");
-            ensure!(env(c, "GPU_SCALER_TLS_CLIENT_CA").is_some(), "mTLS without GPU_SCALER_TLS_CLIENT_CA");
-            ensure!(has_arg(c, "--peer-tls-ca=/etc/gpu-scaler/tls/peer/ca.crt"), "no peer mTLS args");
+            ensure!(
+                env(c, "GPU_SCALER_TLS_CLIENT_CA").is_some(),
+                "mTLS without GPU_SCALER_TLS_CLIENT_CA"
+            );
+            ensure!(
+                has_arg(c, "--peer-tls-ca=/etc/gpu-scaler/tls/peer/ca.crt"),
+                "no peer mTLS args"
+            );
             let scaler = volume(objects, "scaler-tls").context("no scaler-tls volume")?;
-            ensure!(scaler["secret"]["secretName"] == "my-scaler-tls", "scaler secret {scaler}");
+            ensure!(
+                scaler["secret"]["secretName"] == "my-scaler-tls",
+                "scaler secret {scaler}"
+            );
             let peer = volume(objects, "peer-tls").context("no peer-tls volume")?;
-            ensure!(peer["secret"]["secretName"] == "my-peer-tls", "peer secret {peer}");
-            ensure!(count("Certificate") == 0, "Certificates without cert-manager");
+            ensure!(
+                peer["secret"]["secretName"] == "my-peer-tls",
+                "peer secret {peer}"
+            );
+            ensure!(
+                count("Certificate") == 0,
+                "Certificates without cert-manager"
+            );
         }
         "tls-server-only-values" => {
             ensure!(tls_env, "no GPU_SCALER_TLS_CERT");
-            ensure!(env(c, "GPU_SCALER_TLS_CLIENT_CA").is_none(), "client CA although not required");
-            ensure!(volume(objects, "peer-tls").is_none(), "peer TLS although disabled");
-            ensure!(!has_arg(c, "--peer-tls-cert=/etc/gpu-scaler/tls/peer/tls.crt"), "peer TLS args although disabled");
+            ensure!(
+                env(c, "GPU_SCALER_TLS_CLIENT_CA").is_none(),
+                "client CA although not required"
+            );
+            ensure!(
+                volume(objects, "peer-tls").is_none(),
+                "peer TLS although disabled"
+            );
+            ensure!(
+                !has_arg(c, "--peer-tls-cert=/etc/gpu-scaler/tls/peer/tls.crt"),
+                "peer TLS args although disabled"
+            );
         }
         "cert-manager-values" => {
-            ensure!(count("Certificate") == 3, "expected 3 Certificates: {:?}", kinds(objects));
-            let scaler = find(objects, "Certificate", &format!("{RELEASE}-scaler"))?;
-            ensure!(scaler["spec"]["secretName"] == format!("{RELEASE}-scaler-tls"), "scaler secret");
             ensure!(
-                scaler["spec"]["dnsNames"]
-                    .as_array()
-                    .is_some_and(|d| d.iter().any(|n| n == format!("{RELEASE}.{NAMESPACE}.svc").as_str())),
+                count("Certificate") == 3,
+                "expected 3 Certificates: {:?}",
+                kinds(objects)
+            );
+            let scaler = find(objects, "Certificate", &format!("{RELEASE}-scaler"))?;
+            ensure!(
+                scaler["spec"]["secretName"] == format!("{RELEASE}-scaler-tls"),
+                "scaler secret"
+            );
+            ensure!(
+                scaler["spec"]["dnsNames"].as_array().is_some_and(|d| d
+                    .iter()
+                    .any(|n| n == format!("{RELEASE}.{NAMESPACE}.svc").as_str())),
                 "the scaler certificate must name the Service KEDA dials"
             );
             let client = find(objects, "Certificate", &format!("{RELEASE}-keda-client"))?;
-            ensure!(client["metadata"]["namespace"] == "keda", "KEDA's client certificate namespace");
+            ensure!(
+                client["metadata"]["namespace"] == "keda",
+                "KEDA's client certificate namespace"
+            );
             for cert in objects.iter().filter(|o| o["kind"] == "Certificate") {
-                ensure!(cert["spec"]["issuerRef"]["name"] == "gpu-scaler-ca", "issuerRef of {cert}");
+                ensure!(
+                    cert["spec"]["issuerRef"]["name"] == "gpu-scaler-ca",
+                    "issuerRef of {cert}"
+                );
             }
             let volume = volume(objects, "scaler-tls").context("no scaler-tls volume")?;
-            ensure!(volume["secret"]["secretName"] == format!("{RELEASE}-scaler-tls"), "{volume}");
+            ensure!(
+                volume["secret"]["secretName"] == format!("{RELEASE}-scaler-tls"),
+                "{volume}"
+            );
         }
         "network-policy-values" => {
             let np = find(objects, "NetworkPolicy", RELEASE)?;
-            let rules = np["spec"]["ingress"].as_array().context("no ingress rules")?;
+            let rules = np["spec"]["ingress"]
+                .as_array()
+                .context("no ingress rules")?;
             let rule_for = |port: i64| rules.iter().find(|r| r["ports"][0]["port"] == port);
             let keda = rule_for(6000).context("no rule for 6000")?;
             ensure!(
-                keda["from"][0]["namespaceSelector"]["matchLabels"]["kubernetes.io/metadata.name"] == "keda",
+                keda["from"][0]["namespaceSelector"]["matchLabels"]["kubernetes.io/metadata.name"]
+                    == "keda",
                 "6000 must be open to KEDA's namespace only: {keda}"
             );
             ensure!(
-                keda["from"][0]["podSelector"]["matchLabels"]["app.kubernetes.io/name"] == "keda-operator",
+                keda["from"][0]["podSelector"]["matchLabels"]["app.kubernetes.io/name"]
+                    == "keda-operator",
                 "kedaPodSelector ignored: {keda}"
             );
             let peer = rule_for(6001).context("no rule for 6001")?;
             ensure!(
-                peer["from"][0]["podSelector"]["matchLabels"]["app.kubernetes.io/instance"] == RELEASE
+                peer["from"][0]["podSelector"]["matchLabels"]["app.kubernetes.io/instance"]
+                    == RELEASE
                     && peer["from"][0].get("namespaceSelector").is_none(),
                 "6001 must be open to the daemons only: {peer}"
             );
             let metrics = rule_for(9090).context("no rule for 9090")?;
-            ensure!(metrics["from"].as_array().is_some_and(|f| f.len() == 1), "metricsFrom ignored");
+            ensure!(
+                metrics["from"].as_array().is_some_and(|f| f.len() == 1),
+                "metricsFrom ignored"
+            );
         }
         "service-monitor-values" => {
             let sm = find(objects, "ServiceMonitor", RELEASE)?;
-            ensure!(sm["spec"]["endpoints"][0]["port"] == "metrics", "ServiceMonitor port");
-            ensure!(sm["metadata"]["labels"]["release"] == "kube-prometheus-stack", "ServiceMonitor labels");
+            ensure!(
+                sm["spec"]["endpoints"][0]["port"] == "metrics",
+                "ServiceMonitor port"
+            );
+            ensure!(
+                sm["metadata"]["labels"]["release"] == "kube-prometheus-stack",
+                "ServiceMonitor labels"
+            );
             let svc = find(objects, "Service", &format!("{RELEASE}-metrics"))?;
-            for (k, v) in sm["spec"]["selector"]["matchLabels"].as_object().context("selector")? {
-                ensure!(&svc["metadata"]["labels"][k] == v, "ServiceMonitor selects {k}={v}, Service lacks it");
+            for (k, v) in sm["spec"]["selector"]["matchLabels"]
+                .as_object()
+                .context("selector")?
+            {
+                ensure!(
+                    &svc["metadata"]["labels"][k] == v,
+                    "ServiceMonitor selects {k}={v}, Service lacks it"
+                );
             }
         }
         "scale-targets-values" => {} // the RBAC comparison above is the check
         "mock-values" => {
-            ensure!(env(c, "GPU_SCALER_GPU").is_some_and(|e| e["value"] == "mock"), "GPU_SCALER_GPU");
-            ensure!(env(c, "GPU_SCALER_GPU_SCENARIO").is_some(), "no scenario path");
+            ensure!(
+                env(c, "GPU_SCALER_GPU").is_some_and(|e| e["value"] == "mock"),
+                "GPU_SCALER_GPU"
+            );
+            ensure!(
+                env(c, "GPU_SCALER_GPU_SCENARIO").is_some(),
+                "no scenario path"
+            );
             ensure!(count("ConfigMap") == 1, "no scenario ConfigMap");
             let pod = &find(objects, "DaemonSet", RELEASE)?["spec"]["template"]["spec"];
-            ensure!(pod.get("runtimeClassName").is_none(), "runtimeClassName \"\" must be omitted");
-            ensure!(volume(objects, "bpffs").is_none(), "bpffs disabled but mounted");
+            ensure!(
+                pod.get("runtimeClassName").is_none(),
+                "runtimeClassName \"\" must be omitted"
+            );
+            ensure!(
+                volume(objects, "bpffs").is_none(),
+                "bpffs disabled but mounted"
+            );
         }
         other => bail!("{CI_VALUES}/{other}.yaml has no assertions in xtask/src/chart.rs"),
     }
@@ -653,12 +832,24 @@ fn check_examples(tools: &Tools) -> Result<()> {
             if object["kind"] != "ScaledObject" {
                 continue;
             }
-            ensure!(object["apiVersion"] == "keda.sh/v1alpha1", "{what}: apiVersion");
-            ensure!(object["spec"]["scaleTargetRef"]["name"].is_string(), "{what}: no scaleTargetRef.name");
-            let triggers = object["spec"]["triggers"].as_array().with_context(|| format!("{what}: no triggers"))?;
+            ensure!(
+                object["apiVersion"] == "keda.sh/v1alpha1",
+                "{what}: apiVersion"
+            );
+            ensure!(
+                object["spec"]["scaleTargetRef"]["name"].is_string(),
+                "{what}: no scaleTargetRef.name"
+            );
+            let triggers = object["spec"]["triggers"]
+                .as_array()
+                .with_context(|| format!("{what}: no triggers"))?;
             let ours: Vec<&Value> = triggers
                 .iter()
-                .filter(|t| t["metadata"]["scalerAddress"].as_str().is_some_and(|a| a.starts_with(RELEASE)))
+                .filter(|t| {
+                    t["metadata"]["scalerAddress"]
+                        .as_str()
+                        .is_some_and(|a| a.starts_with(RELEASE))
+                })
                 .collect();
             ensure!(!ours.is_empty(), "{what}: no gpu-scaler trigger");
             for t in ours {
@@ -668,7 +859,10 @@ fn check_examples(tools: &Tools) -> Result<()> {
             }
         }
     }
-    ensure!(without_selector > 0, "no example resolves pods through scaleTargetRef");
+    ensure!(
+        without_selector > 0,
+        "no example resolves pods through scaleTargetRef"
+    );
     ensure!(push > 0, "no example uses external-push");
     Ok(())
 }
@@ -679,15 +873,22 @@ fn check_trigger(trigger: &Value) -> Result<()> {
         "trigger type {}",
         trigger["type"]
     );
-    let metadata = trigger["metadata"].as_object().context("trigger without metadata")?;
+    let metadata = trigger["metadata"]
+        .as_object()
+        .context("trigger without metadata")?;
     let address = metadata["scalerAddress"].as_str().unwrap_or_default();
     ensure!(
         address == format!("{RELEASE}.{NAMESPACE}.svc:6000"),
         "scalerAddress {address:?} is not the chart's Service"
     );
     for (key, value) in metadata {
-        ensure!(METADATA_KEYS.contains(&key.as_str()), "unknown metadata key {key:?}");
-        let value = value.as_str().with_context(|| format!("{key}: metadata values are strings"))?;
+        ensure!(
+            METADATA_KEYS.contains(&key.as_str()),
+            "unknown metadata key {key:?}"
+        );
+        let value = value
+            .as_str()
+            .with_context(|| format!("{key}: metadata values are strings"))?;
         let allowed: Option<&[&str]> = match key.as_str() {
             "metric" | "metricType" => Some(METRICS),
             "profile" => Some(PROFILES),
@@ -695,14 +896,25 @@ fn check_trigger(trigger: &Value) -> Result<()> {
             _ => None,
         };
         if let Some(allowed) = allowed {
-            ensure!(allowed.contains(&value), "{key}: {value:?} is not one of {allowed:?}");
+            ensure!(
+                allowed.contains(&value),
+                "{key}: {value:?} is not one of {allowed:?}"
+            );
         }
         if matches!(
             key.as_str(),
-            "targetValue" | "activationThreshold" | "targetGpuUtilization" | "targetMemoryUtilization"
+            "targetValue"
+                | "activationThreshold"
+                | "targetGpuUtilization"
+                | "targetMemoryUtilization"
         ) {
-            let n: f64 = value.parse().with_context(|| format!("{key}: {value:?} is not a number"))?;
-            ensure!(n >= 0.0 && (key == "activationThreshold" || n > 0.0), "{key}: {value} out of range");
+            let n: f64 = value
+                .parse()
+                .with_context(|| format!("{key}: {value:?} is not a number"))?;
+            ensure!(
+                n >= 0.0 && (key == "activationThreshold" || n > 0.0),
+                "{key}: {value} out of range"
+            );
         }
     }
     Ok(())
@@ -711,14 +923,18 @@ fn check_trigger(trigger: &Value) -> Result<()> {
 /// The dashboard is valid JSON and asks only for series that docs/metrics.md lists.
 fn check_dashboard() -> Result<()> {
     let text = fs::read_to_string(DASHBOARD).with_context(|| format!("reading {DASHBOARD}"))?;
-    let dashboard: Value = serde_json::from_str(&text).with_context(|| format!("parsing {DASHBOARD}"))?;
+    let dashboard: Value =
+        serde_json::from_str(&text).with_context(|| format!("parsing {DASHBOARD}"))?;
     let documented = documented_metrics(&fs::read_to_string(METRICS_DOC)?);
     ensure!(!documented.is_empty(), "{METRICS_DOC} lists no metrics");
     let mut used = BTreeSet::new();
     collect_exprs(&dashboard, &mut used);
     ensure!(!used.is_empty(), "{DASHBOARD} queries nothing");
     let unknown: Vec<&String> = used.iter().filter(|m| !documented.contains(*m)).collect();
-    ensure!(unknown.is_empty(), "{DASHBOARD} queries series {METRICS_DOC} does not list: {unknown:?}");
+    ensure!(
+        unknown.is_empty(),
+        "{DASHBOARD} queries series {METRICS_DOC} does not list: {unknown:?}"
+    );
     Ok(())
 }
 
@@ -727,7 +943,9 @@ fn documented_metrics(doc: &str) -> BTreeSet<String> {
     let mut out = BTreeSet::new();
     for word in doc.split('`').skip(1).step_by(2) {
         let name = word.split('{').next().unwrap_or_default();
-        if name.starts_with("gpu_scaler_") && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') {
+        if name.starts_with("gpu_scaler_")
+            && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_')
+        {
             if let Some(base) = name.strip_suffix("_seconds") {
                 for suffix in ["_bucket", "_sum", "_count"] {
                     out.insert(format!("{base}_seconds{suffix}"));
@@ -782,7 +1000,11 @@ fn output_with_stdin(cmd: &mut Command, stdin: &str) -> Result<String> {
     let out = child.wait_with_output()?;
     writer.join().expect("stdin writer panicked")?;
     if !out.status.success() {
-        bail!("{cmd:?} failed ({}): {}", out.status, String::from_utf8_lossy(&out.stderr).trim());
+        bail!(
+            "{cmd:?} failed ({}): {}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
     }
     Ok(String::from_utf8(out.stdout)?)
 }
@@ -807,11 +1029,18 @@ mod tests {
             .err()
             .map(|e| e.to_string());
         // A trailing comment is a fourth field: refused rather than guessed.
-        assert!(calls.is_some_and(|e| e.contains("line 4")), "trailing comment accepted");
-        let calls = RbacCalls::parse("# c\n\"\" pods list\n\napps deployments/scale get\n").expect("parses");
+        assert!(
+            calls.is_some_and(|e| e.contains("line 4")),
+            "trailing comment accepted"
+        );
+        let calls = RbacCalls::parse("# c\n\"\" pods list\n\napps deployments/scale get\n")
+            .expect("parses");
         assert_eq!(
             calls.0.into_iter().collect::<Vec<_>>(),
-            vec![call("", "pods", "list"), call("apps", "deployments/scale", "get")]
+            vec![
+                call("", "pods", "list"),
+                call("apps", "deployments/scale", "get")
+            ]
         );
     }
 
@@ -825,8 +1054,12 @@ mod tests {
 
     #[test]
     fn the_committed_calls_file_parses() {
-        let text = fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("..").join(RBAC_CALLS))
-            .expect("deploy/rbac-calls.txt is readable");
+        let text = fs::read_to_string(
+            Path::new(env!("CARGO_MANIFEST_DIR"))
+                .join("..")
+                .join(RBAC_CALLS),
+        )
+        .expect("deploy/rbac-calls.txt is readable");
         let calls = RbacCalls::parse(&text).expect("deploy/rbac-calls.txt parses");
         assert!(calls.0.contains(&call("", "pods", "watch")));
     }
@@ -852,10 +1085,19 @@ mod tests {
         let exact = needed.clone();
         compare_rbac(&exact, &needed).expect("exact match passes");
         let lacking: BTreeSet<Call> = [call("", "pods", "list")].into();
-        let err = compare_rbac(&lacking, &needed).expect_err("a missing call fails").to_string();
+        let err = compare_rbac(&lacking, &needed)
+            .expect_err("a missing call fails")
+            .to_string();
         assert!(err.contains("watch"), "{err}");
-        let extra: BTreeSet<Call> = [call("", "pods", "list"), call("", "pods", "watch"), call("", "secrets", "get")].into();
-        let err = compare_rbac(&extra, &needed).expect_err("an unused rule fails").to_string();
+        let extra: BTreeSet<Call> = [
+            call("", "pods", "list"),
+            call("", "pods", "watch"),
+            call("", "secrets", "get"),
+        ]
+        .into();
+        let err = compare_rbac(&extra, &needed)
+            .expect_err("an unused rule fails")
+            .to_string();
         assert!(err.contains("secrets"), "{err}");
     }
 
