@@ -145,7 +145,20 @@ pub fn check() -> Result<()> {
 
 /// Values that must not render, and what the error must say.
 const BAD_VALUES: &[(&[&str], &str)] = &[
-    (&["tls.source=vault"], "tls.source must be"),
+    // values.schema.json
+    (
+        &["securityContext.privilegd=true"],
+        "additional properties 'privilegd' not allowed",
+    ),
+    (&["tls.source=vault"], "at '/tls/source'"),
+    (&["daemon.pollInterval=fast"], "at '/daemon/pollInterval'"),
+    (
+        &["daemon.missingNodePolicy=zero"],
+        "at '/daemon/missingNodePolicy'",
+    ),
+    (&["daemon.attribution=guess"], "at '/daemon/attribution'"),
+    (&["ports.scaler=70000"], "at '/ports/scaler'"),
+    // the templates' own checks (_helpers.tpl), for what a schema cannot say
     (
         &["tls.enabled=true", "tls.source=certManager"],
         "needs tls.certManager.issuerRef.name",
@@ -159,11 +172,6 @@ const BAD_VALUES: &[(&[&str], &str)] = &[
         ],
         "needs issuerRef.kind=ClusterIssuer",
     ),
-    (
-        &["daemon.missingNodePolicy=zero"],
-        "daemon.missingNodePolicy must be",
-    ),
-    (&["daemon.attribution=guess"], "daemon.attribution must be"),
     (&["daemon.gpu=mock"], "needs daemon.mockScenario"),
 ];
 
