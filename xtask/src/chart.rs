@@ -99,6 +99,7 @@ pub fn check() -> Result<()> {
     scenarios.extend(ci.into_iter().map(Some));
 
     let mut cli_used = BTreeSet::new();
+    let mut default_caps: Vec<String> = Vec::new();
     for values in &scenarios {
         let name = values
             .as_deref()
@@ -112,7 +113,20 @@ pub fn check() -> Result<()> {
         assert_common(&objects).with_context(|| format!("scenario {name}"))?;
         assert_scenario(&name, &objects, &calls).with_context(|| format!("scenario {name}"))?;
         cli_used.extend(cli_inputs(container(&objects)?));
+        if values.is_none() {
+            default_caps = container(&objects)?["securityContext"]["capabilities"]["add"]
+                .as_array()
+                .context("no capabilities added by default")?
+                .iter()
+                .map(|c| {
+                    c.as_str()
+                        .map(str::to_owned)
+                        .context("capability not a string")
+                })
+                .collect::<Result<_>>()?;
+        }
     }
+    super::privileges::check(&default_caps)?;
     check_cli(&cli_used, &declared_cli(Path::new(CLI_SOURCES))?)?;
 
     for (set, expected) in BAD_VALUES {

@@ -5,6 +5,7 @@ mod bench_gpu;
 mod bench_scaler;
 mod chart;
 mod demo;
+mod privileges;
 mod toolchain;
 
 use std::process::Command;
@@ -44,6 +45,9 @@ enum Task {
     Manifests,
     /// Lint, render and validate the Helm chart, its manifests and examples.
     Chart,
+    /// (Internal) the child of the chart's capability check.
+    #[command(hide = true)]
+    ProbePrivileges,
 }
 
 #[derive(Subcommand)]
@@ -113,6 +117,7 @@ fn main() -> Result<()> {
         }
         Task::Manifests => chart::manifests(),
         Task::Chart => chart::check(),
+        Task::ProbePrivileges => privileges::child(),
     }
 }
 
