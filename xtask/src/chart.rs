@@ -60,8 +60,10 @@ const HELM_VERSION: &str = "v4.1.4";
 const KUBERNETES_VALIDATE: &str = "kubernetes-validate==1.37.0";
 /// The chart's `kubeVersion` floor and the newest schemas kubernetes-validate ships.
 const KUBERNETES_VERSIONS: &[&str] = &["1.26.0", "1.37.0"];
-/// Kinds from CRDs: kubernetes-validate has no schema for them, so they are checked
-/// here field by field instead; any other kind without a schema is an error.
+/// Kinds from CRDs, which kubernetes-validate has no schema for. The checks below
+/// assert the fields that matter of the Certificates, the ServiceMonitor and the
+/// ScaledObjects' gpu-scaler triggers; the TriggerAuthentications of the examples are
+/// not schema-checked. Any other kind without a schema is an error.
 const CRD_KINDS: &[&str] = &[
     "Certificate",
     "ServiceMonitor",
