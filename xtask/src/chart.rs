@@ -200,7 +200,9 @@ fn manifests_text(tools: &Tools) -> Result<String> {
          ---\n\
          apiVersion: v1\n\
          kind: Namespace\n\
-         metadata:\n  name: {NAMESPACE}\n{rendered}"
+         metadata:\n  name: {NAMESPACE}\n  labels:\n    \
+         # hostPID, hostPath and CAP_BPF/CAP_PERFMON are outside the baseline level.\n    \
+         pod-security.kubernetes.io/enforce: privileged\n{rendered}"
     ))
 }
 
