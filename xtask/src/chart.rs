@@ -592,6 +592,12 @@ fn assert_common(objects: &[Value]) -> Result<()> {
             "{name} must come from {field}"
         );
     }
+    // The image's default user is 65532; the daemon needs uid 0 (docs/security.md),
+    // privileged or not: a privileged non-root process has no effective capabilities.
+    ensure!(
+        c["securityContext"]["runAsUser"] == 0,
+        "the daemon must run as uid 0"
+    );
     ensure!(
         c["securityContext"]["readOnlyRootFilesystem"] == true,
         "the root filesystem must be read-only"
