@@ -1164,7 +1164,40 @@ fn check_dashboard() -> Result<()> {
         unknown.is_empty(),
         "{DASHBOARD} queries series {METRICS_DOC} does not list: {unknown:?}"
     );
+
+    // And the daemon exports nothing the reference does not list: every quoted
+    // `gpu_scaler_*` name in its sources (a counter may leave `_total` to its library).
+    let mut exported = BTreeSet::new();
+    let mut dirs = vec![PathBuf::from(CLI_SOURCES)];
+    while let Some(dir) = dirs.pop() {
+        for entry in fs::read_dir(&dir)? {
+            let path = entry?.path();
+            if path.is_dir() {
+                dirs.push(path);
+            } else if path.extension().is_some_and(|e| e == "rs") {
+                exported.extend(quoted_metric_names(&fs::read_to_string(&path)?));
+            }
+        }
+    }
+    let undocumented: Vec<&String> = exported
+        .iter()
+        .filter(|m| !documented.contains(*m) && !documented.contains(&format!("{m}_total")))
+        .collect();
+    ensure!(
+        undocumented.is_empty(),
+        "the daemon exports {undocumented:?}, which {METRICS_DOC} does not list"
+    );
     Ok(())
+}
+
+/// `gpu_scaler_*` names inside string literals of Rust source.
+fn quoted_metric_names(source: &str) -> BTreeSet<String> {
+    source
+        .split('"')
+        .skip(1)
+        .step_by(2)
+        .flat_map(metric_names)
+        .collect()
 }
 
 /// Metric names in the doc: backticked `gpu_scaler_*` words. Histogram suffixes count.
@@ -1393,6 +1426,18 @@ mod tests {
         assert!(check_cli(&typo, &declared).is_err());
         let landed: BTreeSet<String> = ["--listen", "--peer-listen"].map(String::from).into();
         assert!(check_cli(&used, &landed).is_err());
+    }
+
+    #[test]
+    fn quoted_metric_names_only_from_string_literals() {
+        let source = r##"use gpu_scaler_common::Event;
+            writeln!(out, "# TYPE gpu_scaler_gpus gauge");
+            registry.register("gpu_scaler_grpc_requests", "help", c);"##;
+        let names = quoted_metric_names(source);
+        let expected: BTreeSet<String> = ["gpu_scaler_gpus", "gpu_scaler_grpc_requests"]
+            .map(String::from)
+            .into();
+        assert_eq!(names, expected);
     }
 
     #[test]
