@@ -31,19 +31,10 @@ const METRICS_DOC: &str = "docs/metrics.md";
 /// Where the daemon's clap arguments are declared.
 const CLI_SOURCES: &str = "gpu-scaler/src";
 
-/// Flags and variables the chart passes that the daemon does not declare yet: the
-/// cluster work (issue 5) adds them. The check fails when one of these appears in
-/// the daemon's sources, so whoever lands it also removes it here.
-const PENDING_CLI: &[&str] = &[
-    "--peer-listen",
-    "--peer-service",
-    "--peer-timeout",
-    "--missing-node-policy",
-    "--peer-tls-cert",
-    "--peer-tls-key",
-    "--peer-tls-ca",
-    "POD_NAMESPACE",
-];
+/// Flags and variables the chart passes before the daemon declares them (a chart
+/// change landing ahead of the daemon's). The check fails when one of these appears
+/// in the daemon's sources, so whoever lands it also removes it here.
+const PENDING_CLI: &[&str] = &[];
 /// Variables for the container runtime or the logger, not clap arguments.
 const NOT_CLI_ENV: &[&str] = &[
     "NVIDIA_VISIBLE_DEVICES",
@@ -137,7 +128,11 @@ pub fn check() -> Result<()> {
         }
     }
     super::privileges::check(&default_caps)?;
-    check_cli(&cli_used, &declared_cli(Path::new(CLI_SOURCES))?)?;
+    check_cli(
+        &cli_used,
+        &declared_cli(Path::new(CLI_SOURCES))?,
+        PENDING_CLI,
+    )?;
 
     for (set, expected) in BAD_VALUES {
         let err = match tools.template(None, set) {
@@ -562,12 +557,6 @@ fn env<'a>(container: &'a Value, name: &str) -> Option<&'a Value> {
         .find(|e| e["name"] == name)
 }
 
-fn has_arg(container: &Value, arg: &str) -> bool {
-    container["args"]
-        .as_array()
-        .is_some_and(|a| a.iter().any(|v| v == arg))
-}
-
 fn volume<'a>(objects: &'a [Value], name: &str) -> Option<&'a Value> {
     let ds = find(objects, "DaemonSet", RELEASE).ok()?;
     ds["spec"]["template"]["spec"]["volumes"]
@@ -654,8 +643,15 @@ fn assert_common(objects: &[Value]) -> Result<()> {
         "the peers Service must be headless"
     );
     ensure!(
-        has_arg(c, &format!("--peer-service={RELEASE}-peers")),
-        "--peer-service must name the headless Service"
+        env(c, "GPU_SCALER_PEER_SERVICE").is_some_and(|e| e["value"] == format!("{RELEASE}-peers")),
+        "GPU_SCALER_PEER_SERVICE must name the headless Service"
+    );
+    // The daemons find each other's address by the port named `peer` in the
+    // EndpointSlices (gpu_scaler::cluster::discovery::PEER_PORT_NAME).
+    let peer_port = &peers["spec"]["ports"][0];
+    ensure!(
+        peer_port["name"] == "peer" && peer_port["port"] == 6001,
+        "the headless Service's port must be named `peer` (6001): {peer_port}"
     );
     let scaler = find(objects, "Service", RELEASE)?;
     ensure!(
@@ -708,7 +704,7 @@ fn assert_scenario(name: &str, objects: &[Value], calls: &RbacCalls) -> Result<(
                 "capabilities {caps}"
             );
             ensure!(
-                !tls_env && !has_arg(c, "--peer-tls-cert=/etc/gpu-scaler/tls/peer/tls.crt"),
+                !tls_env && env(c, "GPU_SCALER_PEER_TLS_CERT").is_none(),
                 "TLS on by default"
             );
             for kind in [
@@ -756,8 +752,14 @@ fn assert_scenario(name: &str, objects: &[Value], calls: &RbacCalls) -> Result<(
                 "mTLS without GPU_SCALER_TLS_CLIENT_CA"
             );
             ensure!(
-                has_arg(c, "--peer-tls-ca=/etc/gpu-scaler/tls/peer/ca.crt"),
-                "no peer mTLS args"
+                env(c, "GPU_SCALER_PEER_TLS_CA")
+                    .is_some_and(|e| e["value"] == "/etc/gpu-scaler/tls/peer/ca.crt"),
+                "no peer mTLS CA"
+            );
+            ensure!(
+                env(c, "GPU_SCALER_PEER_TLS_SERVER_NAME")
+                    .is_some_and(|e| e["value"] == format!("{RELEASE}-peers")),
+                "peer TLS server name must be the headless Service's name"
             );
             let scaler = volume(objects, "scaler-tls").context("no scaler-tls volume")?;
             ensure!(
@@ -785,8 +787,8 @@ fn assert_scenario(name: &str, objects: &[Value], calls: &RbacCalls) -> Result<(
                 "peer TLS although disabled"
             );
             ensure!(
-                !has_arg(c, "--peer-tls-cert=/etc/gpu-scaler/tls/peer/tls.crt"),
-                "peer TLS args although disabled"
+                env(c, "GPU_SCALER_PEER_TLS_CERT").is_none(),
+                "peer TLS variables although disabled"
             );
         }
         "cert-manager-values" => {
@@ -805,6 +807,16 @@ fn assert_scenario(name: &str, objects: &[Value], calls: &RbacCalls) -> Result<(
                     .iter()
                     .any(|n| n == format!("{RELEASE}.{NAMESPACE}.svc").as_str())),
                 "the scaler certificate must name the Service KEDA dials"
+            );
+            let peer = find(objects, "Certificate", &format!("{RELEASE}-peer"))?;
+            let server_name = env(c, "GPU_SCALER_PEER_TLS_SERVER_NAME")
+                .and_then(|e| e["value"].as_str())
+                .context("no GPU_SCALER_PEER_TLS_SERVER_NAME")?;
+            ensure!(
+                peer["spec"]["dnsNames"]
+                    .as_array()
+                    .is_some_and(|d| d.iter().any(|n| n == server_name)),
+                "the peer certificate must carry the name peers check ({server_name})"
             );
             let client = find(objects, "Certificate", &format!("{RELEASE}-keda-client"))?;
             ensure!(
@@ -984,10 +996,10 @@ fn declared_in(source: &str) -> BTreeSet<String> {
 
 /// Every flag and variable the chart passes must be declared by the daemon, except
 /// those still pending, which must not be declared yet.
-fn check_cli(used: &BTreeSet<String>, declared: &BTreeSet<String>) -> Result<()> {
+fn check_cli(used: &BTreeSet<String>, declared: &BTreeSet<String>, pending: &[&str]) -> Result<()> {
     let unknown: Vec<&String> = used
         .iter()
-        .filter(|u| !declared.contains(*u) && !PENDING_CLI.contains(&u.as_str()))
+        .filter(|u| !declared.contains(*u) && !pending.contains(&u.as_str()))
         .collect();
     ensure!(
         unknown.is_empty(),
@@ -1421,11 +1433,11 @@ mod tests {
         let used: BTreeSet<String> = ["--listen", "NODE_NAME", "--peer-listen"]
             .map(String::from)
             .into();
-        check_cli(&used, &declared).expect("pending flags pass");
+        check_cli(&used, &declared, &["--peer-listen"]).expect("pending flags pass");
         let typo: BTreeSet<String> = ["--lisen"].map(String::from).into();
-        assert!(check_cli(&typo, &declared).is_err());
+        assert!(check_cli(&typo, &declared, &[]).is_err());
         let landed: BTreeSet<String> = ["--listen", "--peer-listen"].map(String::from).into();
-        assert!(check_cli(&used, &landed).is_err());
+        assert!(check_cli(&used, &landed, &["--peer-listen"]).is_err());
     }
 
     #[test]
