@@ -310,12 +310,13 @@ impl Tools {
                 ensure!(crd, "{name} against Kubernetes {version}: {line}");
             }
         }
-        self.validate_crds(yaml, name)
+        let objects = self.objects(yaml)?;
+        typed(&objects).with_context(|| format!("{name}: parsing into k8s-openapi types"))?;
+        self.validate_crds(&objects, name)
     }
 
     /// Validates the CRD objects of `yaml` (crd_check.py); every one must be covered.
-    fn validate_crds(&self, yaml: &str, name: &str) -> Result<()> {
-        let objects = self.objects(yaml)?;
+    fn validate_crds(&self, objects: &[Value], name: &str) -> Result<()> {
         let expected: BTreeSet<String> = objects
             .iter()
             .filter(|o| CRD_KINDS.iter().any(|k| o["kind"] == *k))
@@ -327,7 +328,7 @@ impl Tools {
                 )
             })
             .collect();
-        let input = serde_json::to_string(&objects)?;
+        let input = serde_json::to_string(objects)?;
         let out = Command::new(&self.python)
             .args(["-c", CRD_CHECK])
             .stdin(Stdio::piped())
@@ -365,6 +366,83 @@ impl Tools {
             "{name}: crd_check.py has no model for {missed:?}"
         );
         Ok(())
+    }
+}
+
+/// Parses every built-in object into its k8s-openapi type (the version the daemon is
+/// built against) and back: a field the type dropped is one Kubernetes does not have.
+/// CRD kinds are left to crd_check.py; any other kind is an error.
+fn typed(objects: &[Value]) -> Result<()> {
+    use k8s_openapi::api::{
+        apps::v1 as apps, core::v1 as core, networking::v1 as networking, rbac::v1 as rbac,
+    };
+    for object in objects {
+        let kind = object["kind"].as_str().unwrap_or_default();
+        let what = format!(
+            "{kind}/{}",
+            object["metadata"]["name"].as_str().unwrap_or("?")
+        );
+        let api_version = object["apiVersion"].as_str().unwrap_or_default();
+        let back = match (api_version, kind) {
+            ("apps/v1", "DaemonSet") => roundtrip::<apps::DaemonSet>(object),
+            ("apps/v1", "Deployment") => roundtrip::<apps::Deployment>(object),
+            ("apps/v1", "StatefulSet") => roundtrip::<apps::StatefulSet>(object),
+            ("v1", "Service") => roundtrip::<core::Service>(object),
+            ("v1", "ServiceAccount") => roundtrip::<core::ServiceAccount>(object),
+            ("v1", "ConfigMap") => roundtrip::<core::ConfigMap>(object),
+            ("v1", "Namespace") => roundtrip::<core::Namespace>(object),
+            ("v1", "Secret") => roundtrip::<core::Secret>(object),
+            ("rbac.authorization.k8s.io/v1", "ClusterRole") => {
+                roundtrip::<rbac::ClusterRole>(object)
+            }
+            ("rbac.authorization.k8s.io/v1", "ClusterRoleBinding") => {
+                roundtrip::<rbac::ClusterRoleBinding>(object)
+            }
+            ("rbac.authorization.k8s.io/v1", "Role") => roundtrip::<rbac::Role>(object),
+            ("rbac.authorization.k8s.io/v1", "RoleBinding") => {
+                roundtrip::<rbac::RoleBinding>(object)
+            }
+            ("networking.k8s.io/v1", "NetworkPolicy") => {
+                roundtrip::<networking::NetworkPolicy>(object)
+            }
+            _ if CRD_KINDS.contains(&kind) => continue,
+            _ => {
+                bail!("{what}: {api_version} {kind} has no k8s-openapi type in xtask/src/chart.rs")
+            }
+        }
+        .with_context(|| what.clone())?;
+        let dropped = dropped_fields(object, &back, "");
+        ensure!(
+            dropped.is_empty(),
+            "{what}: fields the type does not have: {dropped:?}"
+        );
+    }
+    Ok(())
+}
+
+fn roundtrip<T: serde::de::DeserializeOwned + serde::Serialize>(object: &Value) -> Result<Value> {
+    let typed: T = serde_json::from_value(object.clone())?;
+    Ok(serde_json::to_value(typed)?)
+}
+
+/// Paths present in `given` but not in `back`.
+fn dropped_fields(given: &Value, back: &Value, path: &str) -> Vec<String> {
+    match (given, back) {
+        (Value::Object(g), Value::Object(b)) => g
+            .iter()
+            .flat_map(|(k, v)| match b.get(k) {
+                None if !v.is_null() => vec![format!("{path}/{k}")],
+                None => vec![],
+                Some(bv) => dropped_fields(v, bv, &format!("{path}/{k}")),
+            })
+            .collect(),
+        (Value::Array(g), Value::Array(b)) => g
+            .iter()
+            .zip(b)
+            .enumerate()
+            .flat_map(|(i, (gv, bv))| dropped_fields(gv, bv, &format!("{path}/{i}")))
+            .collect(),
+        _ => vec![],
     }
 }
 
@@ -1450,6 +1528,24 @@ mod tests {
             .map(String::from)
             .into();
         assert_eq!(names, expected);
+    }
+
+    #[test]
+    fn typed_parsing_catches_unknown_fields_and_bad_types() {
+        let service = json!({"apiVersion": "v1", "kind": "Service", "metadata": {"name": "s"},
+            "spec": {"clusterIP": "None", "ports": [{"name": "peer", "port": 6001}]}});
+        typed(std::slice::from_ref(&service)).expect("a valid Service parses");
+        let mut typo = service.clone();
+        typo["spec"]["clusterIp"] = json!("None");
+        let err = format!("{:#}", typed(&[typo]).expect_err("a misspelt field fails"));
+        assert!(err.contains("/spec/clusterIp"), "{err}");
+        let mut bad_type = service.clone();
+        bad_type["spec"]["ports"][0]["port"] = json!("six thousand");
+        assert!(typed(&[bad_type]).is_err(), "a string port parsed");
+        let unknown = json!({"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "p"}});
+        assert!(typed(&[unknown]).is_err(), "a kind without a type passed");
+        let crd = json!({"apiVersion": "keda.sh/v1alpha1", "kind": "ScaledObject", "metadata": {"name": "x"}});
+        typed(&[crd]).expect("CRDs are left to crd_check.py");
     }
 
     #[test]
