@@ -501,8 +501,12 @@ impl fmt::Display for Call {
     }
 }
 
-/// The calls listed in `deploy/rbac-calls.txt`.
-struct RbacCalls(BTreeSet<Call>);
+/// The calls listed in `deploy/rbac-calls.txt`, by scope: `cluster` calls need the
+/// ClusterRole, `namespace` calls (the daemon's own namespace) the Role.
+struct RbacCalls {
+    cluster: BTreeSet<Call>,
+    namespace: BTreeSet<Call>,
+}
 
 impl RbacCalls {
     fn load() -> Result<Self> {
@@ -512,16 +516,19 @@ impl RbacCalls {
     }
 
     fn parse(text: &str) -> Result<Self> {
-        let mut calls = BTreeSet::new();
+        let mut calls = Self {
+            cluster: BTreeSet::new(),
+            namespace: BTreeSet::new(),
+        };
         for (n, line) in text.lines().enumerate() {
             let line = line.trim();
             if line.is_empty() || line.starts_with('#') {
                 continue;
             }
             let fields: Vec<&str> = line.split_whitespace().collect();
-            let [group, resource, verb] = fields[..] else {
+            let [group, resource, verb, scope] = fields[..] else {
                 bail!(
-                    "line {}: expected `group resource verb`, got {line:?}",
+                    "line {}: expected `group resource verb scope`, got {line:?}",
                     n + 1
                 );
             };
@@ -536,10 +543,22 @@ impl RbacCalls {
                 resource: resource.into(),
                 verb: verb.into(),
             };
-            ensure!(calls.insert(call), "line {}: listed twice: {line:?}", n + 1);
+            ensure!(
+                !calls.cluster.contains(&call) && !calls.namespace.contains(&call),
+                "line {}: listed twice: {line:?}",
+                n + 1
+            );
+            match scope {
+                "cluster" => calls.cluster.insert(call),
+                "namespace" => calls.namespace.insert(call),
+                other => bail!(
+                    "line {}: scope must be `cluster` or `namespace`, not {other:?}",
+                    n + 1
+                ),
+            };
         }
-        ensure!(!calls.is_empty(), "no calls listed");
-        Ok(Self(calls))
+        ensure!(!calls.cluster.is_empty(), "no cluster-wide calls listed");
+        Ok(calls)
     }
 }
 
@@ -737,12 +756,19 @@ fn assert_common(objects: &[Value]) -> Result<()> {
         "KEDA's Service must listen on 6000"
     );
     find(objects, "Service", &format!("{RELEASE}-metrics"))?;
-    let binding = find(objects, "ClusterRoleBinding", RELEASE)?;
-    ensure!(
-        binding["subjects"][0]["name"] == pod["serviceAccountName"]
-            && binding["subjects"][0]["namespace"] == NAMESPACE,
-        "the ClusterRoleBinding must bind the DaemonSet's ServiceAccount"
-    );
+    for (kind, role) in [
+        ("ClusterRoleBinding", "ClusterRole"),
+        ("RoleBinding", "Role"),
+    ] {
+        let binding = find(objects, kind, RELEASE)?;
+        ensure!(
+            binding["subjects"][0]["name"] == pod["serviceAccountName"]
+                && binding["subjects"][0]["namespace"] == NAMESPACE
+                && binding["roleRef"]["kind"] == role
+                && binding["roleRef"]["name"] == RELEASE,
+            "the {kind} must bind the DaemonSet's ServiceAccount to the {role}"
+        );
+    }
     Ok(())
 }
 
@@ -750,8 +776,8 @@ fn assert_common(objects: &[Value]) -> Result<()> {
 fn assert_scenario(name: &str, objects: &[Value], calls: &RbacCalls) -> Result<()> {
     let c = container(objects)?;
     let caps = &c["securityContext"]["capabilities"];
-    let role = granted(find(objects, "ClusterRole", RELEASE)?)?;
-    let mut needed = calls.0.clone();
+    let cluster_role = granted(find(objects, "ClusterRole", RELEASE)?)?;
+    let mut needed = calls.cluster.clone();
     if name == "scale-targets-values" {
         needed.insert(Call {
             group: "argoproj.io".into(),
@@ -759,7 +785,13 @@ fn assert_scenario(name: &str, objects: &[Value], calls: &RbacCalls) -> Result<(
             verb: "get".into(),
         });
     }
-    compare_rbac(&role, &needed)?;
+    compare_rbac(&cluster_role, &needed).context("ClusterRole")?;
+    let role = find(objects, "Role", RELEASE)?;
+    ensure!(
+        role["metadata"]["namespace"] == NAMESPACE,
+        "the Role must be in the release's namespace"
+    );
+    compare_rbac(&granted(role)?, &calls.namespace).context("Role")?;
 
     let count = |kind: &str| objects.iter().filter(|o| o["kind"] == kind).count();
     let tls_env = env(c, "GPU_SCALER_TLS_CERT").is_some();
@@ -1377,18 +1409,26 @@ mod tests {
 
     #[test]
     fn rbac_calls_parse_core_group_and_comments() {
-        let calls = RbacCalls::parse("# c\n\"\" pods list\n\napps deployments/scale get # x\n")
-            .err()
-            .map(|e| e.to_string());
+        let calls = RbacCalls::parse(
+            "# c\n\"\" pods list cluster\n\napps deployments/scale get cluster # x\n",
+        )
+        .err()
+        .map(|e| e.to_string());
         // A trailing comment is a fourth field: refused rather than guessed.
         assert!(
             calls.is_some_and(|e| e.contains("line 4")),
             "trailing comment accepted"
         );
-        let calls = RbacCalls::parse("# c\n\"\" pods list\n\napps deployments/scale get\n")
-            .expect("parses");
+        let calls = RbacCalls::parse(
+            "# c\n\"\" pods list cluster\n\napps deployments/scale get cluster\ndiscovery.k8s.io endpointslices list namespace\n",
+        )
+        .expect("parses");
         assert_eq!(
-            calls.0.into_iter().collect::<Vec<_>>(),
+            calls.namespace.into_iter().collect::<Vec<_>>(),
+            vec![call("discovery.k8s.io", "endpointslices", "list")]
+        );
+        assert_eq!(
+            calls.cluster.into_iter().collect::<Vec<_>>(),
             vec![
                 call("", "pods", "list"),
                 call("apps", "deployments/scale", "get")
@@ -1398,9 +1438,11 @@ mod tests {
 
     #[test]
     fn rbac_calls_refuse_wildcards_and_duplicates() {
-        assert!(RbacCalls::parse("apps * get").is_err());
-        assert!(RbacCalls::parse("apps deployments *").is_err());
-        assert!(RbacCalls::parse("\"\" pods list\n\"\" pods list").is_err());
+        assert!(RbacCalls::parse("apps * get cluster").is_err());
+        assert!(RbacCalls::parse("apps deployments * cluster").is_err());
+        assert!(RbacCalls::parse("\"\" pods list cluster\n\"\" pods list namespace").is_err());
+        assert!(RbacCalls::parse("\"\" pods list everywhere").is_err());
+        assert!(RbacCalls::parse("\"\" pods list").is_err());
         assert!(RbacCalls::parse("# nothing\n").is_err());
     }
 
@@ -1413,7 +1455,7 @@ mod tests {
         )
         .expect("deploy/rbac-calls.txt is readable");
         let calls = RbacCalls::parse(&text).expect("deploy/rbac-calls.txt parses");
-        assert!(calls.0.contains(&call("", "pods", "watch")));
+        assert!(calls.cluster.contains(&call("", "pods", "watch")));
     }
 
     #[test]
