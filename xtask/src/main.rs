@@ -1,10 +1,12 @@
 //! `cargo xtask <task>`: the project's set-up-and-go commands and chores.
 
+mod bench_attribution;
 mod bench_cluster;
 mod bench_gpu;
 mod bench_scaler;
 mod chart;
 mod demo;
+mod fuzz;
 mod privileges;
 mod toolchain;
 
@@ -37,9 +39,18 @@ enum Task {
         /// Skip `cargo fmt --check` and clippy.
         #[arg(long)]
         no_lint: bool,
+        /// Skip the fuzz run.
+        #[arg(long)]
+        no_fuzz: bool,
         /// Extra arguments for `cargo test`.
         #[arg(trailing_var_arg = true)]
         args: Vec<String>,
+    },
+    /// Fuzz the cgroup path parser (cargo-fuzz, nightly) for a while.
+    Fuzz {
+        /// How long to fuzz.
+        #[arg(long, default_value_t = 30)]
+        seconds: u64,
     },
     /// Regenerate deploy/manifests/ from the Helm chart with default values.
     Manifests,
@@ -71,6 +82,14 @@ enum Bench {
         /// Only one part: `latency`, `coalescing` or `memory`.
         part: Option<String>,
     },
+    /// Attribution (root): fork+exec overhead of the probe, lookups/s and memory
+    /// with 10,000 tracked pids, 100,000-process churn.
+    Attribution {
+        /// Arguments for the benchmark (`--only overhead|pids|churn`, `--churn N`,
+        /// `--hold N`, `--rounds N`, `--iters N`).
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
 }
 
 fn main() -> Result<()> {
@@ -97,7 +116,18 @@ fn main() -> Result<()> {
             toolchain::ensure()?;
             bench_cluster::run(part.as_deref())
         }
-        Task::Test { no_lint, args } => {
+        Task::Bench {
+            what: Bench::Attribution { args },
+        } => {
+            toolchain::ensure()?;
+            bench_attribution::run(&args)
+        }
+        Task::Fuzz { seconds } => fuzz::run(seconds),
+        Task::Test {
+            no_lint,
+            no_fuzz,
+            args,
+        } => {
             toolchain::ensure()?;
             if !no_lint {
                 cargo(&["fmt", "--all", "--", "--check"])?;
@@ -113,7 +143,11 @@ fn main() -> Result<()> {
             chart::check()?;
             let mut test = vec!["test", "--workspace"];
             test.extend(args.iter().map(String::as_str));
-            cargo(&test)
+            cargo(&test)?;
+            if !no_fuzz {
+                fuzz::run(30)?;
+            }
+            Ok(())
         }
         Task::Manifests => chart::manifests(),
         Task::Chart => chart::check(),

@@ -7,6 +7,13 @@
 //! with [`cgroup_path::parse`].
 
 pub mod cgroup_path;
+pub mod cgroup_tree;
+pub mod ebpf;
+pub mod procfs;
+pub mod tracefs;
+pub mod tracker;
+
+pub use tracker::Stats;
 
 use std::{fmt, sync::Arc};
 
@@ -93,6 +100,11 @@ pub trait Attributor: Send + Sync + 'static {
     fn resolve(&self, pid: u32) -> Option<Attribution>;
 
     fn backend(&self) -> Backend;
+
+    /// Table sizes and loss counters, for diagnostics and benchmarks.
+    fn stats(&self) -> Option<Stats> {
+        None
+    }
 }
 
 /// Which attribution backend `serve` uses.
@@ -121,6 +133,10 @@ pub struct Config {
 pub enum Error {
     #[error("eBPF attribution is not available: {0}")]
     EbpfUnavailable(String),
+    #[error("tracefs: {0}")]
+    Tracefs(String),
+    #[error("no cgroup v2 filesystem in /proc/self/mountinfo")]
+    NoCgroup2,
     #[error("I/O error on {path}: {source}")]
     Io {
         path: String,
@@ -133,9 +149,33 @@ pub type Result<T, E = Error> = std::result::Result<T, E>;
 
 /// Starts the attribution engine chosen by `config.mode`. Must be called inside a
 /// tokio runtime (the eBPF backend follows its ring buffer on a task).
+///
+/// `Auto` tries eBPF and falls back to procfs with a warning; `Ebpf` fails if the
+/// probe cannot load; `Procfs` never touches BPF.
 pub async fn start(config: Config) -> Result<Arc<dyn Attributor>> {
-    Err(Error::EbpfUnavailable(format!(
-        "not implemented yet (mode {:?})",
-        config.mode
-    )))
+    match config.mode {
+        Mode::Procfs => Ok(start_procfs(&config)),
+        Mode::Ebpf => Ok(ebpf::EbpfAttributor::start(config.exit_grace).await?),
+        Mode::Auto => {
+            if !ebpf::probe_embedded() {
+                tracing::warn!(
+                    "this binary was built with GPU_SCALER_NO_EBPF=1: no eBPF probe, \
+                     attributing processes through /proc"
+                );
+                return Ok(start_procfs(&config));
+            }
+            match ebpf::EbpfAttributor::start(config.exit_grace).await {
+                Ok(a) => Ok(a),
+                Err(error) => {
+                    tracing::warn!(%error, "eBPF attribution unavailable, falling back to /proc");
+                    Ok(start_procfs(&config))
+                }
+            }
+        }
+    }
+}
+
+fn start_procfs(config: &Config) -> Arc<dyn Attributor> {
+    tracing::info!(grace = ?config.exit_grace, "procfs attribution");
+    Arc::new(procfs::ProcfsAttributor::new(config.exit_grace))
 }

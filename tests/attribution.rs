@@ -1,0 +1,635 @@
+//! Attribution on the real kernel: the eBPF probe loads and attaches, real
+//! processes in real cgroup v2 directories laid out as the kubelet lays them out
+//! resolve to the right pod and container, and the eBPF backend agrees with the
+//! procfs backend and with its own kernel map. Needs root; skips (or fails under
+//! GPU_SCALER_REQUIRE_KERNEL=1) only when the kernel cannot do it.
+
+use std::{
+    io::{BufRead as _, BufReader},
+    process::{Child, Command, Stdio},
+    sync::Arc,
+    time::{Duration, Instant},
+};
+
+use gpu_scaler::attribution::{
+    Attribution, Attributor, Owner, PodIdentity, QosClass, Runtime,
+    ebpf::{EbpfAttributor, WatchKind},
+    procfs::ProcfsAttributor,
+    tracefs,
+};
+use gpu_scaler_tests::{
+    cgroup::{Cgroup, TestTree, container_id, pod_uid},
+    kernel, process, wait_for, workspace_bin,
+};
+
+const HELPER: &str = env!("CARGO_BIN_EXE_attribution-helper");
+
+/// Held by tests that rewind the kernel's pid counter or that expect a freed pid
+/// to stay free for a while, so they do not run at the same time.
+static PID_COUNTER: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+const SETTLE: Duration = Duration::from_secs(5);
+
+/// The eBPF engine, or `None` (a skip) where root/BPF/tracefs are missing.
+async fn engine(grace: Duration) -> Option<Arc<EbpfAttributor>> {
+    if !kernel::require("root", kernel::probe_root()) {
+        return None;
+    }
+    match EbpfAttributor::start(grace).await {
+        Ok(e) => Some(e),
+        Err(e) => {
+            kernel::require("eBPF attribution", Err(e));
+            None
+        }
+    }
+}
+
+fn tree(tag: &str) -> TestTree {
+    TestTree::new(tag).expect("create a cgroup v2 test directory as root")
+}
+
+/// Kills and reaps a child when the test ends, pass or fail.
+struct Reaped(Child);
+
+impl Drop for Reaped {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn spawn(cg: &Cgroup, args: &[&str]) -> Reaped {
+    let mut cmd = Command::new(HELPER);
+    cmd.args(args).stdout(Stdio::piped());
+    Reaped(process::spawn_in(&cg.dir, &mut cmd).expect("spawn helper in cgroup"))
+}
+
+/// Waits until the engine sees `pid` in `cg`, then checks the owner, and that the
+/// procfs backend and the kernel's pid map agree.
+fn check(engine: &EbpfAttributor, pid: u32, cg: &Cgroup, expected: &Owner) -> Attribution {
+    let got = check_user_space(engine, pid, cg, expected);
+    assert_eq!(
+        engine.kernel_cgroup_of(pid),
+        got.cgroup_id,
+        "kernel map disagrees for pid {pid}"
+    );
+    got
+}
+
+/// [`check`] without the kernel map: a thread moved with its process keeps its
+/// old cgroup there (the kernel reports the move once, for the leader, and the
+/// probe cannot walk a thread group), while user space moves it.
+fn check_user_space(
+    engine: &EbpfAttributor,
+    pid: u32,
+    cg: &Cgroup,
+    expected: &Owner,
+) -> Attribution {
+    let got = wait_for(SETTLE, || {
+        engine.resolve(pid).filter(|a| *a.cgroup_path == *cg.path)
+    })
+    .unwrap_or_else(|| {
+        panic!(
+            "pid {pid} never resolved to {}; last: {:?}",
+            cg.path,
+            engine.resolve(pid)
+        )
+    });
+    assert_eq!(&got.owner, expected, "owner of pid {pid} in {}", cg.path);
+    let procfs = ProcfsAttributor::new(Duration::from_secs(30))
+        .resolve(pid)
+        .expect("procfs resolves a live pid");
+    assert_eq!(procfs.owner, got.owner, "procfs disagrees for {}", cg.path);
+    assert_eq!(procfs.cgroup_path, got.cgroup_path);
+    assert_eq!(
+        procfs.cgroup_id, got.cgroup_id,
+        "cgroup ids (inodes) differ"
+    );
+    got
+}
+
+fn pod(uid: &str, cid: Option<&str>, rt: Option<Runtime>, qos: QosClass, conmon: bool) -> Owner {
+    Owner::Pod(PodIdentity {
+        pod_uid: uid.to_owned(),
+        container_id: cid.map(str::to_owned),
+        runtime: rt,
+        qos,
+        is_conmon: conmon,
+    })
+}
+
+/// (relative path, expected owner) for every kubelet layout in DESIGN.md.
+fn layouts() -> Vec<(String, Owner)> {
+    let mut out = Vec::new();
+    let mut n = 0;
+    let mut next = || {
+        n += 1;
+        (pod_uid(n), container_id(n))
+    };
+    use QosClass::*;
+    for (qos, slice) in [
+        (Burstable, "-burstable"),
+        (BestEffort, "-besteffort"),
+        (Guaranteed, ""),
+    ] {
+        for (prefix, rt, conmon) in [
+            ("cri-containerd-", Runtime::Containerd, false),
+            ("crio-", Runtime::CriO, false),
+            ("crio-conmon-", Runtime::CriO, true),
+            ("docker-", Runtime::Docker, false),
+            ("libpod-", Runtime::Podman, false),
+        ] {
+            let (uid, cid) = next();
+            let u = uid.replace('-', "_");
+            let q = if slice.is_empty() {
+                String::new()
+            } else {
+                format!("/kubepods{slice}.slice")
+            };
+            out.push((
+                format!("kubepods.slice{q}/kubepods{slice}-pod{u}.slice/{prefix}{cid}.scope"),
+                pod(&uid, Some(&cid), Some(rt), qos, conmon),
+            ));
+        }
+        // cgroupfs driver: bare id (containerd, docker) and crio-<id>.
+        let dir = if slice.is_empty() {
+            "kubepods".to_string()
+        } else {
+            format!("kubepods/{}", &slice[1..])
+        };
+        let (uid, cid) = next();
+        out.push((
+            format!("{dir}/pod{uid}/{cid}"),
+            pod(&uid, Some(&cid), Some(Runtime::Unknown), qos, false),
+        ));
+        let (uid, cid) = next();
+        out.push((
+            format!("{dir}/pod{uid}/crio-{cid}"),
+            pod(&uid, Some(&cid), Some(Runtime::CriO), qos, false),
+        ));
+        // kind: kubelet.slice/kubelet-kubepods...
+        let (uid, cid) = next();
+        let u = uid.replace('-', "_");
+        let q = if slice.is_empty() {
+            String::new()
+        } else {
+            format!("/kubelet-kubepods{slice}.slice")
+        };
+        out.push((
+            format!(
+                "kubelet.slice/kubelet-kubepods.slice{q}/kubelet-kubepods{slice}-pod{u}.slice/cri-containerd-{cid}.scope"
+            ),
+            pod(&uid, Some(&cid), Some(Runtime::Containerd), qos, false),
+        ));
+    }
+    // A process directly in the pod cgroup; crun's `container` subgroup.
+    let (uid, _) = next();
+    out.push((
+        format!("kubepods/burstable/pod{uid}"),
+        pod(&uid, None, None, Burstable, false),
+    ));
+    let (uid, cid) = next();
+    out.push((
+        format!(
+            "kubepods.slice/kubepods-besteffort.slice/kubepods-besteffort-pod{}.slice/crio-{cid}.scope/container",
+            uid.replace('-', "_")
+        ),
+        pod(&uid, Some(&cid), Some(Runtime::CriO), BestEffort, false),
+    ));
+    // A host service next to the pods.
+    out.push(("system.slice/containerd.service".into(), Owner::Host));
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn probe_loads_and_attaches_on_this_kernel() {
+    let Some(engine) = engine(Duration::from_secs(30)).await else {
+        return;
+    };
+    let stats = engine.stats().expect("eBPF engine has stats");
+    assert!(
+        stats.cgroups > 0,
+        "the cgroup walk found nothing: {stats:?}"
+    );
+    assert!(
+        stats.tracked_pids > 1,
+        "the /proc seed found nothing: {stats:?}"
+    );
+    // Seeded from /proc: this test process resolves, as the host's.
+    let me = engine.resolve(std::process::id()).expect("own pid seeded");
+    let procfs = ProcfsAttributor::new(Duration::from_secs(1))
+        .resolve(std::process::id())
+        .expect("own pid via procfs");
+    assert_eq!(me.cgroup_path, procfs.cgroup_path);
+    assert_eq!(me.owner, procfs.owner);
+    // The offsets the loader used come from this kernel's format files.
+    let formats =
+        tracefs::Formats::read(&tracefs::ensure_mounted().expect("tracefs")).expect("format files");
+    let offsets = formats.offsets().expect("offsets");
+    assert_eq!(
+        offsets.fork_child_pid,
+        formats.fork.field("child_pid").expect("child_pid").offset
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_kubelet_layout_resolves_to_its_pod_and_container() {
+    let Some(engine) = engine(Duration::from_secs(30)).await else {
+        return;
+    };
+    let t = tree("layouts");
+    let mut children = Vec::new();
+    let cases: Vec<(Cgroup, Owner)> = layouts()
+        .into_iter()
+        .map(|(rel, owner)| (t.create(&rel), owner))
+        .collect();
+    assert!(cases.len() >= 20, "layouts: {}", cases.len());
+    // Processes moved into the cgroup after fork and before exec.
+    for (cg, _) in &cases {
+        children.push(spawn(cg, &["sleep"]));
+    }
+    for ((cg, owner), child) in cases.iter().zip(&children) {
+        check(&engine, child.0.id(), cg, owner);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn forked_children_and_threads_belong_to_the_pod() {
+    let Some(engine) = engine(Duration::from_secs(30)).await else {
+        return;
+    };
+    let t = tree("fork");
+    let uid = pod_uid(900);
+    let cid = container_id(900);
+    let cg = t.create(&format!("kubepods/besteffort/pod{uid}/{cid}"));
+    let owner = pod(
+        &uid,
+        Some(&cid),
+        Some(Runtime::Unknown),
+        QosClass::BestEffort,
+        false,
+    );
+
+    // A shell that forks children which exec, and a subshell that never execs.
+    let mut sh = Command::new("sh");
+    sh.args([
+        "-c",
+        "sleep 60 & sleep 60 & ( while :; do sleep 1; done ) & wait",
+    ]);
+    let sh = Reaped(process::spawn_in(&cg.dir, &mut sh).expect("spawn sh"));
+    check(&engine, sh.0.id(), &cg, &owner);
+    let kids = wait_for(SETTLE, || {
+        let k = process::children(sh.0.id());
+        (k.len() >= 3).then_some(k)
+    })
+    .expect("sh started its three children");
+    for kid in kids {
+        check(&engine, kid, &cg, &owner);
+    }
+
+    // Threads: the process and each thread id resolve to the pod.
+    let mut threaded = spawn(&cg, &["threads", "4"]);
+    let pid = threaded.0.id();
+    let stdout = threaded.0.stdout.take().expect("stdout");
+    let tids: Vec<u32> = BufReader::new(stdout)
+        .lines()
+        .take(4)
+        .map(|l| l.expect("tid line").trim().parse().expect("tid"))
+        .collect();
+    assert_eq!(tids.len(), 4);
+    check(&engine, pid, &cg, &owner);
+    for tid in tids {
+        assert_ne!(tid, pid);
+        check(&engine, tid, &cg, &owner);
+    }
+    assert!(process::threads(pid).len() >= 5);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_process_that_forks_and_exits_at_once() {
+    let _serial = PID_COUNTER.lock().await;
+    let Some(engine) = engine(Duration::from_secs(30)).await else {
+        return;
+    };
+    let t = tree("forkexit");
+    let uid = pod_uid(901);
+    let cid = container_id(901);
+    let cg = t.create(&format!(
+        "kubepods.slice/kubepods-pod{}.slice/cri-containerd-{cid}.scope",
+        uid.replace('-', "_")
+    ));
+    let owner = pod(
+        &uid,
+        Some(&cid),
+        Some(Runtime::Containerd),
+        QosClass::Guaranteed,
+        false,
+    );
+    let mut parent = spawn(&cg, &["fork-exit"]);
+    let parent_pid = parent.0.id();
+    let mut line = String::new();
+    BufReader::new(parent.0.stdout.take().expect("stdout"))
+        .read_line(&mut line)
+        .expect("child pid");
+    let child: u32 = line.trim().parse().expect("child pid");
+    assert!(parent.0.wait().expect("wait").success());
+    // The child never exec'd: only the fork event placed it.
+    let _child_guard = ChildPid(child);
+    check(&engine, child, &cg, &owner);
+    // The parent is gone but inside the grace period.
+    let a = engine
+        .resolve(parent_pid)
+        .expect("exited parent within grace");
+    assert_eq!(a.owner, owner);
+}
+
+/// Kills a pid that is not our child (reparented) when the test ends.
+struct ChildPid(u32);
+
+impl Drop for ChildPid {
+    fn drop(&mut self) {
+        // SAFETY: sending a signal has no memory-safety preconditions.
+        unsafe { libc::kill(self.0 as i32, libc::SIGKILL) };
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_exited_process_resolves_within_the_grace_period_then_is_gone() {
+    let _serial = PID_COUNTER.lock().await;
+    let grace = Duration::from_millis(1500);
+    let Some(engine) = engine(grace).await else {
+        return;
+    };
+    let mut events = engine.subscribe();
+    let t = tree("grace");
+    let uid = pod_uid(902);
+    let cid = container_id(902);
+    let cg = t.create(&format!(
+        "kubepods.slice/kubepods-burstable.slice/kubepods-burstable-pod{}.slice/crio-{cid}.scope",
+        uid.replace('-', "_")
+    ));
+    let owner = pod(
+        &uid,
+        Some(&cid),
+        Some(Runtime::CriO),
+        QosClass::Burstable,
+        false,
+    );
+    let mut cmd = Command::new("true");
+    let mut child = process::spawn_in(&cg.dir, &mut cmd).expect("spawn true");
+    let pid = child.id();
+    assert!(child.wait().expect("wait").success());
+    // Wait for the engine to apply the exit (the watch stream reports it).
+    let exited_at = loop {
+        let ev = tokio::time::timeout(SETTLE, events.recv())
+            .await
+            .expect("exit event in time")
+            .expect("watch stream open");
+        if ev.pid == pid && ev.event == WatchKind::Exit {
+            assert_eq!(ev.attribution.as_ref().map(|a| &a.owner), Some(&owner));
+            break Instant::now();
+        }
+    };
+    let a = engine.resolve(pid).expect("resolvable right after exit");
+    assert_eq!(a.owner, owner);
+    assert!(
+        exited_at.elapsed() < grace,
+        "test too slow to check the grace period"
+    );
+    tokio::time::sleep(grace + Duration::from_millis(300)).await;
+    // The pid may belong to a new process by now (the reuse test rewinds the pid
+    // counter): it must then resolve to that process, never to the old pod.
+    let before = std::fs::metadata(format!("/proc/{pid}")).is_ok();
+    let after = engine.resolve(pid);
+    let still_free = !before && std::fs::metadata(format!("/proc/{pid}")).is_err();
+    assert_ne!(
+        after.as_ref().map(|a| &a.owner),
+        Some(&owner),
+        "old pod after the grace period"
+    );
+    if still_free {
+        assert_eq!(after, None, "still resolvable after the grace period");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reused_pid_gets_the_new_processs_pod() {
+    let _serial = PID_COUNTER.lock().await;
+    let Some(engine) = engine(Duration::from_secs(30)).await else {
+        return;
+    };
+    let mut events = engine.subscribe();
+    let t = tree("reuse");
+    let (uid_a, cid_a) = (pod_uid(903), container_id(903));
+    let (uid_b, cid_b) = (pod_uid(904), container_id(904));
+    let a = t.create(&format!("kubepods/pod{uid_a}/{cid_a}"));
+    let b = t.create(&format!("kubepods/burstable/pod{uid_b}/crio-{cid_b}"));
+    let owner_a = pod(
+        &uid_a,
+        Some(&cid_a),
+        Some(Runtime::Unknown),
+        QosClass::Guaranteed,
+        false,
+    );
+    let owner_b = pod(
+        &uid_b,
+        Some(&cid_b),
+        Some(Runtime::CriO),
+        QosClass::Burstable,
+        false,
+    );
+
+    let mut first = process::spawn_in(&a.dir, &mut Command::new("true")).expect("spawn");
+    let pid = first.id();
+    assert!(first.wait().expect("wait").success());
+    loop {
+        let ev = tokio::time::timeout(SETTLE, events.recv())
+            .await
+            .expect("exit event in time")
+            .expect("watch stream open");
+        if ev.pid == pid && ev.event == WatchKind::Exit {
+            break;
+        }
+    }
+    assert_eq!(engine.resolve(pid).map(|a| a.owner), Some(owner_a.clone()));
+
+    // A new process in pod B with the same pid, inside A's grace period.
+    let second = process::spawn_with_pid(
+        pid,
+        &b.dir,
+        || {
+            let mut c = Command::new(HELPER);
+            c.arg("sleep");
+            c
+        },
+        500,
+    );
+    let Some(second) = second else {
+        if kernel::required() {
+            panic!("could not obtain pid {pid} again through ns_last_pid");
+        }
+        eprintln!("SKIPPED: pid {pid} kept being taken by other processes");
+        return;
+    };
+    let second = Reaped(second);
+    assert_eq!(second.0.id(), pid);
+    let got = check(&engine, pid, &b, &owner_b);
+    assert_ne!(got.owner, owner_a);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ps_lists_processes_and_watches_events_with_their_pod() {
+    if !kernel::require("root", kernel::probe_root()) {
+        return;
+    }
+    let bin = workspace_bin("gpu-scaler");
+    let t = tree("ps");
+    let uid = pod_uid(905);
+    let cid = container_id(905);
+    let cg = t.create(&format!(
+        "kubelet.slice/kubelet-kubepods.slice/kubelet-kubepods-besteffort.slice/kubelet-kubepods-besteffort-pod{}.slice/cri-containerd-{cid}.scope",
+        uid.replace('-', "_")
+    ));
+    let sleeper = spawn(&cg, &["sleep"]);
+
+    let out = Command::new(&bin)
+        .args(["ps", "--json"])
+        .output()
+        .expect("run gpu-scaler ps");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let rows: Vec<serde_json::Value> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("one JSON object per line"))
+        .collect();
+    let row = rows
+        .iter()
+        .find(|r| r["pid"] == sleeper.0.id())
+        .expect("ps lists the sleeper");
+    assert_eq!(row["owner"]["pod_uid"], uid.as_str());
+    assert_eq!(row["owner"]["container_id"], cid.as_str());
+    assert_eq!(row["owner"]["runtime"], "containerd");
+    assert_eq!(row["cgroup_path"], cg.path.as_str());
+
+    // --watch: a process exec'd in the pod shows up with its identity.
+    let mut watch = Reaped(
+        Command::new(&bin)
+            .args(["ps", "--watch", "--json"])
+            .stdout(Stdio::piped())
+            .spawn()
+            .expect("run gpu-scaler ps --watch"),
+    );
+    let mut lines = BufReader::new(watch.0.stdout.take().expect("stdout")).lines();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in lines.by_ref() {
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    // The watcher needs a moment to load its probe; keep starting processes
+    // until one is reported.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let mut seen = None;
+    while seen.is_none() && Instant::now() < deadline {
+        let mut c = process::spawn_in(&cg.dir, &mut Command::new("true")).expect("spawn");
+        let pid = c.id();
+        c.wait().expect("wait");
+        let until = Instant::now() + Duration::from_millis(500);
+        while let Ok(line) = rx.recv_timeout(until.saturating_duration_since(Instant::now())) {
+            let v: serde_json::Value =
+                serde_json::from_str(&line.expect("line")).expect("JSON event");
+            if v["pid"] == pid && v["event"] == "exec" {
+                seen = Some(v);
+                break;
+            }
+        }
+    }
+    let v = seen.expect("ps --watch reported an exec in the pod");
+    assert_eq!(v["comm"], "true");
+    assert_eq!(v["owner"]["pod_uid"], uid.as_str());
+    assert_eq!(v["owner"]["qos"], "besteffort");
+    assert_eq!(v["backend"], "ebpf");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn start_honours_the_mode() {
+    use gpu_scaler::attribution::{Backend, Config, Mode, start};
+    let config = |mode| Config {
+        mode,
+        exit_grace: Duration::from_secs(30),
+    };
+    let procfs = start(config(Mode::Procfs))
+        .await
+        .expect("procfs always starts");
+    assert_eq!(procfs.backend(), Backend::Procfs);
+    let me = procfs
+        .resolve(std::process::id())
+        .expect("own pid via procfs");
+    assert_eq!(me.backend, Backend::Procfs);
+    // Auto picks eBPF wherever eBPF can load.
+    let probe = EbpfAttributor::start(Duration::from_secs(1))
+        .await
+        .map(drop);
+    if !kernel::require("eBPF attribution", probe) {
+        // Without eBPF, auto must still answer, through procfs.
+        let auto = start(config(Mode::Auto)).await.expect("auto falls back");
+        assert_eq!(auto.backend(), Backend::Procfs);
+        assert!(start(config(Mode::Ebpf)).await.is_err());
+        return;
+    }
+    let auto = start(config(Mode::Auto)).await.expect("auto starts");
+    assert_eq!(auto.backend(), Backend::Ebpf);
+    let ebpf = start(config(Mode::Ebpf)).await.expect("ebpf starts");
+    assert_eq!(ebpf.backend(), Backend::Ebpf);
+    assert_eq!(
+        ebpf.resolve(std::process::id()).map(|a| a.cgroup_path),
+        Some(me.cgroup_path)
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_process_moved_without_exec_follows_its_new_cgroup() {
+    let Some(engine) = engine(Duration::from_secs(30)).await else {
+        return;
+    };
+    let t = tree("move");
+    let (uid_a, cid_a) = (pod_uid(906), container_id(906));
+    let (uid_b, cid_b) = (pod_uid(907), container_id(907));
+    let a = t.create(&format!("kubepods/pod{uid_a}/{cid_a}"));
+    let b = t.create(&format!(
+        "kubepods.slice/kubepods-burstable.slice/kubepods-burstable-pod{}.slice/docker-{cid_b}.scope",
+        uid_b.replace('-', "_")
+    ));
+    let owner_a = pod(
+        &uid_a,
+        Some(&cid_a),
+        Some(Runtime::Unknown),
+        QosClass::Guaranteed,
+        false,
+    );
+    let owner_b = pod(
+        &uid_b,
+        Some(&cid_b),
+        Some(Runtime::Docker),
+        QosClass::Burstable,
+        false,
+    );
+    // Threads too: a cgroup.procs write moves the whole thread group.
+    let mut child = spawn(&a, &["threads", "3"]);
+    let pid = child.0.id();
+    let tids: Vec<u32> = BufReader::new(child.0.stdout.take().expect("stdout"))
+        .lines()
+        .take(3)
+        .map(|l| l.expect("tid").trim().parse().expect("tid"))
+        .collect();
+    check(&engine, pid, &a, &owner_a);
+    std::fs::write(b.dir.join("cgroup.procs"), pid.to_string()).expect("move to pod B");
+    check(&engine, pid, &b, &owner_b);
+    for tid in tids {
+        check_user_space(&engine, tid, &b, &owner_b);
+    }
+}

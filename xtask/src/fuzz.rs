@@ -1,0 +1,49 @@
+//! `cargo xtask fuzz`: runs the cgroup path parser's fuzz target (cargo-fuzz,
+//! nightly) for a bounded time; `cargo xtask test` runs it briefly. Installs
+//! cargo-fuzz only when it is missing.
+
+use std::{path::Path, process::Command};
+
+use anyhow::{Context as _, Result};
+
+/// The fuzz crate, relative to the workspace root.
+const FUZZ_CRATE_PARENT: &str = "gpu-scaler";
+const TARGET: &str = "cgroup_path";
+
+/// Fuzzes for `seconds`; any crash fails (libFuzzer exits non-zero and leaves
+/// the input under gpu-scaler/fuzz/artifacts/).
+pub fn run(seconds: u64) -> Result<()> {
+    ensure_cargo_fuzz()?;
+    let corpus = format!("fuzz/corpus/{TARGET}");
+    std::fs::create_dir_all(Path::new(FUZZ_CRATE_PARENT).join(&corpus))
+        .with_context(|| format!("creating {corpus}"))?;
+    let mut cmd = rustup_cargo();
+    cmd.current_dir(FUZZ_CRATE_PARENT)
+        // The parsers do not need the probe; skipping its BPF build keeps the
+        // sanitizer build to host code.
+        .env("GPU_SCALER_NO_EBPF", "1")
+        .args(["+nightly", "fuzz", "run", TARGET, &corpus])
+        .arg(format!("fuzz/seeds/{TARGET}"))
+        .args(["--", &format!("-max_total_time={seconds}"), "-max_len=4096"]);
+    super::run(&mut cmd)
+}
+
+/// `cargo` through rustup's proxy, so `+nightly` selects the toolchain whatever
+/// toolchain runs xtask.
+fn rustup_cargo() -> Command {
+    let mut cmd = Command::new("cargo");
+    cmd.env_remove("RUSTUP_TOOLCHAIN").env_remove("CARGO");
+    cmd
+}
+
+fn ensure_cargo_fuzz() -> Result<()> {
+    let present = rustup_cargo()
+        .args(["+nightly", "fuzz", "--version"])
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if present {
+        return Ok(());
+    }
+    eprintln!("cargo-fuzz is missing: installing it");
+    super::run(rustup_cargo().args(["install", "cargo-fuzz", "--locked"]))
+}
