@@ -1,9 +1,10 @@
 //! Attribution figures on the real kernel (root). Printed, never asserted:
 //! run with `cargo xtask bench attribution`.
 //!
-//! 1. fork+exec overhead: time per fork+exec+wait of /bin/true with the probe
-//!    attached (and the engine following its events) and without, in
-//!    alternating rounds of one run; median of each and their ratio.
+//! 1. fork+exec overhead: time per fork+exec+wait of /bin/true, in a separate
+//!    process, with the probe attached (and this process's engine following its
+//!    events) and without, in alternating rounds of one run; median of each and
+//!    their ratio, and the time the kernel counts inside the probe's programs.
 //! 2. lookups/s with 10,000 tracked pids (real processes in 100 pod cgroups).
 //! 3. resident memory of the daemon side with those 10,000 pids: this process
 //!    (before/after the engine) and a `gpu-scaler ps --watch` process.
@@ -134,18 +135,24 @@ fn median(v: &mut [f64]) -> f64 {
     }
 }
 
-fn per_iter_us(iters: usize, true_bin: &CString) -> f64 {
-    let t = Instant::now();
-    for _ in 0..iters {
-        fork_exec_wait(true_bin, None);
-    }
-    t.elapsed().as_secs_f64() * 1e6 / iters as f64
+/// Mean us per fork+exec+wait, measured by a separate process (as the workloads
+/// on a node are): forking from this process would also copy the page tables of
+/// the probe's ring buffer mapping, a cost the daemon itself never pays.
+fn per_iter_us(iters: usize) -> f64 {
+    let out = Command::new(HELPER)
+        .args(["forkloop", &iters.to_string()])
+        .output()
+        .expect("run the fork loop");
+    assert!(out.status.success(), "fork loop failed");
+    String::from_utf8_lossy(&out.stdout)
+        .trim()
+        .parse()
+        .expect("fork loop prints us per iteration")
 }
 
 fn overhead(o: &Opts, start: &dyn Fn() -> Arc<EbpfAttributor>) {
-    let true_bin = CString::new("/bin/true").expect("path");
     // Warm-up: page cache, dynamic loader.
-    per_iter_us(50, &true_bin);
+    per_iter_us(50);
     let (mut with, mut without, mut ratios) = (Vec::new(), Vec::new(), Vec::new());
     // Time spent inside the probe's programs, counted by the kernel.
     let _stats = aya_stats();
@@ -159,7 +166,7 @@ fn overhead(o: &Opts, start: &dyn Fn() -> Arc<EbpfAttributor>) {
             let engine = start();
             settle();
             let before: u64 = prog_ns(&engine);
-            let us = per_iter_us(o.iters, &true_bin);
+            let us = per_iter_us(o.iters);
             in_probe_ns.set(in_probe_ns.get() + prog_ns(&engine) - before);
             drop(engine); // detaches the probe
             settle();
@@ -168,11 +175,11 @@ fn overhead(o: &Opts, start: &dyn Fn() -> Arc<EbpfAttributor>) {
         };
         let (a, b) = if round % 2 == 0 {
             let a = measure_with(&mut with);
-            let b = per_iter_us(o.iters, &true_bin);
+            let b = per_iter_us(o.iters);
             without.push(b);
             (a, b)
         } else {
-            let b = per_iter_us(o.iters, &true_bin);
+            let b = per_iter_us(o.iters);
             without.push(b);
             let a = measure_with(&mut with);
             (a, b)

@@ -16,8 +16,11 @@ pub fn run(seconds: u64) -> Result<()> {
     ensure_cargo_fuzz()?;
     // The fuzz crate is its own workspace; start it from the main lock file so it
     // builds the same dependency versions (aya-build stays pinned, see DESIGN.md).
-    std::fs::copy("Cargo.lock", Path::new(FUZZ_CRATE_PARENT).join("fuzz/Cargo.lock"))
-        .context("copying Cargo.lock into gpu-scaler/fuzz")?;
+    std::fs::copy(
+        "Cargo.lock",
+        Path::new(FUZZ_CRATE_PARENT).join("fuzz/Cargo.lock"),
+    )
+    .context("copying Cargo.lock into gpu-scaler/fuzz")?;
     let corpus = format!("fuzz/corpus/{TARGET}");
     std::fs::create_dir_all(Path::new(FUZZ_CRATE_PARENT).join(&corpus))
         .with_context(|| format!("creating {corpus}"))?;
