@@ -96,9 +96,13 @@ fn pod_segment<'a>(
         // own name, `kubepods[-qos]` or `kubelet-kubepods[-qos]`.
         let (prefix, pod) = unit.rsplit_once('-')?;
         let uid = pod.strip_prefix("pod")?;
-        let parent_unit = parent?.strip_suffix(".slice")?;
-        if parent_unit != prefix {
-            return None;
+        // Read from inside a private cgroup namespace, /proc/<pid>/cgroup climbs
+        // out of the namespace root with `..` and omits the shared ancestors: the
+        // slice name then vouches for itself.
+        match parent? {
+            OUTSIDE_NAMESPACE => {}
+            p if p.strip_suffix(".slice")? == prefix => {}
+            _ => return None,
         }
         let qos = if let Some(base) = prefix.strip_suffix("-burstable") {
             is_kubepods_slice(base).then_some(QosClass::Burstable)?
@@ -113,11 +117,15 @@ fn pod_segment<'a>(
     let uid = seg.strip_prefix("pod")?;
     match (parent?, grandparent) {
         ("kubepods", _) => Some((uid, QosClass::Guaranteed)),
-        ("burstable", Some("kubepods")) => Some((uid, QosClass::Burstable)),
-        ("besteffort", Some("kubepods")) => Some((uid, QosClass::BestEffort)),
+        ("burstable", Some("kubepods" | OUTSIDE_NAMESPACE)) => Some((uid, QosClass::Burstable)),
+        ("besteffort", Some("kubepods" | OUTSIDE_NAMESPACE)) => Some((uid, QosClass::BestEffort)),
         _ => None,
     }
 }
+
+/// The segment a path from inside a cgroup namespace starts with when the cgroup
+/// lies outside that namespace's root (see cgroup_namespaces(7)).
+const OUTSIDE_NAMESPACE: &str = "..";
 
 fn is_kubepods_slice(unit: &str) -> bool {
     unit == "kubepods" || unit == "kubelet-kubepods"
@@ -367,6 +375,22 @@ mod tests {
                 Some(CID),
                 Some(Runtime::Containerd),
                 QosClass::Guaranteed,
+                false
+            )
+        );
+    }
+
+    /// Read from inside a private cgroup namespace (a container on cgroup v2),
+    /// /proc/<pid>/cgroup is relative to the namespace root and climbs out of it.
+    #[test]
+    fn seen_from_a_private_cgroup_namespace() {
+        let p = format!("/../../kubepods-burstable-pod{UID_}.slice/cri-containerd-{CID}.scope");
+        assert_eq!(
+            ok(&p),
+            pod(
+                Some(CID),
+                Some(Runtime::Containerd),
+                QosClass::Burstable,
                 false
             )
         );
