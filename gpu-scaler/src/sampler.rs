@@ -321,12 +321,41 @@ pub fn join(
     }
 }
 
+/// Told about every join (telemetry); called on the sampler's task, so it
+/// must be cheap.
+pub trait Observer: Send + Sync {
+    /// One join took `took`.
+    fn joined(&self, took: std::time::Duration);
+    /// A GPU pass that failed arrived.
+    fn gpu_failed(&self);
+    /// A pod set whose refresh failed arrived.
+    fn pods_failed(&self);
+}
+
+struct Unobserved;
+
+impl Observer for Unobserved {
+    fn joined(&self, _: std::time::Duration) {}
+    fn gpu_failed(&self) {}
+    fn pods_failed(&self) {}
+}
+
 /// Starts the join task: a new snapshot whenever the GPU status or the pods
 /// change. Runs until its inputs close or every snapshot receiver is dropped.
 pub fn start(
     attributor: Arc<dyn Attributor>,
+    gpu: watch::Receiver<Arc<GpuStatus>>,
+    pods: PodsReceiver,
+) -> SnapshotReceiver {
+    start_observed(attributor, gpu, pods, Arc::new(Unobserved))
+}
+
+/// As [`start`], telling `observer` about every join and failed input.
+pub fn start_observed(
+    attributor: Arc<dyn Attributor>,
     mut gpu: watch::Receiver<Arc<GpuStatus>>,
     mut pods: PodsReceiver,
+    observer: Arc<dyn Observer>,
 ) -> SnapshotReceiver {
     let first = join(
         &gpu.borrow_and_update(),
@@ -337,14 +366,22 @@ pub fn start(
     let (tx, rx) = watch::channel(Arc::new(first));
     tokio::spawn(async move {
         loop {
-            tokio::select! {
+            let (gpu_new, pods_new) = tokio::select! {
                 _ = tx.closed() => break,
-                r = gpu.changed() => if r.is_err() { break },
-                r = pods.changed() => if r.is_err() { break },
-            }
+                r = gpu.changed() => if r.is_err() { break } else { (true, false) },
+                r = pods.changed() => if r.is_err() { break } else { (false, true) },
+            };
             let status = gpu.borrow_and_update().clone();
             let set = pods.borrow_and_update().clone();
+            if gpu_new && status.error.is_some() {
+                observer.gpu_failed();
+            }
+            if pods_new && set.error.is_some() {
+                observer.pods_failed();
+            }
+            let started = std::time::Instant::now();
             let snap = join(&status, &set, attributor.as_ref(), SystemTime::now());
+            observer.joined(started.elapsed());
             tracing::trace!(
                 pods = snap.pods.len(),
                 gpus = snap.gpus.len(),

@@ -2,13 +2,17 @@
 //! answering and a fresh snapshot), /metrics (Prometheus text) and
 //! /v1/snapshot (the newest node snapshot as JSON).
 
-use std::{fmt::Write as _, sync::Arc, time::Duration, time::SystemTime};
+use std::{sync::Arc, time::Duration, time::SystemTime};
 
 use axum::{Router, extract, http::StatusCode, response::IntoResponse, routing::get};
 use tokio::{net::TcpListener, sync::watch};
 use tokio_util::sync::CancellationToken;
 
-use crate::{gpu::GpuStatus, sampler::SnapshotReceiver};
+use crate::{
+    gpu::GpuStatus,
+    sampler::SnapshotReceiver,
+    telemetry::metrics::{self, Metrics},
+};
 
 /// What the handlers read.
 #[derive(Clone)]
@@ -16,6 +20,10 @@ pub struct State {
     pub snapshots: SnapshotReceiver,
     pub gpu: watch::Receiver<Arc<GpuStatus>>,
     pub poll_interval: Duration,
+    /// What accumulates between scrapes.
+    pub metrics: Arc<Metrics>,
+    /// The cluster path's counters, in cluster mode.
+    pub cluster: Option<Arc<crate::cluster::Stats>>,
 }
 
 async fn healthz() -> &'static str {
@@ -44,44 +52,20 @@ async fn readyz(extract::State(s): extract::State<State>) -> impl IntoResponse {
     }
 }
 
-/// A minimal exposition until the full metric set lands (shipping issue).
+/// The Prometheus exposition, rendered from the newest snapshot at scrape time.
 async fn metrics(extract::State(s): extract::State<State>) -> impl IntoResponse {
     let snap = s.snapshots.borrow().clone();
-    let now = SystemTime::now();
-    let mut out = String::new();
-    let _ = writeln!(
-        out,
-        "# HELP gpu_scaler_snapshot_age_seconds Age of the GPU samples in the newest node snapshot."
+    let gpu_up = s.gpu.borrow().error.is_none();
+    let body = metrics::render(
+        &snap,
+        &metrics::Sources {
+            metrics: &s.metrics,
+            cluster: s.cluster.as_deref(),
+            gpu_up,
+        },
+        SystemTime::now(),
     );
-    let _ = writeln!(out, "# TYPE gpu_scaler_snapshot_age_seconds gauge");
-    match snap.samples_age(now) {
-        Some(age) => {
-            let _ = writeln!(out, "gpu_scaler_snapshot_age_seconds {}", age.as_secs_f64());
-        }
-        None => {
-            let _ = writeln!(out, "gpu_scaler_snapshot_age_seconds NaN");
-        }
-    }
-    let _ = writeln!(
-        out,
-        "# HELP gpu_scaler_gpu_source_up Whether the GPU source answered its newest poll."
-    );
-    let _ = writeln!(out, "# TYPE gpu_scaler_gpu_source_up gauge");
-    let _ = writeln!(
-        out,
-        "gpu_scaler_gpu_source_up {}",
-        u8::from(snap.gpu_error.is_none())
-    );
-    let _ = writeln!(
-        out,
-        "# HELP gpu_scaler_local_pods Pods on this node known to the pod source."
-    );
-    let _ = writeln!(out, "# TYPE gpu_scaler_local_pods gauge");
-    let _ = writeln!(out, "gpu_scaler_local_pods {}", snap.pods.len());
-    let _ = writeln!(out, "# HELP gpu_scaler_gpus GPUs in the newest snapshot.");
-    let _ = writeln!(out, "# TYPE gpu_scaler_gpus gauge");
-    let _ = writeln!(out, "gpu_scaler_gpus {}", snap.gpus.len());
-    ([("content-type", "text/plain; version=0.0.4")], out)
+    ([("content-type", metrics::CONTENT_TYPE)], body)
 }
 
 /// The newest node snapshot as JSON (diagnostics, the demo).

@@ -23,6 +23,7 @@ use crate::{
     pods::{self, PodSet, PodsReceiver},
     sampler::{self, NodeSnapshot, SnapshotReceiver},
     scaler::{LocalView, ScalerService, server},
+    telemetry::metrics::Metrics,
 };
 
 /// Errors that stop the daemon.
@@ -188,7 +189,11 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<()> {
     let grpc = bind(config.listen).await?;
     let http = bind(config.metrics_listen).await?;
     let cluster = cluster_parts(&config, kube, &pods).await?;
-    let running = start_with_cluster(
+    let metrics = Arc::new(Metrics::new(match config.gpu.source {
+        gpu::SourceKind::Nvml => "nvml",
+        gpu::SourceKind::Mock => "mock",
+    }));
+    let running = start_instrumented(
         Inputs {
             attributor,
             gpu,
@@ -198,6 +203,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<()> {
         http,
         Settings { poll_interval, tls },
         cluster,
+        metrics,
         shutdown,
     )?;
     tracing::info!(grpc = %running.grpc_addr, http = %running.http_addr, peer = ?running.peer_addr, "serving");
@@ -307,10 +313,33 @@ pub fn start_with_cluster(
     cluster: Option<crate::cluster::Parts>,
     shutdown: CancellationToken,
 ) -> Result<Running> {
+    start_instrumented(
+        inputs,
+        grpc,
+        http,
+        settings,
+        cluster,
+        Arc::default(),
+        shutdown,
+    )
+}
+
+/// As [`start_with_cluster`], recording sampling and gRPC metrics in `metrics`
+/// (served on /metrics).
+pub fn start_instrumented(
+    inputs: Inputs,
+    grpc: TcpListener,
+    http: TcpListener,
+    settings: Settings,
+    cluster: Option<crate::cluster::Parts>,
+    metrics: Arc<Metrics>,
+    shutdown: CancellationToken,
+) -> Result<Running> {
     let grpc_addr = grpc.local_addr().map_err(Error::Http)?;
     let http_addr = http.local_addr().map_err(Error::Http)?;
     let gpu = inputs.gpu.clone();
-    let snapshots = sampler::start(inputs.attributor, inputs.gpu, inputs.pods);
+    let snapshots =
+        sampler::start_observed(inputs.attributor, inputs.gpu, inputs.pods, metrics.clone());
     let cluster = cluster
         .map(|parts| {
             crate::cluster::start(
@@ -369,12 +398,15 @@ pub fn start_with_cluster(
         snapshots: snapshots.clone(),
         gpu,
         poll_interval: settings.poll_interval,
+        metrics: metrics.clone(),
+        cluster: cluster_stats.clone(),
     };
-    let grpc_fut = server::serve(
+    let grpc_fut = server::serve_instrumented(
         grpc,
         service,
         settings.tls,
         Some(health_service),
+        metrics,
         shutdown.clone(),
     );
     let http_fut = http::serve(http, http_state, shutdown.clone());

@@ -1,7 +1,9 @@
 //! The gRPC server: ExternalScaler and grpc.health.v1, optionally over TLS or
 //! mTLS, on a listener the caller bound.
 
-use std::time::Duration;
+use std::{sync::Arc, time::Duration};
+
+use crate::telemetry::metrics::Metrics;
 
 use tokio::net::TcpListener;
 use tokio_stream::wrappers::TcpListenerStream;
@@ -53,6 +55,20 @@ pub async fn serve(
     >,
     shutdown: CancellationToken,
 ) -> Result<(), Error> {
+    serve_instrumented(listener, service, tls, health, Arc::default(), shutdown).await
+}
+
+/// As [`serve`], counting and timing every ExternalScaler call in `metrics`.
+pub async fn serve_instrumented(
+    listener: TcpListener,
+    service: ScalerService,
+    tls: Option<Tls>,
+    health: Option<
+        tonic_health::pb::health_server::HealthServer<impl tonic_health::pb::health_server::Health>,
+    >,
+    metrics: Arc<Metrics>,
+    shutdown: CancellationToken,
+) -> Result<(), Error> {
     let mut builder = Server::builder()
         .tcp_nodelay(true)
         .http2_keepalive_interval(Some(Duration::from_secs(30)));
@@ -65,6 +81,7 @@ pub async fn serve(
         builder = builder.tls_config(cfg).map_err(Error::Tls)?;
     }
     let router = builder
+        .layer(crate::telemetry::grpc::Layer::new(metrics))
         .add_optional_service(health)
         .add_service(ExternalScalerServer::new(service));
     router

@@ -1,4 +1,8 @@
-//! Logging set-up.
+//! Logging set-up, the Prometheus exposition ([`metrics`]) and the gRPC
+//! request instrumentation ([`grpc`]).
+
+pub mod grpc;
+pub mod metrics;
 
 use tracing_subscriber::{EnvFilter, fmt, prelude::*};
 

@@ -1,0 +1,495 @@
+//! The Prometheus exposition on `--metrics-listen` (see docs/metrics.md).
+//!
+//! Gauges are rendered at scrape time from the newest published
+//! [`NodeSnapshot`] (and the cluster's counters) into a registry built for that
+//! one scrape, so the sampling path does no metric work for them and a pod that
+//! is gone from the snapshot is gone from the next scrape: label cardinality is
+//! bounded by what the node runs now. Only what must accumulate between
+//! scrapes (counters, histograms) lives in [`Metrics`].
+
+use std::{
+    sync::atomic::AtomicU64,
+    time::{Duration, SystemTime},
+};
+
+use prometheus_client::{
+    encoding::text::encode,
+    metrics::{
+        counter::{ConstCounter, Counter},
+        family::Family,
+        gauge::{ConstGauge, Gauge},
+        histogram::{Histogram, exponential_buckets},
+    },
+    registry::Registry,
+};
+
+use crate::{
+    cluster::Stats,
+    gpu::Reading,
+    sampler::{GpuUsage, NodeSnapshot},
+};
+
+/// Label set of one series: (name, value) pairs.
+type Labels = Vec<(&'static str, String)>;
+
+/// A float gauge family.
+type GaugeFamily = Family<Labels, Gauge<f64, AtomicU64>>;
+
+/// The content type of [`render`]'s output.
+pub const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
+
+const MIB: f64 = 1024.0 * 1024.0;
+
+/// Counters and histograms that accumulate between scrapes. Cheap to record
+/// into (atomics); shared by the sampler, the gRPC layer and the HTTP handler.
+#[derive(Clone)]
+pub struct Metrics {
+    /// One join of GPU samples, attribution and pods into a snapshot.
+    pub sample_duration: Histogram,
+    /// Failed polls by source (`nvml`/`mock`, `pods`).
+    pub sample_errors: Family<Labels, Counter>,
+    /// Finished ExternalScaler calls by method and status code.
+    pub grpc_requests: Family<Labels, Counter>,
+    /// Their latency by method.
+    pub grpc_duration: Family<Labels, Histogram>,
+    /// The GPU source's label in `sample_errors`.
+    pub gpu_source: &'static str,
+}
+
+fn latency_histogram() -> Histogram {
+    // 100 µs .. ~6.5 s: a snapshot join is sub-millisecond, a fan-out with a
+    // slow peer several seconds.
+    Histogram::new(exponential_buckets(0.0001, 2.0, 17))
+}
+
+impl Metrics {
+    /// Empty metrics; `gpu_source` labels GPU sampling errors (`nvml`, `mock`).
+    pub fn new(gpu_source: &'static str) -> Self {
+        Self {
+            sample_duration: latency_histogram(),
+            sample_errors: Family::default(),
+            grpc_requests: Family::default(),
+            grpc_duration: Family::new_with_constructor(latency_histogram),
+            gpu_source,
+        }
+    }
+
+    /// Records one sampler join.
+    pub fn joined(&self, took: Duration) {
+        self.sample_duration.observe(took.as_secs_f64());
+    }
+
+    /// Counts a failed poll of `source`.
+    pub fn sample_error(&self, source: &'static str) {
+        self.sample_errors
+            .get_or_create(&vec![("source", source.to_owned())])
+            .inc();
+    }
+
+    /// Records one finished gRPC call.
+    pub fn grpc_call(&self, method: &str, code: tonic::Code, took: Duration) {
+        self.grpc_requests
+            .get_or_create(&vec![
+                ("method", method.to_owned()),
+                ("code", code_name(code).to_owned()),
+            ])
+            .inc();
+        self.grpc_duration
+            .get_or_create(&vec![("method", method.to_owned())])
+            .observe(took.as_secs_f64());
+    }
+}
+
+impl crate::sampler::Observer for Metrics {
+    fn joined(&self, took: Duration) {
+        Metrics::joined(self, took);
+    }
+    fn gpu_failed(&self) {
+        self.sample_error(self.gpu_source);
+    }
+    fn pods_failed(&self) {
+        self.sample_error("pods");
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new("gpu")
+    }
+}
+
+/// The status code's name as gRPC spells it (`OK`, `INVALID_ARGUMENT`, ...).
+pub fn code_name(code: tonic::Code) -> &'static str {
+    use tonic::Code::*;
+    match code {
+        Ok => "OK",
+        Cancelled => "CANCELLED",
+        Unknown => "UNKNOWN",
+        InvalidArgument => "INVALID_ARGUMENT",
+        DeadlineExceeded => "DEADLINE_EXCEEDED",
+        NotFound => "NOT_FOUND",
+        AlreadyExists => "ALREADY_EXISTS",
+        PermissionDenied => "PERMISSION_DENIED",
+        ResourceExhausted => "RESOURCE_EXHAUSTED",
+        FailedPrecondition => "FAILED_PRECONDITION",
+        Aborted => "ABORTED",
+        OutOfRange => "OUT_OF_RANGE",
+        Unimplemented => "UNIMPLEMENTED",
+        Internal => "INTERNAL",
+        Unavailable => "UNAVAILABLE",
+        DataLoss => "DATA_LOSS",
+        Unauthenticated => "UNAUTHENTICATED",
+    }
+}
+
+fn gauge(registry: &mut Registry, name: &str, help: &str, value: f64) {
+    registry.register(name, help, ConstGauge::new(value));
+}
+
+fn counter(registry: &mut Registry, name: &str, help: &str, value: u64) {
+    registry.register(name, help, ConstCounter::new(value));
+}
+
+fn set(family: &GaugeFamily, labels: Labels, value: f64) {
+    family.get_or_create(&labels).set(value);
+}
+
+/// Sets `family{labels}` when the reading was taken; an unreadable figure has
+/// no series (never a made-up zero).
+fn set_reading<T: Copy + Into<f64>>(
+    family: &GaugeFamily,
+    labels: &Labels,
+    reading: &Reading<T>,
+    scale: f64,
+) {
+    if let Reading::Ok(v) = reading {
+        set(family, labels.clone(), (*v).into() * scale);
+    }
+}
+
+fn mib_reading(r: &Reading<u64>) -> Reading<f64> {
+    match r {
+        // Exact below 2^53 MiB.
+        Reading::Ok(v) => Reading::Ok(*v as f64),
+        Reading::Unavailable(e) => Reading::Unavailable(e.clone()),
+    }
+}
+
+/// What a scrape renders besides the snapshot.
+pub struct Sources<'a> {
+    pub metrics: &'a Metrics,
+    pub cluster: Option<&'a Stats>,
+    /// Whether the GPU poller's newest pass failed.
+    pub gpu_up: bool,
+}
+
+/// Renders the exposition for `snap` at `now` (OpenMetrics text, which
+/// Prometheus reads; see [`CONTENT_TYPE`]).
+pub fn render(snap: &NodeSnapshot, sources: &Sources<'_>, now: SystemTime) -> String {
+    let mut r = Registry::default();
+    devices(&mut r, snap);
+    pods(&mut r, snap);
+    unattributed(&mut r, snap);
+    sampling(&mut r, snap, sources, now);
+    if let Some(stats) = sources.cluster {
+        cluster(&mut r, stats);
+    }
+    let m = sources.metrics;
+    r.register(
+        "gpu_scaler_grpc_requests",
+        "Finished ExternalScaler calls by method and status code",
+        m.grpc_requests.clone(),
+    );
+    r.register(
+        "gpu_scaler_grpc_request_duration_seconds",
+        "Latency of ExternalScaler calls (streams count their set-up)",
+        m.grpc_duration.clone(),
+    );
+    let build: GaugeFamily = Family::default();
+    set(
+        &build,
+        vec![("version", env!("CARGO_PKG_VERSION").to_owned())],
+        1.0,
+    );
+    r.register(
+        "gpu_scaler_build_info",
+        "Always 1; carries the version",
+        build,
+    );
+    let mut out = String::new();
+    // Writing into a String cannot fail.
+    let _ = encode(&mut out, &r);
+    out
+}
+
+fn devices(r: &mut Registry, snap: &NodeSnapshot) {
+    let up = GaugeFamily::default();
+    let info = GaugeFamily::default();
+    let sm = GaugeFamily::default();
+    let mem = GaugeFamily::default();
+    let used = GaugeFamily::default();
+    let total = GaugeFamily::default();
+    let power = GaugeFamily::default();
+    let temp = GaugeFamily::default();
+    for g in &snap.gpus {
+        let labels: Labels = vec![("gpu", g.index.to_string()), ("uuid", g.uuid.clone())];
+        // A device NVML could not read has every figure unavailable (see
+        // gpu::collector); one figure read means the device answered.
+        let readable = g.sm_util.ok().is_some() || g.memory_used_mib.ok().is_some();
+        set(
+            &up,
+            labels.clone(),
+            f64::from(u8::from(readable && snap.gpu_error.is_none())),
+        );
+        let mut with_model = labels.clone();
+        with_model.push(("model", g.name.clone()));
+        set(&info, with_model, 1.0);
+        set_reading(&sm, &labels, &g.sm_util, 1.0);
+        set_reading(&mem, &labels, &g.mem_util, 1.0);
+        set_reading(&used, &labels, &mib_reading(&g.memory_used_mib), MIB);
+        set_reading(&total, &labels, &mib_reading(&g.memory_total_mib), MIB);
+        set_reading(&power, &labels, &g.power_w, 1.0);
+        set_reading(&temp, &labels, &g.temperature_c, 1.0);
+    }
+    r.register(
+        "gpu_scaler_device_up",
+        "1 when the last poll read the device, 0 when it failed",
+        up,
+    );
+    r.register(
+        "gpu_scaler_device_info",
+        "Always 1; carries the model name",
+        info,
+    );
+    r.register(
+        "gpu_scaler_device_sm_utilization_percent",
+        "SM busy time over the last sample period, whole device",
+        sm,
+    );
+    r.register(
+        "gpu_scaler_device_memory_utilization_percent",
+        "Memory-controller busy time, whole device",
+        mem,
+    );
+    r.register(
+        "gpu_scaler_device_memory_used_bytes",
+        "Framebuffer memory in use",
+        used,
+    );
+    r.register(
+        "gpu_scaler_device_memory_total_bytes",
+        "Framebuffer memory size",
+        total,
+    );
+    r.register("gpu_scaler_device_power_watts", "Board power draw", power);
+    r.register(
+        "gpu_scaler_device_temperature_celsius",
+        "Core temperature",
+        temp,
+    );
+}
+
+/// One usage's figures into the per-owner families.
+struct UsageFamilies {
+    sm: GaugeFamily,
+    mem: GaugeFamily,
+    used: GaugeFamily,
+    power: GaugeFamily,
+    procs: GaugeFamily,
+}
+
+impl UsageFamilies {
+    fn new() -> Self {
+        Self {
+            sm: Family::default(),
+            mem: Family::default(),
+            used: Family::default(),
+            power: Family::default(),
+            procs: Family::default(),
+        }
+    }
+
+    fn add(&self, labels: &Labels, u: &GpuUsage) {
+        set_reading(&self.sm, labels, &u.sm_util, 1.0);
+        set_reading(&self.mem, labels, &u.mem_util, 1.0);
+        set_reading(&self.used, labels, &mib_reading(&u.memory_used_mib), MIB);
+        set_reading(&self.power, labels, &u.power_w, 1.0);
+        set(&self.procs, labels.clone(), u.pids.len() as f64);
+    }
+}
+
+fn pods(r: &mut Registry, snap: &NodeSnapshot) {
+    let f = UsageFamilies::new();
+    for p in snap.pods.values() {
+        for u in &p.gpus {
+            // The snapshot sums a pod's containers on each GPU: `container` is
+            // empty (see docs/metrics.md).
+            let labels: Labels = vec![
+                ("namespace", p.pod.namespace.clone()),
+                ("pod", p.pod.name.clone()),
+                ("container", String::new()),
+                ("gpu", u.gpu_index.to_string()),
+            ];
+            f.add(&labels, u);
+        }
+    }
+    r.register(
+        "gpu_scaler_pod_sm_utilization_percent",
+        "SM time of the pod's processes on the GPU",
+        f.sm,
+    );
+    r.register(
+        "gpu_scaler_pod_memory_utilization_percent",
+        "Memory-controller time of the pod's processes on the GPU",
+        f.mem,
+    );
+    r.register(
+        "gpu_scaler_pod_memory_used_bytes",
+        "GPU memory the pod's processes hold",
+        f.used,
+    );
+    r.register(
+        "gpu_scaler_pod_power_watts",
+        "The device's power split over its processes by SM share",
+        f.power,
+    );
+    r.register(
+        "gpu_scaler_pod_processes",
+        "The pod's processes on the GPU",
+        f.procs,
+    );
+}
+
+fn unattributed(r: &mut Registry, snap: &NodeSnapshot) {
+    let sm = GaugeFamily::default();
+    let used = GaugeFamily::default();
+    let procs = GaugeFamily::default();
+    // Several reasons can share a GPU: sum them per GPU. Start every GPU of
+    // the snapshot at zero so "nothing unattributed" reads as 0, not absent.
+    let mut per_gpu: std::collections::BTreeMap<u32, (Option<f64>, Option<f64>, usize)> = snap
+        .gpus
+        .iter()
+        .map(|g| (g.index, (Some(0.0), Some(0.0), 0)))
+        .collect();
+    for u in &snap.unowned {
+        let e = per_gpu
+            .entry(u.usage.gpu_index)
+            .or_insert((Some(0.0), Some(0.0), 0));
+        e.0 = e.0.zip(u.usage.sm_util.ok()).map(|(a, b)| a + b);
+        e.1 =
+            e.1.zip(u.usage.memory_used_mib.ok())
+                .map(|(a, b)| a + b as f64);
+        e.2 += u.usage.pids.len();
+    }
+    for (gpu, (s, m, n)) in per_gpu {
+        let labels: Labels = vec![("gpu", gpu.to_string())];
+        if let Some(s) = s {
+            set(&sm, labels.clone(), s);
+        }
+        if let Some(m) = m {
+            set(&used, labels.clone(), m * MIB);
+        }
+        set(&procs, labels, n as f64);
+    }
+    r.register(
+        "gpu_scaler_unattributed_sm_utilization_percent",
+        "SM time of processes attributed to no pod",
+        sm,
+    );
+    r.register(
+        "gpu_scaler_unattributed_memory_used_bytes",
+        "GPU memory of processes attributed to no pod",
+        used,
+    );
+    r.register(
+        "gpu_scaler_unattributed_processes",
+        "Processes on the GPU attributed to no pod",
+        procs,
+    );
+}
+
+fn sampling(r: &mut Registry, snap: &NodeSnapshot, sources: &Sources<'_>, now: SystemTime) {
+    let m = sources.metrics;
+    r.register(
+        "gpu_scaler_sample_duration_seconds",
+        "One join of GPU samples, attribution and pods into a snapshot",
+        m.sample_duration.clone(),
+    );
+    r.register(
+        "gpu_scaler_sample_errors",
+        "Failed polls by source",
+        m.sample_errors.clone(),
+    );
+    gauge(
+        r,
+        "gpu_scaler_snapshot_age_seconds",
+        "Age of the GPU samples in the newest snapshot (NaN before the first)",
+        snap.samples_age(now).map_or(f64::NAN, |a| a.as_secs_f64()),
+    );
+    gauge(
+        r,
+        "gpu_scaler_local_pods",
+        "Pods on this node known to the pods source",
+        snap.pods.len() as f64,
+    );
+    gauge(
+        r,
+        "gpu_scaler_gpu_source_up",
+        "1 when the GPU source answered its newest poll, else 0",
+        f64::from(u8::from(sources.gpu_up && snap.gpu_error.is_none())),
+    );
+    gauge(
+        r,
+        "gpu_scaler_gpus",
+        "GPUs in the newest snapshot",
+        snap.gpus.len() as f64,
+    );
+    let mode = GaugeFamily::default();
+    set(&mode, vec![("mode", snap.attribution.to_string())], 1.0);
+    r.register(
+        "gpu_scaler_attribution_mode",
+        "1 for the active attribution backend",
+        mode,
+    );
+}
+
+fn cluster(r: &mut Registry, s: &Stats) {
+    let requests = Stats::get(&s.peer_requests);
+    let failures = Stats::get(&s.peer_failures);
+    let outcomes: Family<Labels, Counter> = Family::default();
+    outcomes
+        .get_or_create(&vec![("outcome", "ok".to_owned())])
+        .inc_by(requests.saturating_sub(failures));
+    outcomes
+        .get_or_create(&vec![("outcome", "error".to_owned())])
+        .inc_by(failures);
+    r.register(
+        "gpu_scaler_peer_requests",
+        "Node-to-node requests by outcome (error includes timeouts)",
+        outcomes,
+    );
+    counter(
+        r,
+        "gpu_scaler_fanouts",
+        "Fan-outs run (one per workload per cache period)",
+        Stats::get(&s.fanouts),
+    );
+    counter(
+        r,
+        "gpu_scaler_fanout_coalesced",
+        "Queries answered by an in-flight or cached fan-out",
+        Stats::get(&s.fanouts_shared),
+    );
+    let missing: Family<Labels, Counter> = Family::default();
+    missing
+        .get_or_create(&vec![("outcome", "averaged".to_owned())])
+        .inc_by(Stats::get(&s.missing_averaged));
+    missing
+        .get_or_create(&vec![("outcome", "unavailable".to_owned())])
+        .inc_by(Stats::get(&s.missing_refused));
+    r.register(
+        "gpu_scaler_missing_node",
+        "Queries where a node did not answer, by what the policy did",
+        missing,
+    );
+}
