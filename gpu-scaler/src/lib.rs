@@ -14,3 +14,4 @@ pub mod pods;
 pub mod sampler;
 pub mod scaler;
 pub mod telemetry;
+pub mod top;

@@ -5,6 +5,7 @@ pub mod gpus;
 pub mod ps;
 pub mod query;
 pub mod serve;
+pub mod top;
 
 use clap::{Parser, Subcommand};
 
@@ -38,6 +39,8 @@ pub enum Command {
     Gpus(gpus::GpusArgs),
     /// Ask a running scaler exactly as KEDA would.
     Query(query::QueryArgs),
+    /// A live view of a node's pods on its GPUs (or of a running daemon's).
+    Top(top::TopArgs),
 }
 
 /// Errors a subcommand can end with; shown to the user by `main`.
@@ -78,5 +81,6 @@ pub async fn run(args: Args) -> Result<()> {
         Command::Ps(a) => ps::run(a).await,
         Command::Gpus(a) => gpus::run(a).await,
         Command::Query(a) => query::run(a).await,
+        Command::Top(a) => top::run(a).await,
     }
 }

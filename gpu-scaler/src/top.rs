@@ -1,0 +1,477 @@
+//! The view behind `gpu-scaler top`: per pod its GPUs, SM %, memory and
+//! power; per device the totals, sorted and rendered as a table or JSON.
+//!
+//! A [`View`] is built from a node snapshot's JSON (the daemon's
+//! `/v1/snapshot`, or a local [`NodeSnapshot`] serialized the same way), so the
+//! local and remote views cannot drift apart. A figure that could not be read
+//! is `None` (`null` in JSON, `n/a` in the table), never zero.
+
+use std::{fmt::Write as _, time::SystemTime};
+
+use serde::Serialize;
+use serde_json::Value;
+
+use crate::sampler::NodeSnapshot;
+
+/// Errors building a view.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("the snapshot is not what a gpu-scaler daemon serves: {0}")]
+    Shape(String),
+    #[error("serializing the view: {0}")]
+    Json(#[from] serde_json::Error),
+}
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// What the pod rows are ordered by.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SortKey {
+    /// SM utilization, highest first.
+    #[default]
+    Sm,
+    /// GPU memory used, largest first.
+    Memory,
+    /// Attributed power, highest first.
+    Power,
+    /// namespace/name, alphabetical.
+    Name,
+}
+
+impl SortKey {
+    /// The next key, for the live view's cycle key.
+    pub fn next(self) -> Self {
+        match self {
+            Self::Sm => Self::Memory,
+            Self::Memory => Self::Power,
+            Self::Power => Self::Name,
+            Self::Name => Self::Sm,
+        }
+    }
+}
+
+/// One pod's use of the node's GPUs.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct PodRow {
+    pub namespace: String,
+    pub pod: String,
+    pub uid: String,
+    /// Indexes of the GPUs its processes run on.
+    pub gpus: Vec<u32>,
+    /// Summed over its GPUs.
+    pub sm_percent: Option<f64>,
+    pub memory_used_mib: Option<u64>,
+    pub power_w: Option<f64>,
+    pub processes: usize,
+}
+
+/// One GPU's totals.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct DeviceRow {
+    pub index: u32,
+    pub uuid: String,
+    pub name: String,
+    pub sm_percent: Option<f64>,
+    pub memory_used_mib: Option<u64>,
+    pub memory_total_mib: Option<u64>,
+    pub power_w: Option<f64>,
+    pub temperature_c: Option<u64>,
+    /// Pods with processes on it.
+    pub pods: usize,
+    /// Processes on it that belong to no known pod.
+    pub unattributed_processes: usize,
+}
+
+/// A node as `top` shows it.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct View {
+    pub node: Option<String>,
+    pub attribution: String,
+    /// Age of the GPU samples when the view was built, in milliseconds.
+    pub samples_age_ms: Option<u128>,
+    pub gpu_error: Option<String>,
+    pub sort: SortKey,
+    pub devices: Vec<DeviceRow>,
+    /// Pods that run GPU processes; the others are left out.
+    pub pods: Vec<PodRow>,
+}
+
+fn shape(what: &str) -> Error {
+    Error::Shape(what.to_owned())
+}
+
+/// A `Reading` as serialized (`{"ok": v}` or `{"unavailable": why}`).
+fn reading(v: &Value) -> Option<&Value> {
+    v.get("ok")
+}
+
+fn reading_f64(v: &Value) -> Option<f64> {
+    reading(v).and_then(Value::as_f64)
+}
+
+fn reading_u64(v: &Value) -> Option<u64> {
+    reading(v).and_then(Value::as_u64)
+}
+
+fn str_of(v: &Value, key: &str) -> Result<String> {
+    v.get(key)
+        .and_then(Value::as_str)
+        .map(str::to_owned)
+        .ok_or_else(|| shape(&format!("no string {key:?}")))
+}
+
+fn array<'a>(v: &'a Value, key: &str) -> Result<&'a Vec<Value>> {
+    v.get(key)
+        .and_then(Value::as_array)
+        .ok_or_else(|| shape(&format!("no list {key:?}")))
+}
+
+fn add<T: std::ops::Add<Output = T>>(acc: Option<T>, next: Option<T>) -> Option<T> {
+    acc.zip(next).map(|(a, b)| a + b)
+}
+
+impl View {
+    /// The view of a snapshot as the daemon serializes it, at `now`.
+    pub fn from_json(snap: &Value, sort: SortKey, now: SystemTime) -> Result<Self> {
+        let samples_age_ms = match snap.get("samples_taken_at") {
+            None | Some(Value::Null) => None,
+            Some(t) => {
+                let t: SystemTime = serde_json::from_value(t.clone())?;
+                Some(now.duration_since(t).unwrap_or_default().as_millis())
+            }
+        };
+        let mut devices = Vec::new();
+        for g in array(snap, "gpus")? {
+            devices.push(DeviceRow {
+                index: g
+                    .get("index")
+                    .and_then(Value::as_u64)
+                    .and_then(|i| u32::try_from(i).ok())
+                    .ok_or_else(|| shape("a GPU without an index"))?,
+                uuid: str_of(g, "uuid")?,
+                name: str_of(g, "name")?,
+                sm_percent: g.get("sm_util").and_then(reading_f64),
+                memory_used_mib: g.get("memory_used_mib").and_then(reading_u64),
+                memory_total_mib: g.get("memory_total_mib").and_then(reading_u64),
+                power_w: g.get("power_w").and_then(reading_f64),
+                temperature_c: g.get("temperature_c").and_then(reading_u64),
+                pods: 0,
+                unattributed_processes: 0,
+            });
+        }
+        let mut pods = Vec::new();
+        for p in array(snap, "pods")? {
+            let pod = p
+                .get("pod")
+                .ok_or_else(|| shape("a pod entry without pod"))?;
+            let usages = array(p, "gpus")?;
+            if usages.is_empty() {
+                continue;
+            }
+            let mut row = PodRow {
+                namespace: str_of(pod, "namespace")?,
+                pod: str_of(pod, "name")?,
+                uid: str_of(pod, "uid")?,
+                gpus: Vec::new(),
+                sm_percent: Some(0.0),
+                memory_used_mib: Some(0),
+                power_w: Some(0.0),
+                processes: 0,
+            };
+            for u in usages {
+                let index = u
+                    .get("gpu_index")
+                    .and_then(Value::as_u64)
+                    .and_then(|i| u32::try_from(i).ok())
+                    .ok_or_else(|| shape("a usage without gpu_index"))?;
+                row.gpus.push(index);
+                row.sm_percent = add(row.sm_percent, u.get("sm_util").and_then(reading_f64));
+                row.memory_used_mib = add(
+                    row.memory_used_mib,
+                    u.get("memory_used_mib").and_then(reading_u64),
+                );
+                row.power_w = add(row.power_w, u.get("power_w").and_then(reading_f64));
+                row.processes += u.get("pids").and_then(Value::as_array).map_or(0, Vec::len);
+                if let Some(d) = devices.iter_mut().find(|d| d.index == index) {
+                    d.pods += 1;
+                }
+            }
+            row.gpus.sort_unstable();
+            pods.push(row);
+        }
+        for u in array(snap, "unowned")? {
+            let usage = u
+                .get("usage")
+                .ok_or_else(|| shape("unowned without usage"))?;
+            let index = usage.get("gpu_index").and_then(Value::as_u64);
+            let n = usage
+                .get("pids")
+                .and_then(Value::as_array)
+                .map_or(0, Vec::len);
+            if let Some(d) = devices
+                .iter_mut()
+                .find(|d| Some(u64::from(d.index)) == index)
+            {
+                d.unattributed_processes += n;
+            }
+        }
+        let mut view = View {
+            node: snap
+                .get("node_name")
+                .and_then(Value::as_str)
+                .map(Into::into),
+            attribution: snap
+                .get("attribution")
+                .and_then(Value::as_str)
+                .unwrap_or("unknown")
+                .to_owned(),
+            samples_age_ms,
+            gpu_error: snap
+                .get("gpu_error")
+                .and_then(Value::as_str)
+                .map(Into::into),
+            sort,
+            devices,
+            pods,
+        };
+        view.sort_by(sort);
+        Ok(view)
+    }
+
+    /// The view of a local snapshot.
+    pub fn from_snapshot(snap: &NodeSnapshot, sort: SortKey, now: SystemTime) -> Result<Self> {
+        Self::from_json(&serde_json::to_value(snap)?, sort, now)
+    }
+
+    /// Orders the pod rows by `key`; unreadable figures go last, ties by name.
+    pub fn sort_by(&mut self, key: SortKey) {
+        fn desc<T: PartialOrd>(a: Option<T>, b: Option<T>) -> std::cmp::Ordering {
+            use std::cmp::Ordering::*;
+            match (a, b) {
+                (Some(a), Some(b)) => b.partial_cmp(&a).unwrap_or(Equal),
+                (Some(_), None) => Less,
+                (None, Some(_)) => Greater,
+                (None, None) => Equal,
+            }
+        }
+        self.sort = key;
+        self.pods.sort_by(|a, b| {
+            let by = match key {
+                SortKey::Sm => desc(a.sm_percent, b.sm_percent),
+                SortKey::Memory => desc(a.memory_used_mib, b.memory_used_mib),
+                SortKey::Power => desc(a.power_w, b.power_w),
+                SortKey::Name => std::cmp::Ordering::Equal,
+            };
+            by.then_with(|| (&a.namespace, &a.pod).cmp(&(&b.namespace, &b.pod)))
+        });
+    }
+
+    /// The view as pretty JSON, one document.
+    pub fn to_json(&self) -> Result<String> {
+        let mut s = serde_json::to_string_pretty(self)?;
+        s.push('\n');
+        Ok(s)
+    }
+
+    /// The view as a table for a terminal.
+    pub fn render_table(&self) -> String {
+        let mut out = String::new();
+        let age = self
+            .samples_age_ms
+            .map_or("no samples yet".to_owned(), |a| {
+                format!("samples {a} ms old")
+            });
+        let _ = writeln!(
+            out,
+            "node {}  attribution {}  {}  sorted by {}",
+            self.node.as_deref().unwrap_or("(unnamed)"),
+            self.attribution,
+            age,
+            sort_name(self.sort),
+        );
+        if let Some(e) = &self.gpu_error {
+            let _ = writeln!(out, "GPU source: {e}");
+        }
+        let _ = writeln!(
+            out,
+            "\n{:>4}  {:<24} {:>6} {:>19} {:>8} {:>5} {:>5} {:>8}",
+            "GPU", "MODEL", "SM%", "MEMORY MiB", "POWER W", "TEMP", "PODS", "NO-POD"
+        );
+        for d in &self.devices {
+            let mem = format!(
+                "{}/{}",
+                opt(d.memory_used_mib, |v| v.to_string()),
+                opt(d.memory_total_mib, |v| v.to_string())
+            );
+            let _ = writeln!(
+                out,
+                "{:>4}  {:<24} {:>6} {:>19} {:>8} {:>5} {:>5} {:>8}",
+                d.index,
+                truncate(&d.name, 24),
+                opt(d.sm_percent, |v| format!("{v:.0}")),
+                mem,
+                opt(d.power_w, |v| format!("{v:.1}")),
+                opt(d.temperature_c, |v| v.to_string()),
+                d.pods,
+                d.unattributed_processes,
+            );
+        }
+        if self.devices.is_empty() {
+            out.push_str("  no GPUs\n");
+        }
+        let _ = writeln!(
+            out,
+            "\n{:<44} {:<10} {:>6} {:>11} {:>8} {:>5}",
+            "NAMESPACE/POD", "GPUS", "SM%", "MEMORY MiB", "POWER W", "PROCS"
+        );
+        for p in &self.pods {
+            let gpus = p
+                .gpus
+                .iter()
+                .map(u32::to_string)
+                .collect::<Vec<_>>()
+                .join(",");
+            let _ = writeln!(
+                out,
+                "{:<44} {:<10} {:>6} {:>11} {:>8} {:>5}",
+                truncate(&format!("{}/{}", p.namespace, p.pod), 44),
+                truncate(&gpus, 10),
+                opt(p.sm_percent, |v| format!("{v:.0}")),
+                opt(p.memory_used_mib, |v| v.to_string()),
+                opt(p.power_w, |v| format!("{v:.1}")),
+                p.processes,
+            );
+        }
+        if self.pods.is_empty() {
+            out.push_str("  no pod runs on a GPU\n");
+        }
+        out
+    }
+}
+
+fn sort_name(k: SortKey) -> &'static str {
+    match k {
+        SortKey::Sm => "sm",
+        SortKey::Memory => "memory",
+        SortKey::Power => "power",
+        SortKey::Name => "name",
+    }
+}
+
+fn opt<T>(v: Option<T>, f: impl Fn(T) -> String) -> String {
+    v.map_or_else(|| "n/a".to_owned(), f)
+}
+
+fn truncate(s: &str, width: usize) -> String {
+    if s.chars().count() <= width {
+        s.to_owned()
+    } else {
+        let mut t: String = s.chars().take(width.saturating_sub(1)).collect();
+        t.push('…');
+        t
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use serde_json::json;
+
+    use super::*;
+
+    fn usage(gpu: u32, sm: Value, mem: u64, power: f64, pids: &[u32]) -> Value {
+        json!({"gpu_index": gpu, "gpu_uuid": format!("GPU-{gpu}"), "pids": pids,
+               "sm_util": sm, "mem_util": {"ok": 0.0},
+               "memory_used_mib": {"ok": mem}, "memory_total_mib": {"ok": 81920},
+               "temperature_c": {"ok": 50}, "power_w": {"ok": power}})
+    }
+
+    fn snapshot(now: SystemTime) -> Value {
+        let taken = serde_json::to_value(now - Duration::from_millis(250)).expect("time");
+        json!({
+            "taken_at": taken, "samples_taken_at": taken, "gpu_error": null,
+            "node_name": "n1", "attribution": "procfs",
+            "gpus": [
+                {"index": 0, "uuid": "GPU-0", "name": "H100", "sm_util": {"ok": 90},
+                 "mem_util": {"ok": 10}, "memory_used_mib": {"ok": 30000},
+                 "memory_total_mib": {"ok": 81920}, "temperature_c": {"ok": 61},
+                 "power_w": {"ok": 400.0}, "mig_enabled": false, "processes_error": null},
+                {"index": 1, "uuid": "GPU-1", "name": "H100",
+                 "sm_util": {"unavailable": "fell off the bus"},
+                 "mem_util": {"unavailable": "x"}, "memory_used_mib": {"unavailable": "x"},
+                 "memory_total_mib": {"unavailable": "x"}, "temperature_c": {"unavailable": "x"},
+                 "power_w": {"unavailable": "x"}, "mig_enabled": false, "processes_error": "x"}
+            ],
+            "pods": [
+                {"pod": {"uid": "a", "namespace": "ml", "name": "big"},
+                 "gpus": [usage(0, json!({"ok": 60.0}), 20000, 250.0, &[10, 11])]},
+                {"pod": {"uid": "b", "namespace": "ml", "name": "small"},
+                 "gpus": [usage(0, json!({"ok": 20.0}), 8000, 100.0, &[12])]},
+                {"pod": {"uid": "c", "namespace": "ml", "name": "mig"},
+                 "gpus": [usage(0, json!({"unavailable": "MIG"}), 30000, 50.0, &[13])]},
+                {"pod": {"uid": "d", "namespace": "web", "name": "idle"}, "gpus": []}
+            ],
+            "unowned": [{"why": {"kind": "host"}, "usage": usage(0, json!({"ok": 10.0}), 2000, 50.0, &[1, 2])}],
+            "pods_error": null
+        })
+    }
+
+    #[test]
+    fn pods_and_devices_from_the_snapshot() {
+        let now = SystemTime::now();
+        let v = View::from_json(&snapshot(now), SortKey::Sm, now).expect("view");
+        assert_eq!(v.node.as_deref(), Some("n1"));
+        assert_eq!(v.samples_age_ms, Some(250));
+        // The pod with no GPU process is left out.
+        let names: Vec<&str> = v.pods.iter().map(|p| p.pod.as_str()).collect();
+        assert_eq!(names, ["big", "small", "mig"], "by SM, unreadable last");
+        let big = &v.pods[0];
+        assert_eq!(big.gpus, [0]);
+        assert_eq!(big.sm_percent, Some(60.0));
+        assert_eq!(big.memory_used_mib, Some(20000));
+        assert_eq!(big.power_w, Some(250.0));
+        assert_eq!(big.processes, 2);
+        assert_eq!(v.pods[2].sm_percent, None, "MIG: no number made up");
+        assert_eq!(v.devices[0].pods, 3);
+        assert_eq!(v.devices[0].unattributed_processes, 2);
+        assert_eq!(v.devices[1].sm_percent, None);
+        assert_eq!(v.devices[1].memory_total_mib, None);
+    }
+
+    #[test]
+    fn sort_keys() {
+        let now = SystemTime::now();
+        let mut v = View::from_json(&snapshot(now), SortKey::Memory, now).expect("view");
+        let order = |v: &View| v.pods.iter().map(|p| p.pod.clone()).collect::<Vec<_>>();
+        assert_eq!(order(&v), ["mig", "big", "small"]);
+        v.sort_by(SortKey::Power);
+        assert_eq!(order(&v), ["big", "small", "mig"]);
+        v.sort_by(SortKey::Name);
+        assert_eq!(order(&v), ["big", "mig", "small"]);
+        assert_eq!(SortKey::Name.next(), SortKey::Sm);
+    }
+
+    #[test]
+    fn table_and_json() {
+        let now = SystemTime::now();
+        let v = View::from_json(&snapshot(now), SortKey::Sm, now).expect("view");
+        let t = v.render_table();
+        assert!(t.contains("ml/big"), "{t}");
+        assert!(t.contains("250.0"), "{t}");
+        assert!(t.contains("n/a"), "unreadable figures print n/a: {t}");
+        assert!(!t.contains("web/idle"), "{t}");
+        let j: Value = serde_json::from_str(&v.to_json().expect("json")).expect("parses");
+        assert_eq!(j["pods"][0]["pod"], "big");
+        assert_eq!(j["pods"][2]["sm_percent"], Value::Null);
+        assert_eq!(j["sort"], "sm");
+    }
+
+    #[test]
+    fn a_foreign_document_is_an_error() {
+        let now = SystemTime::now();
+        let err = View::from_json(&json!({"hello": 1}), SortKey::Sm, now).expect_err("shape");
+        assert!(err.to_string().contains("gpus"), "{err}");
+    }
+}

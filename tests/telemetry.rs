@@ -1,0 +1,290 @@
+//! The daemon's HTTP listener as a scraper and a probe see it, and `top`
+//! through a running daemon: the real wiring fed by hand (`support::scaler`),
+//! over real sockets.
+
+use std::{collections::HashMap, time::Duration};
+
+use clap::Parser as _;
+use gpu_scaler::{
+    cli::{Args, Command},
+    scaler::proto::ScaledObjectRef,
+};
+use gpu_scaler_tests::scaler::{Node, device, pod, process};
+
+const MIB: f64 = 1024.0 * 1024.0;
+/// Long enough that samples never go stale in tests that are not about it.
+const SLOW_POLL: Duration = Duration::from_secs(30);
+
+/// A node running one training pod (pid 100 on GPU 0, pids 101 and 102 on
+/// GPU 1) and one host process (pid 200 on GPU 0).
+async fn busy_node() -> Node {
+    let node = Node::start(SLOW_POLL, None).await;
+    node.set_pods(vec![
+        pod("ml", "trainer-0", "uid-trainer", &[("app", "trainer")]),
+        pod("web", "idle-0", "uid-idle", &[("app", "web")]),
+    ]);
+    node.attributor.assign(100, "uid-trainer");
+    node.attributor.assign(101, "uid-trainer");
+    node.attributor.assign(102, "uid-trainer");
+    node.attributor.assign_host(200);
+    node.set_gpus(vec![
+        device(
+            0,
+            61,
+            300.0,
+            vec![process(100, 60, 20, 4096), process(200, 20, 0, 512)],
+        ),
+        device(
+            1,
+            55,
+            200.0,
+            vec![process(101, 30, 5, 1000), process(102, 10, 5, 1000)],
+        ),
+    ]);
+    node.settle().await;
+    node
+}
+
+/// The samples of a scrape, parsed as Prometheus text format.
+fn scrape(body: &str) -> prometheus_parse::Scrape {
+    prometheus_parse::Scrape::parse(body.lines().map(|l| Ok(l.to_owned())))
+        .expect("/metrics parses as Prometheus text format")
+}
+
+/// The value of the one sample of `name` whose labels include `labels`.
+fn value(s: &prometheus_parse::Scrape, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
+    let found: Vec<f64> = s
+        .samples
+        .iter()
+        .filter(|x| x.metric == name && labels.iter().all(|(k, v)| x.labels.get(k) == Some(*v)))
+        .map(|x| match x.value {
+            prometheus_parse::Value::Gauge(v)
+            | prometheus_parse::Value::Counter(v)
+            | prometheus_parse::Value::Untyped(v) => v,
+            ref other => panic!("{name}: not a plain value: {other:?}"),
+        })
+        .collect();
+    assert!(
+        found.len() <= 1,
+        "{name}{labels:?} is not one series: {found:?}"
+    );
+    found.first().copied()
+}
+
+fn pod_series(s: &prometheus_parse::Scrape, name: &str, gpu: &str) -> Option<f64> {
+    value(
+        s,
+        name,
+        &[
+            ("namespace", "ml"),
+            ("pod", "trainer-0"),
+            ("container", ""),
+            ("gpu", gpu),
+        ],
+    )
+}
+
+#[tokio::test]
+async fn metrics_carry_the_pods_series_and_drop_gone_pods() {
+    let node = busy_node().await;
+    // One good and one bad ExternalScaler call for the gRPC series.
+    let mut c = node.client().await;
+    let good = ScaledObjectRef {
+        name: "so".into(),
+        namespace: "ml".into(),
+        scaler_metadata: HashMap::from([("podSelector".into(), "app=trainer".into())]),
+    };
+    c.get_metric_spec(good.clone())
+        .await
+        .expect("GetMetricSpec answers");
+    let bad = ScaledObjectRef {
+        namespace: String::new(),
+        ..good
+    };
+    let err = c.get_metric_spec(bad).await.expect_err("no namespace");
+    assert_eq!(err.code(), tonic::Code::InvalidArgument);
+
+    let (code, body) = node.http_get("/metrics").await;
+    assert_eq!(code, 200, "{body}");
+    let s = scrape(&body);
+
+    let sm = "gpu_scaler_pod_sm_utilization_percent";
+    let mem = "gpu_scaler_pod_memory_used_bytes";
+    assert_eq!(pod_series(&s, sm, "0"), Some(60.0), "{body}");
+    assert_eq!(pod_series(&s, sm, "1"), Some(40.0), "two processes summed");
+    assert_eq!(pod_series(&s, mem, "0"), Some(4096.0 * MIB));
+    assert_eq!(pod_series(&s, mem, "1"), Some(2000.0 * MIB));
+    assert_eq!(
+        pod_series(&s, "gpu_scaler_pod_processes", "1"),
+        Some(2.0),
+        "{body}"
+    );
+    // GPU 0's 300 W split 60:20 by SM share.
+    assert_eq!(
+        pod_series(&s, "gpu_scaler_pod_power_watts", "0"),
+        Some(225.0)
+    );
+    assert_eq!(
+        value(&s, sm, &[("pod", "idle-0")]),
+        None,
+        "no series for a pod without GPU processes"
+    );
+    assert_eq!(
+        value(
+            &s,
+            "gpu_scaler_unattributed_sm_utilization_percent",
+            &[("gpu", "0")]
+        ),
+        Some(20.0)
+    );
+    assert_eq!(
+        value(&s, "gpu_scaler_unattributed_processes", &[("gpu", "1")]),
+        Some(0.0)
+    );
+    assert_eq!(
+        value(
+            &s,
+            "gpu_scaler_device_memory_total_bytes",
+            &[("gpu", "1"), ("uuid", "GPU-00000001")]
+        ),
+        Some(81_920.0 * MIB)
+    );
+    assert_eq!(value(&s, "gpu_scaler_gpu_source_up", &[]), Some(1.0));
+    assert_eq!(value(&s, "gpu_scaler_local_pods", &[]), Some(2.0));
+    assert_eq!(
+        value(
+            &s,
+            "gpu_scaler_grpc_requests_total",
+            &[("method", "GetMetricSpec"), ("code", "OK")]
+        ),
+        Some(1.0),
+        "{body}"
+    );
+    assert_eq!(
+        value(
+            &s,
+            "gpu_scaler_grpc_requests_total",
+            &[("method", "GetMetricSpec"), ("code", "INVALID_ARGUMENT")]
+        ),
+        Some(1.0),
+        "{body}"
+    );
+    assert!(
+        value(&s, "gpu_scaler_sample_duration_seconds_count", &[]).is_some_and(|n| n >= 1.0),
+        "{body}"
+    );
+
+    // The pod goes: its series go with it.
+    node.set_pods(vec![pod("web", "idle-0", "uid-idle", &[("app", "web")])]);
+    node.settle().await;
+    let (_, body) = node.http_get("/metrics").await;
+    let s = scrape(&body);
+    assert_eq!(pod_series(&s, sm, "0"), None, "{body}");
+    assert!(
+        !body.contains("trainer-0"),
+        "a gone pod leaves no series: {body}"
+    );
+    // Its processes now count as belonging to no known pod.
+    assert_eq!(
+        value(&s, "gpu_scaler_unattributed_processes", &[("gpu", "0")]),
+        Some(2.0)
+    );
+    node.stop().await;
+}
+
+#[tokio::test]
+async fn readyz_follows_the_gpu_source() {
+    let node = busy_node().await;
+    let (code, body) = node.http_get("/readyz").await;
+    assert_eq!(code, 200, "{body}");
+    let (code, _) = node.http_get("/healthz").await;
+    assert_eq!(code, 200);
+
+    node.fail_gpus("NVML: GPU is lost");
+    node.settle().await;
+    let (code, body) = node.http_get("/readyz").await;
+    assert_eq!(code, 503, "{body}");
+    assert!(body.contains("GPU is lost"), "{body}");
+    let (code, _) = node.http_get("/healthz").await;
+    assert_eq!(code, 200, "alive while not ready");
+    let (_, metrics) = node.http_get("/metrics").await;
+    let s = scrape(&metrics);
+    assert_eq!(value(&s, "gpu_scaler_gpu_source_up", &[]), Some(0.0));
+    assert_eq!(
+        value(&s, "gpu_scaler_sample_errors_total", &[("source", "gpu")]),
+        Some(1.0),
+        "{metrics}"
+    );
+
+    node.set_gpus(vec![device(0, 60, 100.0, vec![process(100, 50, 0, 10)])]);
+    node.settle().await;
+    let (code, body) = node.http_get("/readyz").await;
+    assert_eq!(code, 200, "recovered: {body}");
+    let (_, metrics) = node.http_get("/metrics").await;
+    assert_eq!(
+        value(&scrape(&metrics), "gpu_scaler_gpu_source_up", &[]),
+        Some(1.0)
+    );
+    node.stop().await;
+}
+
+fn top_args(args: &[&str]) -> gpu_scaler::cli::top::TopArgs {
+    let mut argv = vec!["gpu-scaler", "top"];
+    argv.extend_from_slice(args);
+    match Args::try_parse_from(argv)
+        .expect("top's flags parse")
+        .command
+    {
+        Command::Top(a) => a,
+        other => panic!("parsed as {other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn top_once_json_through_a_running_daemon() {
+    let node = busy_node().await;
+    let addr = node.http_addr.to_string();
+    let out = gpu_scaler::cli::top::output_once(top_args(&[
+        "--address",
+        &addr,
+        "--once",
+        "--json",
+        "--sort",
+        "memory",
+    ]))
+    .await
+    .expect("top --once --json");
+    let v: serde_json::Value = serde_json::from_str(&out).expect("top prints JSON");
+    let pods = v["pods"].as_array().expect("pods list");
+    assert_eq!(pods.len(), 1, "only pods on a GPU: {out}");
+    let p = &pods[0];
+    assert_eq!(p["namespace"], "ml");
+    assert_eq!(p["pod"], "trainer-0");
+    assert_eq!(p["gpus"], serde_json::json!([0, 1]));
+    assert_eq!(p["sm_percent"], 100.0, "60 + 30 + 10: {out}");
+    assert_eq!(p["memory_used_mib"], 6096);
+    assert_eq!(p["processes"], 3);
+    // 225 W of GPU 0 (60 of 80 SM) + all 200 W of GPU 1.
+    assert_eq!(p["power_w"], 425.0);
+    let d0 = &v["devices"][0];
+    assert_eq!(d0["index"], 0);
+    assert_eq!(d0["power_w"], 300.0);
+    assert_eq!(d0["memory_used_mib"], 4608);
+    assert_eq!(d0["pods"], 1);
+    assert_eq!(d0["unattributed_processes"], 1);
+    assert_eq!(v["sort"], "memory");
+
+    // The table form carries the same figures.
+    let table = gpu_scaler::cli::top::output_once(top_args(&["--address", &addr, "--once"]))
+        .await
+        .expect("top --once");
+    assert!(table.contains("ml/trainer-0"), "{table}");
+    assert!(table.contains("425.0"), "{table}");
+
+    // A daemon that is not there is an error, not an empty view.
+    node.stop().await;
+    let err = gpu_scaler::cli::top::output_once(top_args(&["--address", &addr, "--once"]))
+        .await
+        .expect_err("no daemon");
+    assert!(err.to_string().contains(&addr), "{err}");
+}
