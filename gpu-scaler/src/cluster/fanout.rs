@@ -141,10 +141,10 @@ impl Fanout {
                     let this = self.clone();
                     let (ns, sel) = key.clone();
                     let f = async move {
-                        this.run(&ns, &sel)
-                            .await
-                            .map(|u| (Instant::now(), Arc::new(u)))
-                            .map_err(Arc::new)
+                        let started = Instant::now();
+                        let r = this.run(&ns, &sel).await;
+                        this.stats.fanout_latency.observe(started.elapsed());
+                        r.map(|u| (Instant::now(), Arc::new(u))).map_err(Arc::new)
                     }
                     .boxed()
                     .shared();
@@ -212,7 +212,9 @@ impl Fanout {
                     None => Err("no gpu-scaler daemon is known on this node".to_owned()),
                     Some(addr) => {
                         Stats::inc(&self.stats.peer_requests);
+                        let asked = Instant::now();
                         let r = self.clients.ask(addr, uids).await;
+                        self.stats.peer_latency.observe(asked.elapsed());
                         if r.is_err() {
                             Stats::inc(&self.stats.peer_failures);
                         }

@@ -26,7 +26,7 @@ pub mod workload;
 use std::sync::Arc;
 
 pub use fanout::{Fanout, FanoutConfig, PodReport, WorkloadUsage};
-pub use policy::{MissingNodePolicy, Stats};
+pub use policy::{Latency, MissingNodePolicy, Stats};
 
 /// Errors of the cluster domain.
 #[derive(Debug, thiserror::Error)]

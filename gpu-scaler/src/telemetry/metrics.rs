@@ -24,7 +24,7 @@ use prometheus_client::{
 };
 
 use crate::{
-    cluster::Stats,
+    cluster::{Latency, Stats},
     gpu::Reading,
     sampler::{GpuUsage, NodeSnapshot},
 };
@@ -480,6 +480,16 @@ fn cluster(r: &mut Registry, s: &Stats) {
         "Queries answered by an in-flight or cached fan-out",
         Stats::get(&s.fanouts_shared),
     );
+    r.register(
+        "gpu_scaler_peer_request_duration_seconds",
+        "Latency of one peer request",
+        Fixed::read(&s.peer_latency),
+    );
+    r.register(
+        "gpu_scaler_fanout_duration_seconds",
+        "One query's whole fan-out, slowest peer included",
+        Fixed::read(&s.fanout_latency),
+    );
     let missing: Family<Labels, Counter> = Family::default();
     missing
         .get_or_create(&vec![("outcome", "averaged".to_owned())])
@@ -492,4 +502,115 @@ fn cluster(r: &mut Registry, s: &Stats) {
         "Queries where a node did not answer, by what the policy did",
         missing,
     );
+}
+
+/// A cluster [`Latency`] as a Prometheus histogram, as read at scrape time.
+#[derive(Debug)]
+struct Fixed {
+    sum: f64,
+    count: u64,
+    buckets: Vec<(f64, u64)>,
+}
+
+impl Fixed {
+    fn read(l: &Latency) -> Self {
+        let (sum, count, buckets) = l.read();
+        Self {
+            sum,
+            count,
+            buckets,
+        }
+    }
+}
+
+impl prometheus_client::encoding::EncodeMetric for Fixed {
+    fn encode(
+        &self,
+        mut encoder: prometheus_client::encoding::MetricEncoder,
+    ) -> Result<(), std::fmt::Error> {
+        encoder.encode_histogram::<prometheus_client::encoding::NoLabelSet>(
+            self.sum,
+            self.count,
+            &self.buckets,
+            None,
+        )
+    }
+
+    fn metric_type(&self) -> prometheus_client::metrics::MetricType {
+        prometheus_client::metrics::MetricType::Histogram
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::{collections::BTreeMap, sync::atomic::Ordering};
+
+    use super::*;
+    use crate::attribution::Backend;
+
+    fn empty_snapshot() -> NodeSnapshot {
+        NodeSnapshot {
+            taken_at: SystemTime::now(),
+            samples_taken_at: None,
+            gpu_error: Some("no sample yet".into()),
+            node_name: None,
+            attribution: Backend::Procfs,
+            gpus: Vec::new(),
+            pods: BTreeMap::new(),
+            unowned: Vec::new(),
+            pods_error: None,
+        }
+    }
+
+    #[test]
+    fn cluster_counters_and_latencies() {
+        let stats = Stats::default();
+        stats.peer_requests.store(5, Ordering::Relaxed);
+        stats.peer_failures.store(2, Ordering::Relaxed);
+        stats.missing_refused.store(1, Ordering::Relaxed);
+        stats.peer_latency.observe(Duration::from_millis(3));
+        stats.fanout_latency.observe(Duration::from_millis(20));
+        let metrics = Metrics::new("mock");
+        metrics.sample_error("mock");
+        let out = render(
+            &empty_snapshot(),
+            &Sources {
+                metrics: &metrics,
+                cluster: Some(&stats),
+                gpu_up: false,
+            },
+            SystemTime::now(),
+        );
+        for line in [
+            "gpu_scaler_peer_requests_total{outcome=\"ok\"} 3",
+            "gpu_scaler_peer_requests_total{outcome=\"error\"} 2",
+            "gpu_scaler_missing_node_total{outcome=\"unavailable\"} 1",
+            "gpu_scaler_peer_request_duration_seconds_bucket{le=\"0.002\"} 0",
+            "gpu_scaler_peer_request_duration_seconds_bucket{le=\"0.004\"} 1",
+            "gpu_scaler_fanout_duration_seconds_count 1",
+            "gpu_scaler_sample_errors_total{source=\"mock\"} 1",
+            "gpu_scaler_snapshot_age_seconds NaN",
+            "gpu_scaler_gpu_source_up 0",
+            "gpu_scaler_attribution_mode{mode=\"procfs\"} 1",
+        ] {
+            assert!(out.contains(line), "{line:?} missing from:\n{out}");
+        }
+        assert!(out.ends_with("# EOF\n"), "{out}");
+    }
+
+    #[test]
+    fn no_cluster_no_cluster_series() {
+        let metrics = Metrics::default();
+        let out = render(
+            &empty_snapshot(),
+            &Sources {
+                metrics: &metrics,
+                cluster: None,
+                gpu_up: true,
+            },
+            SystemTime::now(),
+        );
+        assert!(!out.contains("gpu_scaler_peer_"), "{out}");
+        assert!(out.contains("gpu_scaler_gpus 0"), "{out}");
+    }
 }
