@@ -2,6 +2,7 @@
 
 mod bench_attribution;
 mod bench_cluster;
+mod bench_daemon;
 mod bench_gpu;
 mod bench_scaler;
 mod chart;
@@ -90,6 +91,19 @@ enum Bench {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },
+    /// The daemon's resident memory and CPU at idle and with 500 pods on 8
+    /// mock GPUs, 1 s poll, /metrics scraped (needs root for pod cgroups).
+    Daemon {
+        /// Pods (one GPU process each).
+        #[arg(long, default_value_t = 500)]
+        pods: usize,
+        /// Seconds measured per phase.
+        #[arg(long, default_value_t = 30)]
+        secs: u64,
+        /// Seconds between scrapes of /metrics.
+        #[arg(long, default_value_t = 5)]
+        scrape_every: u64,
+    },
 }
 
 fn main() -> Result<()> {
@@ -121,6 +135,17 @@ fn main() -> Result<()> {
         } => {
             toolchain::ensure()?;
             bench_attribution::run(&args)
+        }
+        Task::Bench {
+            what:
+                Bench::Daemon {
+                    pods,
+                    secs,
+                    scrape_every,
+                },
+        } => {
+            toolchain::ensure()?;
+            bench_daemon::run(pods, secs, scrape_every)
         }
         Task::Fuzz { seconds } => fuzz::run(seconds),
         Task::Test {
