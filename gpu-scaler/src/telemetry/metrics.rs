@@ -610,7 +610,7 @@ mod tests {
             },
             SystemTime::now(),
         );
-        assert!(!out.contains("gpu_scaler_peer_"), "{out}");
+        assert!(!out.contains("gpu_scaler_peer_requests_total"), "{out}");
         assert!(out.contains("gpu_scaler_gpus 0"), "{out}");
     }
 }
