@@ -99,14 +99,35 @@ async fn metrics_carry_the_pods_series_and_drop_gone_pods() {
         .expect("GetMetricSpec answers");
     let bad = ScaledObjectRef {
         namespace: String::new(),
-        ..good
+        ..good.clone()
     };
     let err = c.get_metric_spec(bad).await.expect_err("no namespace");
     assert_eq!(err.code(), tonic::Code::InvalidArgument);
 
+    // An open StreamIsActive stream counts while it is open.
+    let mut stream = c
+        .stream_is_active(good.clone())
+        .await
+        .expect("StreamIsActive opens")
+        .into_inner();
+    stream
+        .message()
+        .await
+        .expect("first state")
+        .expect("a message");
+
     let (code, body) = node.http_get("/metrics").await;
     assert_eq!(code, 200, "{body}");
     let s = scrape(&body);
+    assert_eq!(
+        value(
+            &s,
+            "gpu_scaler_grpc_streams",
+            &[("method", "StreamIsActive")]
+        ),
+        Some(1.0),
+        "{body}"
+    );
 
     let sm = "gpu_scaler_pod_sm_utilization_percent";
     let mem = "gpu_scaler_pod_memory_used_bytes";

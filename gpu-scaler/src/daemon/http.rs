@@ -24,6 +24,8 @@ pub struct State {
     pub metrics: Arc<Metrics>,
     /// The cluster path's counters, in cluster mode.
     pub cluster: Option<Arc<crate::cluster::Stats>>,
+    /// Open ExternalScaler streams.
+    pub streams: Arc<crate::scaler::service::OpenStreams>,
 }
 
 async fn healthz() -> &'static str {
@@ -61,6 +63,7 @@ async fn metrics(extract::State(s): extract::State<State>) -> impl IntoResponse 
         &metrics::Sources {
             metrics: &s.metrics,
             cluster: s.cluster.as_deref(),
+            streams: Some(&s.streams),
             gpu_up,
         },
         SystemTime::now(),

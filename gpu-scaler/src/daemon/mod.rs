@@ -400,6 +400,7 @@ pub fn start_instrumented(
         poll_interval: settings.poll_interval,
         metrics: metrics.clone(),
         cluster: cluster_stats.clone(),
+        streams: service.open_streams(),
     };
     let grpc_fut = server::serve_instrumented(
         grpc,

@@ -1,6 +1,13 @@
 //! The ExternalScaler gRPC service, as KEDA uses it.
 
-use std::{pin::Pin, sync::Arc, time::Duration};
+use std::{
+    pin::Pin,
+    sync::{
+        Arc,
+        atomic::{AtomicU64, Ordering},
+    },
+    time::Duration,
+};
 
 use tokio::sync::mpsc;
 use tokio_stream::{Stream, StreamExt as _, wrappers::ReceiverStream};
@@ -28,6 +35,30 @@ pub struct ScalerService {
     /// How often an open StreamIsActive re-checks even without new data, so a
     /// stalled source is reported rather than silently kept.
     recheck: Duration,
+    streams: Arc<OpenStreams>,
+}
+
+/// Open streams by method, for /metrics.
+#[derive(Debug, Default)]
+pub struct OpenStreams {
+    pub stream_is_active: AtomicU64,
+    pub stream_metric_spec: AtomicU64,
+}
+
+/// Counts one open stream while it lives.
+struct StreamGuard<'a>(&'a AtomicU64);
+
+impl<'a> StreamGuard<'a> {
+    fn open(counter: &'a AtomicU64) -> Self {
+        counter.fetch_add(1, Ordering::Relaxed);
+        Self(counter)
+    }
+}
+
+impl Drop for StreamGuard<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
 }
 
 /// The int field of a float figure: KEDA reads the float when it is > 0 and the
@@ -55,7 +86,13 @@ impl ScalerService {
             view,
             shutdown,
             recheck,
+            streams: Arc::default(),
         }
+    }
+
+    /// The service's open-stream counts.
+    pub fn open_streams(&self) -> Arc<OpenStreams> {
+        self.streams.clone()
     }
 
     fn query(&self, r: &ScaledObjectRef) -> Result<Query> {
@@ -111,6 +148,7 @@ impl ExternalScaler for ScalerService {
         let (tx, rx) = mpsc::channel(1);
         let this = self.clone();
         tokio::spawn(async move {
+            let _open = StreamGuard::open(&this.streams.stream_is_active);
             let mut updates = this.view.updates();
             let mut recheck = tokio::time::interval(this.recheck);
             recheck.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -193,7 +231,9 @@ impl ExternalScaler for ScalerService {
         let query = self.query(request.get_ref())?;
         let (tx, rx) = mpsc::channel(1);
         let shutdown = self.shutdown.clone();
+        let streams = self.streams.clone();
         tokio::spawn(async move {
+            let _open = StreamGuard::open(&streams.stream_metric_spec);
             let first = GetMetricSpecResponse {
                 metric_specs: vec![spec(&query)],
             };

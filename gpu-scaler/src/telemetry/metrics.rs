@@ -27,6 +27,7 @@ use crate::{
     cluster::{Latency, Stats},
     gpu::Reading,
     sampler::{GpuUsage, NodeSnapshot},
+    scaler::service::OpenStreams,
 };
 
 /// Label set of one series: (name, value) pairs.
@@ -179,6 +180,8 @@ fn mib_reading(r: &Reading<u64>) -> Reading<f64> {
 pub struct Sources<'a> {
     pub metrics: &'a Metrics,
     pub cluster: Option<&'a Stats>,
+    /// Open ExternalScaler streams.
+    pub streams: Option<&'a OpenStreams>,
     /// Whether the GPU poller's newest pass failed.
     pub gpu_up: bool,
 }
@@ -205,6 +208,24 @@ pub fn render(snap: &NodeSnapshot, sources: &Sources<'_>, now: SystemTime) -> St
         "Latency of ExternalScaler calls (streams count their set-up)",
         m.grpc_duration.clone(),
     );
+    if let Some(open) = sources.streams {
+        let streams = GaugeFamily::default();
+        for (method, n) in [
+            ("StreamIsActive", &open.stream_is_active),
+            ("StreamMetricSpec", &open.stream_metric_spec),
+        ] {
+            set(
+                &streams,
+                vec![("method", method.to_owned())],
+                n.load(std::sync::atomic::Ordering::Relaxed) as f64,
+            );
+        }
+        r.register(
+            "gpu_scaler_grpc_streams",
+            "Open StreamIsActive / StreamMetricSpec streams",
+            streams,
+        );
+    }
     let build: GaugeFamily = Family::default();
     set(
         &build,
@@ -577,6 +598,7 @@ mod tests {
             &Sources {
                 metrics: &metrics,
                 cluster: Some(&stats),
+                streams: None,
                 gpu_up: false,
             },
             SystemTime::now(),
@@ -606,11 +628,16 @@ mod tests {
             &Sources {
                 metrics: &metrics,
                 cluster: None,
+                streams: Some(&OpenStreams::default()),
                 gpu_up: true,
             },
             SystemTime::now(),
         );
         assert!(!out.contains("gpu_scaler_peer_requests_total"), "{out}");
         assert!(out.contains("gpu_scaler_gpus 0"), "{out}");
+        assert!(
+            out.contains("gpu_scaler_grpc_streams{method=\"StreamIsActive\"} 0"),
+            "{out}"
+        );
     }
 }
