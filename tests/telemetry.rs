@@ -309,3 +309,100 @@ async fn top_once_json_through_a_running_daemon() {
         .expect_err("no daemon");
     assert!(err.to_string().contains(&addr), "{err}");
 }
+
+/// `top` on this node: the mock GPU source, procfs attribution of a real
+/// process in a pod's cgroup (systemd driver, containerd) and a PodList file.
+#[tokio::test]
+async fn top_once_json_locally_with_mock_gpus() {
+    use gpu_scaler_tests::{cgroup, kernel};
+    let tree = match kernel::probe_root().and_then(|()| cgroup::TestTree::new("top")) {
+        Ok(t) => t,
+        Err(e) => {
+            kernel::require("root and a cgroup v2 mount", Err::<(), _>(e));
+            return;
+        }
+    };
+    let uid = cgroup::pod_uid(1);
+    let cid = cgroup::container_id(1);
+    let cg = tree.create(&format!(
+        "kubepods.slice/kubepods-burstable.slice/kubepods-burstable-pod{}.slice/cri-containerd-{cid}.scope",
+        uid.replace('-', "_")
+    ));
+    let mut child = std::process::Command::new("bash")
+        .args([
+            "-c",
+            &format!(
+                "echo $$ > '{}/cgroup.procs' && exec sleep 60",
+                cg.dir.display()
+            ),
+        ])
+        .spawn()
+        .expect("start the pod's process");
+    let pid = child.id();
+    // Until the process is in the pod's cgroup.
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while !std::fs::read_to_string(format!("/proc/{pid}/cgroup"))
+        .is_ok_and(|c| c.contains(&cid) && !c.contains("bash"))
+    {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "process never reached its cgroup"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let dir = tempfile::tempdir().expect("temp dir");
+    let scenario = dir.path().join("scenario.toml");
+    std::fs::write(
+        &scenario,
+        format!(
+            "[[gpu]]\nname = \"Mock GPU\"\nmemory_total_mib = 81559\nutilization = 70\n\
+             memory_utilization = 10\ntemperature_c = 50\npower_w = 280.0\npower_limit_w = 700.0\n\
+             \n[[gpu.process]]\npid = {pid}\nsm_util = 55\nmem_util = 5\nused_memory_mib = 1234\n\
+             \n[[gpu.process]]\npid = {host}\nsm_util = 15\nmem_util = 1\nused_memory_mib = 100\n",
+            host = std::process::id()
+        ),
+    )
+    .expect("write scenario");
+    let pods = dir.path().join("pods.json");
+    let list = serde_json::json!({"apiVersion": "v1", "kind": "List", "items": [{
+        "apiVersion": "v1", "kind": "Pod",
+        "metadata": {"name": "local-0", "namespace": "ml", "uid": uid},
+        "spec": {"nodeName": "n1", "containers": [{"name": "main", "image": "x"}]},
+        "status": {"phase": "Running", "conditions": [{"type": "Ready", "status": "True"}]}
+    }]});
+    std::fs::write(&pods, list.to_string()).expect("write pods file");
+    let out = gpu_scaler::cli::top::output_once(top_args(&[
+        "--gpu",
+        "mock",
+        "--gpu-scenario",
+        scenario.to_str().expect("utf-8 path"),
+        "--pods-file",
+        pods.to_str().expect("utf-8 path"),
+        "--node-name",
+        "n1",
+        "--attribution",
+        "procfs",
+        "--once",
+        "--json",
+    ]))
+    .await
+    .expect("top --once --json locally");
+    let _ = child.kill();
+    let _ = child.wait();
+    let v: serde_json::Value = serde_json::from_str(&out).expect("top prints JSON");
+    assert_eq!(v["pods"].as_array().map(Vec::len), Some(1), "{out}");
+    let p = &v["pods"][0];
+    assert_eq!(p["namespace"], "ml");
+    assert_eq!(p["pod"], "local-0");
+    assert_eq!(p["sm_percent"], 55.0, "{out}");
+    assert_eq!(p["memory_used_mib"], 1234);
+    assert_eq!(p["gpus"], serde_json::json!([0]));
+    let d = &v["devices"][0];
+    assert_eq!(d["power_w"], 280.0);
+    assert_eq!(d["pods"], 1);
+    assert_eq!(
+        d["unattributed_processes"], 1,
+        "this test process is the host's: {out}"
+    );
+    assert_eq!(v["attribution"], "procfs");
+}

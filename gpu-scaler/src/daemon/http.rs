@@ -26,6 +26,8 @@ pub struct State {
     pub cluster: Option<Arc<crate::cluster::Stats>>,
     /// Open ExternalScaler streams.
     pub streams: Arc<crate::scaler::service::OpenStreams>,
+    /// Asked for its table sizes and counters at scrape time.
+    pub attributor: Arc<dyn crate::attribution::Attributor>,
 }
 
 async fn healthz() -> &'static str {
@@ -64,6 +66,7 @@ async fn metrics(extract::State(s): extract::State<State>) -> impl IntoResponse 
             metrics: &s.metrics,
             cluster: s.cluster.as_deref(),
             streams: Some(&s.streams),
+            attribution: s.attributor.stats(),
             gpu_up,
         },
         SystemTime::now(),

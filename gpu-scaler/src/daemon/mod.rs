@@ -338,6 +338,7 @@ pub fn start_instrumented(
     let grpc_addr = grpc.local_addr().map_err(Error::Http)?;
     let http_addr = http.local_addr().map_err(Error::Http)?;
     let gpu = inputs.gpu.clone();
+    let attributor = inputs.attributor.clone();
     let snapshots =
         sampler::start_observed(inputs.attributor, inputs.gpu, inputs.pods, metrics.clone());
     let cluster = cluster
@@ -401,6 +402,7 @@ pub fn start_instrumented(
         metrics: metrics.clone(),
         cluster: cluster_stats.clone(),
         streams: service.open_streams(),
+        attributor,
     };
     let grpc_fut = server::serve_instrumented(
         grpc,

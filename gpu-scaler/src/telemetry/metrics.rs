@@ -24,6 +24,7 @@ use prometheus_client::{
 };
 
 use crate::{
+    attribution::{Backend, Stats as AttributionStats},
     cluster::{Latency, Stats},
     gpu::Reading,
     sampler::{GpuUsage, NodeSnapshot},
@@ -184,6 +185,8 @@ pub struct Sources<'a> {
     pub streams: Option<&'a OpenStreams>,
     /// Whether the GPU poller's newest pass failed.
     pub gpu_up: bool,
+    /// The attribution backend's table sizes and loss counters.
+    pub attribution: Option<AttributionStats>,
 }
 
 /// Renders the exposition for `snap` at `now` (OpenMetrics text, which
@@ -194,6 +197,9 @@ pub fn render(snap: &NodeSnapshot, sources: &Sources<'_>, now: SystemTime) -> St
     pods(&mut r, snap);
     unattributed(&mut r, snap);
     sampling(&mut r, snap, sources, now);
+    if let Some(stats) = &sources.attribution {
+        attribution(&mut r, snap, stats);
+    }
     if let Some(stats) = sources.cluster {
         cluster(&mut r, stats);
     }
@@ -474,6 +480,47 @@ fn sampling(r: &mut Registry, snap: &NodeSnapshot, sources: &Sources<'_>, now: S
     );
 }
 
+fn attribution(r: &mut Registry, snap: &NodeSnapshot, s: &AttributionStats) {
+    gauge(
+        r,
+        "gpu_scaler_tracked_processes",
+        "Pids with a known cgroup, exited ones in their grace period included",
+        s.tracked_pids as f64,
+    );
+    gauge(
+        r,
+        "gpu_scaler_tracked_exited_processes",
+        "Of those, pids that have exited and are kept for their grace period",
+        s.exited_pids as f64,
+    );
+    gauge(
+        r,
+        "gpu_scaler_attribution_cgroups",
+        "cgroups known to attribution",
+        s.cgroups as f64,
+    );
+    counter(
+        r,
+        "gpu_scaler_attribution_evicted",
+        "Exited pids dropped before their grace period ended (table full)",
+        s.evicted_early,
+    );
+    counter(
+        r,
+        "gpu_scaler_attribution_unknown_cgroups",
+        "Events naming a cgroup that could not be found (already removed)",
+        s.unknown_cgroups,
+    );
+    if snap.attribution == Backend::Ebpf {
+        counter(
+            r,
+            "gpu_scaler_ebpf_events_dropped",
+            "Events the probe could not put in the ring buffer",
+            s.dropped_events,
+        );
+    }
+}
+
 fn cluster(r: &mut Registry, s: &Stats) {
     let requests = Stats::get(&s.peer_requests);
     let failures = Stats::get(&s.peer_failures);
@@ -600,6 +647,11 @@ mod tests {
                 cluster: Some(&stats),
                 streams: None,
                 gpu_up: false,
+                attribution: Some(AttributionStats {
+                    tracked_pids: 7,
+                    dropped_events: 3,
+                    ..AttributionStats::default()
+                }),
             },
             SystemTime::now(),
         );
@@ -614,10 +666,16 @@ mod tests {
             "gpu_scaler_snapshot_age_seconds NaN",
             "gpu_scaler_gpu_source_up 0",
             "gpu_scaler_attribution_mode{mode=\"procfs\"} 1",
+            "gpu_scaler_tracked_processes 7",
+            "gpu_scaler_attribution_evicted_total 0",
         ] {
             assert!(out.contains(line), "{line:?} missing from:\n{out}");
         }
         assert!(out.ends_with("# EOF\n"), "{out}");
+        assert!(
+            !out.contains("gpu_scaler_ebpf_events_dropped_total"),
+            "no eBPF series from the procfs backend: {out}"
+        );
     }
 
     #[test]
@@ -630,6 +688,7 @@ mod tests {
                 cluster: None,
                 streams: Some(&OpenStreams::default()),
                 gpu_up: true,
+                attribution: None,
             },
             SystemTime::now(),
         );
