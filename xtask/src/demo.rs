@@ -205,12 +205,14 @@ fn demo_pods() -> Vec<DemoPod> {
         .collect()
 }
 
-/// Per-pod SM demand at time `t`: the vLLM replicas follow a slow wave so the
-/// HPA's answer moves; the embedder is steady.
+/// Per-pod SM demand at time `t`: the vLLM replicas follow a slow wave between
+/// 15 % and 45 % (two of them share GPU 0, so the device never exceeds 100 %) and
+/// the HPA's answer moves between 1 and 3 replicas at target 60; the embedder is
+/// steady.
 fn demand(pod: &DemoPod, t: f64) -> u32 {
     if pod.app == "vllm" {
         let phase = (t / 40.0 * std::f64::consts::TAU).sin();
-        (50.0 + 40.0 * phase).round().clamp(0.0, 100.0) as u32
+        (30.0 + 15.0 * phase).round().clamp(0.0, 100.0) as u32
     } else {
         25
     }
