@@ -1,6 +1,6 @@
 //! `gpu-scaler gpus`: devices, their processes, and the pods those belong to.
 
-use std::{fmt::Write as _, path::PathBuf, sync::Arc, time::Duration};
+use std::{fmt::Write as _, sync::Arc, time::Duration};
 
 use crate::{
     attribution::{self, Attribution, Attributor, Owner},
@@ -13,17 +13,8 @@ pub struct GpusArgs {
     #[arg(long)]
     pub json: bool,
 
-    /// Where GPU figures come from.
-    #[arg(long, env = "GPU_SCALER_GPU", value_enum, default_value_t)]
-    pub gpu: gpu::SourceKind,
-
-    /// Path of libnvidia-ml.so (default: the system's).
-    #[arg(long, env = "GPU_SCALER_NVML_LIB")]
-    pub nvml_lib: Option<PathBuf>,
-
-    /// Scenario file for `--gpu mock` (format in README.md).
-    #[arg(long, env = "GPU_SCALER_GPU_SCENARIO", required_if_eq("gpu", "mock"))]
-    pub gpu_scenario: Option<PathBuf>,
+    #[command(flatten)]
+    pub gpu_source: super::gpu_source::GpuSourceArgs,
 
     /// How processes are mapped to pods. procfs by default: a one-shot look
     /// needs no tracepoints.
@@ -37,12 +28,7 @@ pub struct GpusArgs {
 }
 
 pub async fn run(args: GpusArgs) -> super::Result<()> {
-    let mut source = gpu::source(&gpu::Config {
-        source: args.gpu,
-        nvml_lib: args.nvml_lib,
-        scenario: args.gpu_scenario,
-        poll_interval: Duration::from_secs(1),
-    })?;
+    let mut source = gpu::source(&args.gpu_source.config(Duration::from_secs(1)))?;
     // One short pass; blocking this one-shot command's runtime is harmless.
     let snapshot = source.poll()?;
     let attributor = attribution::start(attribution::Config {

@@ -5,7 +5,7 @@ use std::{net::SocketAddr, path::PathBuf, time::Duration};
 use tokio::signal::unix::{SignalKind, signal};
 use tokio_util::sync::CancellationToken;
 
-use crate::{attribution, cluster, daemon, gpu};
+use crate::{attribution, cluster, daemon};
 
 #[derive(Debug, clap::Args)]
 pub struct ServeArgs {
@@ -34,17 +34,8 @@ pub struct ServeArgs {
     #[arg(long, env = "GPU_SCALER_EXIT_GRACE", default_value = "30s", value_parser = humantime::parse_duration)]
     pub exit_grace: Duration,
 
-    /// Where GPU figures come from.
-    #[arg(long, env = "GPU_SCALER_GPU", value_enum, default_value_t)]
-    pub gpu: gpu::SourceKind,
-
-    /// Path of libnvidia-ml.so (default: the system's).
-    #[arg(long, env = "GPU_SCALER_NVML_LIB")]
-    pub nvml_lib: Option<PathBuf>,
-
-    /// Scenario file for `--gpu mock` (format in README.md).
-    #[arg(long, env = "GPU_SCALER_GPU_SCENARIO", required_if_eq("gpu", "mock"))]
-    pub gpu_scenario: Option<PathBuf>,
+    #[command(flatten)]
+    pub gpu_source: super::gpu_source::GpuSourceArgs,
 
     /// How often GPUs are sampled and the node snapshot is rebuilt.
     #[arg(long, env = "GPU_SCALER_POLL_INTERVAL", default_value = "1s", value_parser = humantime::parse_duration)]
@@ -133,12 +124,7 @@ pub async fn run(args: ServeArgs) -> super::Result<()> {
             mode: args.attribution,
             exit_grace: args.exit_grace,
         },
-        gpu: gpu::Config {
-            source: args.gpu,
-            nvml_lib: args.nvml_lib,
-            scenario: args.gpu_scenario,
-            poll_interval: args.poll_interval,
-        },
+        gpu: args.gpu_source.config(args.poll_interval),
         pods_file: args.pods_file,
         cluster: cluster::Config {
             peer_listen: args.peer_listen,

@@ -44,17 +44,8 @@ pub struct TopArgs {
     #[arg(long, default_value = "1s", value_parser = humantime::parse_duration)]
     pub interval: Duration,
 
-    /// Where GPU figures come from (local view).
-    #[arg(long, env = "GPU_SCALER_GPU", value_enum, default_value_t)]
-    pub gpu: gpu::SourceKind,
-
-    /// Path of libnvidia-ml.so (default: the system's).
-    #[arg(long, env = "GPU_SCALER_NVML_LIB")]
-    pub nvml_lib: Option<PathBuf>,
-
-    /// Scenario file for `--gpu mock` (format in README.md).
-    #[arg(long, env = "GPU_SCALER_GPU_SCENARIO", required_if_eq("gpu", "mock"))]
-    pub gpu_scenario: Option<PathBuf>,
+    #[command(flatten)]
+    pub gpu_source: super::gpu_source::GpuSourceArgs,
 
     /// How processes are mapped to pods (local view).
     #[arg(
@@ -107,12 +98,7 @@ impl Source {
 
 async fn local(args: &TopArgs) -> super::Result<Source> {
     let poll = args.interval.min(Duration::from_secs(1));
-    let gpu = gpu::start(gpu::Config {
-        source: args.gpu,
-        nvml_lib: args.nvml_lib.clone(),
-        scenario: args.gpu_scenario.clone(),
-        poll_interval: poll,
-    });
+    let gpu = gpu::start(args.gpu_source.config(poll));
     let attributor = attribution::start(attribution::Config {
         mode: args.attribution,
         exit_grace: Duration::from_secs(30),
