@@ -13,8 +13,6 @@
 use std::{
     fmt::Write as _,
     fs,
-    io::{Read as _, Write as _},
-    net::TcpStream,
     path::{Path, PathBuf},
     process::{Child, Command, Stdio},
     thread,
@@ -23,6 +21,8 @@ use std::{
 
 use anyhow::{Context as _, Result, bail};
 use serde_json::{Value, json};
+
+use crate::host::{cgroup2_mount, http_get, write_atomic};
 
 const GPUS: u32 = 8;
 const NODE: &str = "bench-node";
@@ -305,49 +305,10 @@ fn pod_list(pods: &[BenchPod]) -> Value {
     json!({"apiVersion": "v1", "kind": "List", "items": items, "metadata": {"resourceVersion": ""}})
 }
 
-/// Minimal HTTP/1.1 GET: the body of a 200 answer.
-fn http_get(addr: &str, path: &str) -> Result<String> {
-    let mut s = TcpStream::connect(addr).with_context(|| format!("connecting to {addr}"))?;
-    s.set_read_timeout(Some(Duration::from_secs(5)))?;
-    write!(
-        s,
-        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
-    )?;
-    let mut buf = Vec::new();
-    s.read_to_end(&mut buf)?;
-    let text = String::from_utf8_lossy(&buf);
-    let (head, body) = text
-        .split_once("\r\n\r\n")
-        .context("malformed HTTP response")?;
-    if !head.starts_with("HTTP/1.1 200") {
-        bail!("GET {path}: {}", head.lines().next().unwrap_or_default());
-    }
-    Ok(body.to_owned())
-}
-
-fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
-    let tmp = path.with_extension("tmp");
-    fs::write(&tmp, bytes).with_context(|| format!("writing {}", tmp.display()))?;
-    fs::rename(&tmp, path).with_context(|| format!("renaming to {}", path.display()))
-}
-
 fn tempfile_dir() -> Result<PathBuf> {
     let dir = std::env::temp_dir().join(format!("gpu-scaler-bench-daemon-{}", std::process::id()));
     fs::create_dir_all(&dir)?;
     Ok(dir)
-}
-
-/// The cgroup v2 mount point, from /proc/self/mountinfo.
-fn cgroup2_mount() -> Result<PathBuf> {
-    let info = fs::read_to_string("/proc/self/mountinfo")?;
-    info.lines()
-        .find_map(|l| {
-            let (pre, post) = l.split_once(" - ")?;
-            (post.split(' ').next() == Some("cgroup2"))
-                .then(|| pre.split(' ').nth(4).map(PathBuf::from))
-                .flatten()
-        })
-        .context("no cgroup2 mount in /proc/self/mountinfo")
 }
 
 /// Kills what the bench started and removes its cgroups (deepest first) and

@@ -24,6 +24,8 @@ use std::{
 use anyhow::{Context as _, Result, bail};
 use serde_json::{Value, json};
 
+use crate::host::{cgroup2_mount, http_get, write_atomic};
+
 /// Options of `cargo xtask run`.
 #[derive(clap::Args)]
 pub struct RunArgs {
@@ -163,7 +165,9 @@ pub fn run(binary: &Path, args: RunArgs) -> Result<()> {
                 work.join("daemon.log").display()
             );
         }
-        let snapshot = http_get_json(&args.metrics_listen, "/v1/snapshot");
+        let snapshot = http_get(&args.metrics_listen, "/v1/snapshot").and_then(|body| {
+            serde_json::from_str::<Value>(&body).context("/v1/snapshot: not JSON")
+        });
         let query = query(binary, &args.listen, replicas);
         if let Ok(q) = &query
             && let Some(r) = q.get("desired_replicas").and_then(Value::as_u64)
@@ -376,28 +380,6 @@ fn pod_figure(snapshot: &Value, uid: &str, field: &str) -> Option<f64> {
     Some(sum)
 }
 
-/// Minimal HTTP/1.1 GET for the daemon's JSON endpoints (keeps xtask free of an
-/// HTTP client dependency).
-fn http_get_json(addr: &str, path: &str) -> Result<Value> {
-    use std::{io::Read as _, net::TcpStream};
-    let mut s = TcpStream::connect(addr).with_context(|| format!("connecting to {addr}"))?;
-    s.set_read_timeout(Some(Duration::from_secs(2)))?;
-    write!(
-        s,
-        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
-    )?;
-    let mut buf = Vec::new();
-    s.read_to_end(&mut buf)?;
-    let text = String::from_utf8_lossy(&buf);
-    let (head, body) = text
-        .split_once("\r\n\r\n")
-        .context("malformed HTTP response")?;
-    if !head.starts_with("HTTP/1.1 200") {
-        bail!("GET {path}: {}", head.lines().next().unwrap_or_default());
-    }
-    serde_json::from_str(body).with_context(|| format!("GET {path}: not JSON"))
-}
-
 /// Where the demo creates its cgroups: a `gpu-scaler-demo` directory under the
 /// cgroup v2 mount when root, else under this process's own cgroup if it is
 /// delegated to us (systemd user sessions), else nowhere.
@@ -429,20 +411,6 @@ fn cgroup_base(root: bool) -> Result<Option<PathBuf>> {
     }
 }
 
-/// The cgroup v2 mount point, from /proc/self/mountinfo (it is /sys/fs/cgroup on
-/// a pure v2 host and /sys/fs/cgroup/unified on a hybrid one).
-fn cgroup2_mount() -> Result<PathBuf> {
-    let info = fs::read_to_string("/proc/self/mountinfo")?;
-    info.lines()
-        .find_map(|l| {
-            let (pre, post) = l.split_once(" - ")?;
-            (post.split(' ').next() == Some("cgroup2"))
-                .then(|| pre.split(' ').nth(4).map(PathBuf::from))
-                .flatten()
-        })
-        .context("no cgroup2 mount in /proc/self/mountinfo")
-}
-
 /// Starts one pod's process, moved into its cgroup before it execs (the way a
 /// container runtime starts it).
 fn spawn_pod_process(cgroup: Option<&Path>, i: usize) -> Result<Child> {
@@ -455,12 +423,6 @@ fn spawn_pod_process(cgroup: Option<&Path>, i: usize) -> Result<Child> {
         .stdin(Stdio::null())
         .spawn()
         .context("starting a demo pod process")
-}
-
-fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
-    let tmp = path.with_extension("tmp");
-    fs::write(&tmp, bytes).with_context(|| format!("writing {}", tmp.display()))?;
-    fs::rename(&tmp, path).with_context(|| format!("renaming to {}", path.display()))
 }
 
 fn is_root() -> bool {

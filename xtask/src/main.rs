@@ -8,6 +8,7 @@ mod bench_scaler;
 mod chart;
 mod demo;
 mod fuzz;
+mod host;
 mod privileges;
 mod toolchain;
 
