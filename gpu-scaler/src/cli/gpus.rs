@@ -16,15 +16,8 @@ pub struct GpusArgs {
     #[command(flatten)]
     pub gpu_source: super::gpu_source::GpuSourceArgs,
 
-    /// How processes are mapped to pods. procfs by default: a one-shot look
-    /// needs no tracepoints.
-    #[arg(
-        long,
-        env = "GPU_SCALER_ATTRIBUTION",
-        value_enum,
-        default_value = "procfs"
-    )]
-    pub attribution: attribution::Mode,
+    #[command(flatten)]
+    pub local_attribution: super::local_attribution::LocalAttributionArgs,
 }
 
 pub async fn run(args: GpusArgs) -> super::Result<()> {
@@ -32,7 +25,7 @@ pub async fn run(args: GpusArgs) -> super::Result<()> {
     // One short pass; blocking this one-shot command's runtime is harmless.
     let snapshot = source.poll()?;
     let attributor = attribution::start(attribution::Config {
-        mode: args.attribution,
+        mode: args.local_attribution.attribution,
         exit_grace: Duration::from_secs(30),
     })
     .await;

@@ -3,6 +3,7 @@
 
 pub mod gpu_source;
 pub mod gpus;
+pub mod local_attribution;
 pub mod ps;
 pub mod query;
 pub mod serve;

@@ -47,14 +47,8 @@ pub struct TopArgs {
     #[command(flatten)]
     pub gpu_source: super::gpu_source::GpuSourceArgs,
 
-    /// How processes are mapped to pods (local view).
-    #[arg(
-        long,
-        env = "GPU_SCALER_ATTRIBUTION",
-        value_enum,
-        default_value = "procfs"
-    )]
-    pub attribution: attribution::Mode,
+    #[command(flatten)]
+    pub local_attribution: super::local_attribution::LocalAttributionArgs,
 
     /// A PodList JSON file naming the pods (local view); without it pods show
     /// by UID only as unattributed usage.
@@ -100,7 +94,7 @@ async fn local(args: &TopArgs) -> super::Result<Source> {
     let poll = args.interval.min(Duration::from_secs(1));
     let gpu = gpu::start(args.gpu_source.config(poll));
     let attributor = attribution::start(attribution::Config {
-        mode: args.attribution,
+        mode: args.local_attribution.attribution,
         exit_grace: Duration::from_secs(30),
     })
     .await?;
