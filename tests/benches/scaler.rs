@@ -479,7 +479,9 @@ async fn end_to_end_freshness() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
-async fn streams(server: &Server, count: usize, per_connection: usize) {
+/// `when` says what the daemon did before (its allocator keeps what earlier
+/// load grew, so the same streams cost more RSS after a load spike).
+async fn streams(server: &Server, count: usize, per_connection: usize, when: &str) {
     let (rss0, _) = server.memory_kib();
     let o = object(&[("podSelector", "app=vllm"), ("activationThreshold", "5")]);
     let mut open = Vec::with_capacity(count);
@@ -506,7 +508,7 @@ async fn streams(server: &Server, count: usize, per_connection: usize) {
     tokio::time::sleep(POLL * 2).await;
     let (rss, hwm) = server.memory_kib();
     println!(
-        "streams     {count} open StreamIsActive ({} connections): daemon RSS {:.1} MiB (was {:.1} MiB before: +{:.1} KiB per stream), peak {:.1} MiB; opened in {:.1} s",
+        "streams     {count} open StreamIsActive ({} connections, {when}): daemon RSS {:.1} MiB (was {:.1} MiB before: +{:.1} KiB per stream), peak {:.1} MiB; opened in {:.1} s",
         conns.len(),
         rss as f64 / 1024.0,
         rss0 as f64 / 1024.0,
@@ -566,6 +568,10 @@ fn client() {
             .trim()
     );
     rt.block_on(async {
+        {
+            let fresh = Server::start();
+            streams(&fresh, 10_000, 100, "fresh daemon").await;
+        }
         handler_cost().await;
         for clients in [1, 64, 512] {
             latency(&server, clients, Duration::from_secs(5), None).await;
@@ -581,6 +587,6 @@ fn client() {
         }
         freshness(&mut server).await;
         end_to_end_freshness().await;
-        streams(&server, 10_000, 100).await;
+        streams(&server, 10_000, 100, "after the latency runs").await;
     });
 }
