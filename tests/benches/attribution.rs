@@ -135,25 +135,43 @@ fn median(v: &mut [f64]) -> f64 {
     }
 }
 
-/// Mean us per fork+exec+wait, measured by a separate process (as the workloads
-/// on a node are): forking from this process would also copy the page tables of
-/// the probe's ring buffer mapping, a cost the daemon itself never pays.
-fn per_iter_us(iters: usize) -> f64 {
+/// CPU time (user + system) of this process's reaped children so far.
+fn children_cpu_us() -> f64 {
+    // SAFETY: a zeroed rusage is a valid out-parameter.
+    let mut ru: libc::rusage = unsafe { std::mem::zeroed() };
+    // SAFETY: valid pointer to a rusage.
+    unsafe { libc::getrusage(libc::RUSAGE_CHILDREN, &mut ru) };
+    let us = |t: libc::timeval| t.tv_sec as f64 * 1e6 + t.tv_usec as f64;
+    us(ru.ru_utime) + us(ru.ru_stime)
+}
+
+/// Mean wall-clock and CPU us per fork+exec+wait, measured by a separate
+/// process (as the workloads on a node are): forking from this process would
+/// also copy the page tables of the probe's ring buffer mapping, a cost the
+/// daemon itself never pays. The CPU time (the loop and its children, which it
+/// reaps) includes the probe's programs, which run in the forking, exec'ing and
+/// exiting tasks, but not the time spent waiting for a CPU that other work on a
+/// shared machine holds, so it is the steadier of the two figures there.
+fn per_iter_us(iters: usize) -> (f64, f64) {
+    let cpu0 = children_cpu_us();
     let out = Command::new(HELPER)
         .args(["forkloop", &iters.to_string()])
         .output()
         .expect("run the fork loop");
+    let cpu = (children_cpu_us() - cpu0) / iters as f64;
     assert!(out.status.success(), "fork loop failed");
-    String::from_utf8_lossy(&out.stdout)
+    let wall = String::from_utf8_lossy(&out.stdout)
         .trim()
         .parse()
-        .expect("fork loop prints us per iteration")
+        .expect("fork loop prints us per iteration");
+    (wall, cpu)
 }
 
 fn overhead(o: &Opts, start: &dyn Fn() -> Arc<EbpfAttributor>) {
     // Warm-up: page cache, dynamic loader.
-    per_iter_us(50);
+    let _ = per_iter_us(50);
     let (mut with, mut without, mut ratios) = (Vec::new(), Vec::new(), Vec::new());
+    let (mut cpu_with, mut cpu_without, mut cpu_ratios) = (Vec::new(), Vec::new(), Vec::new());
     // Time spent inside the probe's programs, counted by the kernel.
     let _stats = aya_stats();
     let in_probe_ns = std::cell::Cell::new(0u64);
@@ -162,42 +180,54 @@ fn overhead(o: &Opts, start: &dyn Fn() -> Arc<EbpfAttributor>) {
         // Loading and freeing the probe's maps leaves deferred kernel work (RCU
         // callbacks, vfree); let it finish outside the timed loops.
         let settle = || std::thread::sleep(Duration::from_millis(500));
-        let measure_with = |w: &mut Vec<f64>| {
+        let measure_with = || {
             let engine = start();
             settle();
             let before: u64 = prog_ns(&engine);
-            let us = per_iter_us(o.iters);
+            let r = per_iter_us(o.iters);
             in_probe_ns.set(in_probe_ns.get() + prog_ns(&engine) - before);
             drop(engine); // detaches the probe
             settle();
-            w.push(us);
-            us
+            r
         };
-        let (a, b) = if round % 2 == 0 {
-            let a = measure_with(&mut with);
-            let b = per_iter_us(o.iters);
-            without.push(b);
-            (a, b)
+        let ((a, ca), (b, cb)) = if round % 2 == 0 {
+            let a = measure_with();
+            (a, per_iter_us(o.iters))
         } else {
             let b = per_iter_us(o.iters);
-            without.push(b);
-            let a = measure_with(&mut with);
-            (a, b)
+            (measure_with(), b)
         };
+        with.push(a);
+        without.push(b);
         ratios.push(a / b);
-        println!("  round {round}: with {a:.1} us, without {b:.1} us");
+        cpu_with.push(ca);
+        cpu_without.push(cb);
+        cpu_ratios.push(ca / cb);
+        println!(
+            "  round {round}: wall with {a:.1} us, without {b:.1} us; CPU with {ca:.1} us, without {cb:.1} us"
+        );
     }
     let (mw, mo) = (median(&mut with), median(&mut without));
+    let (cw, co) = (median(&mut cpu_with), median(&mut cpu_without));
     println!(
-        "fork+exec+wait of /bin/true, {} rounds x {} iterations:",
-        o.rounds, o.iters
+        "fork+exec+wait of /bin/true, {} rounds x {} iterations (load average {}):",
+        o.rounds,
+        o.iters,
+        std::fs::read_to_string("/proc/loadavg")
+            .unwrap_or_default()
+            .trim()
     );
-    println!("  without probe: median {mo:.1} us/iteration");
-    println!("  with probe:    median {mw:.1} us/iteration");
+    println!("  wall time without probe: median {mo:.1} us/iteration");
+    println!("  wall time with probe:    median {mw:.1} us/iteration");
     println!(
-        "  ratio of medians {:.3}; median of per-round ratios {:.3} (goal <= 1.05)",
+        "  wall ratio of medians {:.3}; median of per-round ratios {:.3} (goal <= 1.05)",
         mw / mo,
         median(&mut ratios)
+    );
+    println!(
+        "  CPU time without / with probe: median {co:.1} / {cw:.1} us/iteration; ratio of medians {:.3}; median of per-round ratios {:.3}",
+        cw / co,
+        median(&mut cpu_ratios)
     );
     let per_iter = in_probe_ns.get() as f64 / (o.rounds * o.iters) as f64;
     println!(
