@@ -1,0 +1,605 @@
+//! The cluster end to end with real processes, as root on the real kernel: four
+//! `gpu-scaler serve` processes on 127.0.0.1-4, each with its own node name and
+//! mock GPU scenario, attributing with eBPF; the GPU processes of the scenarios
+//! are real processes in kubelet-layout pod cgroups. Pods, the peers'
+//! EndpointSlices, the ScaledObjects and the Deployment's scale subresource come
+//! from the fake Kubernetes API server (support/kube_api.rs) through a
+//! kubeconfig file, so every cluster flag of `serve` is on the path:
+//! `--node-name`, `--peer-listen`, `--peer-service` + `--namespace`,
+//! `--kubeconfig`, `--missing-node-policy`, `--peer-timeout`.
+//!
+//! tests/cluster.rs runs the same story in-process with hand-fed GPUs and a
+//! table attributor; this one checks the binary and the kernel agree with it.
+//! Every expected value is computed by hand from the loads below.
+
+use std::{
+    collections::HashMap,
+    fs::{File, OpenOptions},
+    io::{Read as _, Write as _},
+    net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream},
+    os::unix::process::CommandExt as _,
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    time::Duration,
+};
+
+use gpu_scaler::{
+    attribution::ebpf::EbpfAttributor,
+    scaler::proto::{
+        GetMetricsRequest, ScaledObjectRef, external_scaler_client::ExternalScalerClient,
+    },
+};
+use gpu_scaler_tests::{
+    cgroup::{self, TestTree},
+    kernel,
+    kube_api::{FakeKube, ResourceType, endpoint_slice, pod, scaled_object, workload},
+    process, wait_for, workspace_bin,
+};
+
+/// The daemons' namespace and headless Service (`--namespace`, `--peer-service`).
+const DAEMON_NS: &str = "gpu-scaler";
+const PEER_SERVICE: &str = "gpu-scaler-peers";
+const POLL: &str = "250ms";
+/// Long enough for a loaded CI machine, short enough that a killed node costs
+/// little (a refused connection fails at once anyway).
+const PEER_TIMEOUT: &str = "500ms";
+/// How long a whole cluster may take to agree on a new state.
+const SETTLE: Duration = Duration::from_secs(20);
+const LLM: &[(&str, &str)] = &[("app", "llm")];
+
+/// One real process standing for a pod's GPU process: `sleep` in the pod's
+/// container cgroup, killed and its cgroup removed when dropped or
+/// [`RealPod::remove`]d.
+struct RealPod {
+    uid: String,
+    /// The pod-level cgroup directory (parent of the container's).
+    pod_dir: PathBuf,
+    process: Child,
+}
+
+impl RealPod {
+    fn start(tree: &TestTree, n: u32, layout: fn(&str, &str) -> String) -> Self {
+        let uid = cgroup::pod_uid(n);
+        let cg = tree.create(&layout(&uid, &cgroup::container_id(n)));
+        let process = process::spawn_in(
+            &cg.dir,
+            Command::new("sleep").arg("300").stdin(Stdio::null()),
+        )
+        .expect("start a pod process in its cgroup");
+        Self {
+            uid,
+            pod_dir: cg.dir.parent().expect("container below pod").to_owned(),
+            process,
+        }
+    }
+
+    fn pid(&self) -> u32 {
+        self.process.id()
+    }
+
+    /// The pod is deleted: its process is killed and its cgroups go away.
+    fn remove(mut self) {
+        self.kill();
+        cgroup::remove_tree(&self.pod_dir);
+    }
+
+    fn kill(&mut self) {
+        let _ = self.process.kill();
+        let _ = self.process.wait();
+    }
+}
+
+impl Drop for RealPod {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+fn systemd_containerd(uid: &str, cid: &str) -> String {
+    let u = uid.replace('-', "_");
+    format!(
+        "kubepods.slice/kubepods-burstable.slice/kubepods-burstable-pod{u}.slice/cri-containerd-{cid}.scope"
+    )
+}
+
+fn cgroupfs_guaranteed(uid: &str, cid: &str) -> String {
+    format!("kubepods/pod{uid}/{cid}")
+}
+
+fn systemd_crio(uid: &str, cid: &str) -> String {
+    let u = uid.replace('-', "_");
+    format!(
+        "kubepods.slice/kubepods-besteffort.slice/kubepods-besteffort-pod{u}.slice/crio-{cid}.scope"
+    )
+}
+
+/// One GPU process of a node's scenario: (pod, SM %, MiB).
+type Load<'a> = (&'a RealPod, u32, u64);
+
+/// A node's mock GPU scenario: one GPU running `loads`.
+fn scenario(loads: &[Load<'_>]) -> String {
+    let busy: u32 = loads.iter().map(|l| l.1).sum();
+    let mut s = format!(
+        "[[gpu]]\nname = \"Fake H100\"\nmemory_total_mib = 81920\nutilization = {}\n\
+         memory_utilization = 10\ntemperature_c = 60\npower_w = 300.0\npower_limit_w = 700.0\n",
+        busy.min(100)
+    );
+    for (pod, sm, mib) in loads {
+        s.push_str(&format!(
+            "\n[[gpu.process]]\npid = {}\nsm_util = {sm}\nmem_util = 5\nused_memory_mib = {mib}\n",
+            pod.pid()
+        ));
+    }
+    s
+}
+
+/// Writes `text` to `path` through a rename, so the daemon polling the file
+/// never reads half of it.
+fn write_atomically(path: &Path, text: &str) {
+    let tmp = path.with_extension("tmp");
+    std::fs::write(&tmp, text).expect("write scenario");
+    std::fs::rename(&tmp, path).expect("rename scenario");
+}
+
+/// A port free on `ip` right now.
+fn free_port(ip: Ipv4Addr) -> u16 {
+    TcpListener::bind((ip, 0))
+        .and_then(|l| l.local_addr())
+        .expect("a free port")
+        .port()
+}
+
+/// Where one node's daemon listens and what it reads; the same across restarts.
+struct Node {
+    name: String,
+    grpc: SocketAddr,
+    http: SocketAddr,
+    peer: SocketAddr,
+    scenario: PathBuf,
+    log: PathBuf,
+}
+
+impl Node {
+    fn new(n: u8, dir: &Path) -> Self {
+        let ip = Ipv4Addr::new(127, 0, 0, n);
+        let name = format!("gpu-node-{n}");
+        Self {
+            grpc: SocketAddr::from((ip, free_port(ip))),
+            http: SocketAddr::from((ip, free_port(ip))),
+            peer: SocketAddr::from((ip, free_port(ip))),
+            scenario: dir.join(format!("{name}.toml")),
+            log: dir.join(format!("{name}.log")),
+            name,
+        }
+    }
+
+    /// Starts `gpu-scaler serve` for this node (not waiting for it).
+    fn spawn(&self, kubeconfig: &Path) -> Daemon {
+        let log = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.log)
+            .expect("daemon log file");
+        let mut cmd = Command::new(workspace_bin("gpu-scaler"));
+        cmd.args(["serve", "--node-name", &self.name])
+            .args(["--attribution", "ebpf", "--exit-grace", "2s"])
+            .args(["--gpu", "mock", "--gpu-scenario"])
+            .arg(&self.scenario)
+            .args(["--poll-interval", POLL])
+            .arg("--listen")
+            .arg(self.grpc.to_string())
+            .arg("--metrics-listen")
+            .arg(self.http.to_string())
+            .arg("--peer-listen")
+            .arg(self.peer.to_string())
+            .arg("--kubeconfig")
+            .arg(kubeconfig)
+            .args(["--namespace", DAEMON_NS, "--peer-service", PEER_SERVICE])
+            .args(["--peer-timeout", PEER_TIMEOUT])
+            .args(["--missing-node-policy", "average"])
+            .env("RUST_LOG", "info")
+            .env("NO_COLOR", "1")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log);
+        // SAFETY: prctl is async-signal-safe. If the test binary dies without
+        // unwinding (killed by a harness timeout), the daemons die with it
+        // instead of keeping their eBPF probes loaded.
+        unsafe {
+            cmd.pre_exec(|| {
+                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+        Daemon {
+            child: cmd.spawn().expect("start gpu-scaler serve"),
+            node: self.name.clone(),
+            log: self.log.clone(),
+        }
+    }
+
+    /// Waits until the daemon answers /readyz with 200.
+    fn wait_ready(&self, d: &mut Daemon) {
+        let ready = wait_for(Duration::from_secs(30), || {
+            if let Ok(Some(status)) = d.child.try_wait() {
+                panic!("{}'s daemon exited during start-up: {status}", self.name);
+            }
+            http_get(self.http, "/readyz")
+                .is_some_and(|(code, _)| code == 200)
+                .then_some(())
+        });
+        assert!(
+            ready.is_some(),
+            "{}'s daemon not ready within 30 s",
+            self.name
+        );
+    }
+
+    /// This node's daemon as a peer endpoint of the headless Service. (In a
+    /// cluster the daemons share one port on different pod IPs; here each
+    /// has its own port, so each gets its own EndpointSlice.)
+    fn endpoint_slice(&self) -> serde_json::Value {
+        endpoint_slice(
+            DAEMON_NS,
+            &format!("{PEER_SERVICE}-{}", self.name),
+            PEER_SERVICE,
+            &[(&self.name, &self.peer.ip().to_string())],
+            self.peer.port(),
+        )
+    }
+}
+
+/// A running `gpu-scaler serve`, SIGKILLed when dropped. A test that fails
+/// prints the end of the daemon's log.
+struct Daemon {
+    child: Child,
+    node: String,
+    log: PathBuf,
+}
+
+impl Daemon {
+    /// SIGKILL, as when a node is lost: no graceful shutdown.
+    fn kill(mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        if std::thread::panicking() {
+            let mut text = String::new();
+            let _ = File::open(&self.log).and_then(|mut f| f.read_to_string(&mut text));
+            let lines: Vec<&str> = text.lines().collect();
+            let tail = &lines[lines.len().saturating_sub(15)..];
+            eprintln!(
+                "--- {} log (last lines) ---\n{}",
+                self.node,
+                tail.join("\n")
+            );
+        }
+    }
+}
+
+/// GET `path` over plain HTTP/1.1: (status, body), or None if nothing answers.
+fn http_get(addr: SocketAddr, path: &str) -> Option<(u16, String)> {
+    let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(1)).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+    )
+    .ok()?;
+    let mut buf = String::new();
+    s.read_to_string(&mut buf).ok()?;
+    let code = buf.split(' ').nth(1)?.parse().ok()?;
+    let body = buf.split_once("\r\n\r\n").map(|(_, b)| b.to_owned())?;
+    Some((code, body))
+}
+
+/// GetMetrics exactly as KEDA sends it, to `grpc`.
+async fn get_metrics(
+    grpc: SocketAddr,
+    namespace: &str,
+    name: &str,
+    meta: &[(&str, &str)],
+) -> Result<f64, tonic::Status> {
+    let mut c = ExternalScalerClient::connect(format!("http://{grpc}"))
+        .await
+        .map_err(|e| tonic::Status::unavailable(format!("connect {grpc}: {e}")))?;
+    let scaler_metadata: HashMap<String, String> = meta
+        .iter()
+        .map(|(k, v)| ((*k).into(), (*v).into()))
+        .collect();
+    let r = c
+        .get_metrics(GetMetricsRequest {
+            scaled_object_ref: Some(ScaledObjectRef {
+                name: name.into(),
+                namespace: namespace.into(),
+                scaler_metadata,
+            }),
+            metric_name: String::new(),
+        })
+        .await?
+        .into_inner();
+    assert_eq!(r.metric_values.len(), 1, "exactly one value");
+    Ok(r.metric_values[0].metric_value_float)
+}
+
+/// The test's world: the fake API server (on `rt`), the nodes and their daemons.
+struct Cluster {
+    /// `daemons[i]` runs `nodes[i]`; `None` while killed. First, so the
+    /// daemons die before the API server they watch.
+    daemons: Vec<Option<Daemon>>,
+    nodes: Vec<Node>,
+    fake: FakeKube,
+    kubeconfig: PathBuf,
+    rt: tokio::runtime::Runtime,
+}
+
+impl Cluster {
+    fn query(
+        &self,
+        node: usize,
+        ns: &str,
+        name: &str,
+        meta: &[(&str, &str)],
+    ) -> Result<f64, String> {
+        self.rt
+            .block_on(get_metrics(self.nodes[node].grpc, ns, name, meta))
+            .map_err(|s| format!("{:?}: {}", s.code(), s.message()))
+    }
+
+    /// Waits until every running daemon answers exactly `want` (the daemons
+    /// see pods, peers and GPU files change on their own clocks).
+    fn all_answer(&self, ns: &str, name: &str, meta: &[(&str, &str)], want: f64) {
+        let mut last = Vec::new();
+        let agreed = wait_for(SETTLE, || {
+            last = self
+                .running()
+                .map(|i| (self.nodes[i].name.as_str(), self.query(i, ns, name, meta)))
+                .collect();
+            last.iter()
+                .all(|(_, v)| v.as_ref().is_ok_and(|v| *v == want))
+                .then_some(())
+        });
+        assert!(
+            agreed.is_some(),
+            "{ns}/{name} {meta:?}: want {want} from every daemon, got {last:?}"
+        );
+    }
+
+    fn running(&self) -> impl Iterator<Item = usize> + '_ {
+        (0..self.nodes.len()).filter(|i| self.daemons[*i].is_some())
+    }
+
+    /// Starts (or restarts) the daemons of `which` and waits until all are ready.
+    fn start(&mut self, which: &[usize]) {
+        for &i in which {
+            assert!(
+                self.daemons[i].is_none(),
+                "{} runs already",
+                self.nodes[i].name
+            );
+            self.daemons[i] = Some(self.nodes[i].spawn(&self.kubeconfig));
+        }
+        for &i in which {
+            let d = self.daemons[i].as_mut().expect("just started");
+            self.nodes[i].wait_ready(d);
+        }
+    }
+
+    fn kill(&mut self, i: usize) {
+        self.daemons[i].take().expect("running").kill();
+    }
+
+    /// The value of `gpu_scaler_missing_node_total{outcome=...}` on node `i`.
+    fn missing_node_count(&self, i: usize, outcome: &str) -> u64 {
+        let (code, body) = http_get(self.nodes[i].http, "/metrics").expect("scrape /metrics");
+        assert_eq!(code, 200, "{body}");
+        let series = format!("gpu_scaler_missing_node_total{{outcome=\"{outcome}\"}} ");
+        body.lines()
+            .find_map(|l| l.strip_prefix(&series))
+            .unwrap_or_else(|| panic!("no {series} in:\n{body}"))
+            .trim()
+            .parse()
+            .expect("a counter value")
+    }
+}
+
+/// Probes what the daemons need, so a machine without it skips (or, under
+/// GPU_SCALER_REQUIRE_KERNEL=1, fails) with the reason, instead of daemons
+/// that exit at start-up.
+fn kernel_ready(rt: &tokio::runtime::Runtime) -> bool {
+    kernel::require("root", kernel::probe_root())
+        && kernel::require("cgroup v2", TestTree::new("probe").map(drop))
+        && kernel::require(
+            "eBPF attribution",
+            rt.block_on(EbpfAttributor::start(Duration::from_secs(1)))
+                .map(drop),
+        )
+}
+
+#[test]
+fn four_daemon_processes_answer_for_a_workload_over_three_nodes() {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("tokio runtime");
+    if !kernel_ready(&rt) {
+        return;
+    }
+    let tree = TestTree::new("cluster").expect("cgroup tree");
+    let dir = tempfile::tempdir().expect("temp dir");
+    let fake = rt.block_on(FakeKube::start());
+    let kubeconfig = dir.path().join("kubeconfig");
+    fake.write_kubeconfig(&kubeconfig);
+
+    // The pods' processes. Workload ml/llm (Deployment, 4 replicas) on nodes
+    // 1-3; ml/web and the same-labelled other/llm pods beside them.
+    let llm1 = RealPod::start(&tree, 1, systemd_containerd);
+    let llm2 = RealPod::start(&tree, 2, cgroupfs_guaranteed);
+    let llm3 = RealPod::start(&tree, 3, systemd_crio);
+    let llm4 = RealPod::start(&tree, 4, systemd_containerd);
+    let web = RealPod::start(&tree, 5, systemd_containerd);
+    let other1 = RealPod::start(&tree, 6, cgroupfs_guaranteed);
+    let other2 = RealPod::start(&tree, 7, systemd_crio);
+
+    let nodes: Vec<Node> = (1..=4).map(|n| Node::new(n, dir.path())).collect();
+    // | node | pods (SM %, MiB)                                  |
+    // |------|---------------------------------------------------|
+    // | 1    | ml/llm-1 (30, 4096) · other/llm-o1 (50, 1024)     |
+    // | 2    | ml/llm-2 (45, 8192)                               |
+    // | 3    | ml/llm-3 (20, 2048) · ml/llm-4 (25, 2048)         |
+    // | 4    | ml/web-1 (60, 1024) · other/llm-o2 (15, 512)      |
+    write_atomically(
+        &nodes[0].scenario,
+        &scenario(&[(&llm1, 30, 4096), (&other1, 50, 1024)]),
+    );
+    write_atomically(&nodes[1].scenario, &scenario(&[(&llm2, 45, 8192)]));
+    write_atomically(
+        &nodes[2].scenario,
+        &scenario(&[(&llm3, 20, 2048), (&llm4, 25, 2048)]),
+    );
+    write_atomically(
+        &nodes[3].scenario,
+        &scenario(&[(&web, 60, 1024), (&other2, 15, 512)]),
+    );
+
+    let pods = ResourceType::pods();
+    let place = |ns: &str, name: &str, p: &RealPod, labels: &[(&str, &str)], node: usize| {
+        fake.apply(
+            &pods,
+            pod(
+                ns,
+                name,
+                &p.uid,
+                labels,
+                Some(&nodes[node].name),
+                "Running",
+                true,
+            ),
+        );
+    };
+    place("ml", "llm-1", &llm1, LLM, 0);
+    place("ml", "llm-2", &llm2, LLM, 1);
+    place("ml", "llm-3", &llm3, LLM, 2);
+    place("ml", "llm-4", &llm4, LLM, 2);
+    place("ml", "web-1", &web, &[("app", "web")], 3);
+    place("other", "llm-o1", &other1, LLM, 0);
+    place("other", "llm-o2", &other2, LLM, 3);
+    fake.apply(&ResourceType::deployments(), workload("ml", "llm", 4, LLM));
+    fake.apply(
+        &ResourceType::scaled_objects(),
+        scaled_object("ml", "llm-so", (None, None, "llm")),
+    );
+    for n in &nodes {
+        fake.apply(&ResourceType::endpoint_slices(), n.endpoint_slice());
+    }
+
+    let mut c = Cluster {
+        rt,
+        fake,
+        kubeconfig,
+        daemons: nodes.iter().map(|_| None).collect(),
+        nodes,
+    };
+    c.start(&[0, 1, 2, 3]);
+
+    // Through any daemon, node 4 (no workload pod) included: the sum over the
+    // four replicas on three nodes. gpu_utilization = 30 + 45 + 20 + 25.
+    let by_selector: &[(&str, &str)] = &[("podSelector", "app=llm")];
+    c.all_answer("ml", "llm-so", by_selector, 120.0);
+    // memory_used_mib = 4096 + 8192 + 2048 + 2048.
+    c.all_answer(
+        "ml",
+        "llm-so",
+        &[("podSelector", "app=llm"), ("metric", "memory_used_mib")],
+        16384.0,
+    );
+    // Without podSelector: ScaledObject ml/llm-so -> Deployment llm -> its
+    // scale subresource's selector (app=llm).
+    c.all_answer("ml", "llm-so", &[], 120.0);
+    // Namespaces never mix: the same labels in `other` are only its two pods,
+    // one beside llm-1 on node 1 (50) and one on node 4 (15).
+    c.all_answer("other", "any", by_selector, 65.0);
+    // A ScaledObject whose target does not exist: a clear error, never a number.
+    c.fake.apply(
+        &ResourceType::scaled_objects(),
+        scaled_object("ml", "ghost-so", (None, None, "ghost")),
+    );
+    let e = c.query(3, "ml", "ghost-so", &[]).expect_err("no target");
+    assert!(
+        e.starts_with("FailedPrecondition") && e.contains("Deployment ghost"),
+        "{e}"
+    );
+
+    // Node 2's daemon is lost (SIGKILL). 3 of 4 pods reported, so llm-2 counts
+    // as their mean, (30 + 20 + 25) / 3 = 25: 30 + 25 + 20 + 25 = 100.
+    c.kill(1);
+    c.all_answer("ml", "llm-so", by_selector, 100.0);
+    assert!(
+        c.missing_node_count(3, "averaged") > 0,
+        "the policy was applied and counted on /metrics"
+    );
+    // Node 3's too: 1 of 4 reported, fewer than half: UNAVAILABLE.
+    c.kill(2);
+    let mut last = None;
+    let refused = wait_for(SETTLE, || {
+        last = Some(c.query(0, "ml", "llm-so", by_selector));
+        match &last {
+            Some(Err(e)) if e.starts_with("Unavailable") => Some(e.clone()),
+            _ => None,
+        }
+    })
+    .unwrap_or_else(|| panic!("node 1 kept answering {last:?} with 1 of 4 pods reported"));
+    assert!(refused.contains("only 1 of 4"), "{refused}");
+    assert!(
+        c.missing_node_count(0, "unavailable") > 0,
+        "refusal counted"
+    );
+
+    // Both restarted (their eBPF attribution seeds the running pods from
+    // /proc): exact again, everywhere.
+    c.start(&[1, 2]);
+    c.all_answer("ml", "llm-so", by_selector, 120.0);
+
+    // llm-4 is rescheduled from node 3 to node 4: the old pod is deleted (its
+    // process killed, its cgroup gone), a new pod with a new uid starts on
+    // node 4 and its process uses node 4's GPU: 30 + 45 + 20 + 35 = 130.
+    write_atomically(&c.nodes[2].scenario, &scenario(&[(&llm3, 20, 2048)]));
+    c.fake.delete(&pods, "ml", "llm-4");
+    llm4.remove();
+    let llm4b = RealPod::start(&tree, 8, cgroupfs_guaranteed);
+    c.fake.apply(
+        &pods,
+        pod(
+            "ml",
+            "llm-4b",
+            &llm4b.uid,
+            LLM,
+            Some(&c.nodes[3].name),
+            "Running",
+            true,
+        ),
+    );
+    write_atomically(
+        &c.nodes[3].scenario,
+        &scenario(&[(&web, 60, 1024), (&other2, 15, 512), (&llm4b, 35, 3072)]),
+    );
+    c.all_answer("ml", "llm-so", by_selector, 130.0);
+    c.all_answer("ml", "llm-so", &[], 130.0);
+    // memory_used_mib = 4096 + 8192 + 2048 + 3072.
+    c.all_answer(
+        "ml",
+        "llm-so",
+        &[("podSelector", "app=llm"), ("metric", "memory_used_mib")],
+        17408.0,
+    );
+    c.all_answer("other", "any", by_selector, 65.0);
+}
