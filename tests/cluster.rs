@@ -11,7 +11,7 @@ use gpu_scaler::{
 };
 use gpu_scaler_tests::{
     cluster::{ClusterDaemon, ClusterSettings},
-    kube_api::{FakeKube, ResourceType, endpoint_slice, pod, scaled_object, workload},
+    kube_api::{FakeKube, ResourceType, peer_endpoint_slice, running_pod, scaled_object, workload},
     scaler::{device, process},
 };
 
@@ -86,11 +86,9 @@ const LLM: &[(&str, &str)] = &[("app", "llm")];
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn four_daemons_answer_the_same_for_a_workload_over_three_nodes() {
     let fake = FakeKube::start().await;
-    let dir = tempfile::tempdir().expect("tempdir");
-    let kubeconfig = dir.path().join("kubeconfig");
-    fake.write_kubeconfig(&kubeconfig);
+    let kubeconfig = fake.kubeconfig();
     let settings = ClusterSettings {
-        kubeconfig,
+        kubeconfig: kubeconfig.path.clone(),
         namespace: "gpu-scaler".into(),
         service: "gpu-scaler-peers".into(),
         poll_interval: Duration::from_millis(200),
@@ -106,96 +104,26 @@ async fn four_daemons_answer_the_same_for_a_workload_over_three_nodes() {
     // another app and a same-labelled pod of another namespace on node 4.
     let pods = ResourceType::pods();
     let uid = |n: u32| format!("00000000-0000-4000-8000-0000000000{n:02}");
-    fake.apply(
-        &pods,
-        pod(
-            "ml",
-            "llm-1",
-            &uid(1),
-            LLM,
-            Some("gpu-node-1"),
-            "Running",
-            true,
-        ),
-    );
-    fake.apply(
-        &pods,
-        pod(
-            "ml",
-            "llm-2",
-            &uid(2),
-            LLM,
-            Some("gpu-node-2"),
-            "Running",
-            true,
-        ),
-    );
-    fake.apply(
-        &pods,
-        pod(
-            "ml",
-            "llm-3",
-            &uid(3),
-            LLM,
-            Some("gpu-node-3"),
-            "Running",
-            true,
-        ),
-    );
-    fake.apply(
-        &pods,
-        pod(
-            "ml",
-            "llm-4",
-            &uid(4),
-            LLM,
-            Some("gpu-node-3"),
-            "Running",
-            true,
-        ),
-    );
-    fake.apply(
-        &pods,
-        pod(
-            "ml",
-            "web-1",
-            &uid(10),
-            &[("app", "web")],
-            Some("gpu-node-4"),
-            "Running",
-            true,
-        ),
-    );
-    fake.apply(
-        &pods,
-        pod(
-            "other",
-            "llm-1",
-            &uid(20),
-            LLM,
-            Some("gpu-node-4"),
-            "Running",
-            true,
-        ),
-    );
+    let web: &[(&str, &str)] = &[("app", "web")];
+    for (ns, name, n, labels, node) in [
+        ("ml", "llm-1", 1, LLM, "gpu-node-1"),
+        ("ml", "llm-2", 2, LLM, "gpu-node-2"),
+        ("ml", "llm-3", 3, LLM, "gpu-node-3"),
+        ("ml", "llm-4", 4, LLM, "gpu-node-3"),
+        ("ml", "web-1", 10, web, "gpu-node-4"),
+        ("other", "llm-1", 20, LLM, "gpu-node-4"),
+    ] {
+        fake.apply(&pods, running_pod(ns, name, &uid(n), labels, node));
+    }
     fake.apply(&ResourceType::deployments(), workload("ml", "llm", 4, LLM));
     fake.apply(
         &ResourceType::scaled_objects(),
         scaled_object("ml", "llm-so", (None, None, "llm")),
     );
-    // One EndpointSlice per daemon: here each listens on its own port (in a
-    // cluster they share one port on different pod IPs).
     for d in &daemons {
-        let ipaddr = d.peer_addr.ip().to_string();
         fake.apply(
             &ResourceType::endpoint_slices(),
-            endpoint_slice(
-                "gpu-scaler",
-                &format!("peers-{}", d.node),
-                "gpu-scaler-peers",
-                &[(&d.node, &ipaddr)],
-                d.peer_addr.port(),
-            ),
+            peer_endpoint_slice("gpu-scaler", "gpu-scaler-peers", &d.node, d.peer_addr),
         );
     }
 
@@ -292,15 +220,7 @@ async fn four_daemons_answer_the_same_for_a_workload_over_three_nodes() {
     fake.delete(&pods, "ml", "llm-4");
     fake.apply(
         &pods,
-        pod(
-            "ml",
-            "llm-4b",
-            &uid(5),
-            LLM,
-            Some("gpu-node-4"),
-            "Running",
-            true,
-        ),
+        running_pod("ml", "llm-4b", &uid(5), LLM, "gpu-node-4"),
     );
     daemons[3].attributor.assign(403, &uid(5));
     daemons[3].set_gpus(vec![device(

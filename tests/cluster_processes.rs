@@ -32,7 +32,10 @@ use gpu_scaler::{
 use gpu_scaler_tests::{
     cgroup::{self, TestTree},
     kernel,
-    kube_api::{FakeKube, ResourceType, endpoint_slice, pod, scaled_object, workload},
+    kube_api::{
+        FakeKube, Kubeconfig, ResourceType, peer_endpoint_slice, running_pod, scaled_object,
+        workload,
+    },
     process, wait_for, workspace_bin,
 };
 
@@ -173,8 +176,9 @@ impl Node {
         }
     }
 
-    /// Starts `gpu-scaler serve` for this node (not waiting for it).
-    fn spawn(&self, kubeconfig: &Path) -> Daemon {
+    /// Starts `gpu-scaler serve` for this node with the cluster's `flags`
+    /// (peers, policy), not waiting for it.
+    fn spawn(&self, kubeconfig: &Path, flags: &[String]) -> Daemon {
         let log = OpenOptions::new()
             .create(true)
             .append(true)
@@ -194,9 +198,8 @@ impl Node {
             .arg(self.peer.to_string())
             .arg("--kubeconfig")
             .arg(kubeconfig)
-            .args(["--namespace", DAEMON_NS, "--peer-service", PEER_SERVICE])
             .args(["--peer-timeout", PEER_TIMEOUT])
-            .args(["--missing-node-policy", "average"])
+            .args(flags)
             .env("RUST_LOG", "info")
             .env("NO_COLOR", "1")
             .stdin(Stdio::null())
@@ -235,19 +238,6 @@ impl Node {
             "{}'s daemon not ready within 30 s",
             self.name
         );
-    }
-
-    /// This node's daemon as a peer endpoint of the headless Service. (In a
-    /// cluster the daemons share one port on different pod IPs; here each
-    /// has its own port, so each gets its own EndpointSlice.)
-    fn endpoint_slice(&self) -> serde_json::Value {
-        endpoint_slice(
-            DAEMON_NS,
-            &format!("{PEER_SERVICE}-{}", self.name),
-            PEER_SERVICE,
-            &[(&self.name, &self.peer.ip().to_string())],
-            self.peer.port(),
-        )
     }
 }
 
@@ -330,18 +320,68 @@ async fn get_metrics(
     Ok(r.metric_values[0].metric_value_float)
 }
 
-/// The test's world: the fake API server (on `rt`), the nodes and their daemons.
+/// The test's world: the fake API server (on `rt`), the nodes and their
+/// daemons, and the real pods' cgroups.
 struct Cluster {
     /// `daemons[i]` runs `nodes[i]`; `None` while killed. First, so the
-    /// daemons die before the API server they watch.
+    /// daemons die before the API server they watch and the files they read.
     daemons: Vec<Option<Daemon>>,
     nodes: Vec<Node>,
+    /// Cluster flags every daemon gets (peers, missing-node policy).
+    flags: Vec<String>,
     fake: FakeKube,
-    kubeconfig: PathBuf,
+    kubeconfig: Kubeconfig,
+    /// Scenarios and logs.
+    _dir: tempfile::TempDir,
+    tree: TestTree,
     rt: tokio::runtime::Runtime,
 }
 
 impl Cluster {
+    /// `n` nodes on 127.0.0.1..n with no daemon started yet, or `None` (a
+    /// skip) where the kernel lacks what the daemons need.
+    fn new(n: u8) -> Option<Self> {
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .expect("tokio runtime");
+        if !kernel_ready(&rt) {
+            return None;
+        }
+        let tree = TestTree::new("cluster").expect("cgroup tree");
+        let dir = tempfile::tempdir().expect("temp dir");
+        let fake = rt.block_on(FakeKube::start());
+        Some(Self {
+            daemons: (1..=n).map(|_| None).collect(),
+            nodes: (1..=n).map(|i| Node::new(i, dir.path())).collect(),
+            flags: Vec::new(),
+            kubeconfig: fake.kubeconfig(),
+            fake,
+            _dir: dir,
+            tree,
+            rt,
+        })
+    }
+
+    /// Starts a pod's process in a new pod cgroup laid out by `layout`.
+    fn pod(&self, n: u32, layout: fn(&str, &str) -> String) -> RealPod {
+        RealPod::start(&self.tree, n, layout)
+    }
+
+    /// Tells the API server that `pod` runs on node `node` as `ns/name`.
+    fn place(&self, ns: &str, name: &str, pod: &RealPod, labels: &[(&str, &str)], node: usize) {
+        self.fake.apply(
+            &ResourceType::pods(),
+            running_pod(ns, name, &pod.uid, labels, &self.nodes[node].name),
+        );
+    }
+
+    /// Node `node`'s GPU from now on.
+    fn set_load(&self, node: usize, loads: &[Load<'_>]) {
+        write_atomically(&self.nodes[node].scenario, &scenario(loads));
+    }
+
     fn query(
         &self,
         node: usize,
@@ -373,6 +413,25 @@ impl Cluster {
         );
     }
 
+    /// Waits until node `node` answers UNAVAILABLE (answers cached within
+    /// the poll interval may come first) and returns the message.
+    fn refused(&self, node: usize, ns: &str, name: &str, meta: &[(&str, &str)]) -> String {
+        let mut last = None;
+        let refused = wait_for(SETTLE, || {
+            last = Some(self.query(node, ns, name, meta));
+            match &last {
+                Some(Err(e)) if e.starts_with("Unavailable") => Some(e.clone()),
+                _ => None,
+            }
+        });
+        refused.unwrap_or_else(|| {
+            panic!(
+                "{} kept answering {last:?}, want UNAVAILABLE",
+                self.nodes[node].name
+            )
+        })
+    }
+
     fn running(&self) -> impl Iterator<Item = usize> + '_ {
         (0..self.nodes.len()).filter(|i| self.daemons[*i].is_some())
     }
@@ -385,7 +444,7 @@ impl Cluster {
                 "{} runs already",
                 self.nodes[i].name
             );
-            self.daemons[i] = Some(self.nodes[i].spawn(&self.kubeconfig));
+            self.daemons[i] = Some(self.nodes[i].spawn(&self.kubeconfig.path, &self.flags));
         }
         for &i in which {
             let d = self.daemons[i].as_mut().expect("just started");
@@ -426,89 +485,53 @@ fn kernel_ready(rt: &tokio::runtime::Runtime) -> bool {
 
 #[test]
 fn four_daemon_processes_answer_for_a_workload_over_three_nodes() {
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .expect("tokio runtime");
-    if !kernel_ready(&rt) {
+    let Some(mut c) = Cluster::new(4) else {
         return;
-    }
-    let tree = TestTree::new("cluster").expect("cgroup tree");
-    let dir = tempfile::tempdir().expect("temp dir");
-    let fake = rt.block_on(FakeKube::start());
-    let kubeconfig = dir.path().join("kubeconfig");
-    fake.write_kubeconfig(&kubeconfig);
+    };
+    c.flags = ["--namespace", DAEMON_NS, "--peer-service", PEER_SERVICE]
+        .into_iter()
+        .chain(["--missing-node-policy", "average"])
+        .map(String::from)
+        .collect();
 
     // The pods' processes. Workload ml/llm (Deployment, 4 replicas) on nodes
     // 1-3; ml/web and the same-labelled other/llm pods beside them.
-    let llm1 = RealPod::start(&tree, 1, systemd_containerd);
-    let llm2 = RealPod::start(&tree, 2, cgroupfs_guaranteed);
-    let llm3 = RealPod::start(&tree, 3, systemd_crio);
-    let llm4 = RealPod::start(&tree, 4, systemd_containerd);
-    let web = RealPod::start(&tree, 5, systemd_containerd);
-    let other1 = RealPod::start(&tree, 6, cgroupfs_guaranteed);
-    let other2 = RealPod::start(&tree, 7, systemd_crio);
-
-    let nodes: Vec<Node> = (1..=4).map(|n| Node::new(n, dir.path())).collect();
+    let llm1 = c.pod(1, systemd_containerd);
+    let llm2 = c.pod(2, cgroupfs_guaranteed);
+    let llm3 = c.pod(3, systemd_crio);
+    let llm4 = c.pod(4, systemd_containerd);
+    let web = c.pod(5, systemd_containerd);
+    let other1 = c.pod(6, cgroupfs_guaranteed);
+    let other2 = c.pod(7, systemd_crio);
     // | node | pods (SM %, MiB)                                  |
     // |------|---------------------------------------------------|
     // | 1    | ml/llm-1 (30, 4096) · other/llm-o1 (50, 1024)     |
     // | 2    | ml/llm-2 (45, 8192)                               |
     // | 3    | ml/llm-3 (20, 2048) · ml/llm-4 (25, 2048)         |
     // | 4    | ml/web-1 (60, 1024) · other/llm-o2 (15, 512)      |
-    write_atomically(
-        &nodes[0].scenario,
-        &scenario(&[(&llm1, 30, 4096), (&other1, 50, 1024)]),
-    );
-    write_atomically(&nodes[1].scenario, &scenario(&[(&llm2, 45, 8192)]));
-    write_atomically(
-        &nodes[2].scenario,
-        &scenario(&[(&llm3, 20, 2048), (&llm4, 25, 2048)]),
-    );
-    write_atomically(
-        &nodes[3].scenario,
-        &scenario(&[(&web, 60, 1024), (&other2, 15, 512)]),
-    );
-
-    let pods = ResourceType::pods();
-    let place = |ns: &str, name: &str, p: &RealPod, labels: &[(&str, &str)], node: usize| {
-        fake.apply(
-            &pods,
-            pod(
-                ns,
-                name,
-                &p.uid,
-                labels,
-                Some(&nodes[node].name),
-                "Running",
-                true,
-            ),
-        );
-    };
-    place("ml", "llm-1", &llm1, LLM, 0);
-    place("ml", "llm-2", &llm2, LLM, 1);
-    place("ml", "llm-3", &llm3, LLM, 2);
-    place("ml", "llm-4", &llm4, LLM, 2);
-    place("ml", "web-1", &web, &[("app", "web")], 3);
-    place("other", "llm-o1", &other1, LLM, 0);
-    place("other", "llm-o2", &other2, LLM, 3);
-    fake.apply(&ResourceType::deployments(), workload("ml", "llm", 4, LLM));
-    fake.apply(
+    c.set_load(0, &[(&llm1, 30, 4096), (&other1, 50, 1024)]);
+    c.set_load(1, &[(&llm2, 45, 8192)]);
+    c.set_load(2, &[(&llm3, 20, 2048), (&llm4, 25, 2048)]);
+    c.set_load(3, &[(&web, 60, 1024), (&other2, 15, 512)]);
+    c.place("ml", "llm-1", &llm1, LLM, 0);
+    c.place("ml", "llm-2", &llm2, LLM, 1);
+    c.place("ml", "llm-3", &llm3, LLM, 2);
+    c.place("ml", "llm-4", &llm4, LLM, 2);
+    c.place("ml", "web-1", &web, &[("app", "web")], 3);
+    c.place("other", "llm-o1", &other1, LLM, 0);
+    c.place("other", "llm-o2", &other2, LLM, 3);
+    c.fake
+        .apply(&ResourceType::deployments(), workload("ml", "llm", 4, LLM));
+    c.fake.apply(
         &ResourceType::scaled_objects(),
         scaled_object("ml", "llm-so", (None, None, "llm")),
     );
-    for n in &nodes {
-        fake.apply(&ResourceType::endpoint_slices(), n.endpoint_slice());
+    for n in &c.nodes {
+        c.fake.apply(
+            &ResourceType::endpoint_slices(),
+            peer_endpoint_slice(DAEMON_NS, PEER_SERVICE, &n.name, n.peer),
+        );
     }
-
-    let mut c = Cluster {
-        rt,
-        fake,
-        kubeconfig,
-        daemons: nodes.iter().map(|_| None).collect(),
-        nodes,
-    };
     c.start(&[0, 1, 2, 3]);
 
     // Through any daemon, node 4 (no workload pod) included: the sum over the
@@ -549,15 +572,7 @@ fn four_daemon_processes_answer_for_a_workload_over_three_nodes() {
     );
     // Node 3's too: 1 of 4 reported, fewer than half: UNAVAILABLE.
     c.kill(2);
-    let mut last = None;
-    let refused = wait_for(SETTLE, || {
-        last = Some(c.query(0, "ml", "llm-so", by_selector));
-        match &last {
-            Some(Err(e)) if e.starts_with("Unavailable") => Some(e.clone()),
-            _ => None,
-        }
-    })
-    .unwrap_or_else(|| panic!("node 1 kept answering {last:?} with 1 of 4 pods reported"));
+    let refused = c.refused(0, "ml", "llm-so", by_selector);
     assert!(refused.contains("only 1 of 4"), "{refused}");
     assert!(
         c.missing_node_count(0, "unavailable") > 0,
@@ -572,25 +587,14 @@ fn four_daemon_processes_answer_for_a_workload_over_three_nodes() {
     // llm-4 is rescheduled from node 3 to node 4: the old pod is deleted (its
     // process killed, its cgroup gone), a new pod with a new uid starts on
     // node 4 and its process uses node 4's GPU: 30 + 45 + 20 + 35 = 130.
-    write_atomically(&c.nodes[2].scenario, &scenario(&[(&llm3, 20, 2048)]));
-    c.fake.delete(&pods, "ml", "llm-4");
+    c.set_load(2, &[(&llm3, 20, 2048)]);
+    c.fake.delete(&ResourceType::pods(), "ml", "llm-4");
     llm4.remove();
-    let llm4b = RealPod::start(&tree, 8, cgroupfs_guaranteed);
-    c.fake.apply(
-        &pods,
-        pod(
-            "ml",
-            "llm-4b",
-            &llm4b.uid,
-            LLM,
-            Some(&c.nodes[3].name),
-            "Running",
-            true,
-        ),
-    );
-    write_atomically(
-        &c.nodes[3].scenario,
-        &scenario(&[(&web, 60, 1024), (&other2, 15, 512), (&llm4b, 35, 3072)]),
+    let llm4b = c.pod(8, cgroupfs_guaranteed);
+    c.place("ml", "llm-4b", &llm4b, LLM, 3);
+    c.set_load(
+        3,
+        &[(&web, 60, 1024), (&other2, 15, 512), (&llm4b, 35, 3072)],
     );
     c.all_answer("ml", "llm-so", by_selector, 130.0);
     c.all_answer("ml", "llm-so", &[], 130.0);
@@ -602,4 +606,52 @@ fn four_daemon_processes_answer_for_a_workload_over_three_nodes() {
         17408.0,
     );
     c.all_answer("other", "any", by_selector, 65.0);
+}
+
+/// The other way to find peers and the other policy: a static `--peers` list
+/// (no EndpointSlices) and `--missing-node-policy fail`, where one node that
+/// does not answer makes the answer UNAVAILABLE.
+#[test]
+fn static_peers_with_the_fail_policy() {
+    let Some(mut c) = Cluster::new(2) else {
+        return;
+    };
+    let peers: Vec<String> = c
+        .nodes
+        .iter()
+        .map(|n| format!("{}={}", n.name, n.peer))
+        .collect();
+    c.flags = vec![
+        "--peers".into(),
+        peers.join(","),
+        "--missing-node-policy".into(),
+        "fail".into(),
+    ];
+    let llm1 = c.pod(1, systemd_containerd);
+    let llm2 = c.pod(2, cgroupfs_guaranteed);
+    let llm3 = c.pod(3, systemd_crio);
+    c.set_load(0, &[(&llm1, 30, 4096), (&llm3, 5, 1024)]);
+    c.set_load(1, &[(&llm2, 45, 8192)]);
+    c.place("ml", "llm-1", &llm1, LLM, 0);
+    c.place("ml", "llm-2", &llm2, LLM, 1);
+    c.place("ml", "llm-3", &llm3, LLM, 0);
+    c.start(&[0, 1]);
+    let by_selector: &[(&str, &str)] = &[("podSelector", "app=llm")];
+    // 30 + 45 + 5.
+    c.all_answer("ml", "llm-so", by_selector, 80.0);
+
+    // Node 2 is lost: 1 of 3 pods unreported. `average` would answer with 2
+    // of 3 reported; `fail` refuses.
+    c.kill(1);
+    let refused = c.refused(0, "ml", "llm-so", by_selector);
+    assert!(
+        refused.contains("1 of 3") && refused.contains("--missing-node-policy fail"),
+        "{refused}"
+    );
+    assert!(
+        c.missing_node_count(0, "unavailable") > 0,
+        "refusal counted"
+    );
+    c.start(&[1]);
+    c.all_answer("ml", "llm-so", by_selector, 80.0);
 }

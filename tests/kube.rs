@@ -14,20 +14,20 @@ use gpu_scaler::{
     pods::kube::{PodMap, PodWatch, client},
 };
 use gpu_scaler_tests::kube_api::{
-    FakeKube, ResourceType, endpoint_slice, pod, scaled_object, wait_until, workload,
+    FakeKube, Kubeconfig, ResourceType, endpoint_slice, pod, scaled_object, wait_until, workload,
 };
 use serde_json::json;
 
 const WAIT: Duration = Duration::from_secs(10);
 
 /// A client configured through a kubeconfig file, as `--kubeconfig` would be.
-async fn connect(fake: &FakeKube) -> (kube::Client, tempfile::TempDir) {
-    let dir = tempfile::tempdir().expect("temp dir");
-    let path = dir.path().join("kubeconfig");
-    fake.write_kubeconfig(&path);
+async fn connect(fake: &FakeKube) -> (kube::Client, Kubeconfig) {
+    let config = fake.kubeconfig();
     (
-        client(Some(&path)).await.expect("client from kubeconfig"),
-        dir,
+        client(Some(&config.path))
+            .await
+            .expect("client from kubeconfig"),
+        config,
     )
 }
 

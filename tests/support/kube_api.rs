@@ -30,7 +30,7 @@ use std::{
     collections::{BTreeMap, HashMap},
     convert::Infallible,
     net::SocketAddr,
-    path::Path,
+    path::{Path, PathBuf},
     sync::{Arc, Mutex},
     time::Duration,
 };
@@ -208,6 +208,15 @@ impl FakeKube {
         std::fs::write(path, text).expect("write kubeconfig");
     }
 
+    /// A kubeconfig pointing at this server in a temporary directory of its
+    /// own, for `kube` clients and `--kubeconfig` alike.
+    pub fn kubeconfig(&self) -> Kubeconfig {
+        let dir = tempfile::tempdir().expect("temp dir for the kubeconfig");
+        let path = dir.path().join("kubeconfig");
+        self.write_kubeconfig(&path);
+        Kubeconfig { _dir: dir, path }
+    }
+
     /// Serves another resource type (e.g. a custom resource with a scale
     /// subresource).
     pub fn register(&self, rtype: ResourceType) {
@@ -314,6 +323,23 @@ impl FakeKube {
     }
 }
 
+/// A kubeconfig file written by [`FakeKube::kubeconfig`], removed when dropped.
+pub struct Kubeconfig {
+    _dir: tempfile::TempDir,
+    pub path: PathBuf,
+}
+
+/// A scheduled, running and ready pod on `node` (see [`pod`]).
+pub fn running_pod(
+    namespace: &str,
+    name: &str,
+    uid: &str,
+    labels: &[(&str, &str)],
+    node: &str,
+) -> Value {
+    pod(namespace, name, uid, labels, Some(node), "Running", true)
+}
+
 /// A pod as the API server returns it: `node` is `spec.nodeName`, readiness the
 /// Ready condition.
 pub fn pod(
@@ -366,6 +392,20 @@ pub fn endpoint_slice(
         "endpoints": eps,
         "ports": [{"name": "peer", "port": port, "protocol": "TCP"}]
     })
+}
+
+/// The EndpointSlice `{service}-{node}` listing one daemon, on `node` at
+/// `addr`, as a peer of headless Service `service`. In a cluster the daemons
+/// share one port on different pod IPs; test daemons on one host each have a
+/// port of their own, so each gets its own slice.
+pub fn peer_endpoint_slice(namespace: &str, service: &str, node: &str, addr: SocketAddr) -> Value {
+    endpoint_slice(
+        namespace,
+        &format!("{service}-{node}"),
+        service,
+        &[(node, &addr.ip().to_string())],
+        addr.port(),
+    )
 }
 
 /// A KEDA ScaledObject; `target` is `(apiVersion, kind, name)`, with `None` for
