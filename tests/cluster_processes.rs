@@ -1,16 +1,18 @@
-//! The cluster end to end with real processes, as root on the real kernel: four
+//! The cluster end to end with real processes, as root on the real kernel:
 //! `gpu-scaler serve` processes on 127.0.0.1-4, each with its own node name and
 //! mock GPU scenario, attributing with eBPF; the GPU processes of the scenarios
 //! are real processes in kubelet-layout pod cgroups. Pods, the peers'
 //! EndpointSlices, the ScaledObjects and the Deployment's scale subresource come
 //! from the fake Kubernetes API server (support/kube_api.rs) through a
 //! kubeconfig file, so every cluster flag of `serve` is on the path:
-//! `--node-name`, `--peer-listen`, `--peer-service` + `--namespace`,
-//! `--kubeconfig`, `--missing-node-policy`, `--peer-timeout`.
+//! `--node-name`, `--peer-listen`, `--peer-service` + `--namespace` (four
+//! daemons, `--missing-node-policy average`) or `--peers` (two daemons,
+//! `--missing-node-policy fail`), `--kubeconfig`, `--peer-timeout`. Nodes are
+//! lost by SIGKILL and come back as new processes on the same addresses.
 //!
 //! tests/cluster.rs runs the same story in-process with hand-fed GPUs and a
-//! table attributor; this one checks the binary and the kernel agree with it.
-//! Every expected value is computed by hand from the loads below.
+//! table attributor; this one checks that the binary and the kernel agree
+//! with it. Every expected value is computed by hand from the loads below.
 
 use std::{
     collections::HashMap,
