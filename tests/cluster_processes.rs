@@ -32,13 +32,14 @@ use gpu_scaler::{
     },
 };
 use gpu_scaler_tests::{
-    cgroup::{self, TestTree},
+    cgroup::TestTree,
     kernel,
     kube_api::{
         FakeKube, Kubeconfig, ResourceType, peer_endpoint_slice, running_pod, scaled_object,
         workload,
     },
-    process, wait_for, workspace_bin,
+    pod::{Layout, RealPod, cgroupfs_guaranteed, systemd_containerd, systemd_crio},
+    wait_for, workspace_bin,
 };
 
 /// The daemons' namespace and headless Service (`--namespace`, `--peer-service`).
@@ -52,73 +53,8 @@ const PEER_TIMEOUT: &str = "500ms";
 const SETTLE: Duration = Duration::from_secs(20);
 const LLM: &[(&str, &str)] = &[("app", "llm")];
 
-/// One real process standing for a pod's GPU process: `sleep` in the pod's
-/// container cgroup, killed and its cgroup removed when dropped or
-/// [`RealPod::remove`]d.
-struct RealPod {
-    uid: String,
-    /// The pod-level cgroup directory (parent of the container's).
-    pod_dir: PathBuf,
-    process: Child,
-}
-
-impl RealPod {
-    fn start(tree: &TestTree, n: u32, layout: fn(&str, &str) -> String) -> Self {
-        let uid = cgroup::pod_uid(n);
-        let cg = tree.create(&layout(&uid, &cgroup::container_id(n)));
-        let process = process::spawn_in(
-            &cg.dir,
-            Command::new("sleep").arg("300").stdin(Stdio::null()),
-        )
-        .expect("start a pod process in its cgroup");
-        Self {
-            uid,
-            pod_dir: cg.dir.parent().expect("container below pod").to_owned(),
-            process,
-        }
-    }
-
-    fn pid(&self) -> u32 {
-        self.process.id()
-    }
-
-    /// The pod is deleted: its process is killed and its cgroups go away.
-    fn remove(mut self) {
-        self.kill();
-        cgroup::remove_tree(&self.pod_dir);
-    }
-
-    fn kill(&mut self) {
-        let _ = self.process.kill();
-        let _ = self.process.wait();
-    }
-}
-
-impl Drop for RealPod {
-    fn drop(&mut self) {
-        self.kill();
-    }
-}
-
-fn systemd_containerd(uid: &str, cid: &str) -> String {
-    let u = uid.replace('-', "_");
-    format!(
-        "kubepods.slice/kubepods-burstable.slice/kubepods-burstable-pod{u}.slice/cri-containerd-{cid}.scope"
-    )
-}
-
-fn cgroupfs_guaranteed(uid: &str, cid: &str) -> String {
-    format!("kubepods/pod{uid}/{cid}")
-}
-
-fn systemd_crio(uid: &str, cid: &str) -> String {
-    let u = uid.replace('-', "_");
-    format!(
-        "kubepods.slice/kubepods-besteffort.slice/kubepods-besteffort-pod{u}.slice/crio-{cid}.scope"
-    )
-}
-
-/// One GPU process of a node's scenario: (pod, SM %, MiB).
+/// One GPU process of a node's scenario: (pod, SM %, MiB), the pod's first
+/// process.
 type Load<'a> = (&'a RealPod, u32, u64);
 
 /// A node's mock GPU scenario: one GPU running `loads`.
@@ -132,7 +68,7 @@ fn scenario(loads: &[Load<'_>]) -> String {
     for (pod, sm, mib) in loads {
         s.push_str(&format!(
             "\n[[gpu.process]]\npid = {}\nsm_util = {sm}\nmem_util = 5\nused_memory_mib = {mib}\n",
-            pod.pid()
+            pod.pid(0)
         ));
     }
     s
@@ -366,9 +302,9 @@ impl Cluster {
         })
     }
 
-    /// Starts a pod's process in a new pod cgroup laid out by `layout`.
-    fn pod(&self, n: u32, layout: fn(&str, &str) -> String) -> RealPod {
-        RealPod::start(&self.tree, n, layout)
+    /// Starts pod `n`'s process in new cgroups laid out by `layout`.
+    fn pod(&self, n: u32, layout: Layout) -> RealPod {
+        RealPod::start(&self.tree, n, layout, 1)
     }
 
     /// Tells the API server that `pod` runs on node `node` as `ns/name`.

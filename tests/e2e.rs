@@ -9,16 +9,18 @@
 use std::{
     net::TcpListener,
     path::Path,
-    process::{Child, Command, Stdio},
+    process::{Child, Command},
     time::Duration,
 };
 
 use gpu_scaler::cli::query::{Answer, QueryArgs, ask};
 use gpu_scaler::scaler::hpa::TargetType;
 use gpu_scaler_tests::{
-    cgroup::{self, TestTree},
+    cgroup::TestTree,
     fake_nvml::FakeNvml,
-    kernel, process, wait_for, workspace_bin,
+    kernel,
+    pod::{Layout, RealPod, cgroupfs_guaranteed, systemd_containerd, systemd_crio},
+    wait_for, workspace_bin,
 };
 use serde_json::json;
 
@@ -31,22 +33,12 @@ struct TestPod {
     namespace: &'static str,
     name: &'static str,
     app: &'static str,
-    uid: String,
-    processes: Vec<Child>,
+    real: RealPod,
 }
 
 impl TestPod {
     fn pid(&self, i: usize) -> u32 {
-        self.processes[i].id()
-    }
-}
-
-impl Drop for TestPod {
-    fn drop(&mut self) {
-        for p in &mut self.processes {
-            let _ = p.kill();
-            let _ = p.wait();
-        }
+        self.real.pid(i)
     }
 }
 
@@ -57,46 +49,15 @@ fn start_pod(
     namespace: &'static str,
     name: &'static str,
     app: &'static str,
-    layout: fn(&str, &str) -> String,
+    layout: Layout,
     processes: usize,
 ) -> TestPod {
-    let uid = cgroup::pod_uid(n);
-    let cid = cgroup::container_id(n);
-    let cgroup = tree.create(&layout(&uid, &cid));
-    let processes = (0..processes)
-        .map(|_| {
-            process::spawn_in(
-                &cgroup.dir,
-                Command::new("sleep").arg("300").stdin(Stdio::null()),
-            )
-            .expect("start a pod process in its cgroup")
-        })
-        .collect();
     TestPod {
         namespace,
         name,
         app,
-        uid,
-        processes,
+        real: RealPod::start(tree, n, layout, processes),
     }
-}
-
-fn systemd_containerd(uid: &str, cid: &str) -> String {
-    let u = uid.replace('-', "_");
-    format!(
-        "kubepods.slice/kubepods-burstable.slice/kubepods-burstable-pod{u}.slice/cri-containerd-{cid}.scope"
-    )
-}
-
-fn cgroupfs_guaranteed(uid: &str, cid: &str) -> String {
-    format!("kubepods/pod{uid}/{cid}")
-}
-
-fn systemd_crio(uid: &str, cid: &str) -> String {
-    let u = uid.replace('-', "_");
-    format!(
-        "kubepods.slice/kubepods-besteffort.slice/kubepods-besteffort-pod{u}.slice/crio-{cid}.scope"
-    )
 }
 
 /// The pods as `kubectl get pods -A -o json` prints them.
@@ -106,7 +67,7 @@ fn pod_list(pods: &[&TestPod]) -> String {
         .map(|p| {
             json!({
                 "apiVersion": "v1", "kind": "Pod",
-                "metadata": {"name": p.name, "namespace": p.namespace, "uid": p.uid, "labels": {"app": p.app}},
+                "metadata": {"name": p.name, "namespace": p.namespace, "uid": p.real.uid, "labels": {"app": p.app}},
                 "spec": {"nodeName": NODE, "containers": [{"name": "main", "image": "x"}]},
                 "status": {"phase": "Running", "conditions": [{"type": "Ready", "status": "True"}]}
             })
@@ -425,8 +386,8 @@ fn mock_source_end_to_end_and_exit_grace() {
     // exit): inside the grace period they still count for a ...
     let sel = ["podSelector=app=vllm"];
     let killed = w.a.pid(0);
-    w.a.processes[0].kill().expect("kill pod a's process");
-    w.a.processes[0].wait().expect("reap pod a's process");
+    w.a.real.processes[0].kill().expect("kill pod a's process");
+    w.a.real.processes[0].wait().expect("reap pod a's process");
     let a = query(&d, "prod", &sel);
     assert_close("right after exit", a.value, 80.0);
     // ... and after it they belong to no pod: the workload is b alone (40).

@@ -6,6 +6,10 @@
 //!   run and removed (processes killed first) when dropped.
 //! - [`process`]: start real processes inside a cgroup before they exec, and
 //!   start one with a chosen pid (to test pid reuse).
+//! - [`pod`]: a pod on the real kernel: cgroups in a kubelet layout with real
+//!   processes in its container.
+//! - [`kube_api`], [`cluster`]: the fake Kubernetes API server and in-process
+//!   cluster daemons.
 //! - [`wait_for`]: poll a condition with a deadline instead of sleeping blindly.
 //! - [`fake_nvml`], [`scaler`]: the fake NVML library and the scaler harness.
 
@@ -14,6 +18,7 @@ pub mod cluster;
 pub mod fake_nvml;
 pub mod kernel;
 pub mod kube_api;
+pub mod pod;
 pub mod process;
 pub mod scaler;
 
