@@ -16,12 +16,8 @@
 
 use std::{
     collections::HashMap,
-    fs::{File, OpenOptions},
-    io::{Read as _, Write as _},
-    net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream},
-    os::unix::process::CommandExt as _,
+    net::{IpAddr, Ipv4Addr, SocketAddr},
     path::{Path, PathBuf},
-    process::{Child, Command, Stdio},
     time::Duration,
 };
 
@@ -39,7 +35,8 @@ use gpu_scaler_tests::{
         workload,
     },
     pod::{Layout, RealPod, cgroupfs_guaranteed, systemd_containerd, systemd_crio},
-    wait_for, workspace_bin,
+    serve::{ServeProcess, free_port, http_get},
+    wait_for,
 };
 
 /// The daemons' namespace and headless Service (`--namespace`, `--peer-service`).
@@ -82,14 +79,6 @@ fn write_atomically(path: &Path, text: &str) {
     std::fs::rename(&tmp, path).expect("rename scenario");
 }
 
-/// A port free on `ip` right now.
-fn free_port(ip: Ipv4Addr) -> u16 {
-    TcpListener::bind((ip, 0))
-        .and_then(|l| l.local_addr())
-        .expect("a free port")
-        .port()
-}
-
 /// Where one node's daemon listens and what it reads; the same across restarts.
 struct Node {
     name: String,
@@ -102,12 +91,12 @@ struct Node {
 
 impl Node {
     fn new(n: u8, dir: &Path) -> Self {
-        let ip = Ipv4Addr::new(127, 0, 0, n);
+        let ip = IpAddr::V4(Ipv4Addr::new(127, 0, 0, n));
         let name = format!("gpu-node-{n}");
         Self {
-            grpc: SocketAddr::from((ip, free_port(ip))),
-            http: SocketAddr::from((ip, free_port(ip))),
-            peer: SocketAddr::from((ip, free_port(ip))),
+            grpc: SocketAddr::new(ip, free_port(ip)),
+            http: SocketAddr::new(ip, free_port(ip)),
+            peer: SocketAddr::new(ip, free_port(ip)),
             scenario: dir.join(format!("{name}.toml")),
             log: dir.join(format!("{name}.log")),
             name,
@@ -116,117 +105,33 @@ impl Node {
 
     /// Starts `gpu-scaler serve` for this node with the cluster's `flags`
     /// (peers, policy), not waiting for it.
-    fn spawn(&self, kubeconfig: &Path, flags: &[String]) -> Daemon {
-        let log = OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&self.log)
-            .expect("daemon log file");
-        let mut cmd = Command::new(workspace_bin("gpu-scaler"));
-        cmd.args(["serve", "--node-name", &self.name])
-            .args(["--attribution", "ebpf", "--exit-grace", "2s"])
-            .args(["--gpu", "mock", "--gpu-scenario"])
-            .arg(&self.scenario)
-            .args(["--poll-interval", POLL])
-            .arg("--listen")
-            .arg(self.grpc.to_string())
-            .arg("--metrics-listen")
-            .arg(self.http.to_string())
-            .arg("--peer-listen")
-            .arg(self.peer.to_string())
-            .arg("--kubeconfig")
-            .arg(kubeconfig)
-            .args(["--peer-timeout", PEER_TIMEOUT])
-            .args(flags)
-            .env("RUST_LOG", "info")
-            .env("NO_COLOR", "1")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(log);
-        // SAFETY: prctl is async-signal-safe. If the test binary dies without
-        // unwinding (killed by a harness timeout), the daemons die with it
-        // instead of keeping their eBPF probes loaded.
-        unsafe {
-            cmd.pre_exec(|| {
-                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
-                    return Err(std::io::Error::last_os_error());
-                }
-                Ok(())
-            });
+    fn spawn(&self, kubeconfig: &Path, flags: &[String]) -> ServeProcess {
+        let mut args: Vec<String> = vec!["--node-name".into(), self.name.clone()];
+        for (flag, value) in [
+            ("--attribution", "ebpf"),
+            ("--exit-grace", "2s"),
+            ("--gpu", "mock"),
+            ("--poll-interval", POLL),
+            ("--peer-timeout", PEER_TIMEOUT),
+        ] {
+            args.extend([flag.into(), value.into()]);
         }
-        Daemon {
-            child: cmd.spawn().expect("start gpu-scaler serve"),
-            node: self.name.clone(),
-            log: self.log.clone(),
+        for (flag, value) in [
+            ("--gpu-scenario", self.scenario.to_str()),
+            ("--kubeconfig", kubeconfig.to_str()),
+        ] {
+            args.extend([flag.into(), value.expect("utf-8 path").into()]);
         }
-    }
-
-    /// Waits until the daemon answers /readyz with 200.
-    fn wait_ready(&self, d: &mut Daemon) {
-        let ready = wait_for(Duration::from_secs(30), || {
-            if let Ok(Some(status)) = d.child.try_wait() {
-                panic!("{}'s daemon exited during start-up: {status}", self.name);
-            }
-            http_get(self.http, "/readyz")
-                .is_some_and(|(code, _)| code == 200)
-                .then_some(())
-        });
-        assert!(
-            ready.is_some(),
-            "{}'s daemon not ready within 30 s",
-            self.name
-        );
-    }
-}
-
-/// A running `gpu-scaler serve`, SIGKILLed when dropped. A test that fails
-/// prints the end of the daemon's log.
-struct Daemon {
-    child: Child,
-    node: String,
-    log: PathBuf,
-}
-
-impl Daemon {
-    /// SIGKILL, as when a node is lost: no graceful shutdown.
-    fn kill(mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-        if std::thread::panicking() {
-            let mut text = String::new();
-            let _ = File::open(&self.log).and_then(|mut f| f.read_to_string(&mut text));
-            let lines: Vec<&str> = text.lines().collect();
-            let tail = &lines[lines.len().saturating_sub(15)..];
-            eprintln!(
-                "--- {} log (last lines) ---\n{}",
-                self.node,
-                tail.join("\n")
-            );
+        for (flag, addr) in [
+            ("--listen", self.grpc),
+            ("--metrics-listen", self.http),
+            ("--peer-listen", self.peer),
+        ] {
+            args.extend([flag.into(), addr.to_string()]);
         }
+        args.extend(flags.iter().cloned());
+        ServeProcess::spawn(&self.name, args, &self.log)
     }
-}
-
-/// GET `path` over plain HTTP/1.1: (status, body), or None if nothing answers.
-fn http_get(addr: SocketAddr, path: &str) -> Option<(u16, String)> {
-    let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(1)).ok()?;
-    s.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
-    write!(
-        s,
-        "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
-    )
-    .ok()?;
-    let mut buf = String::new();
-    s.read_to_string(&mut buf).ok()?;
-    let code = buf.split(' ').nth(1)?.parse().ok()?;
-    let body = buf.split_once("\r\n\r\n").map(|(_, b)| b.to_owned())?;
-    Some((code, body))
 }
 
 /// GetMetrics exactly as KEDA sends it, to `grpc`.
@@ -263,7 +168,7 @@ async fn get_metrics(
 struct Cluster {
     /// `daemons[i]` runs `nodes[i]`; `None` while killed. First, so the
     /// daemons die before the API server they watch and the files they read.
-    daemons: Vec<Option<Daemon>>,
+    daemons: Vec<Option<ServeProcess>>,
     nodes: Vec<Node>,
     /// Cluster flags every daemon gets (peers, missing-node policy).
     flags: Vec<String>,
@@ -334,6 +239,7 @@ impl Cluster {
 
     /// Waits until every running daemon answers exactly `want` (the daemons
     /// see pods, peers and GPU files change on their own clocks).
+    #[track_caller]
     fn all_answer(&self, ns: &str, name: &str, meta: &[(&str, &str)], want: f64) {
         let mut last = Vec::new();
         let agreed = wait_for(SETTLE, || {
@@ -353,6 +259,7 @@ impl Cluster {
 
     /// Waits until node `node` answers UNAVAILABLE (answers cached within
     /// the poll interval may come first) and returns the message.
+    #[track_caller]
     fn refused(&self, node: usize, ns: &str, name: &str, meta: &[(&str, &str)]) -> String {
         let mut last = None;
         let refused = wait_for(SETTLE, || {
@@ -385,8 +292,8 @@ impl Cluster {
             self.daemons[i] = Some(self.nodes[i].spawn(&self.kubeconfig.path, &self.flags));
         }
         for &i in which {
-            let d = self.daemons[i].as_mut().expect("just started");
-            self.nodes[i].wait_ready(d);
+            let serve = self.daemons[i].as_mut().expect("just started");
+            serve.wait_ready(self.nodes[i].http);
         }
     }
 

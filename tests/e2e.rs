@@ -7,9 +7,8 @@
 //! Every figure is compared with one computed by hand from the scenario below.
 
 use std::{
-    net::TcpListener,
+    net::{IpAddr, SocketAddr},
     path::Path,
-    process::{Child, Command},
     time::Duration,
 };
 
@@ -20,7 +19,8 @@ use gpu_scaler_tests::{
     fake_nvml::FakeNvml,
     kernel,
     pod::{Layout, RealPod, cgroupfs_guaranteed, systemd_containerd, systemd_crio},
-    wait_for, workspace_bin,
+    serve::{ServeProcess, free_port},
+    wait_for,
 };
 use serde_json::json;
 
@@ -140,73 +140,44 @@ used_memory_mib = 8000
     )
 }
 
-/// A port free on 127.0.0.1 right now.
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("a free port")
-        .port()
-}
-
-/// A running `gpu-scaler serve`, killed when dropped.
+/// A running `gpu-scaler serve` (SIGKILLed when dropped) and its addresses.
 struct Daemon {
-    child: Child,
-    grpc: String,
-    http: String,
-}
-
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
+    _serve: ServeProcess,
+    grpc: SocketAddr,
 }
 
 fn start_daemon(gpu_args: &[&str], pods_file: &Path) -> Daemon {
-    let grpc = format!("127.0.0.1:{}", free_port());
-    let http = format!("127.0.0.1:{}", free_port());
-    let child = Command::new(workspace_bin("gpu-scaler"))
-        .args(["serve", "--attribution", "ebpf", "--node-name", NODE])
-        .args([
-            "--listen",
-            &grpc,
-            "--metrics-listen",
-            &http,
-            "--poll-interval",
-            "250ms",
-        ])
-        .arg("--exit-grace")
-        .arg(format!("{}s", EXIT_GRACE.as_secs()))
-        .arg("--pods-file")
-        .arg(pods_file)
-        .args(gpu_args)
-        .env("RUST_LOG", "warn")
-        .spawn()
-        .expect("start gpu-scaler serve");
-    let mut d = Daemon { child, grpc, http };
-    let ready = wait_for(Duration::from_secs(30), || {
-        if let Ok(Some(status)) = d.child.try_wait() {
-            panic!("gpu-scaler serve exited during start-up: {status}");
-        }
-        (http_status(&d.http, "/readyz") == Some(200)).then_some(())
-    });
-    assert!(ready.is_some(), "gpu-scaler serve not ready within 30 s");
-    d
-}
-
-/// The status code of GET `path`, or None when nothing answers.
-fn http_status(addr: &str, path: &str) -> Option<u16> {
-    use std::io::{Read as _, Write as _};
-    let mut s = std::net::TcpStream::connect(addr).ok()?;
-    s.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
-    write!(
-        s,
-        "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
-    )
-    .ok()?;
-    let mut buf = String::new();
-    s.read_to_string(&mut buf).ok()?;
-    buf.split(' ').nth(1)?.parse().ok()
+    let ip = IpAddr::from([127, 0, 0, 1]);
+    let grpc = SocketAddr::new(ip, free_port(ip));
+    let http = SocketAddr::new(ip, free_port(ip));
+    let args: Vec<String> = [
+        "--attribution",
+        "ebpf",
+        "--node-name",
+        NODE,
+        "--poll-interval",
+        "250ms",
+    ]
+    .into_iter()
+    .map(String::from)
+    .chain([
+        "--listen".into(),
+        grpc.to_string(),
+        "--metrics-listen".into(),
+        http.to_string(),
+        "--exit-grace".into(),
+        format!("{}s", EXIT_GRACE.as_secs()),
+        "--pods-file".into(),
+        pods_file.to_str().expect("utf-8 path").into(),
+    ])
+    .chain(gpu_args.iter().map(|a| a.to_string()))
+    .collect();
+    let mut serve = ServeProcess::spawn(NODE, args, &pods_file.with_file_name("serve.log"));
+    serve.wait_ready(http);
+    Daemon {
+        _serve: serve,
+        grpc,
+    }
 }
 
 fn query(d: &Daemon, namespace: &str, metadata: &[&str]) -> Answer {

@@ -10,6 +10,7 @@
 //!   processes in its container.
 //! - [`kube_api`], [`cluster`]: the fake Kubernetes API server and in-process
 //!   cluster daemons.
+//! - [`serve`]: `gpu-scaler serve` as a real process.
 //! - [`wait_for`]: poll a condition with a deadline instead of sleeping blindly.
 //! - [`fake_nvml`], [`scaler`]: the fake NVML library and the scaler harness.
 
@@ -21,6 +22,7 @@ pub mod kube_api;
 pub mod pod;
 pub mod process;
 pub mod scaler;
+pub mod serve;
 
 use std::{
     path::{Path, PathBuf},
