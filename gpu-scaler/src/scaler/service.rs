@@ -9,8 +9,7 @@ use std::{
     time::Duration,
 };
 
-use tokio::sync::mpsc;
-use tokio_stream::{Stream, StreamExt as _, wrappers::ReceiverStream};
+use tokio_stream::{Stream, StreamExt as _};
 use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status};
 
@@ -23,7 +22,7 @@ use super::{
         MetricValue, ScaledObjectRef, external_scaler_server::ExternalScaler,
     },
     value,
-    view::WorkloadView,
+    view::{Updates, WorkloadView},
 };
 
 /// Serves KEDA from a [`WorkloadView`].
@@ -45,19 +44,37 @@ pub struct OpenStreams {
     pub stream_metric_spec: AtomicU64,
 }
 
-/// Counts one open stream while it lives.
-struct StreamGuard<'a>(&'a AtomicU64);
+/// Which streaming method a [`StreamGuard`] counts.
+#[derive(Clone, Copy)]
+enum StreamKind {
+    IsActive,
+    MetricSpec,
+}
 
-impl<'a> StreamGuard<'a> {
-    fn open(counter: &'a AtomicU64) -> Self {
-        counter.fetch_add(1, Ordering::Relaxed);
-        Self(counter)
+/// Counts one open stream while it lives (it lives in the stream's state, so
+/// it goes when hyper drops the response body: client gone or shutdown).
+struct StreamGuard {
+    streams: Arc<OpenStreams>,
+    kind: StreamKind,
+}
+
+impl StreamGuard {
+    fn open(streams: Arc<OpenStreams>, kind: StreamKind) -> Self {
+        Self::counter(&streams, kind).fetch_add(1, Ordering::Relaxed);
+        Self { streams, kind }
+    }
+
+    fn counter(streams: &OpenStreams, kind: StreamKind) -> &AtomicU64 {
+        match kind {
+            StreamKind::IsActive => &streams.stream_is_active,
+            StreamKind::MetricSpec => &streams.stream_metric_spec,
+        }
     }
 }
 
-impl Drop for StreamGuard<'_> {
+impl Drop for StreamGuard {
     fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::Relaxed);
+        Self::counter(&self.streams, self.kind).fetch_sub(1, Ordering::Relaxed);
     }
 }
 
@@ -145,46 +162,26 @@ impl ExternalScaler for ScalerService {
     ) -> Result<Response<Self::StreamIsActiveStream>, Status> {
         let r = request.into_inner();
         let query = self.query(&r)?;
-        let (tx, rx) = mpsc::channel(1);
-        let this = self.clone();
-        tokio::spawn(async move {
-            let _open = StreamGuard::open(&this.streams.stream_is_active);
-            let mut updates = this.view.updates();
-            let mut recheck = tokio::time::interval(this.recheck);
-            recheck.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-            recheck.tick().await;
-            let mut last = None;
-            loop {
-                match this.active(&r, &query).await {
-                    Ok(active) if last != Some(active) => {
-                        if tx
-                            .send(Ok(IsActiveResponse { result: active }))
-                            .await
-                            .is_err()
-                        {
-                            break;
-                        }
-                        last = Some(active);
-                    }
-                    Ok(_) => {}
-                    // KEDA reconnects with backoff; a stream that carried on
-                    // would leave it trusting a state nobody can vouch for.
-                    Err(err) => {
-                        tracing::debug!(error = %err, namespace = %r.namespace, "StreamIsActive ends with an error");
-                        let _ = tx.send(Err(err.into())).await;
-                        break;
-                    }
-                }
-                tokio::select! {
-                    _ = this.shutdown.cancelled() => break,
-                    _ = tx.closed() => break,
-                    u = updates.next() => if u.is_none() { break },
-                    _ = recheck.tick() => {}
-                }
-            }
-            // Dropping `tx` ends the stream with status OK.
-        });
-        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+        // The stream is a state machine polled by hyper's body, not a task
+        // feeding a channel: KEDA keeps one open per ScaledObject, and a tokio
+        // mpsc channel allocates a block of 32 message slots up front (~5.6 KiB
+        // with tonic's Status), which was most of a stream's memory.
+        let mut recheck = tokio::time::interval(self.recheck);
+        recheck.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let state = IsActiveState {
+            _open: StreamGuard::open(self.streams.clone(), StreamKind::IsActive),
+            updates: self.view.updates(),
+            this: self.clone(),
+            r,
+            query,
+            recheck,
+            last: None,
+            done: false,
+        };
+        Ok(Response::new(Box::pin(futures::stream::unfold(
+            state,
+            IsActiveState::next,
+        ))))
     }
 
     async fn get_metric_spec(
@@ -229,24 +226,72 @@ impl ExternalScaler for ScalerService {
         request: Request<ScaledObjectRef>,
     ) -> Result<Response<Self::StreamMetricSpecStream>, Status> {
         let query = self.query(request.get_ref())?;
-        let (tx, rx) = mpsc::channel(1);
+        let first = GetMetricSpecResponse {
+            metric_specs: vec![spec(&query)],
+        };
+        let open = StreamGuard::open(self.streams.clone(), StreamKind::MetricSpec);
         let shutdown = self.shutdown.clone();
-        let streams = self.streams.clone();
-        tokio::spawn(async move {
-            let _open = StreamGuard::open(&streams.stream_metric_spec);
-            let first = GetMetricSpecResponse {
-                metric_specs: vec![spec(&query)],
-            };
-            if tx.send(Ok(first)).await.is_err() {
-                return;
+        // The spec comes from the metadata alone, so it never changes while the
+        // stream is open: send it, then stay open until the client or we go
+        // (hyper drops the body, and the guard with it, when the client does).
+        let rest = futures::stream::once(async move {
+            let _open = open;
+            shutdown.cancelled().await;
+            None
+        })
+        .filter_map(|x: Option<Result<GetMetricSpecResponse, Status>>| x);
+        Ok(Response::new(Box::pin(
+            tokio_stream::once(Ok(first)).chain(rest),
+        )))
+    }
+}
+
+/// One open StreamIsActive between two messages.
+struct IsActiveState {
+    _open: StreamGuard,
+    this: ScalerService,
+    r: ScaledObjectRef,
+    query: Query,
+    updates: Updates,
+    recheck: tokio::time::Interval,
+    last: Option<bool>,
+    /// An error was sent: the stream ends after it.
+    done: bool,
+}
+
+impl IsActiveState {
+    /// Waits until the answer differs from the last one sent (or fails), re-checking
+    /// on new data and every `recheck`; `None` ends the stream with status OK.
+    async fn next(mut self) -> Option<(Result<IsActiveResponse, Status>, Self)> {
+        if self.done {
+            return None;
+        }
+        loop {
+            if self.last.is_some() {
+                tokio::select! {
+                    _ = self.this.shutdown.cancelled() => return None,
+                    u = self.updates.next() => { u?; }
+                    _ = self.recheck.tick() => {}
+                }
+            } else {
+                // The first answer goes out at once; the interval's first tick
+                // is immediate, so consume it here.
+                self.recheck.reset();
             }
-            // The spec comes from the metadata alone, so it never changes while
-            // the stream is open; keep it open until the client or we go.
-            tokio::select! {
-                _ = shutdown.cancelled() => {}
-                _ = tx.closed() => {}
+            match self.this.active(&self.r, &self.query).await {
+                Ok(active) if self.last != Some(active) => {
+                    self.last = Some(active);
+                    return Some((Ok(IsActiveResponse { result: active }), self));
+                }
+                Ok(_) => {}
+                // KEDA reconnects with backoff; a stream that carried on would
+                // leave it trusting a state nobody can vouch for.
+                Err(err) => {
+                    tracing::debug!(error = %err, namespace = %self.r.namespace, "StreamIsActive ends with an error");
+                    self.done = true;
+                    return Some((Err(err.into()), self));
+                }
             }
-        });
-        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+        }
     }
 }
