@@ -42,6 +42,12 @@ mod probe {
     #[map]
     static PID_CGROUP: LruHashMap<u32, u64> = LruHashMap::with_max_entries(MAX_TRACKED_PIDS, 0);
 
+    /// Overridden by the loader with `wakeup_bytes(size of EVENTS)`: the loader
+    /// may resize the ring buffer (its max_entries) before creating it.
+    #[unsafe(no_mangle)]
+    static WAKEUP_AT: u64 = WAKEUP_BYTES;
+
+    /// Default size; the loader sets the real one with `map_max_entries`.
     #[map]
     static EVENTS: RingBuf = RingBuf::with_byte_size(RING_BUF_BYTES, 0);
 
@@ -67,7 +73,9 @@ mod probe {
     /// Wake user space only once a batch has built up (see WAKEUP_BYTES).
     #[inline(always)]
     fn submit_flags() -> u64 {
-        if EVENTS.query(BPF_RB_AVAIL_DATA.into()) >= WAKEUP_BYTES {
+        // Volatile for the same reason as OFFSETS.
+        let wakeup_at = unsafe { core::ptr::read_volatile(&WAKEUP_AT) };
+        if EVENTS.query(BPF_RB_AVAIL_DATA.into()) >= wakeup_at {
             BPF_RB_FORCE_WAKEUP.into()
         } else {
             BPF_RB_NO_WAKEUP.into()

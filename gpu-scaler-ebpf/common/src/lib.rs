@@ -6,14 +6,29 @@
 /// Capacity of the pid -> cgroup LRU map. Bounded so churn cannot grow kernel memory.
 pub const MAX_TRACKED_PIDS: u32 = 65_536;
 
-/// Size of the ring buffer that carries lifecycle events to user space (a power of
-/// two multiple of the page size, as the kernel requires).
+/// Default size of the ring buffer that carries lifecycle events to user space (a
+/// power of two multiple of the page size, as the kernel requires). The loader
+/// may replace it (`serve --ebpf-ring-buffer-bytes`).
 pub const RING_BUF_BYTES: u32 = 1 << 20;
 
-/// Unread bytes in the ring buffer at which the probe wakes user space. Below it
-/// events are submitted without a wakeup and user space drains the buffer on a
-/// short timer: a fork storm then costs one wakeup per batch, not one per event.
+/// Unread bytes in the ring buffer at which the probe wakes user space, for the
+/// default ring. Below it events are submitted without a wakeup and user space
+/// drains the buffer on a short timer: a fork storm then costs one wakeup per
+/// batch, not one per event. The loader stores the threshold for the ring it
+/// creates in the probe's `WAKEUP_AT` global ([`wakeup_bytes`]).
 pub const WAKEUP_BYTES: u64 = 64 * 1024;
+
+/// The wake-up threshold for a ring buffer of `ring_bytes`: [`WAKEUP_BYTES`], or a
+/// quarter of a smaller ring, so that a small ring still wakes user space well
+/// before it is full (a threshold above the ring's size would never be reached).
+pub const fn wakeup_bytes(ring_bytes: u32) -> u64 {
+    let quarter = ring_bytes as u64 / 4;
+    if quarter < WAKEUP_BYTES {
+        quarter
+    } else {
+        WAKEUP_BYTES
+    }
+}
 
 /// Bytes of a cgroup path carried in a [`CgroupEvent`], NUL included. Kubelet paths
 /// are about 230 bytes; a longer path arrives with `truncated = 1` and user space
@@ -152,6 +167,11 @@ const _: () = assert!(core::mem::size_of::<CgroupEvent>() == 24 + CGROUP_PATH_BY
 // Ring buffer records are 8-byte aligned; larger alignment cannot be honoured.
 const _: () = assert!(core::mem::align_of::<ProcessEvent>() <= 8);
 const _: () = assert!(core::mem::align_of::<CgroupEvent>() <= 8);
+// The smallest ring the loader accepts is one page (4 KiB at least): the largest
+// record, with the ring's 8-byte record header, must fit in it.
+const _: () = assert!(core::mem::size_of::<CgroupEvent>() + 8 <= 4096);
+const _: () = assert!(wakeup_bytes(RING_BUF_BYTES) == WAKEUP_BYTES);
+const _: () = assert!(wakeup_bytes(4096) == 1024);
 
 // SAFETY: all three are #[repr(C)] structs of plain integers with no padding
 // (sizes asserted above), so every bit pattern is a valid value.

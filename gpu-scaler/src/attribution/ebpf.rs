@@ -14,7 +14,7 @@ use std::{
 
 use aya::{
     Ebpf, EbpfLoader,
-    maps::{HashMap as BpfHashMap, MapData, PerCpuArray, RingBuf},
+    maps::{HashMap as BpfHashMap, Map, MapData, PerCpuArray, RingBuf},
     programs::TracePoint,
 };
 use gpu_scaler_common::{
@@ -27,7 +27,7 @@ use super::{
     Attribution, Attributor, Backend, Error, Result,
     cgroup_tree::{Cgroup2Mount, CgroupInfo, CgroupTree},
     procfs, tracefs,
-    tracker::{Change, Stats, Tracker},
+    tracker::{Change, ProcScan, Stats, Tracker},
 };
 
 /// The probe object built by gpu-scaler/build.rs; absent in a
@@ -69,6 +69,151 @@ const DRAIN_EVERY: Duration = Duration::from_millis(20);
 const TICK: Duration = Duration::from_millis(250);
 /// Least time between two walks of the cgroup mount triggered by unknown ids.
 const REWALK_EVERY: Duration = Duration::from_millis(200);
+/// How often the kernel's pid map is counted for `gpu_scaler_ebpf_map_entries`.
+/// Counting walks every key with one syscall each (see `bench attribution` for
+/// the cost at 10,000 pids), on the blocking pool, never in a lookup; a gauge a
+/// few seconds old is fresh enough for a Prometheus scrape.
+const MAP_COUNT_EVERY: Duration = Duration::from_secs(5);
+
+/// Size of the probe's event ring buffer in bytes.
+///
+/// The kernel only creates a `BPF_MAP_TYPE_RINGBUF` whose size is a power of two
+/// and a multiple of the page size (`ringbuf_map_alloc` in kernel/bpf/ringbuf.c
+/// returns EINVAL otherwise): [`RingBufferSize::new`] checks that up front, so a
+/// bad value is a clear error naming the nearest valid sizes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct RingBufferSize(u32);
+
+impl RingBufferSize {
+    /// 1 MiB: about 20,000 process events, or a second of a heavy fork storm.
+    pub const DEFAULT: Self = Self(gpu_scaler_common::RING_BUF_BYTES);
+
+    /// `bytes`, if this machine's kernel accepts it as a ring buffer size.
+    pub fn new(bytes: u64) -> Result<Self> {
+        Self::with_page_size(bytes, page_size())
+    }
+
+    /// The smallest ring the kernel accepts: one page.
+    pub fn one_page() -> Self {
+        Self(page_size() as u32)
+    }
+
+    /// [`RingBufferSize::new`] for a machine with pages of `page` bytes (a power
+    /// of two).
+    pub fn with_page_size(bytes: u64, page: u64) -> Result<Self> {
+        let max = 1u64 << 31; // the largest power of two a u32 max_entries holds
+        if bytes >= page && bytes <= max && bytes.is_power_of_two() {
+            return Ok(Self(bytes as u32));
+        }
+        let hint = if bytes < page {
+            format!("the smallest is one page, {}", human(page))
+        } else if bytes > max {
+            format!("the largest is {}", human(max))
+        } else {
+            let below = 1u64 << bytes.ilog2();
+            format!("the nearest are {} and {}", human(below), human(below * 2))
+        };
+        Err(Error::RingBufferSize(format!(
+            "{bytes} bytes is not a power-of-two multiple of the page size ({page} bytes); {hint}"
+        )))
+    }
+
+    pub fn bytes(self) -> u32 {
+        self.0
+    }
+}
+
+impl Default for RingBufferSize {
+    fn default() -> Self {
+        Self::DEFAULT
+    }
+}
+
+impl std::fmt::Display for RingBufferSize {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&human(u64::from(self.0)))
+    }
+}
+
+/// Parses a byte count with an optional binary unit: `4096`, `64KiB`, `1MiB`,
+/// `2M`, `1 GiB` (K, Ki, KiB, M, Mi, MiB, G, Gi, GiB, any case), then checks it
+/// with [`RingBufferSize::new`].
+impl std::str::FromStr for RingBufferSize {
+    type Err = Error;
+
+    fn from_str(s: &str) -> Result<Self> {
+        let s = s.trim();
+        let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
+        let (digits, unit) = s.split_at(split);
+        let shift = match unit.trim().to_ascii_lowercase().as_str() {
+            "" | "b" => 0,
+            "k" | "ki" | "kib" => 10,
+            "m" | "mi" | "mib" => 20,
+            "g" | "gi" | "gib" => 30,
+            _ => {
+                return Err(Error::RingBufferSize(format!(
+                    "{s:?}: unknown unit {unit:?} (use bytes, KiB, MiB or GiB)"
+                )));
+            }
+        };
+        let n: u64 = digits.parse().map_err(|_| {
+            Error::RingBufferSize(format!(
+                "{s:?} is not a size in bytes (e.g. 4096, 64KiB, 1MiB)"
+            ))
+        })?;
+        let bytes = n
+            .checked_mul(1 << shift)
+            .ok_or_else(|| Error::RingBufferSize(format!("{s:?} is too large")))?;
+        Self::new(bytes)
+    }
+}
+
+/// `bytes` in the largest binary unit that divides it.
+fn human(bytes: u64) -> String {
+    for (shift, unit) in [(30, "GiB"), (20, "MiB"), (10, "KiB")] {
+        if bytes >= 1 << shift && bytes % (1 << shift) == 0 {
+            return format!("{}{unit}", bytes >> shift);
+        }
+    }
+    format!("{bytes}")
+}
+
+fn page_size() -> u64 {
+    // SAFETY: sysconf has no preconditions.
+    match unsafe { libc::sysconf(libc::_SC_PAGESIZE) } {
+        n if n > 0 => n as u64,
+        _ => 4096,
+    }
+}
+
+/// Lifecycle events read from the ring buffer, by kind.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize)]
+pub struct EventCounts {
+    pub exec: u64,
+    /// Processes forked and threads cloned (the tracepoint fires for both).
+    pub fork: u64,
+    /// Processes and threads that ended.
+    pub exit: u64,
+    /// Tasks moved to another cgroup without exec (`cgroup_attach_task`).
+    pub attach: u64,
+    pub cgroup_mkdir: u64,
+    pub cgroup_rmdir: u64,
+}
+
+/// The eBPF backend's own counters, in [`Stats::ebpf`].
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize)]
+pub struct EbpfStats {
+    pub events: EventCounts,
+    /// Resynchronisations from /proc after the probe reported lost events.
+    pub resyncs: u64,
+    /// Entries in the kernel's pid -> cgroup map as last counted (every few
+    /// seconds); `None` before the first count.
+    pub pid_map_entries: Option<u64>,
+    /// That map's max_entries, as the kernel reports it.
+    pub pid_map_capacity: u32,
+    /// Size of the event ring buffer in bytes, as the kernel reports it.
+    pub ring_buffer_bytes: u32,
+}
 
 /// A lifecycle event as `gpu-scaler ps --watch` shows it.
 #[derive(Clone, Debug, serde::Serialize)]
@@ -183,7 +328,12 @@ fn comm_str(comm: &[u8; 16]) -> String {
 struct Shared {
     tracker: RwLock<Tracker>,
     watchers: broadcast::Sender<WatchEvent>,
+    /// Taken out of the `Ebpf` so the follow task can count it.
+    pid_map: Mutex<PidMap>,
+    counters: Mutex<EbpfStats>,
 }
+
+type PidMap = BpfHashMap<MapData, u32, u64>;
 
 /// The eBPF attribution engine. Dropping it detaches the probe.
 pub struct EbpfAttributor {
@@ -193,14 +343,31 @@ pub struct EbpfAttributor {
     task: JoinHandle<()>,
 }
 
+/// max_entries of a map, as the kernel reports it (a ring buffer's is its size
+/// in bytes).
+fn max_entries(map: &Map) -> Result<u32> {
+    let data = match map {
+        Map::LruHashMap(d) | Map::HashMap(d) | Map::RingBuf(d) => d,
+        other => return Err(ebpf_err("probe object", format!("unexpected map {other:?}"))),
+    };
+    data.info()
+        .map(|i| i.max_entries())
+        .map_err(|e| ebpf_err("map info", e))
+}
+
 fn ebpf_err(what: &str, e: impl std::fmt::Display) -> Error {
     Error::EbpfUnavailable(format!("{what}: {e}"))
 }
 
 impl EbpfAttributor {
-    /// Loads and attaches the probe, seeds from /proc and starts following events.
-    /// Must run inside a tokio runtime.
+    /// Loads and attaches the probe with the default ring buffer, seeds from
+    /// /proc and starts following events. Must run inside a tokio runtime.
     pub async fn start(grace: Duration) -> Result<Arc<Self>> {
+        Self::start_with(grace, RingBufferSize::DEFAULT).await
+    }
+
+    /// [`EbpfAttributor::start`] with an event ring buffer of `ring` bytes.
+    pub async fn start_with(grace: Duration, ring: RingBufferSize) -> Result<Arc<Self>> {
         let Some(probe) = PROBE else {
             return Err(Error::EbpfUnavailable(
                 "this binary was built with GPU_SCALER_NO_EBPF=1 and has no probe embedded".into(),
@@ -210,8 +377,11 @@ impl EbpfAttributor {
         let tracefs = tracefs::ensure_mounted()?;
         let offsets = tracefs::Formats::read(&tracefs)?.offsets()?;
         tracing::debug!(?offsets, tracefs = %tracefs.display(), "tracepoint offsets");
+        let wakeup_at = gpu_scaler_common::wakeup_bytes(ring.bytes());
         let mut ebpf = EbpfLoader::new()
             .override_global("OFFSETS", &offsets, true)
+            .override_global("WAKEUP_AT", &wakeup_at, true)
+            .map_max_entries("EVENTS", ring.bytes())
             .load(probe)
             .map_err(|e| ebpf_err("loading the probe", e))?;
         for (prog, category, name) in PROGRAMS {
@@ -225,11 +395,17 @@ impl EbpfAttributor {
             tp.attach(category, name)
                 .map_err(|e| ebpf_err(&format!("attaching {category}/{name}"), e))?;
         }
-        let ring = RingBuf::try_from(
-            ebpf.take_map("EVENTS")
-                .ok_or_else(|| ebpf_err("probe object", "no EVENTS map"))?,
-        )
-        .map_err(|e| ebpf_err("EVENTS", e))?;
+        let ring = ebpf
+            .take_map("EVENTS")
+            .ok_or_else(|| ebpf_err("probe object", "no EVENTS map"))?;
+        let ring_buffer_bytes = max_entries(&ring)?;
+        let ring = RingBuf::try_from(ring).map_err(|e| ebpf_err("EVENTS", e))?;
+        let pid_map = ebpf
+            .take_map("PID_CGROUP")
+            .ok_or_else(|| ebpf_err("probe object", "no PID_CGROUP map"))?;
+        let pid_map_capacity = max_entries(&pid_map)?;
+        let pid_map: PidMap =
+            BpfHashMap::try_from(pid_map).map_err(|e| ebpf_err("PID_CGROUP", e))?;
         let drops: PerCpuArray<MapData, u64> = PerCpuArray::try_from(
             ebpf.take_map("DROPS")
                 .ok_or_else(|| ebpf_err("probe object", "no DROPS map"))?,
@@ -248,12 +424,19 @@ impl EbpfAttributor {
             pids = stats.tracked_pids,
             cgroups = stats.cgroups,
             cgroup2 = %mount.mount_point.display(),
+            ring_buffer_bytes,
             "eBPF attribution attached"
         );
         let (watchers, _) = broadcast::channel(4096);
         let shared = Arc::new(Shared {
             tracker: RwLock::new(seeded),
             watchers,
+            pid_map: Mutex::new(pid_map),
+            counters: Mutex::new(EbpfStats {
+                pid_map_capacity,
+                ring_buffer_bytes,
+                ..EbpfStats::default()
+            }),
         });
         // SAFETY: the RingBuf owns its map fd, keeps it open until it is dropped
         // (with the AsyncFd), and always returns that same fd.
@@ -278,21 +461,19 @@ impl EbpfAttributor {
 
     /// The cgroup id the kernel map holds for task `pid` (diagnostics, tests).
     pub fn kernel_cgroup_of(&self, pid: u32) -> Option<u64> {
-        let ebpf = self.ebpf.lock().expect("ebpf poisoned");
-        let map: BpfHashMap<_, u32, u64> = BpfHashMap::try_from(ebpf.map("PID_CGROUP")?).ok()?;
+        let map = self.shared.pid_map.lock().expect("pid map poisoned");
         map.get(&pid, 0).ok()
     }
 
-    /// Entries in the kernel's pid map (bounded by its LRU capacity).
+    /// Entries in the kernel's pid map (bounded by its LRU capacity), counted now.
     pub fn kernel_map_len(&self) -> usize {
-        let ebpf = self.ebpf.lock().expect("ebpf poisoned");
-        let Some(map) = ebpf.map("PID_CGROUP") else {
-            return 0;
-        };
-        let Ok(map) = BpfHashMap::<_, u32, u64>::try_from(map) else {
-            return 0;
-        };
-        map.keys().filter(Result::is_ok).count()
+        let capacity = self.counters().pid_map_capacity;
+        let map = self.shared.pid_map.lock().expect("pid map poisoned");
+        count_keys(&map, capacity) as usize
+    }
+
+    fn counters(&self) -> EbpfStats {
+        *self.shared.counters.lock().expect("counters poisoned")
     }
 
     /// Per attached program: (name, runs, total time in the program). The kernel
@@ -335,13 +516,16 @@ impl Attributor for EbpfAttributor {
     }
 
     fn stats(&self) -> Option<Stats> {
-        Some(
-            self.shared
-                .tracker
-                .read()
-                .expect("tracker poisoned")
-                .stats(),
-        )
+        let stats = self
+            .shared
+            .tracker
+            .read()
+            .expect("tracker poisoned")
+            .stats();
+        Some(Stats {
+            ebpf: Some(self.counters()),
+            ..stats
+        })
     }
 }
 
@@ -399,6 +583,8 @@ async fn follow(
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut drain = tokio::time::interval(DRAIN_EVERY);
     drain.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut count = tokio::time::interval(MAP_COUNT_EVERY);
+    count.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut seen_drops = 0u64;
     let mut last_walk = Instant::now();
     let fd = ring.get_ref().as_raw_fd();
@@ -418,6 +604,7 @@ async fn follow(
             _ = drain.tick() => {
                 drain_ring(&shared, ring.get_mut(), &mount, &mut last_walk);
             }
+            _ = count.tick() => count_pid_map(&shared),
             _ = tick.tick() => {
                 let now = Instant::now();
                 shared.tracker.write().expect("tracker poisoned").sweep(now);
@@ -429,6 +616,10 @@ async fn follow(
                     tracing::warn!(lost = dropped - seen_drops, total = dropped,
                         "eBPF ring buffer overflowed; resynchronising from /proc");
                     seen_drops = dropped;
+                    // Apply what was queued before the loss first: replayed
+                    // after the scan, those older events would undo it (a pid
+                    // reused in the gap would get its old process's cgroup).
+                    drain_ring(&shared, ring.get_mut(), &mount, &mut last_walk);
                     resync(&shared, &mount).await;
                     shared.tracker.write().expect("tracker poisoned").set_dropped_events(dropped);
                 }
@@ -486,6 +677,24 @@ fn apply(shared: &Shared, batch: Vec<Event>, mount: &Cgroup2Mount, last_walk: &m
     let watching = shared.watchers.receiver_count() > 0;
     let mut out = Vec::new();
     let mut moved = Vec::new();
+    let mut counted = EventCounts::default();
+    for ev in &batch {
+        let n = match ev {
+            Event::Exec { .. } => &mut counted.exec,
+            Event::Fork { .. } => &mut counted.fork,
+            Event::Attach { .. } => &mut counted.attach,
+            Event::Exit { .. } => &mut counted.exit,
+            Event::Mkdir { .. } => &mut counted.cgroup_mkdir,
+            Event::Rmdir { .. } => &mut counted.cgroup_rmdir,
+        };
+        *n += 1;
+    }
+    shared
+        .counters
+        .lock()
+        .expect("counters poisoned")
+        .events
+        .add(&counted);
     let now = Instant::now();
     let mut t = shared.tracker.write().expect("tracker poisoned");
     if let Some(walked) = walked {
@@ -582,38 +791,115 @@ fn move_threads(shared: &Shared, moved: Vec<(u32, u64)>) {
     }
 }
 
-/// After lost events: re-read every process's cgroup, correct what differs, and
-/// mark tracked pids that no longer exist as exited.
+/// After lost events: re-read every process's cgroup and let the tracker
+/// correct what differs ([`Tracker::resync`]). The caller has applied every
+/// event queued before the loss; events queued during the scan are newer than
+/// it and are applied after.
 async fn resync(shared: &Arc<Shared>, mount: &Cgroup2Mount) {
     let mount = mount.clone();
-    let scan = tokio::task::spawn_blocking(move || {
-        let walked = mount.walk()?;
-        let pids = procfs::pids()?;
-        let found: Vec<(u32, String)> = pids
-            .into_iter()
-            .filter_map(|pid| Some((pid, procfs::read_cgroup(pid)?)))
-            .collect();
-        Ok::<_, Error>((walked, found))
-    })
-    .await;
-    let (walked, found) = match scan {
-        Ok(Ok(x)) => x,
+    let scan = match tokio::task::spawn_blocking(move || scan_for_resync(&mount)).await {
+        Ok(Ok(scan)) => scan,
         Ok(Err(error)) => return tracing::warn!(%error, "resync from /proc failed"),
         Err(error) => return tracing::warn!(%error, "resync from /proc failed"),
     };
-    let now = Instant::now();
-    let mut t = shared.tracker.write().expect("tracker poisoned");
-    t.cgroups_mut().merge(walked);
-    let alive: HashSet<u32> = found.iter().map(|(pid, _)| *pid).collect();
-    t.reconcile(|pid| alive.contains(&pid), now);
-    for (pid, path) in found {
-        let Some(info) = t.cgroups().by_path(&path).cloned() else {
-            continue;
+    let done = shared
+        .tracker
+        .write()
+        .expect("tracker poisoned")
+        .resync(scan, Instant::now());
+    shared.counters.lock().expect("counters poisoned").resyncs += 1;
+    tracing::info!(
+        started = done.started,
+        exited = done.exited,
+        forgotten = done.forgotten,
+        "resynchronised from /proc"
+    );
+}
+
+/// Every process with its cgroup and threads, and the cgroup tree (walked
+/// first, then completed with the cgroups of processes created after the walk).
+fn scan_for_resync(mount: &Cgroup2Mount) -> Result<ProcScan> {
+    let mut cgroups = mount.walk()?;
+    let mut processes = Vec::new();
+    let mut threads = Vec::new();
+    for pid in procfs::pids()? {
+        let Some(path) = procfs::read_cgroup(pid) else {
+            continue; // exited meanwhile
         };
-        let current = t.resolve(pid, now);
-        if !t.is_running(pid) || current.is_none_or(|a| a.cgroup_id != Some(info.id)) {
-            t.start_in(pid, info);
+        threads.extend(
+            procfs::tids(pid)
+                .into_iter()
+                .filter(|&tid| tid != pid)
+                .map(|tid| (tid, pid)),
+        );
+        processes.push((pid, path));
+    }
+    let walked: HashSet<&str> = cgroups.iter().map(|(_, p)| p.as_str()).collect();
+    let missing: HashSet<&str> = processes
+        .iter()
+        .map(|(_, p)| p.as_str())
+        .filter(|p| !walked.contains(p))
+        .collect();
+    let found: Vec<(u64, String)> = missing
+        .into_iter()
+        .filter_map(|p| Some((mount.id_of(p)?, p.to_owned())))
+        .collect();
+    cgroups.extend(found);
+    Ok(ProcScan {
+        cgroups,
+        processes,
+        threads,
+    })
+}
+
+/// Counts the kernel's pid map on the blocking pool, unless a count is still
+/// running; the result is read by [`Attributor::stats`].
+fn count_pid_map(shared: &Arc<Shared>) {
+    let shared = shared.clone();
+    tokio::task::spawn_blocking(move || {
+        let Ok(map) = shared.pid_map.try_lock() else {
+            return; // a count (or a diagnostic lookup) is running
+        };
+        let capacity = shared
+            .counters
+            .lock()
+            .expect("counters poisoned")
+            .pid_map_capacity;
+        let n = count_keys(&map, capacity);
+        drop(map);
+        shared
+            .counters
+            .lock()
+            .expect("counters poisoned")
+            .pid_map_entries = Some(n);
+    });
+}
+
+/// Distinct keys in the pid map. `BPF_MAP_GET_NEXT_KEY` restarts from the first
+/// key when the key it is given was deleted meanwhile
+/// (`htab_map_get_next_key` in kernel/bpf/hashtab.c), so under churn a walk can
+/// see keys twice: count each once, and stop after twice the capacity.
+fn count_keys(map: &PidMap, capacity: u32) -> u64 {
+    let mut seen = HashSet::new();
+    for key in map.keys().take(capacity as usize * 2) {
+        match key {
+            Ok(k) => {
+                seen.insert(k);
+            }
+            Err(_) => break,
         }
+    }
+    seen.len() as u64
+}
+
+impl EventCounts {
+    fn add(&mut self, o: &Self) {
+        self.exec += o.exec;
+        self.fork += o.fork;
+        self.exit += o.exit;
+        self.attach += o.attach;
+        self.cgroup_mkdir += o.cgroup_mkdir;
+        self.cgroup_rmdir += o.cgroup_rmdir;
     }
 }
 
@@ -704,6 +990,39 @@ mod tests {
         );
         ev.kind = EVENT_CGROUP_RMDIR;
         assert_eq!(decode(&bytes(&ev)), Some(Event::Rmdir { id: 4242 }));
+    }
+
+    #[test]
+    fn ring_buffer_sizes_are_power_of_two_pages() {
+        let ok = |b| RingBufferSize::with_page_size(b, 4096).map(RingBufferSize::bytes);
+        assert_eq!(ok(4096).unwrap(), 4096);
+        assert_eq!(ok(1 << 20).unwrap(), 1 << 20);
+        assert_eq!(ok(1 << 31).unwrap(), 1 << 31);
+        for bad in [0, 1, 2048, 4095, 4097, 12288, 3 << 20, 1 << 32] {
+            let e = ok(bad).expect_err("invalid size").to_string();
+            assert!(e.contains("power-of-two multiple"), "{bad}: {e}");
+        }
+        let e = ok(12288).unwrap_err().to_string();
+        assert!(e.contains("8KiB and 16KiB"), "{e}");
+        let e = ok(2048).unwrap_err().to_string();
+        assert!(e.contains("smallest is one page, 4KiB"), "{e}");
+        // 64 KiB pages (arm64, ppc64): 4 KiB is too small there.
+        assert!(RingBufferSize::with_page_size(4096, 65536).is_err());
+        assert!(RingBufferSize::with_page_size(65536, 65536).is_ok());
+    }
+
+    #[test]
+    fn ring_buffer_sizes_parse_with_binary_units() {
+        let p = |s: &str| s.parse::<RingBufferSize>().map(RingBufferSize::bytes);
+        assert_eq!(p("1048576").unwrap(), 1 << 20);
+        assert_eq!(p("1MiB").unwrap(), 1 << 20);
+        assert_eq!(p("1 M").unwrap(), 1 << 20);
+        assert_eq!(p("64kib").unwrap(), 64 << 10);
+        assert_eq!(p("1GiB").unwrap(), 1 << 30);
+        assert_eq!(RingBufferSize::DEFAULT.to_string(), "1MiB");
+        for bad in ["", "MiB", "1.5MiB", "-4096", "4096 bytes", "1MB", "99999999999GiB"] {
+            assert!(p(bad).is_err(), "{bad:?} accepted");
+        }
     }
 
     #[test]

@@ -13,6 +13,7 @@ pub mod procfs;
 pub mod tracefs;
 pub mod tracker;
 
+pub use ebpf::{EbpfStats, EventCounts, RingBufferSize};
 pub use tracker::Stats;
 
 use std::{fmt, sync::Arc};
@@ -126,6 +127,9 @@ pub struct Config {
     /// How long an exited pid stays resolvable, so GPU samples that arrive after
     /// the process exited still count for its pod.
     pub exit_grace: std::time::Duration,
+    /// Size of the eBPF backend's event ring buffer. Too small and bursts of
+    /// process churn overflow it (the engine then resynchronises from /proc).
+    pub ebpf_ring_buffer: RingBufferSize,
 }
 
 /// Errors of the attribution domain.
@@ -135,6 +139,8 @@ pub enum Error {
     EbpfUnavailable(String),
     #[error("tracefs: {0}")]
     Tracefs(String),
+    #[error("eBPF ring buffer size: {0}")]
+    RingBufferSize(String),
     #[error("no cgroup v2 filesystem in /proc/self/mountinfo")]
     NoCgroup2,
     #[error("I/O error on {path}: {source}")]
@@ -155,7 +161,7 @@ pub type Result<T, E = Error> = std::result::Result<T, E>;
 pub async fn start(config: Config) -> Result<Arc<dyn Attributor>> {
     match config.mode {
         Mode::Procfs => Ok(start_procfs(&config)),
-        Mode::Ebpf => Ok(ebpf::EbpfAttributor::start(config.exit_grace).await?),
+        Mode::Ebpf => Ok(ebpf::EbpfAttributor::start_with(config.exit_grace, config.ebpf_ring_buffer).await?),
         Mode::Auto => {
             if !ebpf::probe_embedded() {
                 tracing::warn!(
@@ -164,7 +170,7 @@ pub async fn start(config: Config) -> Result<Arc<dyn Attributor>> {
                 );
                 return Ok(start_procfs(&config));
             }
-            match ebpf::EbpfAttributor::start(config.exit_grace).await {
+            match ebpf::EbpfAttributor::start_with(config.exit_grace, config.ebpf_ring_buffer).await {
                 Ok(a) => Ok(a),
                 Err(error) => {
                     tracing::warn!(%error, "eBPF attribution unavailable, falling back to /proc");

@@ -11,7 +11,7 @@
 //!   resolve to it during the grace period.
 
 use std::{
-    collections::{HashMap, VecDeque},
+    collections::{HashMap, HashSet, VecDeque},
     sync::Arc,
     time::{Duration, Instant},
 };
@@ -50,6 +50,32 @@ pub struct Stats {
     pub dropped_events: u64,
     /// Events referring to a cgroup that could not be found (already removed).
     pub unknown_cgroups: u64,
+    /// The eBPF backend's event, resync and map counters; `None` for procfs.
+    pub ebpf: Option<super::EbpfStats>,
+}
+
+/// A fresh look at /proc, taken after events were lost, for [`Tracker::resync`].
+#[derive(Clone, Debug, Default)]
+pub struct ProcScan {
+    /// The cgroup v2 mount as walked before the processes were read, plus the
+    /// cgroups of processes created after the walk.
+    pub cgroups: Vec<(u64, String)>,
+    /// Every process (tgid) that could be read, with its cgroup path.
+    pub processes: Vec<(u32, String)>,
+    /// `(tid, tgid)` of the other threads of those processes.
+    pub threads: Vec<(u32, u32)>,
+}
+
+/// What [`Tracker::resync`] corrected.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Resynced {
+    /// Pids placed in a cgroup they were not tracked in: appeared unseen, moved,
+    /// or reused by a new process while events were lost.
+    pub started: usize,
+    /// Running pids that are gone from /proc, now marked exited.
+    pub exited: usize,
+    /// Pids dropped because their cgroup could not be found (never the old owner).
+    pub forgotten: usize,
 }
 
 /// What an event did to a pid, for watchers.
@@ -183,17 +209,77 @@ impl Tracker {
     }
 
     /// Marks as exited every running pid that `alive` says is gone (used after
-    /// events were lost, with a fresh /proc scan as `alive`).
-    pub fn reconcile(&mut self, alive: impl Fn(u32) -> bool, now: Instant) {
+    /// events were lost, with a fresh /proc scan as `alive`). Returns how many.
+    pub fn reconcile(&mut self, alive: impl Fn(u32) -> bool, now: Instant) -> usize {
         let gone: Vec<u32> = self
             .pids
             .iter()
             .filter(|(pid, e)| e.exited_at.is_none() && !alive(**pid))
             .map(|(pid, _)| *pid)
             .collect();
-        for pid in gone {
+        for &pid in &gone {
             self.exit(pid, now);
         }
+        gone.len()
+    }
+
+    /// Brings the table in line with `scan` after the kernel lost events: what
+    /// happened in the gap is unknown, so /proc is the truth. A pid that exited
+    /// is marked exited (it keeps its own owner for the grace period); a pid
+    /// that appeared, moved, or was reused by a new process is placed where it
+    /// is now, as a new process; a pid whose cgroup cannot be found is dropped
+    /// rather than left with an owner that may be another process's.
+    ///
+    /// Threads are placed in their process's cgroup (the same one, outside
+    /// cgroup v2 threaded subtrees) and only when already tracked, as the
+    /// start-up seed does not track threads either.
+    pub fn resync(&mut self, scan: ProcScan, now: Instant) -> Resynced {
+        let mut out = Resynced::default();
+        self.cgroups.merge(scan.cgroups);
+        let alive: HashSet<u32> = scan
+            .processes
+            .iter()
+            .map(|(pid, _)| *pid)
+            .chain(scan.threads.iter().map(|(tid, _)| *tid))
+            .collect();
+        out.exited = self.reconcile(|pid| alive.contains(&pid), now);
+        let path_of: HashMap<u32, &str> = scan
+            .processes
+            .iter()
+            .map(|(pid, path)| (*pid, path.as_str()))
+            .collect();
+        let threads = scan
+            .threads
+            .iter()
+            .filter(|(tid, _)| self.pids.contains_key(tid))
+            .filter_map(|(tid, tgid)| Some((*tid, *path_of.get(tgid)?)));
+        let places: Vec<(u32, Option<Arc<CgroupInfo>>)> = scan
+            .processes
+            .iter()
+            .map(|(pid, path)| (*pid, path.as_str()))
+            .chain(threads)
+            .map(|(pid, path)| (pid, self.cgroups.by_path(path).cloned()))
+            .collect();
+        for (pid, cgroup) in places {
+            match cgroup {
+                Some(cgroup) => {
+                    let same = self
+                        .pids
+                        .get(&pid)
+                        .is_some_and(|e| e.exited_at.is_none() && e.cgroup.id == cgroup.id);
+                    if !same {
+                        self.start_in(pid, cgroup);
+                        out.started += 1;
+                    }
+                }
+                None => {
+                    if self.pids.remove(&pid).is_some() {
+                        out.forgotten += 1;
+                    }
+                }
+            }
+        }
+        out
     }
 
     /// The owner of `pid` as of `now`. O(1), no I/O.
@@ -343,5 +429,86 @@ mod tests {
         assert!(t.is_running(1));
         assert!(!t.is_running(2));
         assert!(t.resolve(2, now + Duration::from_millis(20)).is_none());
+    }
+
+    const C: &str = "/kubepods/besteffort/pod99999999-8888-7777-6666-555555555555/cccccccccccc";
+
+    fn scan(processes: &[(u32, &str)], threads: &[(u32, u32)]) -> ProcScan {
+        ProcScan {
+            cgroups: vec![(1, "/".into()), (10, A.into()), (20, B.into())],
+            processes: processes.iter().map(|(p, c)| (*p, c.to_string())).collect(),
+            threads: threads.to_vec(),
+        }
+    }
+
+    #[test]
+    fn resync_after_lost_events_trusts_proc() {
+        let grace = Duration::from_secs(30);
+        let mut t = tracker(grace);
+        let t0 = Instant::now();
+        let a = Some("7b5b4c2e-1f4a-4d3e-9c8b-0a1b2c3d4e5f".to_string());
+        let b = Some("11111111-2222-3333-4444-555555555555".to_string());
+        t.start(1, 10); // keeps running in A, unchanged
+        t.start(2, 10); // exits in the gap
+        t.start(3, 10); // exits in the gap, its pid reused by a process in B
+        t.start(4, 10); // moved to B in the gap (attach lost)
+        t.start(5, 10); // reused in the gap by a process in a cgroup not yet known
+        t.start(60, 10); // a thread of 1
+        t.start(61, 10); // a thread of 1 that ended in the gap
+        t.start(7, 20); // exited before the gap, in grace
+        t.exit(7, t0);
+        let before = t.resolve(1, t0).expect("1 tracked").cgroup_id;
+        // Pid 8 appeared in the gap; 7 was reused by a new process in A.
+        let mut s = scan(
+            &[(1, A), (3, B), (4, B), (5, C), (7, A), (8, B)],
+            &[(60, 1), (62, 1)],
+        );
+        s.cgroups.push((30, C.into()));
+        let now = t0 + Duration::from_secs(1);
+        let r = t.resync(s, now);
+        assert_eq!(pod_of(&t, 1, now), a);
+        assert_eq!(t.resolve(1, now).unwrap().cgroup_id, before);
+        assert!(t.is_running(1));
+        // Exited in the gap: its own pod for the grace period, then gone.
+        assert!(!t.is_running(2));
+        assert_eq!(pod_of(&t, 2, now), a);
+        t.sweep(now + grace);
+        assert_eq!(pod_of(&t, 2, now + grace), None);
+        // Reused: the new process's pod, never the old one's.
+        assert_eq!(pod_of(&t, 3, now), b);
+        assert!(t.is_running(3));
+        assert_eq!(pod_of(&t, 4, now), b);
+        assert_eq!(
+            pod_of(&t, 5, now),
+            Some("99999999-8888-7777-6666-555555555555".to_string())
+        );
+        assert_eq!(pod_of(&t, 7, now), a);
+        assert!(t.is_running(7));
+        assert_eq!(pod_of(&t, 8, now), b);
+        // Threads: a tracked live one stays, an ended one exits, an untracked
+        // one is not added.
+        assert!(t.is_running(60));
+        assert!(!t.is_running(61));
+        assert!(t.resolve(62, now).is_none());
+        assert_eq!(
+            r,
+            Resynced {
+                started: 5, // 3, 4, 5, 7, 8
+                exited: 2,  // 2, 61
+                forgotten: 0
+            }
+        );
+    }
+
+    #[test]
+    fn resync_forgets_a_pid_whose_cgroup_is_unknown() {
+        let mut t = tracker(Duration::from_secs(30));
+        let now = Instant::now();
+        t.start(3, 10);
+        t.exit(3, now);
+        // Reused in the gap by a process in a cgroup already removed again.
+        let r = t.resync(scan(&[(3, "/gone/pod-less")], &[]), now);
+        assert_eq!(r.forgotten, 1);
+        assert!(t.resolve(3, now).is_none(), "never the old owner");
     }
 }

@@ -27,6 +27,7 @@ pub async fn run(args: GpusArgs) -> super::Result<()> {
     let attributor = attribution::start(attribution::Config {
         mode: args.local_attribution.attribution,
         exit_grace: Duration::from_secs(30),
+        ebpf_ring_buffer: attribution::RingBufferSize::DEFAULT,
     })
     .await;
     let (attributor, note) = match attributor {

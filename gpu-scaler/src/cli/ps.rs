@@ -46,6 +46,7 @@ async fn list(args: PsArgs) -> super::Result<()> {
     let attributor = attribution::start(attribution::Config {
         mode: args.attribution,
         exit_grace: Duration::from_secs(30),
+        ebpf_ring_buffer: attribution::RingBufferSize::DEFAULT,
     })
     .await?;
     let mut rows = Vec::new();

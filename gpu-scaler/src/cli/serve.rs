@@ -34,6 +34,17 @@ pub struct ServeArgs {
     #[arg(long, env = "GPU_SCALER_EXIT_GRACE", default_value = "30s", value_parser = humantime::parse_duration)]
     pub exit_grace: Duration,
 
+    /// Size of the eBPF event ring buffer: a power-of-two multiple of the page
+    /// size (4KiB .. 2GiB), in bytes or with a KiB/MiB/GiB suffix. When a burst
+    /// of process churn overflows it, events are lost and attribution
+    /// resynchronises from /proc (gpu_scaler_ebpf_events_dropped_total counts them).
+    #[arg(
+        long,
+        env = "GPU_SCALER_EBPF_RING_BUFFER_BYTES",
+        default_value = "1MiB"
+    )]
+    pub ebpf_ring_buffer_bytes: attribution::RingBufferSize,
+
     #[command(flatten)]
     pub gpu_source: super::gpu_source::GpuSourceArgs,
 
@@ -123,6 +134,7 @@ pub async fn run(args: ServeArgs) -> super::Result<()> {
         attribution: attribution::Config {
             mode: args.attribution,
             exit_grace: args.exit_grace,
+            ebpf_ring_buffer: args.ebpf_ring_buffer_bytes,
         },
         gpu: args.gpu_source.config(args.poll_interval),
         pods_file: args.pods_file,
@@ -190,6 +202,24 @@ mod tests {
             Command::Serve(s) => *s,
             other => panic!("parsed as {other:?}"),
         })
+    }
+
+    #[test]
+    fn ebpf_ring_buffer_flag() {
+        use crate::attribution::RingBufferSize;
+        let s = serve(&[]).expect("defaults");
+        assert_eq!(s.ebpf_ring_buffer_bytes, RingBufferSize::DEFAULT);
+        assert_eq!(s.ebpf_ring_buffer_bytes.bytes(), 1 << 20);
+        let s = serve(&["--ebpf-ring-buffer-bytes", "256KiB"]).expect("256KiB");
+        assert_eq!(s.ebpf_ring_buffer_bytes.bytes(), 256 * 1024);
+        let s = serve(&["--ebpf-ring-buffer-bytes", "4096"]).expect("one page");
+        assert_eq!(s.ebpf_ring_buffer_bytes, RingBufferSize::one_page());
+        let e = serve(&["--ebpf-ring-buffer-bytes", "5000"])
+            .expect_err("not a power of two")
+            .to_string();
+        assert!(e.contains("power-of-two multiple of the page size"), "{e}");
+        assert!(e.contains("4KiB and 8KiB"), "{e}");
+        assert!(serve(&["--ebpf-ring-buffer-bytes", "1MB!"]).is_err());
     }
 
     #[test]

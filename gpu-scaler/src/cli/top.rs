@@ -96,6 +96,7 @@ async fn local(args: &TopArgs) -> super::Result<Source> {
     let attributor = attribution::start(attribution::Config {
         mode: args.local_attribution.attribution,
         exit_grace: Duration::from_secs(30),
+        ebpf_ring_buffer: attribution::RingBufferSize::DEFAULT,
     })
     .await?;
     let (pods, pods_tx) = match &args.pods_file {

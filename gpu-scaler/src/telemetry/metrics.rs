@@ -519,6 +519,63 @@ fn attribution(r: &mut Registry, snap: &NodeSnapshot, s: &AttributionStats) {
             s.dropped_events,
         );
     }
+    if let Some(e) = &s.ebpf {
+        ebpf(r, e);
+    }
+}
+
+/// The eBPF backend's events by kind, resyncs and map occupancy.
+fn ebpf(r: &mut Registry, e: &crate::attribution::EbpfStats) {
+    let events: Family<Labels, Counter> = Family::default();
+    let ev = &e.events;
+    for (kind, n) in [
+        ("exec", ev.exec),
+        ("fork", ev.fork),
+        ("exit", ev.exit),
+        ("attach", ev.attach),
+        ("cgroup_mkdir", ev.cgroup_mkdir),
+        ("cgroup_rmdir", ev.cgroup_rmdir),
+    ] {
+        events
+            .get_or_create(&vec![("event", kind.to_owned())])
+            .inc_by(n);
+    }
+    r.register(
+        "gpu_scaler_ebpf_events",
+        "Events read from the eBPF ring buffer, by kind",
+        events,
+    );
+    counter(
+        r,
+        "gpu_scaler_ebpf_resyncs",
+        "Resynchronisations from /proc after the probe lost events",
+        e.resyncs,
+    );
+    let entries = GaugeFamily::default();
+    if let Some(n) = e.pid_map_entries {
+        set(&entries, vec![("map", "PID_CGROUP".to_owned())], n as f64);
+    }
+    r.register(
+        "gpu_scaler_ebpf_map_entries",
+        "Entries in the eBPF pid map, counted every few seconds",
+        entries,
+    );
+    let capacity = GaugeFamily::default();
+    set(
+        &capacity,
+        vec![("map", "PID_CGROUP".to_owned())],
+        f64::from(e.pid_map_capacity),
+    );
+    set(
+        &capacity,
+        vec![("map", "EVENTS".to_owned())],
+        f64::from(e.ring_buffer_bytes),
+    );
+    r.register(
+        "gpu_scaler_ebpf_map_capacity",
+        "max_entries of each eBPF map (the EVENTS ring buffer's size in bytes)",
+        capacity,
+    );
 }
 
 fn cluster(r: &mut Registry, s: &Stats) {
@@ -676,6 +733,71 @@ mod tests {
             !out.contains("gpu_scaler_ebpf_events_dropped_total"),
             "no eBPF series from the procfs backend: {out}"
         );
+        assert!(
+            !out.contains("gpu_scaler_ebpf_"),
+            "no eBPF series from the procfs backend: {out}"
+        );
+    }
+
+    #[test]
+    fn ebpf_events_resyncs_and_maps() {
+        use crate::attribution::{EbpfStats, EventCounts};
+        let metrics = Metrics::default();
+        let snap = NodeSnapshot {
+            attribution: Backend::Ebpf,
+            ..empty_snapshot()
+        };
+        let stats = |pid_map_entries| AttributionStats {
+            dropped_events: 9,
+            ebpf: Some(EbpfStats {
+                events: EventCounts {
+                    exec: 11,
+                    fork: 12,
+                    exit: 13,
+                    attach: 14,
+                    cgroup_mkdir: 15,
+                    cgroup_rmdir: 16,
+                },
+                resyncs: 2,
+                pid_map_entries,
+                pid_map_capacity: 65536,
+                ring_buffer_bytes: 4096,
+            }),
+            ..AttributionStats::default()
+        };
+        let render_with = |s| {
+            render(
+                &snap,
+                &Sources {
+                    metrics: &metrics,
+                    cluster: None,
+                    streams: None,
+                    gpu_up: true,
+                    attribution: Some(s),
+                },
+                SystemTime::now(),
+            )
+        };
+        let out = render_with(stats(Some(321)));
+        for line in [
+            "gpu_scaler_ebpf_events_dropped_total 9",
+            "gpu_scaler_ebpf_events_total{event=\"exec\"} 11",
+            "gpu_scaler_ebpf_events_total{event=\"fork\"} 12",
+            "gpu_scaler_ebpf_events_total{event=\"exit\"} 13",
+            "gpu_scaler_ebpf_events_total{event=\"attach\"} 14",
+            "gpu_scaler_ebpf_events_total{event=\"cgroup_mkdir\"} 15",
+            "gpu_scaler_ebpf_events_total{event=\"cgroup_rmdir\"} 16",
+            "gpu_scaler_ebpf_resyncs_total 2",
+            "gpu_scaler_ebpf_map_entries{map=\"PID_CGROUP\"} 321",
+            "gpu_scaler_ebpf_map_capacity{map=\"PID_CGROUP\"} 65536",
+            "gpu_scaler_ebpf_map_capacity{map=\"EVENTS\"} 4096",
+        ] {
+            assert!(out.contains(line), "{line:?} missing from:\n{out}");
+        }
+        // Not counted yet: no series rather than a made-up zero.
+        let out = render_with(stats(None));
+        assert!(!out.contains("gpu_scaler_ebpf_map_entries{"), "{out}");
+        assert!(out.contains("gpu_scaler_ebpf_resyncs_total 2"), "{out}");
     }
 
     #[test]
