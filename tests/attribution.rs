@@ -12,8 +12,8 @@ use std::{
 };
 
 use gpu_scaler::attribution::{
-    Attribution, Attributor, Owner, PodIdentity, QosClass, Runtime,
-    ebpf::{EbpfAttributor, WatchKind},
+    Attribution, Attributor, Owner, PodIdentity, QosClass, RingBufferSize, Runtime,
+    ebpf::{EbpfAttributor, PID_MAP_CAPACITY, WatchKind},
     procfs::ProcfsAttributor,
     tracefs,
 };
@@ -94,6 +94,12 @@ fn check_user_space(
             engine.resolve(pid)
         )
     });
+    assert_agrees(got, pid, cg, expected)
+}
+
+/// `got`, the engine's answer for the live `pid` in `cg`, is `expected` and
+/// agrees with the procfs backend.
+fn assert_agrees(got: Attribution, pid: u32, cg: &Cgroup, expected: &Owner) -> Attribution {
     assert_eq!(&got.owner, expected, "owner of pid {pid} in {}", cg.path);
     let procfs = ProcfsAttributor::new(Duration::from_secs(30))
         .resolve(pid)
@@ -561,6 +567,7 @@ async fn start_honours_the_mode() {
     let config = |mode| Config {
         mode,
         exit_grace: Duration::from_secs(30),
+        ebpf_ring_buffer: RingBufferSize::DEFAULT,
     };
     let procfs = start(config(Mode::Procfs))
         .await
@@ -583,8 +590,19 @@ async fn start_honours_the_mode() {
     }
     let auto = start(config(Mode::Auto)).await.expect("auto starts");
     assert_eq!(auto.backend(), Backend::Ebpf);
-    let ebpf = start(config(Mode::Ebpf)).await.expect("ebpf starts");
+    let ebpf = start(Config {
+        ebpf_ring_buffer: "8KiB".parse().expect("8KiB"),
+        ..config(Mode::Ebpf)
+    })
+    .await
+    .expect("ebpf starts");
     assert_eq!(ebpf.backend(), Backend::Ebpf);
+    let counters = ebpf.stats().and_then(|s| s.ebpf).expect("eBPF counters");
+    assert_eq!(
+        counters.ring_buffer_bytes, 8192,
+        "the ring has the size asked for"
+    );
+    assert_eq!(counters.pid_map_capacity, PID_MAP_CAPACITY);
     assert_eq!(
         ebpf.resolve(std::process::id()).map(|a| a.cgroup_path),
         Some(me.cgroup_path)
@@ -632,4 +650,378 @@ async fn a_process_moved_without_exec_follows_its_new_cgroup() {
     for tid in tids {
         check_user_space(&engine, tid, &b, &owner_b);
     }
+}
+
+/// [`check`] for a test on a current-thread runtime, where the engine only
+/// runs while the test awaits: polls with `tokio::time::sleep`.
+async fn check_async(engine: &EbpfAttributor, pid: u32, cg: &Cgroup, expected: &Owner) {
+    let deadline = Instant::now() + SETTLE;
+    let got = loop {
+        match engine.resolve(pid) {
+            Some(a) if *a.cgroup_path == *cg.path => break a,
+            last if Instant::now() >= deadline => {
+                panic!("pid {pid} never resolved to {}; last: {last:?}", cg.path)
+            }
+            _ => tokio::time::sleep(Duration::from_millis(5)).await,
+        }
+    };
+    let got = assert_agrees(got, pid, cg, expected);
+    assert_eq!(
+        engine.kernel_cgroup_of(pid),
+        got.cgroup_id,
+        "kernel map disagrees for pid {pid}"
+    );
+}
+
+/// An exited pid must resolve to one of `allowed`: its own pod inside the grace
+/// period, `None` after it. If another process has taken the pid since, the
+/// answer must be that process's pod (as procfs says).
+fn assert_exited(engine: &EbpfAttributor, pid: u32, allowed: &[Option<&Owner>]) {
+    let alive_before = std::fs::metadata(format!("/proc/{pid}")).is_ok();
+    let got = engine.resolve(pid);
+    let alive_after = std::fs::metadata(format!("/proc/{pid}")).is_ok();
+    if alive_before || alive_after {
+        // Reused by a process we do not control: never the old owner unless
+        // procfs says the new process is in that pod too.
+        let now = ProcfsAttributor::new(Duration::from_secs(1)).resolve(pid);
+        if let (Some(got), Some(now)) = (&got, &now) {
+            assert!(
+                got.owner == now.owner || allowed.contains(&Some(&got.owner)),
+                "reused pid {pid}: engine says {got:?}, procfs {now:?}"
+            );
+        }
+        return;
+    }
+    let got = got.as_ref().map(|a| &a.owner);
+    assert!(
+        allowed.contains(&got),
+        "exited pid {pid} resolves to {got:?}, not one of {allowed:?}"
+    );
+}
+
+/// Kills and reaps `child`, returning its pid.
+fn end(mut child: Reaped) -> u32 {
+    let pid = child.0.id();
+    let _ = child.0.kill();
+    child.0.wait().expect("reap");
+    pid
+}
+
+/// Forces the probe's smallest ring buffer (one page) to overflow and checks
+/// that the engine recovers from /proc: the losses are counted, a resync runs,
+/// and afterwards every live test process resolves to the pod it is in now
+/// (appeared, moved, and pid-reused while events were lost), and processes
+/// that exited in the gap keep their own pod for the grace period, then go.
+///
+/// The runtime is current-thread on purpose: while the test body runs without
+/// awaiting, the engine's task cannot drain the ring, so a burst of process
+/// churn fills the page and the events that follow are lost, as when a starved
+/// daemon falls behind on a busy node. No test hook in the engine is involved.
+#[tokio::test(flavor = "current_thread")]
+async fn a_ring_buffer_overflow_is_recovered_from_proc() {
+    let _serial = PID_COUNTER.lock().await;
+    if !kernel::require("root", kernel::probe_root()) {
+        return;
+    }
+    let grace = Duration::from_secs(3);
+    let page = RingBufferSize::one_page();
+    let engine = match EbpfAttributor::start_with(grace, page).await {
+        Ok(e) => e,
+        Err(e) => {
+            kernel::require("eBPF attribution", Err(e));
+            return;
+        }
+    };
+    let stats = || {
+        let s = engine.stats().expect("eBPF engine has stats");
+        (s, s.ebpf.expect("eBPF counters"))
+    };
+    assert_eq!(stats().1.ring_buffer_bytes, page.bytes(), "ring resized");
+    let t = tree("overflow");
+    let mut pods = Vec::new();
+    for (n, cid_n) in [(910, 910), (911, 911), (912, 912), (913, 913)] {
+        let (uid, cid) = (pod_uid(n), container_id(cid_n));
+        let cg = t.create(&format!("kubepods/burstable/pod{uid}/{cid}"));
+        let owner = pod(
+            &uid,
+            Some(&cid),
+            Some(Runtime::Unknown),
+            QosClass::Burstable,
+            false,
+        );
+        pods.push((cg, owner));
+    }
+    let [(a, owner_a), (b, owner_b), (c, owner_c), (d, owner_d)] =
+        <[_; 4]>::try_from(pods).expect("four pods");
+
+    // Before the gap, four processes in pod A, all tracked.
+    let stays = spawn(&a, &["sleep"]);
+    let victim = spawn(&a, &["sleep"]);
+    let mover = spawn(&a, &["sleep"]);
+    let exits = spawn(&a, &["sleep"]);
+    for p in [&stays, &victim, &mover, &exits] {
+        check_async(&engine, p.0.id(), &a, &owner_a).await;
+    }
+    let (before, before_ebpf) = stats();
+
+    // The gap: nothing below awaits until the ring has overflowed and the
+    // interesting changes are made. A burst of fork+exec+exit (3 records of
+    // 56 bytes each per process) fills one page many times over.
+    let mut burst = spawn(&d, &["forkloop", "300"]);
+    assert!(burst.0.wait().expect("burst").success());
+    let burst = burst.0.id();
+    // Exits: its exit event is lost.
+    let exited = end(exits);
+    // Pid reuse: the victim exits and a new process in pod B takes its pid.
+    let victim = end(victim);
+    let reused = process::spawn_with_pid(
+        victim,
+        &b.dir,
+        || {
+            let mut c = Command::new(HELPER);
+            c.arg("sleep");
+            c
+        },
+        500,
+    )
+    .map(Reaped);
+    // Appears: a new process in pod B.
+    let appeared = spawn(&b, &["sleep"]);
+    // Moves from pod A to pod C without exec.
+    std::fs::write(c.dir.join("cgroup.procs"), mover.0.id().to_string()).expect("move to C");
+
+    // Close the gap: the engine drains, sees the losses and resyncs.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while stats().1.resyncs == before_ebpf.resyncs {
+        assert!(
+            Instant::now() < deadline,
+            "no resync after the overflow: {:?}",
+            stats()
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let (after, after_ebpf) = stats();
+    assert!(
+        after.dropped_events > before.dropped_events,
+        "one page overflowed without a loss? {before:?} -> {after:?}"
+    );
+    assert!(after_ebpf.resyncs > before_ebpf.resyncs);
+
+    // Live processes: where they are now, as procfs and the kernel map say.
+    check_async(&engine, stays.0.id(), &a, &owner_a).await;
+    check_async(&engine, appeared.0.id(), &b, &owner_b).await;
+    check_async(&engine, mover.0.id(), &c, &owner_c).await;
+    match &reused {
+        Some(r) => {
+            assert_eq!(r.0.id(), victim);
+            check_async(&engine, victim, &b, &owner_b).await;
+        }
+        None if kernel::required() => panic!("could not obtain pid {victim} again"),
+        None => eprintln!("SKIPPED the reuse check: pid {victim} kept being taken"),
+    }
+    // Exited in the gap: their own pod during the grace period (the burst's
+    // process may have been lost whole, if noise filled the page first) ...
+    assert_exited(&engine, exited, &[Some(&owner_a)]);
+    assert_exited(&engine, burst, &[Some(&owner_d), None]);
+    if reused.is_none() {
+        assert_exited(&engine, victim, &[Some(&owner_a)]);
+    }
+    // ... and nothing after it.
+    tokio::time::sleep(grace + Duration::from_millis(500)).await;
+    assert_exited(&engine, exited, &[None]);
+    assert_exited(&engine, burst, &[None]);
+    if reused.is_some() {
+        check_async(&engine, victim, &b, &owner_b).await;
+    }
+    check_async(&engine, stays.0.id(), &a, &owner_a).await;
+}
+
+/// A port free on 127.0.0.1 right now.
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("a free port")
+        .port()
+}
+
+/// GET `path` from `addr`: (status, body), or None when nothing answers.
+fn http_get(addr: &str, path: &str) -> Option<(u16, String)> {
+    use std::io::{Read as _, Write as _};
+    let mut s = std::net::TcpStream::connect(addr).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+    )
+    .ok()?;
+    let mut buf = String::new();
+    s.read_to_string(&mut buf).ok()?;
+    let (head, body) = buf.split_once("\r\n\r\n")?;
+    let status = head.split(' ').nth(1)?.parse().ok()?;
+    Some((status, body.to_owned()))
+}
+
+/// The eBPF series of one scrape: (name, label value) -> value.
+fn ebpf_series(body: &str) -> std::collections::HashMap<(String, String), f64> {
+    body.lines()
+        .filter(|l| l.starts_with("gpu_scaler_ebpf_"))
+        .filter_map(|l| {
+            let (series, value) = l.rsplit_once(' ')?;
+            let (name, label) = match series.split_once('{') {
+                Some((name, labels)) => {
+                    let v = labels.split_once('"')?.1.split_once('"')?.0;
+                    (name, v)
+                }
+                None => (series, ""),
+            };
+            Some(((name.to_owned(), label.to_owned()), value.parse().ok()?))
+        })
+        .collect()
+}
+
+/// A running `gpu-scaler serve`, killed when dropped.
+struct Daemon(Child);
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// The real daemon with eBPF attribution and a 64 KiB ring buffer: /metrics
+/// carries the engine's events by kind, resyncs and map occupancy, and the
+/// counts grow as processes start and exit in a pod cgroup.
+#[test]
+fn serve_exports_ebpf_events_and_map_occupancy() {
+    // A bad size is refused before anything starts, with the reason.
+    let bin = workspace_bin("gpu-scaler");
+    let out = Command::new(&bin)
+        .args(["serve", "--ebpf-ring-buffer-bytes", "5000"])
+        .output()
+        .expect("run gpu-scaler serve");
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("power-of-two multiple of the page size"),
+        "{err}"
+    );
+
+    if !kernel::require("root", kernel::probe_root()) {
+        return;
+    }
+    let probe = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime")
+        .block_on(async {
+            EbpfAttributor::start(Duration::from_secs(1))
+                .await
+                .map(drop)
+        });
+    if !kernel::require("eBPF attribution", probe) {
+        return;
+    }
+    let dir = tempfile::tempdir().expect("temp dir");
+    let pods = dir.path().join("pods.json");
+    std::fs::write(&pods, r#"{"apiVersion":"v1","kind":"List","items":[]}"#).expect("pods");
+    let scenario = dir.path().join("scenario.toml");
+    std::fs::write(
+        &scenario,
+        "[[gpu]]\nname = \"Fake H100\"\nmemory_total_mib = 80000\nutilization = 0\n\
+         memory_utilization = 0\ntemperature_c = 40\npower_w = 100.0\npower_limit_w = 700.0\n",
+    )
+    .expect("scenario");
+    let http = format!("127.0.0.1:{}", free_port());
+    let mut daemon = Daemon(
+        Command::new(&bin)
+            .args(["serve", "--attribution", "ebpf", "--gpu", "mock"])
+            .arg("--gpu-scenario")
+            .arg(&scenario)
+            .arg("--pods-file")
+            .arg(&pods)
+            .args([
+                "--ebpf-ring-buffer-bytes",
+                "64KiB",
+                "--poll-interval",
+                "250ms",
+            ])
+            .args(["--listen", &format!("127.0.0.1:{}", free_port())])
+            .args(["--peer-listen", &format!("127.0.0.1:{}", free_port())])
+            .args(["--metrics-listen", &http])
+            .env("RUST_LOG", "warn")
+            .spawn()
+            .expect("start gpu-scaler serve"),
+    );
+    let scrape = |daemon: &mut Daemon| {
+        if let Ok(Some(status)) = daemon.0.try_wait() {
+            panic!("gpu-scaler serve exited: {status}");
+        }
+        http_get(&http, "/metrics")
+            .filter(|(status, _)| *status == 200)
+            .map(|(_, body)| ebpf_series(&body))
+    };
+    let key = |name: &str, label: &str| (name.to_owned(), label.to_owned());
+    let events = |kind: &str| key("gpu_scaler_ebpf_events_total", kind);
+    let entries = key("gpu_scaler_ebpf_map_entries", "PID_CGROUP");
+    // Up, with the pid map counted once.
+    let base = wait_for(Duration::from_secs(30), || {
+        scrape(&mut daemon).filter(|s| s.contains_key(&entries))
+    })
+    .expect("gpu-scaler serve up and its pid map counted within 30 s");
+    assert_eq!(
+        base.get(&key("gpu_scaler_ebpf_map_capacity", "PID_CGROUP")),
+        Some(&f64::from(PID_MAP_CAPACITY))
+    );
+    assert_eq!(
+        base.get(&key("gpu_scaler_ebpf_map_capacity", "EVENTS")),
+        Some(&65536.0),
+        "the ring buffer has the size asked for"
+    );
+    assert!(base.contains_key(&key("gpu_scaler_ebpf_resyncs_total", "")));
+    assert!(base.contains_key(&key("gpu_scaler_ebpf_events_dropped_total", "")));
+
+    // 20 short processes started in a new pod cgroup (each: fork, a move into
+    // the cgroup, exec, exit), one long-lived one, then the cgroup removed.
+    const N: f64 = 20.0;
+    let stays = tree("metrics-stays");
+    let sleeper_cg = stays.create(&format!(
+        "kubepods/pod{}/{}",
+        pod_uid(914),
+        container_id(914)
+    ));
+    let _sleeper = spawn(&sleeper_cg, &["sleep"]);
+    let t = tree("metrics");
+    let cg = t.create(&format!(
+        "kubepods/pod{}/{}",
+        pod_uid(915),
+        container_id(915)
+    ));
+    for _ in 0..N as usize {
+        let mut c = process::spawn_in(&cg.dir, &mut Command::new("true")).expect("spawn");
+        assert!(c.wait().expect("wait").success());
+    }
+    drop(t);
+    let grew = |s: &std::collections::HashMap<_, f64>, k: &(String, String), by: f64| {
+        s.get(k).copied().unwrap_or(0.0) >= base.get(k).copied().unwrap_or(0.0) + by
+    };
+    let after = wait_for(Duration::from_secs(15), || {
+        scrape(&mut daemon).filter(|s| {
+            ["exec", "fork", "exit", "attach"]
+                .iter()
+                .all(|kind| grew(s, &events(kind), N))
+                && grew(s, &events("cgroup_mkdir"), 1.0)
+                && grew(s, &events("cgroup_rmdir"), 1.0)
+                // Counted again since the sleeper started (every 5 s).
+                && s.get(&entries).is_some_and(|n| *n >= 1.0)
+        })
+    });
+    let Some(after) = after else {
+        panic!(
+            "event counts did not grow by {N}: {base:?} -> {:?}",
+            scrape(&mut daemon)
+        );
+    };
+    let n = after[&entries];
+    assert!(n <= f64::from(PID_MAP_CAPACITY), "pid map entries {n}");
 }

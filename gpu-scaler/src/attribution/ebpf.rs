@@ -348,7 +348,12 @@ pub struct EbpfAttributor {
 fn max_entries(map: &Map) -> Result<u32> {
     let data = match map {
         Map::LruHashMap(d) | Map::HashMap(d) | Map::RingBuf(d) => d,
-        other => return Err(ebpf_err("probe object", format!("unexpected map {other:?}"))),
+        other => {
+            return Err(ebpf_err(
+                "probe object",
+                format!("unexpected map {other:?}"),
+            ));
+        }
     };
     data.info()
         .map(|i| i.max_entries())
@@ -1020,7 +1025,15 @@ mod tests {
         assert_eq!(p("64kib").unwrap(), 64 << 10);
         assert_eq!(p("1GiB").unwrap(), 1 << 30);
         assert_eq!(RingBufferSize::DEFAULT.to_string(), "1MiB");
-        for bad in ["", "MiB", "1.5MiB", "-4096", "4096 bytes", "1MB", "99999999999GiB"] {
+        for bad in [
+            "",
+            "MiB",
+            "1.5MiB",
+            "-4096",
+            "4096 bytes",
+            "1MB",
+            "99999999999GiB",
+        ] {
             assert!(p(bad).is_err(), "{bad:?} accepted");
         }
     }

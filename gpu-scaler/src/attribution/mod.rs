@@ -161,7 +161,11 @@ pub type Result<T, E = Error> = std::result::Result<T, E>;
 pub async fn start(config: Config) -> Result<Arc<dyn Attributor>> {
     match config.mode {
         Mode::Procfs => Ok(start_procfs(&config)),
-        Mode::Ebpf => Ok(ebpf::EbpfAttributor::start_with(config.exit_grace, config.ebpf_ring_buffer).await?),
+        Mode::Ebpf => Ok(ebpf::EbpfAttributor::start_with(
+            config.exit_grace,
+            config.ebpf_ring_buffer,
+        )
+        .await?),
         Mode::Auto => {
             if !ebpf::probe_embedded() {
                 tracing::warn!(
@@ -170,7 +174,8 @@ pub async fn start(config: Config) -> Result<Arc<dyn Attributor>> {
                 );
                 return Ok(start_procfs(&config));
             }
-            match ebpf::EbpfAttributor::start_with(config.exit_grace, config.ebpf_ring_buffer).await {
+            match ebpf::EbpfAttributor::start_with(config.exit_grace, config.ebpf_ring_buffer).await
+            {
                 Ok(a) => Ok(a),
                 Err(error) => {
                     tracing::warn!(%error, "eBPF attribution unavailable, falling back to /proc");
