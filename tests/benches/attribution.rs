@@ -372,6 +372,19 @@ fn tracked_pids(o: &Opts, start: &dyn Fn() -> Arc<EbpfAttributor>) {
     let (rate_p, _) = lookups(&procfs, Duration::from_secs(2));
     println!("  procfs backend, for comparison: {:.0} lookups/s", rate_p);
     drop(procfs);
+    // What the engine pays every 5 s for gpu_scaler_ebpf_map_entries: a walk of
+    // the kernel's pid map, one bpf() syscall per key, on the blocking pool.
+    let mut walks: Vec<f64> = Vec::new();
+    let mut entries = 0;
+    for _ in 0..7 {
+        let t = Instant::now();
+        entries = engine.kernel_map_len();
+        walks.push(t.elapsed().as_secs_f64() * 1e3);
+    }
+    println!(
+        "  counting the kernel pid map ({entries} entries): median {:.2} ms per count",
+        median(&mut walks)
+    );
     let rss_after = vm_rss_kib(std::process::id());
     println!(
         "  resident memory of this process: {:.1} MiB before the engine, {:.1} MiB with it and {} pids",

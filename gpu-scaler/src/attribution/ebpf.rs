@@ -85,7 +85,7 @@ const MAP_COUNT_EVERY: Duration = Duration::from_secs(5);
 pub struct RingBufferSize(u32);
 
 impl RingBufferSize {
-    /// 1 MiB: about 20,000 process events, or a second of a heavy fork storm.
+    /// 1 MiB: about 18,000 process events (56 bytes each in the ring).
     pub const DEFAULT: Self = Self(gpu_scaler_common::RING_BUF_BYTES);
 
     /// `bytes`, if this machine's kernel accepts it as a ring buffer size.
@@ -171,7 +171,7 @@ impl std::str::FromStr for RingBufferSize {
 /// `bytes` in the largest binary unit that divides it.
 fn human(bytes: u64) -> String {
     for (shift, unit) in [(30, "GiB"), (20, "MiB"), (10, "KiB")] {
-        if bytes >= 1 << shift && bytes % (1 << shift) == 0 {
+        if bytes >= 1 << shift && bytes.is_multiple_of(1 << shift) {
             return format!("{}{unit}", bytes >> shift);
         }
     }
