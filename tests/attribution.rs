@@ -739,8 +739,8 @@ async fn a_ring_buffer_overflow_is_recovered_from_proc() {
     assert_eq!(stats().1.ring_buffer_bytes, page.bytes(), "ring resized");
     let t = tree("overflow");
     let mut pods = Vec::new();
-    for (n, cid_n) in [(910, 910), (911, 911), (912, 912), (913, 913)] {
-        let (uid, cid) = (pod_uid(n), container_id(cid_n));
+    for n in 910..914 {
+        let (uid, cid) = (pod_uid(n), container_id(n));
         let cg = t.create(&format!("kubepods/burstable/pod{uid}/{cid}"));
         let owner = pod(
             &uid,

@@ -733,10 +733,17 @@ mod tests {
             !out.contains("gpu_scaler_ebpf_events_dropped_total"),
             "no eBPF series from the procfs backend: {out}"
         );
-        assert!(
-            !out.contains("gpu_scaler_ebpf_"),
-            "no eBPF series from the procfs backend: {out}"
-        );
+        for series in [
+            "gpu_scaler_ebpf_events_total",
+            "gpu_scaler_ebpf_resyncs_total",
+            "gpu_scaler_ebpf_map_entries",
+            "gpu_scaler_ebpf_map_capacity",
+        ] {
+            assert!(
+                !out.contains(series),
+                "{series} from the procfs backend: {out}"
+            );
+        }
     }
 
     #[test]
