@@ -699,6 +699,24 @@ fn assert_exited(engine: &EbpfAttributor, pid: u32, allowed: &[Option<&Owner>]) 
     );
 }
 
+/// After the grace period an exited pid must not resolve to its old pod. It
+/// resolves to nothing, unless another process took the pid since (pids wrap
+/// at pid_max, 32768 by default): then to that process's owner, which procfs
+/// confirms while it lives (a short-lived one may be gone already).
+fn assert_gone(engine: &EbpfAttributor, pid: u32, old: &Owner) {
+    let got = engine.resolve(pid);
+    assert_ne!(
+        got.as_ref().map(|a| &a.owner),
+        Some(old),
+        "exited pid {pid} still resolves to its old pod after the grace period"
+    );
+    if let Some(got) = got
+        && let Some(now) = ProcfsAttributor::new(Duration::from_secs(1)).resolve(pid)
+    {
+        assert_eq!(got.owner, now.owner, "reused pid {pid}");
+    }
+}
+
 /// Kills and reaps `child`, returning its pid.
 fn end(mut child: Reaped) -> u32 {
     let pid = child.0.id();
@@ -828,8 +846,8 @@ async fn a_ring_buffer_overflow_is_recovered_from_proc() {
     }
     // ... and nothing after it.
     tokio::time::sleep(grace + Duration::from_millis(500)).await;
-    assert_exited(&engine, exited, &[None]);
-    assert_exited(&engine, burst, &[None]);
+    assert_gone(&engine, exited, &owner_a);
+    assert_gone(&engine, burst, &owner_d);
     if reused.is_some() {
         check_async(&engine, victim, &b, &owner_b).await;
     }

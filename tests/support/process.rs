@@ -44,7 +44,35 @@ pub fn spawn_in(cgroup: &Path, cmd: &mut Command) -> std::io::Result<Child> {
 /// setting /proc/sys/kernel/ns_last_pid to `pid - 1` just before forking.
 /// Other processes may take the pid first, so it retries; `None` if `pid`
 /// could not be obtained (it must be free: the old process reaped).
+///
+/// Afterwards the counter is put back where it was, so the pids freed just
+/// above `pid` (by a test's other exited processes) are not handed out again
+/// at once to whatever the machine starts next.
 pub fn spawn_with_pid(
+    pid: u32,
+    cgroup: &Path,
+    make: impl FnMut() -> Command,
+    attempts: usize,
+) -> Option<Child> {
+    const LAST_PID: &str = "/proc/sys/kernel/ns_last_pid";
+    let before: Option<u32> = std::fs::read_to_string(LAST_PID)
+        .ok()
+        .and_then(|s| s.trim().parse().ok());
+    let child = rewind_and_spawn(pid, cgroup, make, attempts);
+    if let Some(before) = before {
+        let now: u32 = std::fs::read_to_string(LAST_PID)
+            .ok()
+            .and_then(|s| s.trim().parse().ok())
+            .unwrap_or(0);
+        // Only forward: never hand out pids below ones already allocated.
+        if now < before {
+            let _ = std::fs::write(LAST_PID, before.to_string());
+        }
+    }
+    child
+}
+
+fn rewind_and_spawn(
     pid: u32,
     cgroup: &Path,
     mut make: impl FnMut() -> Command,
