@@ -620,12 +620,13 @@ async fn follow(
                 if dropped > seen_drops {
                     tracing::warn!(lost = dropped - seen_drops, total = dropped,
                         "eBPF ring buffer overflowed; resynchronising from /proc");
-                    seen_drops = dropped;
                     // Apply what was queued before the loss first: replayed
                     // after the scan, those older events would undo it (a pid
                     // reused in the gap would get its old process's cgroup).
                     drain_ring(&shared, ring.get_mut(), &mount, &mut last_walk);
-                    resync(&shared, &mount).await;
+                    if resync(&shared, &mount).await {
+                        seen_drops = dropped; // else: retried at the next tick
+                    }
                     shared.tracker.write().expect("tracker poisoned").set_dropped_events(dropped);
                 }
             }
@@ -799,13 +800,19 @@ fn move_threads(shared: &Shared, moved: Vec<(u32, u64)>) {
 /// After lost events: re-read every process's cgroup and let the tracker
 /// correct what differs ([`Tracker::resync`]). The caller has applied every
 /// event queued before the loss; events queued during the scan are newer than
-/// it and are applied after.
-async fn resync(shared: &Arc<Shared>, mount: &Cgroup2Mount) {
+/// it and are applied after. `false` if /proc could not be read.
+async fn resync(shared: &Arc<Shared>, mount: &Cgroup2Mount) -> bool {
     let mount = mount.clone();
     let scan = match tokio::task::spawn_blocking(move || scan_for_resync(&mount)).await {
         Ok(Ok(scan)) => scan,
-        Ok(Err(error)) => return tracing::warn!(%error, "resync from /proc failed"),
-        Err(error) => return tracing::warn!(%error, "resync from /proc failed"),
+        Ok(Err(error)) => {
+            tracing::warn!(%error, "resync from /proc failed");
+            return false;
+        }
+        Err(error) => {
+            tracing::warn!(%error, "resync from /proc failed");
+            return false;
+        }
     };
     let done = shared
         .tracker
@@ -819,6 +826,7 @@ async fn resync(shared: &Arc<Shared>, mount: &Cgroup2Mount) {
         forgotten = done.forgotten,
         "resynchronised from /proc"
     );
+    true
 }
 
 /// Every process with its cgroup and threads, and the cgroup tree (walked
