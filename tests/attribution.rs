@@ -19,7 +19,7 @@ use gpu_scaler::attribution::{
 };
 use gpu_scaler_tests::{
     cgroup::{Cgroup, TestTree, container_id, pod_uid},
-    kernel, process, wait_for, workspace_bin,
+    kernel, process, serve, wait_for, workspace_bin,
 };
 
 const HELPER: &str = env!("CARGO_BIN_EXE_attribution-helper");
@@ -854,31 +854,6 @@ async fn a_ring_buffer_overflow_is_recovered_from_proc() {
     check_async(&engine, stays.0.id(), &a, &owner_a).await;
 }
 
-/// A port free on 127.0.0.1 right now.
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("a free port")
-        .port()
-}
-
-/// GET `path` from `addr`: (status, body), or None when nothing answers.
-fn http_get(addr: &str, path: &str) -> Option<(u16, String)> {
-    use std::io::{Read as _, Write as _};
-    let mut s = std::net::TcpStream::connect(addr).ok()?;
-    s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
-    write!(
-        s,
-        "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
-    )
-    .ok()?;
-    let mut buf = String::new();
-    s.read_to_string(&mut buf).ok()?;
-    let (head, body) = buf.split_once("\r\n\r\n")?;
-    let status = head.split(' ').nth(1)?.parse().ok()?;
-    Some((status, body.to_owned()))
-}
-
 /// The eBPF series of one scrape: (name, label value) -> value.
 fn ebpf_series(body: &str) -> std::collections::HashMap<(String, String), f64> {
     body.lines()
@@ -895,16 +870,6 @@ fn ebpf_series(body: &str) -> std::collections::HashMap<(String, String), f64> {
             Some(((name.to_owned(), label.to_owned()), value.parse().ok()?))
         })
         .collect()
-}
-
-/// A running `gpu-scaler serve`, killed when dropped.
-struct Daemon(Child);
-
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
 }
 
 /// The real daemon with eBPF attribution and a 64 KiB ring buffer: /metrics
@@ -950,32 +915,39 @@ fn serve_exports_ebpf_events_and_map_occupancy() {
          memory_utilization = 0\ntemperature_c = 40\npower_w = 100.0\npower_limit_w = 700.0\n",
     )
     .expect("scenario");
-    let http = format!("127.0.0.1:{}", free_port());
-    let mut daemon = Daemon(
-        Command::new(&bin)
-            .args(["serve", "--attribution", "ebpf", "--gpu", "mock"])
-            .arg("--gpu-scenario")
-            .arg(&scenario)
-            .arg("--pods-file")
-            .arg(&pods)
-            .args([
-                "--ebpf-ring-buffer-bytes",
-                "64KiB",
-                "--poll-interval",
-                "250ms",
-            ])
-            .args(["--listen", &format!("127.0.0.1:{}", free_port())])
-            .args(["--peer-listen", &format!("127.0.0.1:{}", free_port())])
-            .args(["--metrics-listen", &http])
-            .env("RUST_LOG", "warn")
-            .spawn()
-            .expect("start gpu-scaler serve"),
+    let localhost: std::net::IpAddr = [127, 0, 0, 1].into();
+    let port = || format!("127.0.0.1:{}", serve::free_port(localhost));
+    let http: std::net::SocketAddr = port().parse().expect("address");
+    let mut args: Vec<std::ffi::OsString> = vec![
+        "--gpu-scenario".into(),
+        scenario.into(),
+        "--pods-file".into(),
+        pods.into(),
+        "--metrics-listen".into(),
+        http.to_string().into(),
+        "--listen".into(),
+        port().into(),
+        "--peer-listen".into(),
+        port().into(),
+    ];
+    args.extend(
+        [
+            "--attribution",
+            "ebpf",
+            "--gpu",
+            "mock",
+            "--ebpf-ring-buffer-bytes",
+            "64KiB",
+            "--poll-interval",
+            "250ms",
+        ]
+        .map(Into::into),
     );
-    let scrape = |daemon: &mut Daemon| {
-        if let Ok(Some(status)) = daemon.0.try_wait() {
-            panic!("gpu-scaler serve exited: {status}");
-        }
-        http_get(&http, "/metrics")
+    let mut daemon =
+        serve::ServeProcess::spawn("ebpf-metrics", args, &dir.path().join("serve.log"));
+    daemon.wait_ready(http);
+    let scrape = || {
+        serve::http_get(http, "/metrics")
             .filter(|(status, _)| *status == 200)
             .map(|(_, body)| ebpf_series(&body))
     };
@@ -984,9 +956,9 @@ fn serve_exports_ebpf_events_and_map_occupancy() {
     let entries = key("gpu_scaler_ebpf_map_entries", "PID_CGROUP");
     // Up, with the pid map counted once.
     let base = wait_for(Duration::from_secs(30), || {
-        scrape(&mut daemon).filter(|s| s.contains_key(&entries))
+        scrape().filter(|s| s.contains_key(&entries))
     })
-    .expect("gpu-scaler serve up and its pid map counted within 30 s");
+    .expect("the pid map counted within 30 s");
     assert_eq!(
         base.get(&key("gpu_scaler_ebpf_map_capacity", "PID_CGROUP")),
         Some(&f64::from(PID_MAP_CAPACITY))
@@ -1024,7 +996,7 @@ fn serve_exports_ebpf_events_and_map_occupancy() {
         s.get(k).copied().unwrap_or(0.0) >= base.get(k).copied().unwrap_or(0.0) + by
     };
     let after = wait_for(Duration::from_secs(15), || {
-        scrape(&mut daemon).filter(|s| {
+        scrape().filter(|s| {
             ["exec", "fork", "exit", "attach"]
                 .iter()
                 .all(|kind| grew(s, &events(kind), N))
@@ -1037,7 +1009,7 @@ fn serve_exports_ebpf_events_and_map_occupancy() {
     let Some(after) = after else {
         panic!(
             "event counts did not grow by {N}: {base:?} -> {:?}",
-            scrape(&mut daemon)
+            scrape()
         );
     };
     let n = after[&entries];
