@@ -3,16 +3,13 @@
 //! (support/kube_api.rs) for pods, EndpointSlices, ScaledObjects and scale
 //! subresources. KEDA's calls go over real gRPC to any daemon.
 
-use std::{collections::HashMap, net::IpAddr, time::Duration};
+use std::{net::IpAddr, time::Duration};
 
-use gpu_scaler::{
-    cluster::{MissingNodePolicy, Stats},
-    scaler::proto::{GetMetricsRequest, ScaledObjectRef},
-};
+use gpu_scaler::cluster::{MissingNodePolicy, Stats};
 use gpu_scaler_tests::{
     cluster::{ClusterDaemon, ClusterSettings},
     kube_api::{FakeKube, ResourceType, peer_endpoint_slice, running_pod, scaled_object, workload},
-    scaler::{device, process},
+    scaler::{device, metric_value, process},
 };
 
 const WAIT: Duration = Duration::from_secs(15);
@@ -28,24 +25,7 @@ async fn get_metrics(
     name: &str,
     meta: &[(&str, &str)],
 ) -> Result<f64, tonic::Status> {
-    let mut c = d.client().await;
-    let scaler_metadata: HashMap<String, String> = meta
-        .iter()
-        .map(|(k, v)| ((*k).into(), (*v).into()))
-        .collect();
-    let r = c
-        .get_metrics(GetMetricsRequest {
-            scaled_object_ref: Some(ScaledObjectRef {
-                name: name.into(),
-                namespace: namespace.into(),
-                scaler_metadata,
-            }),
-            metric_name: String::new(),
-        })
-        .await?
-        .into_inner();
-    assert_eq!(r.metric_values.len(), 1, "exactly one value");
-    Ok(r.metric_values[0].metric_value_float)
+    metric_value(&mut d.client().await, namespace, name, meta).await
 }
 
 /// Polls every daemon in `daemons` until each returns `want` for the query.

@@ -15,17 +15,13 @@
 //! with it. Every expected value is computed by hand from the loads below.
 
 use std::{
-    collections::HashMap,
     net::{IpAddr, Ipv4Addr, SocketAddr},
     path::{Path, PathBuf},
     time::Duration,
 };
 
 use gpu_scaler::{
-    attribution::ebpf::EbpfAttributor,
-    scaler::proto::{
-        GetMetricsRequest, ScaledObjectRef, external_scaler_client::ExternalScalerClient,
-    },
+    attribution::ebpf::EbpfAttributor, scaler::proto::external_scaler_client::ExternalScalerClient,
 };
 use gpu_scaler_tests::{
     cgroup::TestTree,
@@ -35,6 +31,7 @@ use gpu_scaler_tests::{
         workload,
     },
     pod::{Layout, RealPod, cgroupfs_guaranteed, systemd_containerd, systemd_crio},
+    scaler::metric_value,
     serve::{ServeProcess, free_port, http_get},
     wait_for,
 };
@@ -144,23 +141,7 @@ async fn get_metrics(
     let mut c = ExternalScalerClient::connect(format!("http://{grpc}"))
         .await
         .map_err(|e| tonic::Status::unavailable(format!("connect {grpc}: {e}")))?;
-    let scaler_metadata: HashMap<String, String> = meta
-        .iter()
-        .map(|(k, v)| ((*k).into(), (*v).into()))
-        .collect();
-    let r = c
-        .get_metrics(GetMetricsRequest {
-            scaled_object_ref: Some(ScaledObjectRef {
-                name: name.into(),
-                namespace: namespace.into(),
-                scaler_metadata,
-            }),
-            metric_name: String::new(),
-        })
-        .await?
-        .into_inner();
-    assert_eq!(r.metric_values.len(), 1, "exactly one value");
-    Ok(r.metric_values[0].metric_value_float)
+    metric_value(&mut c, namespace, name, meta).await
 }
 
 /// The test's world: the fake API server (on `rt`), the nodes and their

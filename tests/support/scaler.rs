@@ -18,7 +18,10 @@ use gpu_scaler::{
     daemon::{self, Inputs, Settings},
     gpu::{GpuDevice, GpuProcess, GpuSnapshot, GpuStatus, ProcessKind, Reading},
     pods::{Pod, PodSet, PodsReceiver, PodsSender},
-    scaler::{proto::external_scaler_client::ExternalScalerClient, server::Tls},
+    scaler::{
+        proto::{GetMetricsRequest, ScaledObjectRef, external_scaler_client::ExternalScalerClient},
+        server::Tls,
+    },
 };
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
@@ -312,4 +315,35 @@ impl Node {
             .unwrap_or_default();
         (code, body)
     }
+}
+
+/// A ScaledObjectRef as KEDA sends it.
+pub fn object_ref(namespace: &str, name: &str, meta: &[(&str, &str)]) -> ScaledObjectRef {
+    ScaledObjectRef {
+        name: name.into(),
+        namespace: namespace.into(),
+        scaler_metadata: meta
+            .iter()
+            .map(|(k, v)| ((*k).into(), (*v).into()))
+            .collect(),
+    }
+}
+
+/// GetMetrics exactly as KEDA sends it (no metric name): the one value's float
+/// field. Panics if the answer carries other than one value.
+pub async fn metric_value(
+    client: &mut ExternalScalerClient<Channel>,
+    namespace: &str,
+    name: &str,
+    meta: &[(&str, &str)],
+) -> Result<f64, tonic::Status> {
+    let r = client
+        .get_metrics(GetMetricsRequest {
+            scaled_object_ref: Some(object_ref(namespace, name, meta)),
+            metric_name: String::new(),
+        })
+        .await?
+        .into_inner();
+    assert_eq!(r.metric_values.len(), 1, "exactly one value");
+    Ok(r.metric_values[0].metric_value_float)
 }
