@@ -8,8 +8,11 @@ use std::{net::IpAddr, time::Duration};
 use gpu_scaler::cluster::{MissingNodePolicy, Stats};
 use gpu_scaler_tests::{
     cluster::{ClusterDaemon, ClusterSettings},
-    kube_api::{FakeKube, ResourceType, peer_endpoint_slice, running_pod, scaled_object, workload},
-    scaler::{device, metric_value, process},
+    kube_api::{
+        FakeKube, ResourceType, endpoint_slice, peer_endpoint_slice, running_pod, scaled_object,
+        workload,
+    },
+    scaler::{device, http_get, metric_value, process},
 };
 
 const WAIT: Duration = Duration::from_secs(15);
@@ -219,4 +222,144 @@ async fn four_daemons_answer_the_same_for_a_workload_over_three_nodes() {
     for d in &mut daemons {
         d.stop().await;
     }
+}
+
+/// `gpu_scaler_peers{state}` of the daemon's /metrics, as (ready, not_ready);
+/// `None` for a state without a sample.
+async fn peers_gauge(d: &ClusterDaemon) -> (Option<f64>, Option<f64>) {
+    let (code, body) = http_get(d.http_addr(), "/metrics").await;
+    assert_eq!(code, 200, "{body}");
+    let scrape = prometheus_parse::Scrape::parse(body.lines().map(|l| Ok(l.to_owned())))
+        .expect("/metrics parses as Prometheus text format");
+    let state = |s: &str| {
+        let found: Vec<f64> = scrape
+            .samples
+            .iter()
+            .filter(|x| x.metric == "gpu_scaler_peers" && x.labels.get("state") == Some(s))
+            .map(|x| match x.value {
+                prometheus_parse::Value::Gauge(v) => v,
+                ref other => panic!("gpu_scaler_peers is not a gauge: {other:?}"),
+            })
+            .collect();
+        assert!(found.len() <= 1, "gpu_scaler_peers{{state={s}}}: {found:?}");
+        found.first().copied()
+    };
+    (state("ready"), state("not_ready"))
+}
+
+/// Polls the daemon's /metrics until the peers gauge reads (ready, not_ready).
+async fn await_peers_gauge(d: &ClusterDaemon, what: &str, ready: f64, not_ready: f64) {
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        let got = peers_gauge(d).await;
+        if got == (Some(ready), Some(not_ready)) {
+            return;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{what}: gpu_scaler_peers (ready, not_ready) is {got:?}, expected ({ready}, {not_ready})"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// `slice` with the endpoint at `index` marked not ready, as the EndpointSlice
+/// controller marks a daemon pod failing its readiness probe.
+fn not_ready(mut slice: serde_json::Value, index: usize) -> serde_json::Value {
+    slice["endpoints"][index]["conditions"]["ready"] = serde_json::Value::Bool(false);
+    slice
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_peers_gauge_follows_endpoint_slice_readiness() {
+    let fake = FakeKube::start().await;
+    let kubeconfig = fake.kubeconfig();
+    let settings = ClusterSettings {
+        kubeconfig: kubeconfig.path.clone(),
+        namespace: "gpu-scaler".into(),
+        service: "gpu-scaler-peers".into(),
+        poll_interval: Duration::from_millis(200),
+        peer_timeout: Duration::from_millis(500),
+        policy: MissingNodePolicy::Average,
+    };
+    let mut daemon = ClusterDaemon::new("gpu-node-1", ip(11), settings).await;
+    daemon.start().await;
+    let slices = ResourceType::endpoint_slices();
+    // Node 1 ready; node 2's daemon failing its probe; node 3 in a rolling
+    // update (the old pod not ready, the new one ready): node 3 is ready.
+    fake.apply(
+        &slices,
+        not_ready(
+            not_ready(
+                endpoint_slice(
+                    "gpu-scaler",
+                    "peers-a",
+                    "gpu-scaler-peers",
+                    &[
+                        ("gpu-node-1", "127.0.0.11"),
+                        ("gpu-node-2", "10.0.0.2"),
+                        ("gpu-node-3", "10.0.0.30"),
+                        ("gpu-node-3", "10.0.0.31"),
+                    ],
+                    6001,
+                ),
+                1,
+            ),
+            2,
+        ),
+    );
+    // Another Service's endpoints are no peers, ready or not.
+    fake.apply(
+        &slices,
+        not_ready(
+            endpoint_slice(
+                "gpu-scaler",
+                "unrelated",
+                "other-svc",
+                &[("gpu-node-9", "10.0.0.9")],
+                6001,
+            ),
+            0,
+        ),
+    );
+    await_peers_gauge(&daemon, "two ready, one not", 2.0, 1.0).await;
+
+    // Node 2 passes its probe; node 4 joins, not ready yet, in a second slice.
+    fake.apply(
+        &slices,
+        not_ready(
+            endpoint_slice(
+                "gpu-scaler",
+                "peers-a",
+                "gpu-scaler-peers",
+                &[
+                    ("gpu-node-1", "127.0.0.11"),
+                    ("gpu-node-2", "10.0.0.2"),
+                    ("gpu-node-3", "10.0.0.31"),
+                ],
+                6001,
+            ),
+            2,
+        ),
+    );
+    fake.apply(
+        &slices,
+        not_ready(
+            endpoint_slice(
+                "gpu-scaler",
+                "peers-b",
+                "gpu-scaler-peers",
+                &[("gpu-node-4", "10.0.0.4")],
+                6001,
+            ),
+            0,
+        ),
+    );
+    // Node 3's only endpoint is now the not-ready one.
+    await_peers_gauge(&daemon, "node 2 ready, nodes 3 and 4 not", 2.0, 2.0).await;
+
+    fake.delete(&slices, "gpu-scaler", "peers-b");
+    fake.delete(&slices, "gpu-scaler", "peers-a");
+    await_peers_gauge(&daemon, "every slice gone", 0.0, 0.0).await;
+    daemon.stop().await;
 }

@@ -173,6 +173,11 @@ impl ClusterDaemon {
             .expect("daemon stops cleanly");
     }
 
+    /// The running daemon's HTTP listener (/metrics, /readyz).
+    pub fn http_addr(&self) -> SocketAddr {
+        self.run.as_ref().expect("running").1.http_addr
+    }
+
     /// A gRPC client of this daemon's ExternalScaler.
     pub async fn client(&self) -> ExternalScalerClient<Channel> {
         ExternalScalerClient::connect(format!("http://{}", self.grpc_addr))

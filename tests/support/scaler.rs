@@ -296,24 +296,7 @@ impl Node {
 
     /// GET `path` on the HTTP listener: (status code, body).
     pub async fn http_get(&self, path: &str) -> (u16, String) {
-        use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
-        let mut s = tokio::net::TcpStream::connect(self.http_addr)
-            .await
-            .expect("connect HTTP");
-        let req = format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n");
-        s.write_all(req.as_bytes()).await.expect("send request");
-        let mut buf = String::new();
-        s.read_to_string(&mut buf).await.expect("read response");
-        let code = buf
-            .split_whitespace()
-            .nth(1)
-            .and_then(|c| c.parse().ok())
-            .expect("status line");
-        let body = buf
-            .split_once("\r\n\r\n")
-            .map(|(_, b)| b.to_owned())
-            .unwrap_or_default();
-        (code, body)
+        http_get(self.http_addr, path).await
     }
 }
 
@@ -346,4 +329,27 @@ pub async fn metric_value(
         .into_inner();
     assert_eq!(r.metric_values.len(), 1, "exactly one value");
     Ok(r.metric_values[0].metric_value_float)
+}
+
+/// GET `path` from the daemon HTTP listener at `addr` with a plain HTTP/1.1
+/// request: (status code, body).
+pub async fn http_get(addr: std::net::SocketAddr, path: &str) -> (u16, String) {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let mut s = tokio::net::TcpStream::connect(addr)
+        .await
+        .expect("connect HTTP");
+    let req = format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n");
+    s.write_all(req.as_bytes()).await.expect("send request");
+    let mut buf = String::new();
+    s.read_to_string(&mut buf).await.expect("read response");
+    let code = buf
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .expect("status line");
+    let body = buf
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_owned())
+        .unwrap_or_default();
+    (code, body)
 }

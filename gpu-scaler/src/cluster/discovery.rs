@@ -7,7 +7,7 @@
 //! alternative for setups without the API and for tests.
 
 use std::{
-    collections::{BTreeMap, HashMap},
+    collections::{BTreeMap, BTreeSet, HashMap},
     net::{IpAddr, SocketAddr},
     sync::Arc,
 };
@@ -27,11 +27,29 @@ pub const PEER_PORT_NAME: &str = "peer";
 /// Node name -> the peer address of the daemon on it.
 pub type PeerMap = BTreeMap<String, SocketAddr>;
 
+/// How many nodes' daemons are known, by whether they can be asked.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PeerCensus {
+    /// Nodes with a daemon that can be asked (in [`PeerBook::all`]).
+    pub ready: usize,
+    /// Nodes whose daemons are all listed but not ready (starting, failing
+    /// their readiness probe, terminating): their pods count as unreported.
+    pub not_ready: usize,
+}
+
 /// Looks up the daemon of a node.
 pub trait PeerBook: Send + Sync {
     fn address(&self, node: &str) -> Option<SocketAddr>;
     /// Every known peer.
     fn all(&self) -> Arc<PeerMap>;
+    /// Known peers by readiness. A list without readiness (`--peers`) has every
+    /// peer ready: the daemon asks each of them.
+    fn census(&self) -> PeerCensus {
+        PeerCensus {
+            ready: self.all().len(),
+            not_ready: 0,
+        }
+    }
 }
 
 /// A fixed list (`--peers`).
@@ -72,6 +90,7 @@ pub fn parse_peer(s: &str) -> Result<(String, SocketAddr), String> {
 /// Peers from the EndpointSlices of a headless Service, kept current by a watch.
 pub struct EndpointPeers {
     rx: watch::Receiver<Arc<PeerMap>>,
+    census: watch::Receiver<PeerCensus>,
     task: tokio::task::JoinHandle<()>,
 }
 
@@ -87,11 +106,12 @@ impl EndpointPeers {
         let config =
             watcher::Config::default().labels(&format!("kubernetes.io/service-name={service}"));
         let (tx, rx) = watch::channel(Arc::new(PeerMap::new()));
+        let (census_tx, census) = watch::channel(PeerCensus::default());
         let what = format!("{namespace}/{service}");
         let task = tokio::spawn(async move {
             let mut stream = watcher(api, config).default_backoff().boxed();
-            let mut slices: HashMap<String, Vec<(String, SocketAddr)>> = HashMap::new();
-            let mut relist: Option<HashMap<String, Vec<(String, SocketAddr)>>> = None;
+            let mut slices: HashMap<String, Vec<Endpoint>> = HashMap::new();
+            let mut relist: Option<HashMap<String, Vec<Endpoint>>> = None;
             while let Some(event) = stream.next().await {
                 match event {
                     Ok(watcher::Event::Init) => relist = Some(HashMap::new()),
@@ -115,14 +135,34 @@ impl EndpointPeers {
                 if relist.is_some() {
                     continue;
                 }
-                let map: PeerMap = slices.values().flatten().cloned().collect();
+                let map: PeerMap = slices
+                    .values()
+                    .flatten()
+                    .filter(|e| e.ready)
+                    .map(|e| (e.node.clone(), e.addr))
+                    .collect();
+                // A node counts once: ready when any of its daemons is (a
+                // rolling update lists the old pod and the new one).
+                let not_ready: BTreeSet<&str> = slices
+                    .values()
+                    .flatten()
+                    .filter(|e| !e.ready && !map.contains_key(&e.node))
+                    .map(|e| e.node.as_str())
+                    .collect();
+                census_tx.send_if_modified(|c| {
+                    let new = PeerCensus {
+                        ready: map.len(),
+                        not_ready: not_ready.len(),
+                    };
+                    std::mem::replace(c, new) != new
+                });
                 if **tx.borrow() != map {
                     tracing::info!(service = %what, peers = map.len(), "peer daemons changed");
                     tx.send_replace(Arc::new(map));
                 }
             }
         });
-        Self { rx, task }
+        Self { rx, census, task }
     }
 
     /// A receiver that sees every change of the map.
@@ -138,10 +178,22 @@ impl PeerBook for EndpointPeers {
     fn all(&self) -> Arc<PeerMap> {
         self.rx.borrow().clone()
     }
+    fn census(&self) -> PeerCensus {
+        *self.census.borrow()
+    }
 }
 
-/// The ready endpoints of a slice that name their node, as (node, address).
-fn endpoints(slice: &EndpointSlice) -> Vec<(String, SocketAddr)> {
+/// One daemon listed in an EndpointSlice.
+#[derive(Clone, Debug, PartialEq, Eq)]
+struct Endpoint {
+    node: String,
+    addr: SocketAddr,
+    /// `conditions.ready`; unset means ready, as the EndpointSlice API says.
+    ready: bool,
+}
+
+/// The endpoints of a slice that name their node and have an address.
+fn endpoints(slice: &EndpointSlice) -> Vec<Endpoint> {
     let ports = slice.ports.as_deref().unwrap_or_default();
     let port = ports
         .iter()
@@ -163,11 +215,14 @@ fn endpoints(slice: &EndpointSlice) -> Vec<(String, SocketAddr)> {
     slice
         .endpoints
         .iter()
-        .filter(|e| e.conditions.as_ref().and_then(|c| c.ready).unwrap_or(true))
         .filter_map(|e| {
             let node = e.node_name.clone()?;
             let ip: IpAddr = e.addresses.first()?.parse().ok()?;
-            Some((node, SocketAddr::new(ip, port)))
+            Some(Endpoint {
+                node,
+                addr: SocketAddr::new(ip, port),
+                ready: e.conditions.as_ref().and_then(|c| c.ready).unwrap_or(true),
+            })
         })
         .collect()
 }
@@ -208,11 +263,17 @@ mod tests {
             "ports": [{"name": "metrics", "port": 9090}, {"name": "peer", "port": 6001}]
         }))
         .expect("valid slice");
+        let ep = |node: &str, ip: &str, ready| Endpoint {
+            node: node.to_owned(),
+            addr: format!("{ip}:6001").parse().expect("addr"),
+            ready,
+        };
         assert_eq!(
             endpoints(&slice),
             vec![
-                ("a".to_owned(), "10.0.0.1:6001".parse().expect("addr")),
-                ("d".to_owned(), "10.0.0.4:6001".parse().expect("addr")),
+                ep("a", "10.0.0.1", true),
+                ep("b", "10.0.0.2", false),
+                ep("d", "10.0.0.4", true),
             ]
         );
     }

@@ -154,6 +154,7 @@ pub fn start(
         poll_interval,
     ));
     let clients = peer::PeerClients::new(parts.tls.as_ref(), parts.peer_timeout)?;
+    parts.stats.peers.set(parts.peers.clone());
     let fanout = Fanout::new(
         FanoutConfig {
             node_name: parts.node_name,

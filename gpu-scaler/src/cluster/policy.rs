@@ -7,9 +7,15 @@
 //! a report makes the answer UNAVAILABLE. KEDA keeps the last replica count while
 //! a scaler is UNAVAILABLE.
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{
+    Arc, OnceLock,
+    atomic::{AtomicU64, Ordering},
+};
 
-use super::{Error, Result};
+use super::{
+    Error, Result,
+    discovery::{PeerBook, PeerCensus},
+};
 
 /// `--missing-node-policy`.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
@@ -70,6 +76,31 @@ pub struct Stats {
     pub peer_latency: Latency,
     /// Latency of one whole fan-out, slowest peer included.
     pub fanout_latency: Latency,
+    /// The peer book the fan-out asks, for the peers gauge.
+    pub peers: KnownPeers,
+}
+
+/// The cluster's peer book as /metrics reads it: set once by
+/// [`super::start`], read at scrape time so the gauge is never stale.
+#[derive(Default)]
+pub struct KnownPeers(OnceLock<Arc<dyn PeerBook>>);
+
+impl KnownPeers {
+    /// Follows `book`; a second call keeps the first book.
+    pub fn set(&self, book: Arc<dyn PeerBook>) {
+        let _ = self.0.set(book);
+    }
+
+    /// The book's peers by readiness; `None` before [`Self::set`].
+    pub fn census(&self) -> Option<PeerCensus> {
+        self.0.get().map(|b| b.census())
+    }
+}
+
+impl std::fmt::Debug for KnownPeers {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_tuple("KnownPeers").field(&self.census()).finish()
+    }
 }
 
 /// Upper bounds (seconds) of [`Latency`]'s buckets: 1 ms .. ~8 s.

@@ -627,6 +627,24 @@ fn cluster(r: &mut Registry, s: &Stats) {
         "Queries where a node did not answer, by what the policy did",
         missing,
     );
+    if let Some(census) = s.peers.census() {
+        let peers = GaugeFamily::default();
+        set(
+            &peers,
+            vec![("state", "ready".to_owned())],
+            census.ready as f64,
+        );
+        set(
+            &peers,
+            vec![("state", "not_ready".to_owned())],
+            census.not_ready as f64,
+        );
+        r.register(
+            "gpu_scaler_peers",
+            "Nodes with a daemon known to peer discovery, by readiness (--peers: all ready)",
+            peers,
+        );
+    }
 }
 
 /// A cluster [`Latency`] as a Prometheus histogram, as read at scrape time.
@@ -695,6 +713,13 @@ mod tests {
         stats.missing_refused.store(1, Ordering::Relaxed);
         stats.peer_latency.observe(Duration::from_millis(3));
         stats.fanout_latency.observe(Duration::from_millis(20));
+        // A static list has no readiness: every peer counts as ready.
+        stats.peers.set(std::sync::Arc::new(
+            crate::cluster::discovery::StaticPeers::new([
+                ("n1".to_owned(), "127.0.0.1:6001".parse().expect("addr")),
+                ("n2".to_owned(), "127.0.0.2:6001".parse().expect("addr")),
+            ]),
+        ));
         let metrics = Metrics::new("mock");
         metrics.sample_error("mock");
         let out = render(
@@ -719,6 +744,8 @@ mod tests {
             "gpu_scaler_peer_request_duration_seconds_bucket{le=\"0.002\"} 0",
             "gpu_scaler_peer_request_duration_seconds_bucket{le=\"0.004\"} 1",
             "gpu_scaler_fanout_duration_seconds_count 1",
+            "gpu_scaler_peers{state=\"ready\"} 2",
+            "gpu_scaler_peers{state=\"not_ready\"} 0",
             "gpu_scaler_sample_errors_total{source=\"mock\"} 1",
             "gpu_scaler_snapshot_age_seconds NaN",
             "gpu_scaler_gpu_source_up 0",
