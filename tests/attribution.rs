@@ -1015,3 +1015,42 @@ fn serve_exports_ebpf_events_and_map_occupancy() {
     let n = after[&entries];
     assert!(n <= f64::from(PID_MAP_CAPACITY), "pid map entries {n}");
 }
+
+/// The procfs backend answers a live process from its cache (pid and start
+/// time) and reads its cgroup again after its recheck period: a process moved
+/// to another pod's cgroup without exec is seen moved within that period.
+#[test]
+fn procfs_sees_a_process_moved_without_exec_after_its_recheck() {
+    if !kernel::require("root", kernel::probe_root()) {
+        return;
+    }
+    let recheck = Duration::from_millis(500);
+    let procfs = ProcfsAttributor::with_recheck(Duration::from_secs(30), recheck);
+    let t = tree("procfs-move");
+    let (uid_a, cid_a) = (pod_uid(908), container_id(908));
+    let (uid_b, cid_b) = (pod_uid(909), container_id(909));
+    let a = t.create(&format!("kubepods/pod{uid_a}/{cid_a}"));
+    let b = t.create(&format!("kubepods/pod{uid_b}/{cid_b}"));
+    let child = spawn(&a, &["sleep"]);
+    let pid = child.0.id();
+    let owner_of = |uid: &str, cid: &str| {
+        pod(
+            uid,
+            Some(cid),
+            Some(Runtime::Unknown),
+            QosClass::Guaranteed,
+            false,
+        )
+    };
+    let first = procfs.resolve(pid).expect("live pid resolves");
+    assert_eq!(first.owner, owner_of(&uid_a, &cid_a));
+    assert_eq!(&*first.cgroup_path, a.path);
+    std::fs::write(b.dir.join("cgroup.procs"), pid.to_string()).expect("move to pod B");
+    let seen = wait_for(recheck * 4, || {
+        procfs
+            .resolve(pid)
+            .filter(|x| x.owner == owner_of(&uid_b, &cid_b))
+    })
+    .expect("the move is seen after the recheck period");
+    assert_eq!(&*seen.cgroup_path, b.path);
+}
