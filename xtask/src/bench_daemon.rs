@@ -7,8 +7,13 @@
 //! as the kubelet does (systemd driver, containerd), under a
 //! `gpu-scaler-bench` directory of the cgroup v2 mount, named by a PodList
 //! file; the release daemon attributes them through /proc (`--attribution
-//! procfs`, so the figure does not depend on eBPF being loadable). Needs root
-//! for the cgroups.
+//! procfs`, so the figure does not depend on eBPF being loadable; `--attribution
+//! ebpf` measures the eBPF backend). Needs root for the cgroups.
+//!
+//! `--baseline BINARY` runs a second daemon (another build) beside this one on
+//! the same pods and scenario, so the two figures share the machine's load:
+//! quote them side by side. CPU is read in windows and the median window
+//! quoted, with the load average next to it.
 
 use std::{
     fmt::Write as _,
@@ -26,16 +31,53 @@ use crate::host::{cgroup2_mount, http_get, write_atomic};
 
 const GPUS: u32 = 8;
 const NODE: &str = "bench-node";
-const LISTEN: &str = "127.0.0.1:16100";
-const METRICS: &str = "127.0.0.1:16190";
 
-pub fn run(pods: usize, secs: u64, scrape_every: u64) -> Result<()> {
+/// What `cargo xtask bench daemon` was asked for.
+pub struct Options {
+    pub pods: usize,
+    /// Seconds measured per phase.
+    pub secs: u64,
+    /// Seconds between scrapes of each daemon's /metrics.
+    pub scrape_every: u64,
+    /// CPU is read every `window` seconds; the median window is quoted.
+    pub window: u64,
+    /// `--attribution` of the daemons: `procfs` or `ebpf`.
+    pub attribution: String,
+    /// Another gpu-scaler binary run beside the fresh build on the same pods
+    /// and scenario, so both are measured under the same machine load.
+    pub baseline: Option<PathBuf>,
+}
+
+/// One daemon under measurement.
+struct Daemon {
+    label: String,
+    pid: u32,
+    metrics: String,
+    log: PathBuf,
+}
+
+pub fn run(o: &Options) -> Result<()> {
     // SAFETY: geteuid has no preconditions.
     if unsafe { libc::geteuid() } != 0 {
         bail!("the daemon bench creates pod cgroups: run it as root");
     }
+    if !matches!(o.attribution.as_str(), "procfs" | "ebpf") {
+        bail!("--attribution {:?}: expected procfs or ebpf", o.attribution);
+    }
+    if o.window == 0 || o.window > o.secs {
+        bail!("--window must be between 1 and --secs");
+    }
     super::cargo(&["build", "--release", "--package", "gpu-scaler"])?;
-    let binary = Path::new("target/release/gpu-scaler");
+    let mut binaries = vec![(
+        "this build".to_owned(),
+        PathBuf::from("target/release/gpu-scaler"),
+    )];
+    if let Some(b) = &o.baseline {
+        if !b.is_file() {
+            bail!("--baseline {}: no such file", b.display());
+        }
+        binaries.push((format!("baseline {}", b.display()), b.clone()));
+    }
     let work = tempfile_dir()?;
     let mount = cgroup2_mount()?;
     let base = mount.join("gpu-scaler-bench");
@@ -51,34 +93,51 @@ pub fn run(pods: usize, secs: u64, scrape_every: u64) -> Result<()> {
     write_atomic(&scenario, scenario_toml(&[]).as_bytes())?;
     write_atomic(&pods_file, &serde_json::to_vec(&pod_list(&[]))?)?;
 
-    let log = fs::File::create(work.join("daemon.log"))?;
-    let daemon = Command::new(binary)
-        .args(["serve", "--gpu", "mock", "--attribution", "procfs"])
-        .args(["--node-name", NODE, "--poll-interval", "1s"])
-        .arg("--gpu-scenario")
-        .arg(&scenario)
-        .arg("--pods-file")
-        .arg(&pods_file)
-        .args(["--listen", LISTEN, "--metrics-listen", METRICS])
-        .stdout(Stdio::null())
-        .stderr(log)
-        .spawn()
-        .context("starting gpu-scaler serve")?;
-    let pid = daemon.id();
-    cleanup.children.push(daemon);
-    wait_ready(&mut cleanup, &work)?;
+    let mut daemons = Vec::new();
+    for (i, (label, binary)) in binaries.iter().enumerate() {
+        let log_path = work.join(format!("daemon-{i}.log"));
+        let log = fs::File::create(&log_path)?;
+        let metrics = format!("127.0.0.1:{}", 16190 + i);
+        let child = Command::new(binary)
+            .args(["serve", "--gpu", "mock", "--attribution", &o.attribution])
+            .args(["--node-name", NODE, "--poll-interval", "1s"])
+            .arg("--gpu-scenario")
+            .arg(&scenario)
+            .arg("--pods-file")
+            .arg(&pods_file)
+            .args(["--listen", &format!("127.0.0.1:{}", 16100 + i)])
+            .args(["--metrics-listen", &metrics])
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .with_context(|| format!("starting {} serve", binary.display()))?;
+        daemons.push(Daemon {
+            label: label.clone(),
+            pid: child.id(),
+            metrics,
+            log: log_path,
+        });
+        cleanup.children.push(child);
+    }
+    for (i, d) in daemons.iter().enumerate() {
+        wait_ready(&mut cleanup.children[i], d)?;
+    }
 
     println!(
-        "gpu-scaler serve (release), mock source with {GPUS} GPUs, 1 s poll, procfs attribution, \
-         /metrics scraped every {scrape_every} s, measured over {secs} s per phase"
+        "gpu-scaler serve (release), mock source with {GPUS} GPUs, 1 s poll, {} attribution, \
+         /metrics scraped every {} s, measured over {} s per phase (CPU read every {} s; \
+         median window and whole phase)",
+        o.attribution, o.scrape_every, o.secs, o.window
     );
-    let idle = measure(pid, secs, scrape_every)?;
-    idle.print("idle (8 GPUs, no pods)");
+    let idle = measure(&daemons, o)?;
+    for (d, p) in daemons.iter().zip(&idle) {
+        p.print(&format!("{}: idle (8 GPUs, no pods)", d.label));
+    }
 
     // The load: `pods` real processes in pod cgroups, one per pod, spread
     // over the GPUs.
-    let mut load = Vec::with_capacity(pods);
-    for i in 0..pods {
+    let mut load = Vec::with_capacity(o.pods);
+    for i in 0..o.pods {
         let uid = format!("b0000000-0000-4000-8000-{i:012}");
         let container = format!("{i:064x}");
         let dir = base
@@ -114,10 +173,22 @@ pub fn run(pods: usize, secs: u64, scrape_every: u64) -> Result<()> {
     thread::sleep(Duration::from_millis(500));
     write_atomic(&pods_file, &serde_json::to_vec(&pod_list(&load))?)?;
     write_atomic(&scenario, scenario_toml(&load).as_bytes())?;
-    // Until the snapshot carries every pod's usage.
+    for d in &daemons {
+        wait_busy(d, o.pods)?;
+    }
+    let loaded = measure(&daemons, o)?;
+    for (d, p) in daemons.iter().zip(&loaded) {
+        p.print(&format!("{}: {} pods on {GPUS} GPUs", d.label, o.pods));
+    }
+    drop(cleanup);
+    Ok(())
+}
+
+/// Waits until `d`'s snapshot carries every pod's usage.
+fn wait_busy(d: &Daemon, pods: usize) -> Result<()> {
     let started = Instant::now();
     loop {
-        let snap = http_get(METRICS, "/v1/snapshot")?;
+        let snap = http_get(&d.metrics, "/v1/snapshot")?;
         let snap: Value = serde_json::from_str(&snap).context("/v1/snapshot is not JSON")?;
         let busy = snap["pods"].as_array().map_or(0, |p| {
             p.iter()
@@ -125,20 +196,17 @@ pub fn run(pods: usize, secs: u64, scrape_every: u64) -> Result<()> {
                 .count()
         });
         if busy == pods {
-            break;
+            return Ok(());
         }
         if started.elapsed() > Duration::from_secs(30) {
             bail!(
-                "after 30 s only {busy} of {pods} pods show GPU use; see {}",
-                work.join("daemon.log").display()
+                "{}: after 30 s only {busy} of {pods} pods show GPU use; see {}",
+                d.label,
+                d.log.display()
             );
         }
         thread::sleep(Duration::from_millis(500));
     }
-    let loaded = measure(pid, secs, scrape_every)?;
-    loaded.print(&format!("{pods} pods on {GPUS} GPUs"));
-    drop(cleanup);
-    Ok(())
 }
 
 struct BenchPod {
@@ -154,7 +222,12 @@ struct Phase {
     rss_start_kib: u64,
     rss_end_kib: u64,
     hwm_kib: u64,
+    /// CPU % of one core over each window, sorted.
+    cpu_windows: Vec<f64>,
+    /// CPU % of one core over the whole phase.
     cpu_percent: f64,
+    /// The 1-minute load average at the start and the end of the phase.
+    load: (f64, f64),
     scrapes: usize,
     scrape_bytes: usize,
     scrape_series: usize,
@@ -165,11 +238,18 @@ impl Phase {
     fn print(&self, what: &str) {
         println!(
             "{what}: RSS {:.1} MiB at start, {:.1} MiB at end (peak {:.1} MiB); CPU {:.2} % of one \
-             core; {} scrapes of {} series ({:.1} KiB), median {:.2} ms",
+             core (median of {} windows; {:.2} .. {:.2}; {:.2} over the phase); load average \
+             {:.2} -> {:.2}; {} scrapes of {} series ({:.1} KiB), median {:.2} ms",
             self.rss_start_kib as f64 / 1024.0,
             self.rss_end_kib as f64 / 1024.0,
             self.hwm_kib as f64 / 1024.0,
+            median(&self.cpu_windows),
+            self.cpu_windows.len(),
+            self.cpu_windows.first().copied().unwrap_or(f64::NAN),
+            self.cpu_windows.last().copied().unwrap_or(f64::NAN),
             self.cpu_percent,
+            self.load.0,
+            self.load.1,
             self.scrapes,
             self.scrape_series,
             self.scrape_bytes as f64 / 1024.0,
@@ -178,42 +258,93 @@ impl Phase {
     }
 }
 
-fn measure(pid: u32, secs: u64, scrape_every: u64) -> Result<Phase> {
-    let rss_start_kib = status_kib(pid, "VmRSS")?;
-    let cpu0 = cpu_ticks(pid)?;
+/// The middle value of sorted `v` (NaN when empty).
+fn median(v: &[f64]) -> f64 {
+    match v.len() {
+        0 => f64::NAN,
+        n if n % 2 == 1 => v[n / 2],
+        n => (v[n / 2 - 1] + v[n / 2]) / 2.0,
+    }
+}
+
+fn load_average() -> Result<f64> {
+    let text = fs::read_to_string("/proc/loadavg")?;
+    text.split_whitespace()
+        .next()
+        .and_then(|v| v.parse().ok())
+        .context("odd /proc/loadavg")
+}
+
+/// Measures every daemon over the same `o.secs`, so they share the machine's
+/// load; each daemon's /metrics is scraped every `o.scrape_every` seconds.
+fn measure(daemons: &[Daemon], o: &Options) -> Result<Vec<Phase>> {
+    // SAFETY: sysconf has no preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
+    let load0 = load_average()?;
+    let mut rss_start = Vec::new();
+    for d in daemons {
+        rss_start.push(status_kib(d.pid, "VmRSS")?);
+    }
+    let ticks = || -> Result<Vec<u64>> { daemons.iter().map(|d| cpu_ticks(d.pid)).collect() };
+    let first = ticks()?;
     let t0 = Instant::now();
-    let mut scrape_ms = Vec::new();
-    let (mut bytes, mut series) = (0, 0);
+    let mut window_start = (t0, first.clone());
+    let mut windows: Vec<Vec<f64>> = vec![Vec::new(); daemons.len()];
+    let mut scrape_ms: Vec<Vec<f64>> = vec![Vec::new(); daemons.len()];
+    let mut sizes = vec![(0, 0); daemons.len()];
     let mut next_scrape = Instant::now();
-    while t0.elapsed() < Duration::from_secs(secs) {
+    let mut next_window = t0 + Duration::from_secs(o.window);
+    let n_windows = (o.secs / o.window) as usize;
+    // Until the phase is over and its last window read.
+    while t0.elapsed() < Duration::from_secs(o.secs)
+        || windows.first().is_some_and(|w| w.len() < n_windows)
+    {
         if Instant::now() >= next_scrape {
-            let s = Instant::now();
-            let body = http_get(METRICS, "/metrics")?;
-            scrape_ms.push(s.elapsed().as_secs_f64() * 1e3);
-            bytes = body.len();
-            series = body.lines().filter(|l| !l.starts_with('#')).count();
-            next_scrape += Duration::from_secs(scrape_every);
+            for (i, d) in daemons.iter().enumerate() {
+                let s = Instant::now();
+                let body = http_get(&d.metrics, "/metrics")?;
+                scrape_ms[i].push(s.elapsed().as_secs_f64() * 1e3);
+                sizes[i] = (
+                    body.len(),
+                    body.lines().filter(|l| !l.starts_with('#')).count(),
+                );
+            }
+            next_scrape += Duration::from_secs(o.scrape_every);
+        }
+        if Instant::now() >= next_window {
+            let now = (Instant::now(), ticks()?);
+            let secs = now.0.duration_since(window_start.0).as_secs_f64();
+            for (i, w) in windows.iter_mut().enumerate() {
+                w.push((now.1[i] - window_start.1[i]) as f64 / hz / secs * 100.0);
+            }
+            window_start = now;
+            next_window += Duration::from_secs(o.window);
         }
         thread::sleep(Duration::from_millis(100));
     }
     let elapsed = t0.elapsed().as_secs_f64();
-    let cpu1 = cpu_ticks(pid)?;
-    // SAFETY: sysconf has no preconditions.
-    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
-    scrape_ms.sort_by(f64::total_cmp);
-    Ok(Phase {
-        rss_start_kib,
-        rss_end_kib: status_kib(pid, "VmRSS")?,
-        hwm_kib: status_kib(pid, "VmHWM")?,
-        cpu_percent: (cpu1 - cpu0) as f64 / hz / elapsed * 100.0,
-        scrapes: scrape_ms.len(),
-        scrape_bytes: bytes,
-        scrape_series: series,
-        scrape_ms_median: scrape_ms
-            .get(scrape_ms.len() / 2)
-            .copied()
-            .unwrap_or(f64::NAN),
-    })
+    let last = ticks()?;
+    let load1 = load_average()?;
+    let mut phases = Vec::new();
+    for (i, d) in daemons.iter().enumerate() {
+        let mut w = std::mem::take(&mut windows[i]);
+        w.sort_by(f64::total_cmp);
+        let mut ms = std::mem::take(&mut scrape_ms[i]);
+        ms.sort_by(f64::total_cmp);
+        phases.push(Phase {
+            rss_start_kib: rss_start[i],
+            rss_end_kib: status_kib(d.pid, "VmRSS")?,
+            hwm_kib: status_kib(d.pid, "VmHWM")?,
+            cpu_windows: w,
+            cpu_percent: (last[i] - first[i]) as f64 / hz / elapsed * 100.0,
+            load: (load0, load1),
+            scrapes: ms.len(),
+            scrape_bytes: sizes[i].0,
+            scrape_series: sizes[i].1,
+            scrape_ms_median: median(&ms),
+        });
+    }
+    Ok(phases)
 }
 
 /// utime + stime of `pid`, in clock ticks (fields 14 and 15 of /proc/pid/stat).
@@ -234,24 +365,20 @@ fn status_kib(pid: u32, key: &str) -> Result<u64> {
         .with_context(|| format!("no {key} in /proc/{pid}/status"))
 }
 
-fn wait_ready(cleanup: &mut Cleanup, work: &Path) -> Result<()> {
+fn wait_ready(child: &mut Child, d: &Daemon) -> Result<()> {
     let started = Instant::now();
     loop {
-        if let Some(c) = cleanup.children.first_mut()
-            && let Some(status) = c.try_wait()?
-        {
-            bail!(
-                "the daemon exited ({status}); see {}",
-                work.join("daemon.log").display()
-            );
+        if let Some(status) = child.try_wait()? {
+            bail!("{} exited ({status}); see {}", d.label, d.log.display());
         }
-        if http_get(METRICS, "/readyz").is_ok() {
+        if http_get(&d.metrics, "/readyz").is_ok() {
             return Ok(());
         }
         if started.elapsed() > Duration::from_secs(30) {
             bail!(
-                "the daemon was not ready within 30 s; see {}",
-                work.join("daemon.log").display()
+                "{} was not ready within 30 s; see {}",
+                d.label,
+                d.log.display()
             );
         }
         thread::sleep(Duration::from_millis(200));

@@ -104,6 +104,15 @@ enum Bench {
         /// Seconds between scrapes of /metrics.
         #[arg(long, default_value_t = 5)]
         scrape_every: u64,
+        /// Seconds per CPU reading; the median reading is quoted.
+        #[arg(long, default_value_t = 10)]
+        window: u64,
+        /// The daemons' attribution backend: procfs or ebpf.
+        #[arg(long, default_value = "procfs")]
+        attribution: String,
+        /// Another gpu-scaler binary measured beside this build, same inputs.
+        #[arg(long)]
+        baseline: Option<std::path::PathBuf>,
     },
 }
 
@@ -143,10 +152,20 @@ fn main() -> Result<()> {
                     pods,
                     secs,
                     scrape_every,
+                    window,
+                    attribution,
+                    baseline,
                 },
         } => {
             toolchain::ensure()?;
-            bench_daemon::run(pods, secs, scrape_every)
+            bench_daemon::run(&bench_daemon::Options {
+                pods,
+                secs,
+                scrape_every,
+                window,
+                attribution,
+                baseline,
+            })
         }
         Task::Fuzz { seconds } => fuzz::run(seconds),
         Task::Test {
