@@ -11,9 +11,9 @@ use serde::Serialize;
 use tokio::sync::watch;
 
 use crate::{
-    attribution::{Attributor, Backend, Owner},
-    gpu::{GpuDevice, GpuStatus, Reading},
-    pods::{Pod, PodSet, PodsReceiver},
+    attribution::{Attributor, Backend, Owner, PodIdentity},
+    gpu::{GpuDevice, GpuProcess, GpuStatus, Reading},
+    pods::{ContainerKind, Pod, PodSet, PodsReceiver},
 };
 
 /// One GPU of the node as the snapshot saw it.
@@ -58,6 +58,88 @@ pub struct GpuUsage {
 #[derive(Clone, Debug, PartialEq, Serialize)]
 pub struct PodUsage {
     pub pod: Arc<Pod>,
+    /// Per GPU, the sums over all of the pod's processes: what the scaler
+    /// computes its values from.
+    pub gpus: Vec<GpuUsage>,
+    /// The same processes split by the part of the pod they run in, per GPU:
+    /// for each GPU, the figures over `containers` add up to the `gpus` entry.
+    /// Local snapshots only: peers send pod totals, so a pod's usage from a
+    /// peer has none.
+    pub containers: Vec<ContainerUsage>,
+}
+
+/// Which part of its pod a process runs in. The cgroup path names the
+/// container's runtime id ([`PodIdentity::container_id`]); only the pod's
+/// container statuses say which container that is, or that it is none of them
+/// (the sandbox), so this is known only after the join ([`container_role`]).
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
+#[serde(tag = "role", rename_all = "snake_case")]
+pub enum ContainerRole {
+    /// A container the pod's status reports (current or previous instance).
+    Container { name: String, kind: ContainerKind },
+    /// A container the pod's statuses do not list while they list others: the
+    /// sandbox (pause) container the runtime starts before any of them. (A
+    /// container in the moment between its start and the kubelet's next status
+    /// update reads as the sandbox too.)
+    Sandbox,
+    /// In the pod's cgroup but in none of its containers: directly in the
+    /// pod-level cgroup, or CRI-O's `crio-conmon-` monitor of a container.
+    PodCgroup,
+    /// In one of the pod's containers, but the pod source reports no container
+    /// statuses for the pod (pending, or a source without them): which one is
+    /// unknown.
+    Unknown,
+}
+
+impl ContainerRole {
+    /// Whether this is the pod's sandbox container: `None` when that cannot be
+    /// told (no container statuses).
+    pub fn is_sandbox(&self) -> Option<bool> {
+        match self {
+            Self::Sandbox => Some(true),
+            Self::Container { .. } | Self::PodCgroup => Some(false),
+            Self::Unknown => None,
+        }
+    }
+
+    /// The `container` label of the per-pod metric series: the container's
+    /// name; `POD` for the sandbox (as cAdvisor names it; no real container can
+    /// be called that, Kubernetes names are lowercase); empty when the process
+    /// is in no container or its container is unknown.
+    pub fn label(&self) -> &str {
+        match self {
+            Self::Container { name, .. } => name,
+            Self::Sandbox => "POD",
+            Self::PodCgroup | Self::Unknown => "",
+        }
+    }
+}
+
+/// Which part of `pod` the process with cgroup identity `id` runs in.
+pub fn container_role(pod: &Pod, id: &PodIdentity) -> ContainerRole {
+    let cid = match &id.container_id {
+        Some(cid) if !id.is_conmon => cid,
+        _ => return ContainerRole::PodCgroup,
+    };
+    match pod.container_by_id(cid) {
+        Some(c) => ContainerRole::Container {
+            name: c.name.clone(),
+            kind: c.kind,
+        },
+        None if pod.containers.is_empty() => ContainerRole::Unknown,
+        None => ContainerRole::Sandbox,
+    }
+}
+
+/// What the processes of one part of a pod use, per GPU.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct ContainerUsage {
+    #[serde(flatten)]
+    pub role: ContainerRole,
+    /// The runtime ids of the containers its processes ran in, as the cgroup
+    /// paths name them (two for a container whose previous instance's process
+    /// is still sampled; empty for [`ContainerRole::PodCgroup`]).
+    pub container_ids: Vec<String>,
     pub gpus: Vec<GpuUsage>,
 }
 
@@ -206,6 +288,14 @@ impl Acc {
         }
     }
 
+    fn add(&mut self, proc: &GpuProcess, power_share: Reading<f64>) {
+        self.pids.push(proc.pid);
+        sum_readings(&mut self.sm, as_f64(&proc.sm_util));
+        sum_readings(&mut self.mem, as_f64(&proc.mem_util));
+        sum_readings(&mut self.used, proc.used_memory_mib.clone());
+        sum_readings(&mut self.power, power_share);
+    }
+
     fn finish(self, dev: &GpuDevice) -> GpuUsage {
         let zero = || Reading::Ok(0.0);
         GpuUsage {
@@ -252,10 +342,13 @@ pub fn join(
                 PodUsage {
                     pod: p.clone(),
                     gpus: Vec::new(),
+                    containers: Vec::new(),
                 },
             )
         })
         .collect();
+    // Per pod and role, across GPUs: the container ids seen and one usage per GPU.
+    let mut containers: BTreeMap<(String, ContainerRole), ContainerUsage> = BTreeMap::new();
     let mut unowned = Vec::new();
     let mut gpus = Vec::new();
     let devices = gpu.last_good.as_ref().map_or(&[][..], |s| &s.devices[..]);
@@ -263,19 +356,44 @@ pub fn join(
         gpus.push(summary(dev));
         let shares = power_shares(dev);
         let mut by_owner: BTreeMap<Key, Acc> = BTreeMap::new();
+        let mut by_container: BTreeMap<(String, ContainerRole), Acc> = BTreeMap::new();
         for (proc, share) in dev.processes.iter().zip(shares) {
             let key = match attributor.resolve(proc.pid).map(|a| a.owner) {
                 None => Key::UnknownPid,
                 Some(Owner::Host) => Key::Host,
-                Some(Owner::Pod(id)) if pod_usage.contains_key(&id.pod_uid) => Key::Pod(id.pod_uid),
-                Some(Owner::Pod(id)) => Key::UnknownPod(id.pod_uid),
+                Some(Owner::Pod(id)) => match pod_usage.get(&id.pod_uid) {
+                    Some(p) => {
+                        let role = container_role(&p.pod, &id);
+                        let part = containers
+                            .entry((id.pod_uid.clone(), role.clone()))
+                            .or_insert_with(|| ContainerUsage {
+                                role: role.clone(),
+                                container_ids: Vec::new(),
+                                gpus: Vec::new(),
+                            });
+                        if let Some(cid) = id.container_id.as_ref().filter(|_| !id.is_conmon)
+                            && !part.container_ids.contains(cid)
+                        {
+                            part.container_ids.push(cid.clone());
+                        }
+                        by_container
+                            .entry((id.pod_uid.clone(), role))
+                            .or_insert_with(Acc::new)
+                            .add(proc, share.clone());
+                        Key::Pod(id.pod_uid)
+                    }
+                    None => Key::UnknownPod(id.pod_uid),
+                },
             };
-            let acc = by_owner.entry(key).or_insert_with(Acc::new);
-            acc.pids.push(proc.pid);
-            sum_readings(&mut acc.sm, as_f64(&proc.sm_util));
-            sum_readings(&mut acc.mem, as_f64(&proc.mem_util));
-            sum_readings(&mut acc.used, proc.used_memory_mib.clone());
-            sum_readings(&mut acc.power, share);
+            by_owner
+                .entry(key)
+                .or_insert_with(Acc::new)
+                .add(proc, share);
+        }
+        for (key, acc) in by_container {
+            if let Some(part) = containers.get_mut(&key) {
+                part.gpus.push(acc.finish(dev));
+            }
         }
         for (key, acc) in by_owner {
             let usage = acc.finish(dev);
@@ -312,10 +430,17 @@ pub fn join(
         node_name: pods.node_name.clone(),
         attribution: attributor.backend(),
         gpus,
-        pods: pod_usage
-            .into_iter()
-            .map(|(uid, u)| (uid, Arc::new(u)))
-            .collect(),
+        pods: {
+            for ((uid, _), part) in containers {
+                if let Some(p) = pod_usage.get_mut(&uid) {
+                    p.containers.push(part);
+                }
+            }
+            pod_usage
+                .into_iter()
+                .map(|(uid, u)| (uid, Arc::new(u)))
+                .collect()
+        },
         unowned,
         pods_error: pods.error.clone(),
     }
@@ -472,6 +597,7 @@ pub(crate) mod tests {
             node_name: Some("n1".into()),
             phase: None,
             ready: true,
+            containers: Vec::new(),
         }
     }
 
@@ -599,6 +725,240 @@ pub(crate) mod tests {
         failing.error = Some("NVML: GPU is lost".into());
         let snap = join(&failing, &pods, &table(), SystemTime::UNIX_EPOCH);
         assert_eq!(snap.gpu_error.as_deref(), Some("NVML: GPU is lost"));
+    }
+
+    fn in_container(uid: &str, cid: Option<&str>, is_conmon: bool) -> Attribution {
+        let mut a = owned_by(Some(uid));
+        if let Owner::Pod(id) = &mut a.owner {
+            id.container_id = cid.map(Into::into);
+            id.is_conmon = is_conmon;
+        }
+        a
+    }
+
+    fn with_containers(uid: &str, containers: &[(&str, &str, ContainerKind)]) -> Pod {
+        Pod {
+            containers: containers
+                .iter()
+                .map(|(name, id, kind)| crate::pods::Container {
+                    name: (*name).into(),
+                    id: Some((*id).into()),
+                    previous_id: Some(format!("{id}-before")),
+                    kind: *kind,
+                })
+                .collect(),
+            ..pod(uid)
+        }
+    }
+
+    fn role(name: &str, kind: ContainerKind) -> ContainerRole {
+        ContainerRole::Container {
+            name: name.into(),
+            kind,
+        }
+    }
+
+    /// The figures of one part of a pod on one GPU: (pids, SM, memory, power).
+    fn part(
+        u: &PodUsage,
+        role: &ContainerRole,
+        gpu: u32,
+    ) -> Option<(Vec<u32>, Reading<f64>, Reading<u64>, Reading<f64>)> {
+        let c = u.containers.iter().find(|c| &c.role == role)?;
+        let g = c.gpus.iter().find(|g| g.gpu_index == gpu)?;
+        Some((
+            g.pids.clone(),
+            g.sm_util.clone(),
+            g.memory_used_mib.clone(),
+            g.power_w.clone(),
+        ))
+    }
+
+    #[test]
+    fn splits_pods_by_container_and_finds_the_sandbox() {
+        let pods = PodSet::from_pods(
+            [
+                with_containers(
+                    "a",
+                    &[
+                        ("server", "c-server", ContainerKind::App),
+                        ("sidecar", "c-sidecar", ContainerKind::App),
+                        ("warmup", "c-init", ContainerKind::Init),
+                    ],
+                ),
+                // No container statuses (pending, as the source saw it).
+                pod("b"),
+            ],
+            None,
+            "t",
+        );
+        let table = Table(HashMap::from([
+            (10, in_container("a", Some("c-server"), false)),
+            (11, in_container("a", Some("c-server"), false)),
+            (12, in_container("a", Some("c-sidecar"), false)),
+            (13, in_container("a", Some("c-pause"), false)),
+            // The previous instance of the server, still sampled.
+            (14, in_container("a", Some("c-server-before"), false)),
+            (15, in_container("a", Some("c-init"), false)),
+            (16, in_container("a", Some("c-server"), true)),
+            (17, in_container("a", None, false)),
+            (20, in_container("b", Some("c-b"), false)),
+        ]));
+        let st = status(vec![
+            device(
+                0,
+                400.0,
+                vec![
+                    proc(10, 20, 1, 1000),
+                    proc(11, 10, 1, 500),
+                    proc(12, 30, 2, 2000),
+                    proc(13, 10, 0, 4),
+                    proc(20, 30, 3, 100),
+                ],
+            ),
+            device(
+                1,
+                100.0,
+                vec![
+                    proc(14, 5, 0, 10),
+                    proc(15, 5, 0, 20),
+                    proc(16, 0, 0, 1),
+                    proc(17, 0, 0, 2),
+                ],
+            ),
+        ]);
+        let snap = join(&st, &pods, &table, SystemTime::UNIX_EPOCH);
+        let a = &snap.pods["a"];
+        let server = role("server", ContainerKind::App);
+        // GPU 0: 400 W split by SM 20:10:30:10:30.
+        assert_eq!(
+            part(a, &server, 0),
+            Some((
+                vec![10, 11],
+                Reading::Ok(30.0),
+                Reading::Ok(1500),
+                Reading::Ok(120.0)
+            ))
+        );
+        assert_eq!(
+            part(a, &role("sidecar", ContainerKind::App), 0),
+            Some((
+                vec![12],
+                Reading::Ok(30.0),
+                Reading::Ok(2000),
+                Reading::Ok(120.0)
+            ))
+        );
+        assert_eq!(
+            part(a, &ContainerRole::Sandbox, 0),
+            Some((
+                vec![13],
+                Reading::Ok(10.0),
+                Reading::Ok(4),
+                Reading::Ok(40.0)
+            ))
+        );
+        // GPU 1: the server's previous instance is the server's; the init
+        // container is named; conmon and the pod-level cgroup are no container.
+        assert_eq!(
+            part(a, &server, 1),
+            Some((
+                vec![14],
+                Reading::Ok(5.0),
+                Reading::Ok(10),
+                Reading::Ok(50.0)
+            ))
+        );
+        assert_eq!(
+            part(a, &role("warmup", ContainerKind::Init), 1).map(|p| p.0),
+            Some(vec![15])
+        );
+        assert_eq!(
+            part(a, &ContainerRole::PodCgroup, 1).map(|p| p.0),
+            Some(vec![16, 17])
+        );
+        let ids = |r: &ContainerRole| {
+            a.containers
+                .iter()
+                .find(|c| &c.role == r)
+                .map(|c| c.container_ids.clone())
+        };
+        assert_eq!(
+            ids(&server),
+            Some(vec!["c-server".into(), "c-server-before".into()])
+        );
+        assert_eq!(ids(&ContainerRole::Sandbox), Some(vec!["c-pause".into()]));
+        assert_eq!(ids(&ContainerRole::PodCgroup), Some(vec![]));
+        // The pod totals are the sums over its parts, per GPU.
+        assert_eq!(a.gpus[0].pids, [10, 11, 12, 13]);
+        assert_eq!(a.gpus[0].sm_util, Reading::Ok(70.0));
+        assert_eq!(a.gpus[0].power_w, Reading::Ok(280.0));
+        assert_eq!(a.gpus[1].pids, [14, 15, 16, 17]);
+        for g in &a.gpus {
+            let parts: Vec<&GpuUsage> = a
+                .containers
+                .iter()
+                .flat_map(|c| &c.gpus)
+                .filter(|p| p.gpu_index == g.gpu_index)
+                .collect();
+            let sm: f64 = parts.iter().filter_map(|p| p.sm_util.ok()).sum();
+            let used: u64 = parts.iter().filter_map(|p| p.memory_used_mib.ok()).sum();
+            let n: usize = parts.iter().map(|p| p.pids.len()).sum();
+            assert_eq!(Reading::Ok(sm), g.sm_util, "GPU {}", g.gpu_index);
+            assert_eq!(Reading::Ok(used), g.memory_used_mib);
+            assert_eq!(n, g.pids.len());
+        }
+        // Without statuses the container cannot be told, nor whether it is the sandbox.
+        let b = &snap.pods["b"];
+        assert_eq!(b.containers.len(), 1);
+        assert_eq!(b.containers[0].role, ContainerRole::Unknown);
+        assert_eq!(b.containers[0].role.is_sandbox(), None);
+        assert_eq!(b.containers[0].container_ids, ["c-b"]);
+        assert_eq!(ContainerRole::Sandbox.is_sandbox(), Some(true));
+        assert_eq!(server.is_sandbox(), Some(false));
+        assert_eq!(
+            (
+                server.label(),
+                ContainerRole::Sandbox.label(),
+                ContainerRole::Unknown.label()
+            ),
+            ("server", "POD", "")
+        );
+        // Parts serialize flat, tagged by their role.
+        let json = serde_json::to_value(&a.containers[0]).expect("serializes");
+        assert_eq!(json["role"], "container");
+        assert_eq!(json["name"], "server");
+        assert_eq!(json["kind"], "app");
+        assert_eq!(json["gpus"][0]["gpu_index"], 0);
+    }
+
+    #[test]
+    fn roles_from_identities() {
+        let p = with_containers("a", &[("main", "c1", ContainerKind::Ephemeral)]);
+        let id = |cid: Option<&str>, conmon: bool| match in_container("a", cid, conmon).owner {
+            Owner::Pod(id) => id,
+            Owner::Host => unreachable!("in_container makes pods"),
+        };
+        assert_eq!(
+            container_role(&p, &id(Some("c1"), false)),
+            role("main", ContainerKind::Ephemeral)
+        );
+        assert_eq!(
+            container_role(&p, &id(Some("zz"), false)),
+            ContainerRole::Sandbox
+        );
+        assert_eq!(
+            container_role(&p, &id(Some("c1"), true)),
+            ContainerRole::PodCgroup
+        );
+        assert_eq!(
+            container_role(&p, &id(None, false)),
+            ContainerRole::PodCgroup
+        );
+        assert_eq!(
+            container_role(&pod("a"), &id(Some("c1"), false)),
+            ContainerRole::Unknown
+        );
     }
 
     #[tokio::test]

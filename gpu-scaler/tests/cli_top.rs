@@ -85,6 +85,7 @@ async fn top_once_json_of_a_running_daemon() {
         node_name: None,
         phase: Some("Running".into()),
         ready: true,
+        containers: Vec::new(),
     };
     let (_pods_tx, pods) = watch::channel(Arc::new(PodSet::from_pods(
         vec![pod("a-0", "uid-a"), pod("b-0", "uid-b")],

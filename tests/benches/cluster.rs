@@ -199,6 +199,7 @@ fn workload(selector: &str, nodes: &[(String, SocketAddr)], per_node: usize) -> 
                     node_name: Some(node.clone()),
                     phase: Some("Running".into()),
                     ready: true,
+                    containers: Vec::new(),
                 }),
             );
         }

@@ -99,6 +99,7 @@ pub fn pod(namespace: &str, name: &str, uid: &str, labels: &[(&str, &str)]) -> P
         node_name: None,
         phase: Some("Running".into()),
         ready: true,
+        containers: Vec::new(),
     }
 }
 

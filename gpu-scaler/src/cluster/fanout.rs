@@ -400,6 +400,7 @@ pub(crate) mod tests {
                 node_name: node.map(Into::into),
                 phase: Some(phase.into()),
                 ready: true,
+                containers: Vec::new(),
             }),
         )
     }

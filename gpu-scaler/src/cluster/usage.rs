@@ -80,9 +80,11 @@ fn get<T>(v: Option<T>, field: &str, g: &proto::GpuUsage) -> Reading<T> {
 }
 
 /// A pod's usage from the protocol, for `pod` (as the workload's pod list has it).
+/// The protocol carries pod totals only: no per-container usage.
 pub fn from_proto(pod: Arc<Pod>, usage: &proto::PodUsage) -> PodUsage {
     PodUsage {
         pod,
+        containers: Vec::new(),
         gpus: usage
             .gpus
             .iter()
@@ -163,9 +165,11 @@ mod tests {
             node_name: Some("n".into()),
             phase: Some("Running".into()),
             ready: true,
+            containers: Vec::new(),
         });
         let usage = PodUsage {
             pod: pod.clone(),
+            containers: Vec::new(),
             gpus: vec![GpuUsage {
                 gpu_index: 3,
                 gpu_uuid: "GPU-3".into(),

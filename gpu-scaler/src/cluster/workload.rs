@@ -183,6 +183,7 @@ mod tests {
             node_name: Some(node.into()),
             phase: Some("Running".into()),
             ready: true,
+            containers: Vec::new(),
         }
     }
 

@@ -16,7 +16,7 @@ use std::{
 
 use serde::Deserialize;
 
-use super::{Pod, PodSet, PodsReceiver};
+use super::{Container, ContainerKind, Pod, PodSet, PodsReceiver};
 
 /// Settings of the file source.
 #[derive(Clone, Debug)]
@@ -74,10 +74,74 @@ struct SpecJson {
 }
 
 #[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
 struct StatusJson {
     phase: Option<String>,
     #[serde(default)]
     conditions: Option<Vec<ConditionJson>>,
+    container_statuses: Option<Vec<ContainerStatusJson>>,
+    init_container_statuses: Option<Vec<ContainerStatusJson>>,
+    ephemeral_container_statuses: Option<Vec<ContainerStatusJson>>,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct ContainerStatusJson {
+    name: Option<String>,
+    #[serde(rename = "containerID")]
+    container_id: Option<String>,
+    last_state: Option<LastStateJson>,
+}
+
+#[derive(Deserialize)]
+struct LastStateJson {
+    terminated: Option<TerminatedJson>,
+}
+
+#[derive(Deserialize)]
+struct TerminatedJson {
+    #[serde(rename = "containerID")]
+    container_id: Option<String>,
+}
+
+/// The containers of a status's three lists; `what` (`items[3].status`) labels
+/// errors.
+fn containers(s: &StatusJson, what: &str) -> std::result::Result<Vec<Container>, String> {
+    let mut out = Vec::new();
+    for (list, field, kind) in [
+        (
+            &s.container_statuses,
+            "containerStatuses",
+            ContainerKind::App,
+        ),
+        (
+            &s.init_container_statuses,
+            "initContainerStatuses",
+            ContainerKind::Init,
+        ),
+        (
+            &s.ephemeral_container_statuses,
+            "ephemeralContainerStatuses",
+            ContainerKind::Ephemeral,
+        ),
+    ] {
+        for (j, c) in list.iter().flatten().enumerate() {
+            let previous = c
+                .last_state
+                .as_ref()
+                .and_then(|l| l.terminated.as_ref())
+                .and_then(|t| t.container_id.as_deref());
+            let container = Container::from_status(
+                c.name.as_deref().unwrap_or_default(),
+                c.container_id.as_deref(),
+                previous,
+                kind,
+            )
+            .map_err(|e| format!("{what}.{field}[{j}]: {e}"))?;
+            out.push(container);
+        }
+    }
+    Ok(out)
 }
 
 #[derive(Deserialize)]
@@ -124,16 +188,17 @@ pub fn parse(path: &str, text: &str) -> Result<Vec<Pod>> {
         let name = field(meta.name, "name")?;
         let namespace = field(meta.namespace, "namespace")?;
         let uid = field(meta.uid, "uid")?;
-        let (phase, ready) = match item.status {
+        let (phase, ready, containers) = match item.status {
             Some(s) => {
                 let ready = s
                     .conditions
-                    .unwrap_or_default()
                     .iter()
+                    .flatten()
                     .any(|c| c.kind == "Ready" && c.status == "True");
-                (s.phase, ready)
+                let containers = containers(&s, &format!("items[{i}].status")).map_err(format)?;
+                (s.phase, ready, containers)
             }
-            None => (None, false),
+            None => (None, false, Vec::new()),
         };
         pods.push(Pod {
             uid,
@@ -146,6 +211,7 @@ pub fn parse(path: &str, text: &str) -> Result<Vec<Pod>> {
                 .filter(|n| !n.is_empty()),
             phase,
             ready,
+            containers,
         });
     }
     Ok(pods)
@@ -242,7 +308,16 @@ mod tests {
                       "labels": {"app": "vllm"}, "annotations": {"x": "y"}},
          "spec": {"nodeName": "gpu-1", "containers": [{"name": "c", "image": "i"}]},
          "status": {"phase": "Running", "conditions": [
-             {"type": "PodScheduled", "status": "True"}, {"type": "Ready", "status": "True"}]}},
+             {"type": "PodScheduled", "status": "True"}, {"type": "Ready", "status": "True"}],
+           "initContainerStatuses": [{"name": "fetch", "ready": false, "restartCount": 0,
+             "containerID": "cri-o://1111", "state": {"terminated": {"exitCode": 0, "containerID": "cri-o://1111"}}}],
+           "containerStatuses": [
+             {"name": "c", "ready": true, "restartCount": 1, "image": "i", "imageID": "i@sha256:00",
+              "containerID": "containerd://aaaa", "started": true, "state": {"running": {"startedAt": "2026-11-29T00:00:00Z"}},
+              "lastState": {"terminated": {"exitCode": 137, "reason": "OOMKilled", "containerID": "containerd://9999"}}},
+             {"name": "waiting", "ready": false, "restartCount": 0, "image": "i", "imageID": "",
+              "state": {"waiting": {"reason": "ContainerCreating"}}, "lastState": {}}],
+           "ephemeralContainerStatuses": [{"name": "debugger", "containerID": "docker://dddd", "ready": false}]}},
         {"apiVersion": "v1", "kind": "Pod",
          "metadata": {"name": "pending", "namespace": "ml", "uid": "u2"},
          "spec": {},
@@ -264,6 +339,87 @@ mod tests {
         assert_eq!(pods[1].node_name, None);
         assert!(!pods[1].ready);
         assert!(pods[1].labels.is_empty());
+        assert!(pods[1].containers.is_empty(), "pending: no statuses yet");
+    }
+
+    #[test]
+    fn parses_the_three_container_status_lists() {
+        let pods = parse("t", LIST).expect("valid list");
+        let got: Vec<_> = pods[0]
+            .containers
+            .iter()
+            .map(|c| {
+                (
+                    c.name.as_str(),
+                    c.id.as_deref(),
+                    c.previous_id.as_deref(),
+                    c.kind,
+                )
+            })
+            .collect();
+        assert_eq!(
+            got,
+            [
+                ("c", Some("aaaa"), Some("9999"), ContainerKind::App),
+                ("waiting", None, None, ContainerKind::App),
+                ("fetch", Some("1111"), None, ContainerKind::Init),
+                ("debugger", Some("dddd"), None, ContainerKind::Ephemeral),
+            ]
+        );
+        assert_eq!(
+            pods[0].container_by_id("9999").map(|c| c.name.as_str()),
+            Some("c")
+        );
+    }
+
+    #[test]
+    fn rejects_malformed_container_statuses() {
+        let item = |status: &str| {
+            format!(
+                r#"{{"kind": "List", "items": [{{"metadata": {{"name": "a", "namespace": "b", "uid": "u"}},
+                   "status": {status}}}]}}"#
+            )
+        };
+        for (status, want) in [
+            (
+                r#"{"containerStatuses": [{"containerID": "containerd://a"}]}"#,
+                "items[0].status.containerStatuses[0]: a container status has no name",
+            ),
+            (
+                r#"{"initContainerStatuses": [{"name": "x", "containerID": "abc"}]}"#,
+                "items[0].status.initContainerStatuses[0]: container \"x\": containerID \"abc\" has no runtime scheme",
+            ),
+            (
+                r#"{"ephemeralContainerStatuses": [{"name": "d", "containerID": "docker://"}]}"#,
+                "ephemeralContainerStatuses[0]: container \"d\"",
+            ),
+            (
+                r#"{"containerStatuses": [{"name": "c", "lastState": {"terminated": {"containerID": "x//y"}}}]}"#,
+                "x//y",
+            ),
+            (
+                r#"{"containerStatuses": {"name": "c"}}"#,
+                "expected a sequence",
+            ),
+            (
+                r#"{"containerStatuses": [{"name": 7}]}"#,
+                "expected a string",
+            ),
+        ] {
+            let text = item(status);
+            let err = parse("f.json", &text).expect_err(status).to_string();
+            assert!(
+                err.contains(want) && err.contains("f.json"),
+                "{status}: {err}"
+            );
+        }
+        // Present but null or empty lists are simply no containers.
+        let pods = parse(
+            "f.json",
+            &item(r#"{"containerStatuses": null, "initContainerStatuses": []}"#),
+        )
+        .expect("null and empty lists");
+        assert!(pods[0].containers.is_empty());
     }
 
     #[test]

@@ -20,7 +20,7 @@ use futures::StreamExt as _;
 use k8s_openapi::api::core::v1::Pod as ApiPod;
 use tokio::sync::watch;
 
-use super::Pod;
+use super::{Container, ContainerKind, Pod};
 
 /// Errors of the Kubernetes pod sources.
 #[derive(Debug, thiserror::Error)]
@@ -59,7 +59,9 @@ pub async fn client(kubeconfig: Option<&Path>) -> Result<Client> {
 }
 
 /// Keeps the fields of an API pod that scaling uses. A pod without a uid or a
-/// name (which the API server never sends) is dropped.
+/// name (which the API server never sends) is dropped. Its container statuses
+/// are left out ([`Pod::containers`] empty): the cluster-wide workload caches
+/// do not need them; the node's own pods keep them ([`trim_with_containers`]).
 pub fn trim(pod: &ApiPod) -> Option<Pod> {
     let meta = &pod.metadata;
     let status = pod.status.as_ref();
@@ -77,7 +79,49 @@ pub fn trim(pod: &ApiPod) -> Option<Pod> {
         ready: status
             .and_then(|s| s.conditions.as_ref())
             .is_some_and(|cs| cs.iter().any(|c| c.type_ == "Ready" && c.status == "True")),
+        containers: Vec::new(),
     })
+}
+
+/// As [`trim`], keeping the containers of the pod's three status lists (which
+/// the sampler needs to tell a pod's containers and its sandbox apart). A
+/// status whose `containerID` is malformed keeps the container without an id,
+/// with a warning: the API server's object is still a pod worth knowing.
+pub fn trim_with_containers(pod: &ApiPod) -> Option<Pod> {
+    let mut trimmed = trim(pod)?;
+    let Some(status) = pod.status.as_ref() else {
+        return Some(trimmed);
+    };
+    for (list, kind) in [
+        (&status.container_statuses, ContainerKind::App),
+        (&status.init_container_statuses, ContainerKind::Init),
+        (
+            &status.ephemeral_container_statuses,
+            ContainerKind::Ephemeral,
+        ),
+    ] {
+        for c in list.iter().flatten() {
+            let previous = c
+                .last_state
+                .as_ref()
+                .and_then(|l| l.terminated.as_ref())
+                .and_then(|t| t.container_id.as_deref());
+            let container =
+                Container::from_status(&c.name, c.container_id.as_deref(), previous, kind).or_else(
+                    |error| {
+                        tracing::warn!(pod = %trimmed.name, namespace = %trimmed.namespace, %error,
+                        "container status not understood; keeping the container without an id");
+                        Container::from_status(&c.name, None, None, kind)
+                    },
+                );
+            match container {
+                Ok(c) => trimmed.containers.push(c),
+                Err(error) => tracing::warn!(pod = %trimmed.name, namespace = %trimmed.namespace,
+                    %error, "container status without a name skipped"),
+            }
+        }
+    }
+    Some(trimmed)
 }
 
 /// Pods by uid.
@@ -111,7 +155,12 @@ impl PodWatch {
     /// Pods on `node` in every namespace (the daemon's local pods).
     pub fn node(client: Client, node: &str) -> Self {
         let config = watcher::Config::default().fields(&format!("spec.nodeName={node}"));
-        Self::start(Api::all(client), config, format!("node {node}"))
+        Self::start(
+            Api::all(client),
+            config,
+            format!("node {node}"),
+            trim_with_containers,
+        )
     }
 
     /// Pods matching `selector` (Kubernetes label selector syntax) in `namespace`.
@@ -121,12 +170,13 @@ impl PodWatch {
             Api::namespaced(client, namespace),
             config,
             format!("selector {selector:?} in namespace {namespace}"),
+            trim,
         )
     }
 
-    fn start(api: Api<ApiPod>, config: watcher::Config, what: String) -> Self {
+    fn start(api: Api<ApiPod>, config: watcher::Config, what: String, trim: Trim) -> Self {
         let (tx, rx) = watch::channel(State::default());
-        let task = tokio::spawn(run(api, config, what.clone(), tx));
+        let task = tokio::spawn(run(api, config, what.clone(), tx, trim));
         Self { what, rx, task }
     }
 
@@ -213,10 +263,19 @@ pub fn node_source(
     rx
 }
 
+/// How a watch trims the API's pods: [`trim`] or [`trim_with_containers`].
+type Trim = fn(&ApiPod) -> Option<Pod>;
+
 /// Applies watch events to the map and publishes it. Events that are already
 /// queued are applied together so a burst costs one publication, not one copy of
 /// the map per event.
-async fn run(api: Api<ApiPod>, config: watcher::Config, what: String, tx: watch::Sender<State>) {
+async fn run(
+    api: Api<ApiPod>,
+    config: watcher::Config,
+    what: String,
+    tx: watch::Sender<State>,
+    trim: Trim,
+) {
     let mut stream = watcher(api, config).default_backoff().boxed();
     // One copy of the map is kept: it is shared with the channel, and a change
     // copies it (Arc::make_mut) only while readers still hold the published one.
@@ -303,6 +362,87 @@ mod tests {
         assert_eq!(p.node_name.as_deref(), Some("gpu-1"));
         assert_eq!(p.phase.as_deref(), Some("Running"));
         assert!(p.ready);
+        assert!(p.containers.is_empty(), "workload caches stay small");
+    }
+
+    #[test]
+    fn trim_with_containers_keeps_the_three_status_lists() {
+        let pod = api_pod(serde_json::json!({
+            "metadata": {"uid": "u-1", "name": "web-0", "namespace": "ml"},
+            "spec": {"nodeName": "gpu-1", "containers": [{"name": "c", "image": "i"}]},
+            "status": {"phase": "Running",
+                "containerStatuses": [
+                    {"name": "server", "ready": true, "restartCount": 2, "image": "i", "imageID": "",
+                     "containerID": "containerd://aaaa",
+                     "lastState": {"terminated": {"exitCode": 1, "containerID": "containerd://a000"}}},
+                    {"name": "sidecar", "ready": false, "restartCount": 0, "image": "i", "imageID": "",
+                     "state": {"waiting": {"reason": "ContainerCreating"}}}],
+                "initContainerStatuses": [
+                    {"name": "init", "ready": false, "restartCount": 0, "image": "i", "imageID": "",
+                     "containerID": "cri-o://bbbb"}],
+                "ephemeralContainerStatuses": [
+                    {"name": "debug", "ready": false, "restartCount": 0, "image": "i", "imageID": "",
+                     "containerID": "docker://cccc"}]}
+        }));
+        let p = trim_with_containers(&pod).expect("complete pod");
+        let got: Vec<_> = p
+            .containers
+            .iter()
+            .map(|c| {
+                (
+                    c.name.as_str(),
+                    c.id.as_deref(),
+                    c.previous_id.as_deref(),
+                    c.kind,
+                )
+            })
+            .collect();
+        assert_eq!(
+            got,
+            [
+                ("server", Some("aaaa"), Some("a000"), ContainerKind::App),
+                ("sidecar", None, None, ContainerKind::App),
+                ("init", Some("bbbb"), None, ContainerKind::Init),
+                ("debug", Some("cccc"), None, ContainerKind::Ephemeral),
+            ]
+        );
+        // The same pod trimmed for a workload cache has the same metadata.
+        let small = trim(&pod).expect("complete pod");
+        assert_eq!(
+            Pod {
+                containers: Vec::new(),
+                ..p
+            },
+            small
+        );
+    }
+
+    #[test]
+    fn trim_with_containers_missing_lists_and_bad_ids() {
+        let pending = api_pod(serde_json::json!({
+            "metadata": {"uid": "u-3", "name": "p", "namespace": "ml"},
+            "status": {"phase": "Pending"}
+        }));
+        let p = trim_with_containers(&pending).expect("complete pod");
+        assert!(p.containers.is_empty());
+        let no_status = api_pod(serde_json::json!({"metadata": {"uid": "u-4", "name": "q"}}));
+        assert!(
+            trim_with_containers(&no_status)
+                .expect("pod")
+                .containers
+                .is_empty()
+        );
+        // A malformed id keeps the container, without an id (and says so in a warning).
+        let bad = api_pod(serde_json::json!({
+            "metadata": {"uid": "u-5", "name": "r", "namespace": "ml"},
+            "status": {"containerStatuses": [
+                {"name": "c", "ready": true, "restartCount": 0, "image": "i", "imageID": "",
+                 "containerID": "no-scheme"}]}
+        }));
+        let p = trim_with_containers(&bad).expect("pod");
+        assert_eq!(p.containers.len(), 1);
+        assert_eq!(p.containers[0].name, "c");
+        assert_eq!(p.containers[0].id, None);
     }
 
     #[test]

@@ -30,6 +30,103 @@ pub struct Pod {
     pub phase: Option<String>,
     /// The pod's Ready condition is True.
     pub ready: bool,
+    /// The containers the kubelet reports in the pod's status (app, init and
+    /// ephemeral), in that order. Empty while the pod is pending, and from
+    /// sources that do not keep them (the cluster-wide workload watches).
+    pub containers: Vec<Container>,
+}
+
+/// Which of the pod's status lists reported a container.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ContainerKind {
+    /// `status.containerStatuses`.
+    App,
+    /// `status.initContainerStatuses`.
+    Init,
+    /// `status.ephemeralContainerStatuses` (`kubectl debug`).
+    Ephemeral,
+}
+
+/// One container of a pod, as its status reports it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct Container {
+    pub name: String,
+    /// The runtime's container id without the status's scheme (`containerd://`,
+    /// `cri-o://`, `docker://`): the id the container's cgroup is named by.
+    /// `None` until the runtime has created the container.
+    pub id: Option<String>,
+    /// The id of the instance before the newest restart
+    /// (`lastState.terminated.containerID`): its exiting processes can still
+    /// have GPU samples, and they are this container's, not the sandbox's.
+    pub previous_id: Option<String>,
+    pub kind: ContainerKind,
+}
+
+impl Container {
+    /// A container from the fields of its status: `container_id` and
+    /// `previous_id` as the status spells them (`<runtime>://<id>`).
+    pub fn from_status(
+        name: &str,
+        container_id: Option<&str>,
+        previous_id: Option<&str>,
+        kind: ContainerKind,
+    ) -> Result<Self, String> {
+        if name.is_empty() {
+            return Err("a container status has no name".into());
+        }
+        let id = |raw: Option<&str>| {
+            raw.map_or(Ok(None), container_id_from_status)
+                .map_err(|e| format!("container {name:?}: {e}"))
+        };
+        Ok(Self {
+            name: name.to_owned(),
+            id: id(container_id)?,
+            previous_id: id(previous_id)?,
+            kind,
+        })
+    }
+}
+
+impl Pod {
+    /// The container whose current or previous instance has runtime id `id`.
+    pub fn container_by_id(&self, id: &str) -> Option<&Container> {
+        self.containers
+            .iter()
+            .find(|c| c.id.as_deref() == Some(id) || c.previous_id.as_deref() == Some(id))
+    }
+}
+
+/// A status's `containerID` (`<runtime>://<id>`) without its scheme. An empty
+/// string (a container not created yet) is `Ok(None)`.
+///
+/// Any runtime name is accepted (`containerd`, `cri-o`, `docker` are the ones
+/// kubelets report; the CRI lets a runtime name itself), but the id must be
+/// non-empty and a single cgroup path component.
+pub fn container_id_from_status(raw: &str) -> Result<Option<String>, String> {
+    if raw.is_empty() {
+        return Ok(None);
+    }
+    let Some((scheme, id)) = raw.split_once("://") else {
+        return Err(format!(
+            "containerID {raw:?} has no runtime scheme (expected e.g. \"containerd://<id>\")"
+        ));
+    };
+    if scheme.is_empty()
+        || !scheme
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_'))
+    {
+        return Err(format!(
+            "containerID {raw:?} has a malformed runtime scheme"
+        ));
+    }
+    if id.is_empty() || id.contains('/') || id.chars().any(char::is_whitespace) {
+        return Err(format!(
+            "containerID {raw:?}: the id after the scheme is empty or not one path component"
+        ));
+    }
+    Ok(Some(id.to_owned()))
 }
 
 /// One immutable view of the pods a source knows, published as a whole.
@@ -124,7 +221,53 @@ mod tests {
             node_name: node.map(Into::into),
             phase: Some("Running".into()),
             ready: true,
+            containers: Vec::new(),
         }
+    }
+
+    #[test]
+    fn container_ids_lose_their_scheme() {
+        for (raw, want) in [
+            ("containerd://abc123", "abc123"),
+            ("cri-o://0123456789abcdef", "0123456789abcdef"),
+            ("docker://f00d", "f00d"),
+        ] {
+            assert_eq!(
+                container_id_from_status(raw).expect(raw).as_deref(),
+                Some(want)
+            );
+        }
+        assert_eq!(container_id_from_status("").expect("empty"), None);
+        for (bad, why) in [
+            ("abc123", "no runtime scheme"),
+            ("://abc", "malformed runtime scheme"),
+            ("con tainerd://abc", "malformed runtime scheme"),
+            ("containerd://", "empty"),
+            ("containerd://a/b", "one path component"),
+        ] {
+            let err = container_id_from_status(bad).expect_err(bad);
+            assert!(err.contains(why) && err.contains(bad), "{bad}: {err}");
+        }
+    }
+
+    #[test]
+    fn containers_by_current_and_previous_id() {
+        let mut p = pod("1", "a", None, "vllm");
+        p.containers = vec![Container {
+            name: "server".into(),
+            id: Some("new".into()),
+            previous_id: Some("old".into()),
+            kind: ContainerKind::App,
+        }];
+        assert_eq!(
+            p.container_by_id("new").map(|c| c.name.as_str()),
+            Some("server")
+        );
+        assert_eq!(
+            p.container_by_id("old").map(|c| c.name.as_str()),
+            Some("server")
+        );
+        assert!(p.container_by_id("pause").is_none());
     }
 
     #[test]

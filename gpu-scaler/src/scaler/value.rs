@@ -170,8 +170,10 @@ mod tests {
                 node_name: None,
                 phase: None,
                 ready: true,
+                containers: Vec::new(),
             }),
             gpus,
+            containers: Vec::new(),
         }
     }
 

@@ -345,34 +345,75 @@ impl UsageFamilies {
     }
 }
 
+/// Sums two readings; an unavailable one makes the sum unavailable.
+fn add_readings<T: Copy + std::ops::Add<Output = T>>(a: &Reading<T>, b: &Reading<T>) -> Reading<T> {
+    match (a, b) {
+        (Reading::Ok(x), Reading::Ok(y)) => Reading::Ok(*x + *y),
+        (Reading::Unavailable(r), _) | (_, Reading::Unavailable(r)) => {
+            Reading::Unavailable(r.clone())
+        }
+    }
+}
+
+/// Per pod, container and GPU: one series set per part of the pod the join
+/// told apart (see `sampler::ContainerRole::label`). Parts that share a label
+/// (`""`: no container, or an unknown one) are summed into one series, so the
+/// series of a pod and GPU sum over `container` to the pod's figure.
 fn pods(r: &mut Registry, snap: &NodeSnapshot) {
     let f = UsageFamilies::new();
     for p in snap.pods.values() {
-        for u in &p.gpus {
-            // The snapshot sums a pod's containers on each GPU: `container` is
-            // empty (see docs/metrics.md).
-            let labels: Labels = vec![
+        let labels = |container: &str, gpu: u32| -> Labels {
+            vec![
                 ("namespace", p.pod.namespace.clone()),
                 ("pod", p.pod.name.clone()),
-                ("container", String::new()),
-                ("gpu", u.gpu_index.to_string()),
-            ];
-            f.add(&labels, u);
+                ("container", container.to_owned()),
+                ("gpu", gpu.to_string()),
+            ]
+        };
+        if p.containers.is_empty() {
+            // A usage not split by container (the join always splits; a
+            // snapshot from elsewhere may not): the pod total, container "".
+            for u in &p.gpus {
+                f.add(&labels("", u.gpu_index), u);
+            }
+            continue;
+        }
+        let mut series: std::collections::BTreeMap<Labels, GpuUsage> = Default::default();
+        for c in &p.containers {
+            for u in &c.gpus {
+                match series.entry(labels(c.role.label(), u.gpu_index)) {
+                    std::collections::btree_map::Entry::Vacant(e) => {
+                        e.insert(u.clone());
+                    }
+                    std::collections::btree_map::Entry::Occupied(mut e) => {
+                        let sum = e.get_mut();
+                        sum.pids.extend_from_slice(&u.pids);
+                        sum.sm_util = add_readings(&sum.sm_util, &u.sm_util);
+                        sum.mem_util = add_readings(&sum.mem_util, &u.mem_util);
+                        sum.memory_used_mib =
+                            add_readings(&sum.memory_used_mib, &u.memory_used_mib);
+                        sum.power_w = add_readings(&sum.power_w, &u.power_w);
+                    }
+                }
+            }
+        }
+        for (labels, u) in &series {
+            f.add(labels, u);
         }
     }
     r.register(
         "gpu_scaler_pod_sm_utilization_percent",
-        "SM time of the pod's processes on the GPU",
+        "SM time of the container's processes on the GPU (sum over container: the pod's)",
         f.sm,
     );
     r.register(
         "gpu_scaler_pod_memory_utilization_percent",
-        "Memory-controller time of the pod's processes on the GPU",
+        "Memory-controller time of the container's processes on the GPU",
         f.mem,
     );
     r.register(
         "gpu_scaler_pod_memory_used_bytes",
-        "GPU memory the pod's processes hold",
+        "GPU memory the container's processes hold",
         f.used,
     );
     r.register(
@@ -382,7 +423,7 @@ fn pods(r: &mut Registry, snap: &NodeSnapshot) {
     );
     r.register(
         "gpu_scaler_pod_processes",
-        "The pod's processes on the GPU",
+        "The container's processes on the GPU",
         f.procs,
     );
 }
