@@ -42,6 +42,13 @@ pub enum QosClass {
 }
 
 /// The pod side of a cgroup path.
+///
+/// The path cannot tell whether its container is the pod's sandbox (pause)
+/// container: both are `<runtime>-<id>` scopes side by side. Only the pod's
+/// container statuses can, so that is decided where pods and identities meet,
+/// the sampler's join ([`crate::sampler::container_role`], carried as
+/// [`crate::sampler::ContainerRole`] on each [`crate::sampler::ContainerUsage`]),
+/// never here.
 #[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize)]
 pub struct PodIdentity {
     /// Pod UID in its canonical dashed form (`_` from the systemd driver replaced).

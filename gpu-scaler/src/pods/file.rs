@@ -217,7 +217,8 @@ pub fn parse(path: &str, text: &str) -> Result<Vec<Pod>> {
     Ok(pods)
 }
 
-fn read(path: &Path) -> Result<Vec<Pod>> {
+/// Reads and parses the PodList file at `path` once.
+pub fn load(path: &Path) -> Result<Vec<Pod>> {
     let shown = path.display().to_string();
     let text = std::fs::read_to_string(path).map_err(|source| Error::Io {
         path: shown.clone(),
@@ -248,7 +249,7 @@ fn stamp(path: &Path) -> Option<Stamp> {
 pub fn start(config: Config) -> Result<PodsReceiver> {
     let source: Arc<str> = format!("file:{}", config.path.display()).into();
     let mut last_stamp = stamp(&config.path);
-    let pods = read(&config.path)?;
+    let pods = load(&config.path)?;
     tracing::info!(path = %config.path.display(), pods = pods.len(), "pods file loaded");
     let set = PodSet::from_pods(pods, config.node_name.clone(), source.clone());
     let (tx, rx) = tokio::sync::watch::channel(Arc::new(set));
@@ -268,7 +269,7 @@ pub fn start(config: Config) -> Result<PodsReceiver> {
                 continue;
             }
             last_stamp = now_stamp;
-            match read(&config.path) {
+            match load(&config.path) {
                 Ok(pods) => {
                     failing = false;
                     tracing::info!(path = %config.path.display(), pods = pods.len(), "pods file reloaded");

@@ -875,6 +875,144 @@ mod tests {
         assert!(out.contains("gpu_scaler_ebpf_resyncs_total 2"), "{out}");
     }
 
+    fn usage(gpu: u32, pids: &[u32], sm: Reading<f64>, used: u64, power: f64) -> GpuUsage {
+        GpuUsage {
+            gpu_index: gpu,
+            gpu_uuid: format!("GPU-{gpu}"),
+            pids: pids.to_vec(),
+            sm_util: sm,
+            mem_util: Reading::Ok(1.0),
+            memory_used_mib: Reading::Ok(used),
+            memory_total_mib: Reading::Ok(80_000),
+            temperature_c: Reading::Ok(50),
+            power_w: Reading::Ok(power),
+        }
+    }
+
+    #[test]
+    fn pod_series_per_container() {
+        use crate::{
+            pods::{ContainerKind, Pod},
+            sampler::{ContainerRole, ContainerUsage, PodUsage},
+        };
+        use std::sync::Arc;
+        let pod = |name: &str| {
+            Arc::new(Pod {
+                uid: name.into(),
+                namespace: "ml".into(),
+                name: name.into(),
+                labels: BTreeMap::new(),
+                node_name: None,
+                phase: None,
+                ready: true,
+                containers: Vec::new(),
+            })
+        };
+        let part = |role: ContainerRole, gpus: Vec<GpuUsage>| ContainerUsage {
+            role,
+            container_ids: Vec::new(),
+            gpus,
+        };
+        let mut snap = empty_snapshot();
+        snap.pods.insert(
+            "a".into(),
+            Arc::new(PodUsage {
+                pod: pod("a"),
+                gpus: vec![usage(0, &[1, 2, 3, 4, 5], Reading::Ok(66.0), 3700, 200.0)],
+                containers: vec![
+                    part(
+                        ContainerRole::Container {
+                            name: "server".into(),
+                            kind: ContainerKind::App,
+                        },
+                        vec![usage(0, &[1, 2], Reading::Ok(40.0), 3000, 120.0)],
+                    ),
+                    part(
+                        ContainerRole::Sandbox,
+                        vec![usage(0, &[3], Reading::Ok(6.0), 100, 20.0)],
+                    ),
+                    // Two parts with the label "": summed into one series.
+                    part(
+                        ContainerRole::PodCgroup,
+                        vec![usage(0, &[4], Reading::Ok(15.0), 500, 50.0)],
+                    ),
+                    part(
+                        ContainerRole::Unknown,
+                        vec![usage(0, &[5], Reading::Ok(5.0), 100, 10.0)],
+                    ),
+                ],
+            }),
+        );
+        // A pod whose split is unreadable on GPU 1: that container has no SM series.
+        snap.pods.insert(
+            "b".into(),
+            Arc::new(PodUsage {
+                pod: pod("b"),
+                gpus: vec![usage(1, &[9], Reading::unavailable("MIG"), 10, 1.0)],
+                containers: vec![part(
+                    ContainerRole::Container {
+                        name: "train".into(),
+                        kind: ContainerKind::App,
+                    },
+                    vec![usage(1, &[9], Reading::unavailable("MIG"), 10, 1.0)],
+                )],
+            }),
+        );
+        // A usage from elsewhere, not split: the pod total under container "".
+        snap.pods.insert(
+            "c".into(),
+            Arc::new(PodUsage {
+                pod: pod("c"),
+                gpus: vec![usage(2, &[7], Reading::Ok(12.0), 1, 2.0)],
+                containers: Vec::new(),
+            }),
+        );
+        let metrics = Metrics::default();
+        let out = render(
+            &snap,
+            &Sources {
+                metrics: &metrics,
+                cluster: None,
+                streams: None,
+                gpu_up: true,
+                attribution: None,
+            },
+            SystemTime::now(),
+        );
+        let series = |name: &str, pod: &str, container: &str, gpu: u32| {
+            format!(
+                "{name}{{namespace=\"ml\",pod=\"{pod}\",container=\"{container}\",gpu=\"{gpu}\"}}"
+            )
+        };
+        let sm = "gpu_scaler_pod_sm_utilization_percent";
+        for (line, value) in [
+            (series(sm, "a", "server", 0), "40.0"),
+            (series(sm, "a", "POD", 0), "6.0"),
+            (series(sm, "a", "", 0), "20.0"),
+            (series("gpu_scaler_pod_processes", "a", "", 0), "2.0"),
+            (series("gpu_scaler_pod_power_watts", "a", "", 0), "60.0"),
+            (
+                series("gpu_scaler_pod_memory_used_bytes", "a", "server", 0),
+                "3145728000.0",
+            ),
+            (series("gpu_scaler_pod_processes", "b", "train", 1), "1.0"),
+            (series(sm, "c", "", 2), "12.0"),
+        ] {
+            let want = format!("{line} {value}\n");
+            assert!(out.contains(&want), "{want:?} missing from:\n{out}");
+        }
+        assert!(
+            !out.contains(&series(sm, "b", "train", 1)),
+            "an unreadable figure has no series: {out}"
+        );
+        assert_eq!(
+            out.matches(&format!("{sm}{{namespace=\"ml\",pod=\"a\""))
+                .count(),
+            3,
+            "one series per label: {out}"
+        );
+    }
+
     #[test]
     fn no_cluster_no_cluster_series() {
         let metrics = Metrics::default();
