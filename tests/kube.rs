@@ -98,6 +98,19 @@ async fn node_watch_follows_pods_through_bookmarks_and_410_relists() {
     assert_eq!(b.node_name.as_deref(), Some("gpu-1"));
     assert!(!b.ready, "readiness comes from the Ready condition");
     assert_eq!(b.labels.get("app").map(String::as_str), Some("y"));
+    // The node's own pods keep their container statuses, id without scheme.
+    let main: Vec<_> = b
+        .containers
+        .iter()
+        .map(|c| (c.name.as_str(), c.id.clone()))
+        .collect();
+    assert_eq!(
+        main,
+        [(
+            "main",
+            Some(gpu_scaler_tests::kube_api::container_id_of("uid-b"))
+        )]
+    );
 
     // A pod scheduled onto the node appears; one moved away disappears (the
     // fake sends DELETED when an object leaves the field selector).
@@ -218,6 +231,14 @@ async fn workload_pods_are_shared_per_selector_namespaced_and_evicted_when_idle(
     for g in &got {
         assert_eq!(names(g.as_ref().expect("pods")), ["ml/w-1", "ml/w-2"]);
     }
+    assert!(
+        got[0]
+            .as_ref()
+            .expect("pods")
+            .values()
+            .all(|p| p.containers.is_empty()),
+        "workload caches keep no container statuses"
+    );
     wait_until("the watch started", WAIT, || {
         fake.requests().contains_key("watch pods")
     })

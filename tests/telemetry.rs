@@ -406,3 +406,307 @@ async fn top_once_json_locally_with_mock_gpus() {
     );
     assert_eq!(v["attribution"], "procfs");
 }
+
+/// A sleeping process started inside `cg` (moved there before it execs, as a
+/// runtime does); killed and reaped when dropped.
+struct InCgroup(std::process::Child);
+
+impl InCgroup {
+    fn start(cg: &gpu_scaler_tests::cgroup::Cgroup) -> Self {
+        let child = gpu_scaler_tests::process::spawn_in(
+            &cg.dir,
+            std::process::Command::new("sleep")
+                .arg("120")
+                .stdin(std::process::Stdio::null()),
+        )
+        .expect("start a process in its container's cgroup");
+        Self(child)
+    }
+
+    fn pid(&self) -> u32 {
+        self.0.id()
+    }
+}
+
+impl Drop for InCgroup {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// The per-pod series split by container, from real processes in real
+/// container cgroups: procfs attribution, the mock GPU source and a PodList
+/// file whose container statuses name the containers by the ids their cgroups
+/// carry (all three runtime schemes), through the daemon's /metrics and
+/// /v1/snapshot.
+///
+/// | pod (layout) | container (status) | GPU: SM %, MiB |
+/// |---|---|---|
+/// | ml/vllm-0 (systemd, containerd) | server (app) | 0: 30, 2000 · 1: 20, 1000 |
+/// | | sidecar (app) | 0: 10, 500 |
+/// | | sandbox: a scope the statuses do not list | 0: 5, 10 |
+/// | ml/train-0 (systemd, CRI-O) | trainer (app, `cri-o://`) | 0: 15, 3000 |
+/// | ml/legacy-0 (systemd, docker) | debugger (ephemeral, `docker://`) | 1: 10, 100 |
+/// | ml/pending-0 (cgroupfs) | no statuses reported | 1: 20, 700 |
+///
+/// GPU 0 draws 600 W (shares by SM 30:10:5:15), GPU 1 200 W (20:10:20).
+#[tokio::test]
+async fn metrics_split_pod_series_by_container_for_real_processes() {
+    use gpu_scaler_tests::{cgroup, kernel};
+    let tree = match kernel::probe_root().and_then(|()| cgroup::TestTree::new("containers")) {
+        Ok(t) => t,
+        Err(e) => {
+            kernel::require("root and a cgroup v2 mount", Err::<(), _>(e));
+            return;
+        }
+    };
+    let systemd = |qos: &str, uid: &str, scope: &str| {
+        format!(
+            "kubepods.slice/kubepods-{qos}.slice/kubepods-{qos}-pod{}.slice/{scope}.scope",
+            uid.replace('-', "_")
+        )
+    };
+    let (uid_vllm, uid_train, uid_legacy, uid_pending) = (
+        cgroup::pod_uid(31),
+        cgroup::pod_uid(32),
+        cgroup::pod_uid(33),
+        cgroup::pod_uid(34),
+    );
+    let [server, sidecar, pause, trainer, debugger, pending] =
+        [41, 42, 43, 44, 45, 46].map(cgroup::container_id);
+    let cg = |rel: String| tree.create(&rel);
+    let p_server0 = InCgroup::start(&cg(systemd(
+        "burstable",
+        &uid_vllm,
+        &format!("cri-containerd-{server}"),
+    )));
+    let p_server1 = InCgroup::start(&cg(systemd(
+        "burstable",
+        &uid_vllm,
+        &format!("cri-containerd-{server}"),
+    )));
+    let p_sidecar = InCgroup::start(&cg(systemd(
+        "burstable",
+        &uid_vllm,
+        &format!("cri-containerd-{sidecar}"),
+    )));
+    let p_pause = InCgroup::start(&cg(systemd(
+        "burstable",
+        &uid_vllm,
+        &format!("cri-containerd-{pause}"),
+    )));
+    let p_trainer = InCgroup::start(&cg(systemd(
+        "besteffort",
+        &uid_train,
+        &format!("crio-{trainer}"),
+    )));
+    let p_debugger = InCgroup::start(&cg(systemd(
+        "besteffort",
+        &uid_legacy,
+        &format!("docker-{debugger}"),
+    )));
+    let p_pending = InCgroup::start(&cg(format!(
+        "kubepods/besteffort/pod{uid_pending}/{pending}"
+    )));
+
+    let dir = tempfile::tempdir().expect("temp dir");
+    let scenario = dir.path().join("scenario.toml");
+    let process = |pid: u32, sm: u32, mib: u64| {
+        format!(
+            "\n[[gpu.process]]\npid = {pid}\nsm_util = {sm}\nmem_util = 1\nused_memory_mib = {mib}\n"
+        )
+    };
+    let gpu = |power: f64| {
+        format!(
+            "\n[[gpu]]\nname = \"Mock GPU\"\nmemory_total_mib = 81559\nutilization = 60\n\
+             memory_utilization = 10\ntemperature_c = 50\npower_w = {power:.1}\npower_limit_w = 700.0\n"
+        )
+    };
+    std::fs::write(
+        &scenario,
+        [
+            gpu(600.0),
+            process(p_server0.pid(), 30, 2000),
+            process(p_sidecar.pid(), 10, 500),
+            process(p_pause.pid(), 5, 10),
+            process(p_trainer.pid(), 15, 3000),
+            gpu(200.0),
+            process(p_server1.pid(), 20, 1000),
+            process(p_debugger.pid(), 10, 100),
+            process(p_pending.pid(), 20, 700),
+        ]
+        .concat(),
+    )
+    .expect("write scenario");
+    let status = |name: &str, id: &str| {
+        serde_json::json!({"name": name, "ready": true, "restartCount": 0, "image": "x", "imageID": "",
+                           "containerID": id, "state": {"running": {"startedAt": "2026-11-29T00:00:00Z"}}})
+    };
+    let item = |name: &str, uid: &str, status: serde_json::Value| {
+        serde_json::json!({
+            "apiVersion": "v1", "kind": "Pod",
+            "metadata": {"name": name, "namespace": "ml", "uid": uid},
+            "spec": {"nodeName": "n1", "containers": [{"name": "x", "image": "x"}]},
+            "status": status
+        })
+    };
+    let list = serde_json::json!({"apiVersion": "v1", "kind": "List", "items": [
+        item("vllm-0", &uid_vllm, serde_json::json!({"phase": "Running", "containerStatuses": [
+            status("server", &format!("containerd://{server}")),
+            status("sidecar", &format!("containerd://{sidecar}"))]})),
+        item("train-0", &uid_train, serde_json::json!({"phase": "Running",
+            "initContainerStatuses": [status("fetch", "cri-o://0000")],
+            "containerStatuses": [status("trainer", &format!("cri-o://{trainer}"))]})),
+        item("legacy-0", &uid_legacy, serde_json::json!({"phase": "Running",
+            "containerStatuses": [status("app", "docker://1111")],
+            "ephemeralContainerStatuses": [status("debugger", &format!("docker://{debugger}"))]})),
+        item("pending-0", &uid_pending, serde_json::json!({"phase": "Pending"})),
+    ]});
+    let pods_file = dir.path().join("pods.json");
+    std::fs::write(&pods_file, list.to_string()).expect("write pods file");
+
+    let poll = Duration::from_millis(100);
+    let pods = gpu_scaler::pods::file::start(gpu_scaler::pods::file::Config {
+        path: pods_file,
+        node_name: Some("n1".into()),
+        check_interval: poll,
+    })
+    .expect("pods file source");
+    let gpus = gpu_scaler::gpu::start(gpu_scaler::gpu::Config {
+        source: gpu_scaler::gpu::SourceKind::Mock,
+        nvml_lib: None,
+        scenario: Some(scenario),
+        poll_interval: poll,
+    });
+    let attributor = std::sync::Arc::new(gpu_scaler::attribution::procfs::ProcfsAttributor::new(
+        Duration::from_secs(30),
+    ));
+    let node = Node::start_with_inputs(
+        Duration::from_secs(10),
+        None,
+        Some(pods),
+        Some(gpus),
+        Some(attributor),
+    )
+    .await;
+
+    let sm = "gpu_scaler_pod_sm_utilization_percent";
+    let series =
+        |s: &prometheus_parse::Scrape, name: &str, pod: &str, container: &str, gpu: &str| {
+            value(
+                s,
+                name,
+                &[
+                    ("namespace", "ml"),
+                    ("pod", pod),
+                    ("container", container),
+                    ("gpu", gpu),
+                ],
+            )
+        };
+    // Until the mock source's first pass has been joined.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let (body, s) = loop {
+        let (code, body) = node.http_get("/metrics").await;
+        assert_eq!(code, 200, "{body}");
+        let s = scrape(&body);
+        if series(&s, sm, "pending-0", "", "1").is_some() {
+            break (body, s);
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no pod series: {body}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    for (pod, container, gpu, want_sm, want_mib, want_w) in [
+        ("vllm-0", "server", "0", 30.0, 2000.0, 300.0),
+        ("vllm-0", "sidecar", "0", 10.0, 500.0, 100.0),
+        ("vllm-0", "POD", "0", 5.0, 10.0, 50.0),
+        ("vllm-0", "server", "1", 20.0, 1000.0, 80.0),
+        ("train-0", "trainer", "0", 15.0, 3000.0, 150.0),
+        ("legacy-0", "debugger", "1", 10.0, 100.0, 40.0),
+        ("pending-0", "", "1", 20.0, 700.0, 80.0),
+    ] {
+        let what = format!("{pod}/{container} on GPU {gpu}");
+        assert_eq!(
+            series(&s, sm, pod, container, gpu),
+            Some(want_sm),
+            "{what}: {body}"
+        );
+        assert_eq!(
+            series(&s, "gpu_scaler_pod_memory_used_bytes", pod, container, gpu),
+            Some(want_mib * MIB),
+            "{what}"
+        );
+        assert_eq!(
+            series(&s, "gpu_scaler_pod_power_watts", pod, container, gpu),
+            Some(want_w),
+            "{what}"
+        );
+        assert_eq!(
+            series(&s, "gpu_scaler_pod_processes", pod, container, gpu),
+            Some(1.0),
+            "{what}"
+        );
+    }
+    // Nothing else: no "" series for pods whose containers are all named.
+    let vllm_series: Vec<_> = s
+        .samples
+        .iter()
+        .filter(|x| x.metric == sm && x.labels.get("pod") == Some("vllm-0"))
+        .map(|x| {
+            (
+                x.labels.get("container").unwrap_or("?").to_owned(),
+                x.labels.get("gpu").unwrap_or("?").to_owned(),
+            )
+        })
+        .collect();
+    assert_eq!(vllm_series.len(), 4, "{vllm_series:?}");
+
+    // The snapshot carries the same split; its pod totals are the sums.
+    let (code, snap) = node.http_get("/v1/snapshot").await;
+    assert_eq!(code, 200, "{snap}");
+    let snap: serde_json::Value = serde_json::from_str(&snap).expect("snapshot JSON");
+    let vllm = snap["pods"]
+        .as_array()
+        .expect("pods")
+        .iter()
+        .find(|p| p["pod"]["name"] == "vllm-0")
+        .expect("vllm-0 in the snapshot");
+    assert_eq!(vllm["gpus"][0]["sm_util"]["ok"], 45.0, "30 + 10 + 5");
+    assert_eq!(vllm["gpus"][0]["pids"].as_array().map(Vec::len), Some(3));
+    let part = |role: &str, name: Option<&str>| {
+        vllm["containers"]
+            .as_array()
+            .expect("containers")
+            .iter()
+            .find(|c| c["role"] == role && name.is_none_or(|n| c["name"] == n))
+            .cloned()
+            .unwrap_or_else(|| panic!("no {role} {name:?} in {vllm}"))
+    };
+    let sandbox = part("sandbox", None);
+    assert_eq!(sandbox["container_ids"], serde_json::json!([pause]));
+    assert_eq!(
+        sandbox["gpus"][0]["pids"],
+        serde_json::json!([p_pause.pid()])
+    );
+    let srv = part("container", Some("server"));
+    assert_eq!(srv["kind"], "app");
+    assert_eq!(srv["container_ids"], serde_json::json!([server]));
+    assert_eq!(
+        srv["gpus"]
+            .as_array()
+            .map(|g| g.iter().map(|g| g["gpu_index"].clone()).collect::<Vec<_>>()),
+        Some(vec![serde_json::json!(0), serde_json::json!(1)])
+    );
+    assert_eq!(
+        vllm["pod"]["containers"][0],
+        serde_json::json!({"name": "server", "id": server, "previous_id": null, "kind": "app"})
+    );
+    node.stop().await;
+    drop((
+        p_server0, p_server1, p_sidecar, p_pause, p_trainer, p_debugger, p_pending,
+    ));
+}

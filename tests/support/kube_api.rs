@@ -340,8 +340,17 @@ pub fn running_pod(
     pod(namespace, name, uid, labels, Some(node), "Running", true)
 }
 
+/// The runtime id [`pod`] gives the `main` container of the pod with `uid`:
+/// 64 hex digits, as containerd names its cgroup scopes.
+pub fn container_id_of(uid: &str) -> String {
+    let hex: String = uid.bytes().map(|b| format!("{b:02x}")).collect();
+    format!("{hex:0>64}").chars().rev().take(64).collect()
+}
+
 /// A pod as the API server returns it: `node` is `spec.nodeName`, readiness the
-/// Ready condition.
+/// Ready condition. A pod that is not `Pending` has its `main` container's
+/// status, with the id [`container_id_of`] (`containerd://`); a pending one
+/// has none yet.
 pub fn pod(
     namespace: &str,
     name: &str,
@@ -355,7 +364,7 @@ pub fn pod(
         .iter()
         .map(|(k, v)| ((*k).into(), json!(v)))
         .collect();
-    json!({
+    let mut pod = json!({
         "metadata": {"name": name, "namespace": namespace, "uid": uid, "labels": labels,
                      "creationTimestamp": "2026-01-01T00:00:00Z",
                      "managedFields": [{"manager": "kubelet", "operation": "Update"}]},
@@ -365,7 +374,17 @@ pub fn pod(
         "status": {"phase": phase, "podIP": "10.0.0.1", "conditions": [
             {"type": "PodScheduled", "status": "True"},
             {"type": "Ready", "status": if ready { "True" } else { "False" }}]}
-    })
+    });
+    if phase != "Pending" {
+        pod["status"]["containerStatuses"] = json!([{
+            "name": "main", "ready": ready, "restartCount": 0, "started": true,
+            "image": "registry.example/app:1",
+            "imageID": "registry.example/app@sha256:0000000000000000000000000000000000000000000000000000000000000000",
+            "containerID": format!("containerd://{}", container_id_of(uid)),
+            "state": {"running": {"startedAt": "2026-01-01T00:00:01Z"}}
+        }]);
+    }
+    pod
 }
 
 /// An EndpointSlice of headless Service `service` with one endpoint per

@@ -185,7 +185,20 @@ impl Node {
         pods: Option<PodsReceiver>,
         gpu: Option<watch::Receiver<Arc<GpuStatus>>>,
     ) -> Node {
-        let attributor = Arc::new(TableAttributor::default());
+        Self::start_with_inputs(poll_interval, tls, pods, gpu, None).await
+    }
+
+    /// As [`Node::start_with_sources`], with a real attribution engine (e.g.
+    /// the procfs backend resolving real processes in real pod cgroups) when
+    /// `attributor` is given; [`Node::attributor`]'s table then has no effect.
+    pub async fn start_with_inputs(
+        poll_interval: Duration,
+        tls: Option<Tls>,
+        pods: Option<PodsReceiver>,
+        gpu: Option<watch::Receiver<Arc<GpuStatus>>>,
+        attributor: Option<Arc<dyn Attributor>>,
+    ) -> Node {
+        let table = Arc::new(TableAttributor::default());
         let (gpu_tx, own_gpu) = watch::channel(Arc::new(GpuStatus {
             last_good: None,
             error: Some("no pass yet".into()),
@@ -203,7 +216,7 @@ impl Node {
         let shutdown = CancellationToken::new();
         let running = daemon::start_with(
             Inputs {
-                attributor: attributor.clone(),
+                attributor: attributor.unwrap_or_else(|| table.clone()),
                 gpu: gpu_rx,
                 pods: pods_rx,
             },
@@ -214,7 +227,7 @@ impl Node {
         )
         .expect("daemon starts");
         Node {
-            attributor,
+            attributor: table,
             gpu_tx,
             pods_tx,
             last_fed: std::sync::Mutex::new(SystemTime::now()),
