@@ -19,7 +19,7 @@ use gpu_scaler_tests::{
     fake_nvml::FakeNvml,
     kernel,
     pod::{Layout, RealPod, cgroupfs_guaranteed, systemd_containerd, systemd_crio},
-    serve::{ServeProcess, free_port},
+    serve::{ServeProcess, free_port, http_get},
     wait_for,
 };
 use serde_json::json;
@@ -69,7 +69,8 @@ fn pod_list(pods: &[&TestPod]) -> String {
                 "apiVersion": "v1", "kind": "Pod",
                 "metadata": {"name": p.name, "namespace": p.namespace, "uid": p.real.uid, "labels": {"app": p.app}},
                 "spec": {"nodeName": NODE, "containers": [{"name": "main", "image": "x"}]},
-                "status": {"phase": "Running", "conditions": [{"type": "Ready", "status": "True"}]}
+                "status": {"phase": "Running", "conditions": [{"type": "Ready", "status": "True"}],
+                           "containerStatuses": [p.real.container_status("main")]}
             })
         })
         .collect();
@@ -144,6 +145,7 @@ used_memory_mib = 8000
 struct Daemon {
     _serve: ServeProcess,
     grpc: SocketAddr,
+    http: SocketAddr,
 }
 
 fn start_daemon(gpu_args: &[&str], pods_file: &Path) -> Daemon {
@@ -177,7 +179,22 @@ fn start_daemon(gpu_args: &[&str], pods_file: &Path) -> Daemon {
     Daemon {
         _serve: serve,
         grpc,
+        http,
     }
+}
+
+/// The per-pod /metrics series name their container: the status's `main`,
+/// matched by the id the eBPF-resolved cgroup carries.
+fn check_container_series(d: &Daemon) {
+    let line = "gpu_scaler_pod_sm_utilization_percent{namespace=\"prod\",pod=\"vllm-b\",container=\"main\",gpu=\"1\"} 50.0";
+    let found = wait_for(Duration::from_secs(10), || {
+        http_get(d.http, "/metrics").and_then(|(_, body)| body.contains(line).then_some(()))
+    });
+    assert!(
+        found.is_some(),
+        "{line:?} not in /metrics: {:?}",
+        http_get(d.http, "/metrics")
+    );
 }
 
 fn query(d: &Daemon, namespace: &str, metadata: &[&str]) -> Answer {
@@ -332,6 +349,7 @@ fn fake_nvml_end_to_end() {
         &w.dir.path().join("pods.json"),
     );
     check_all_metrics(&d);
+    check_container_series(&d);
 }
 
 #[test]

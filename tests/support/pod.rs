@@ -43,6 +43,11 @@ pub fn systemd_crio(uid: &str, cid: &str) -> String {
 pub struct RealPod {
     /// A fresh pod UID (dashed form), unique to this run.
     pub uid: String,
+    /// Its container's runtime id, as the cgroup names it: the id
+    /// `kube_api::pod` reports in the pod's status for this uid
+    /// ([`super::kube_api::container_id_of`]), so pods served by the fake API
+    /// server and PodList files ([`RealPod::container_status`]) both name it.
+    pub container_id: String,
     /// The container's cgroup directory.
     pub container_dir: PathBuf,
     pub processes: Vec<Child>,
@@ -53,7 +58,8 @@ impl RealPod {
     /// in its container.
     pub fn start(tree: &TestTree, n: u32, layout: Layout, processes: usize) -> Self {
         let uid = cgroup::pod_uid(n);
-        let cg = tree.create(&layout(&uid, &cgroup::container_id(n)));
+        let container_id = super::kube_api::container_id_of(&uid);
+        let cg = tree.create(&layout(&uid, &container_id));
         let processes = (0..processes)
             .map(|_| {
                 process::spawn_in(
@@ -65,9 +71,30 @@ impl RealPod {
             .collect();
         Self {
             uid,
+            container_id,
             container_dir: cg.dir,
             processes,
         }
+    }
+
+    /// The status of its container, named `name`, as the kubelet reports it
+    /// (`containerID` with the scheme of the runtime its cgroup names:
+    /// `cri-o://`, `docker://`, else `containerd://`).
+    pub fn container_status(&self, name: &str) -> serde_json::Value {
+        let dir = self
+            .container_dir
+            .file_name()
+            .and_then(|d| d.to_str())
+            .unwrap_or_default();
+        let runtime = if dir.starts_with("crio-") {
+            "cri-o"
+        } else if dir.starts_with("docker-") {
+            "docker"
+        } else {
+            "containerd"
+        };
+        serde_json::json!({"name": name, "ready": true, "restartCount": 0, "image": "x", "imageID": "",
+                           "containerID": format!("{runtime}://{}", self.container_id)})
     }
 
     /// The pid of process `i`.
