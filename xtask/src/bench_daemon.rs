@@ -190,12 +190,26 @@ fn wait_busy(d: &Daemon, pods: usize) -> Result<()> {
     loop {
         let snap = http_get(&d.metrics, "/v1/snapshot")?;
         let snap: Value = serde_json::from_str(&snap).context("/v1/snapshot is not JSON")?;
-        let busy = snap["pods"].as_array().map_or(0, |p| {
-            p.iter()
-                .filter(|p| p["gpus"].as_array().is_some_and(|g| !g.is_empty()))
-                .count()
-        });
+        let listed = snap["pods"].as_array().map_or(&[][..], Vec::as_slice);
+        let busy = listed
+            .iter()
+            .filter(|p| p["gpus"].as_array().is_some_and(|g| !g.is_empty()))
+            .count();
         if busy == pods {
+            // The PodList's containerStatuses name each pod's container `main`;
+            // a baseline binary from before the per-container split names none.
+            let named = listed
+                .iter()
+                .filter(|p| {
+                    p["containers"]
+                        .as_array()
+                        .is_some_and(|c| c.len() == 1 && c[0]["name"] == "main")
+                })
+                .count();
+            println!(
+                "{}: {named} of {pods} pods' GPU use attributed to their container \"main\"",
+                d.label
+            );
             return Ok(());
         }
         if started.elapsed() > Duration::from_secs(30) {

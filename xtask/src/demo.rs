@@ -316,8 +316,8 @@ fn render(
     );
     let _ = writeln!(
         out,
-        "{:<12} {:<9} {:>7} {:<5} {:>9} {:>10} {:>10}",
-        "POD", "APP", "PID", "GPU", "DEMAND%", "MEASURED%", "MEM MiB"
+        "{:<12} {:<9} {:<10} {:>7} {:<5} {:>9} {:>10} {:>10}",
+        "POD", "APP", "CONTAINER", "PID", "GPU", "DEMAND%", "MEASURED%", "MEM MiB"
     );
     for p in pods {
         let measured = snapshot
@@ -330,11 +330,17 @@ fn render(
             .ok()
             .and_then(|s| pod_figure(s, &p.uid, "memory_used_mib"))
             .map_or("-".into(), |v| format!("{v:.0}"));
+        let container = snapshot
+            .as_ref()
+            .ok()
+            .and_then(|s| pod_containers(s, &p.uid))
+            .unwrap_or_else(|| "-".into());
         let _ = writeln!(
             out,
-            "{:<12} {:<9} {:>7} {:<5} {:>9} {:>10} {:>10}",
+            "{:<12} {:<9} {:<10} {:>7} {:<5} {:>9} {:>10} {:>10}",
             p.name,
             p.app,
+            container,
             p.pid,
             p.gpu,
             demand(p, t),
@@ -378,6 +384,28 @@ fn pod_figure(snapshot: &Value, uid: &str, field: &str) -> Option<f64> {
         sum += g.get(field)?.get("ok")?.as_f64()?;
     }
     Some(sum)
+}
+
+/// The containers of a pod that use a GPU in the daemon's /v1/snapshot, by the
+/// names its status gives them (`(sandbox)` for the pause container, `?` when
+/// the daemon could not tell).
+fn pod_containers(snapshot: &Value, uid: &str) -> Option<String> {
+    let pod = snapshot
+        .get("pods")?
+        .as_array()?
+        .iter()
+        .find(|p| p.pointer("/pod/uid").and_then(Value::as_str) == Some(uid))?;
+    let names: Vec<&str> = pod
+        .get("containers")?
+        .as_array()?
+        .iter()
+        .map(|c| match c.get("role").and_then(Value::as_str) {
+            Some("container") => c.get("name").and_then(Value::as_str).unwrap_or("?"),
+            Some("sandbox") => "(sandbox)",
+            _ => "?",
+        })
+        .collect();
+    (!names.is_empty()).then(|| names.join(","))
 }
 
 /// Where the demo creates its cgroups: a `gpu-scaler-demo` directory under the
