@@ -368,7 +368,8 @@ async fn top_once_json_locally_with_mock_gpus() {
         "apiVersion": "v1", "kind": "Pod",
         "metadata": {"name": "local-0", "namespace": "ml", "uid": uid},
         "spec": {"nodeName": "n1", "containers": [{"name": "main", "image": "x"}]},
-        "status": {"phase": "Running", "conditions": [{"type": "Ready", "status": "True"}]}
+        "status": {"phase": "Running", "conditions": [{"type": "Ready", "status": "True"}],
+                   "containerStatuses": [{"name": "main", "ready": true, "containerID": format!("containerd://{cid}")}]}
     }]});
     std::fs::write(&pods, list.to_string()).expect("write pods file");
     let out = gpu_scaler::cli::top::output_once(top_args(&[
@@ -397,6 +398,7 @@ async fn top_once_json_locally_with_mock_gpus() {
     assert_eq!(p["sm_percent"], 55.0, "{out}");
     assert_eq!(p["memory_used_mib"], 1234);
     assert_eq!(p["gpus"], serde_json::json!([0]));
+    assert_eq!(p["containers"], serde_json::json!(["main"]), "{out}");
     let d = &v["devices"][0];
     assert_eq!(d["power_w"], 280.0);
     assert_eq!(d["pods"], 1);

@@ -64,6 +64,9 @@ pub struct PodRow {
     pub memory_used_mib: Option<u64>,
     pub power_w: Option<f64>,
     pub processes: usize,
+    /// The parts of the pod its GPU processes run in: container names,
+    /// `(sandbox)`, `(no container)`, or `?` when the daemon could not tell.
+    pub containers: Vec<String>,
 }
 
 /// One GPU's totals.
@@ -178,6 +181,24 @@ impl View {
                 memory_used_mib: Some(0),
                 power_w: Some(0.0),
                 processes: 0,
+                // A daemon from before the split sends none.
+                containers: p
+                    .get("containers")
+                    .and_then(Value::as_array)
+                    .map_or(&[][..], Vec::as_slice)
+                    .iter()
+                    .map(|c| {
+                        match c.get("role").and_then(Value::as_str) {
+                            Some("container") => {
+                                c.get("name").and_then(Value::as_str).unwrap_or("?")
+                            }
+                            Some("sandbox") => "(sandbox)",
+                            Some("pod_cgroup") => "(no container)",
+                            _ => "?",
+                        }
+                        .to_owned()
+                    })
+                    .collect(),
             };
             for u in usages {
                 let index = u
@@ -322,7 +343,7 @@ impl View {
         }
         let _ = writeln!(
             out,
-            "\n{:<44} {:<10} {:>6} {:>11} {:>8} {:>5}",
+            "\n{:<44} {:<10} {:>6} {:>11} {:>8} {:>5}  CONTAINERS",
             "NAMESPACE/POD", "GPUS", "SM%", "MEMORY MiB", "POWER W", "PROCS"
         );
         for p in &self.pods {
@@ -334,13 +355,14 @@ impl View {
                 .join(",");
             let _ = writeln!(
                 out,
-                "{:<44} {:<10} {:>6} {:>11} {:>8} {:>5}",
+                "{:<44} {:<10} {:>6} {:>11} {:>8} {:>5}  {}",
                 truncate(&format!("{}/{}", p.namespace, p.pod), 44),
                 truncate(&gpus, 10),
                 opt(p.sm_percent, |v| format!("{v:.0}")),
                 opt(p.memory_used_mib, |v| v.to_string()),
                 opt(p.power_w, |v| format!("{v:.1}")),
                 p.processes,
+                truncate(&p.containers.join(","), 32),
             );
         }
         if self.pods.is_empty() {
@@ -406,7 +428,12 @@ mod tests {
             ],
             "pods": [
                 {"pod": {"uid": "a", "namespace": "ml", "name": "big"},
-                 "gpus": [usage(0, json!({"ok": 60.0}), 20000, 250.0, &[10, 11])]},
+                 "gpus": [usage(0, json!({"ok": 60.0}), 20000, 250.0, &[10, 11])],
+                 "containers": [
+                    {"role": "container", "name": "server", "kind": "app", "container_ids": ["c1"],
+                     "gpus": [usage(0, json!({"ok": 50.0}), 19000, 200.0, &[10])]},
+                    {"role": "sandbox", "container_ids": ["c0"],
+                     "gpus": [usage(0, json!({"ok": 10.0}), 1000, 50.0, &[11])]}]},
                 {"pod": {"uid": "b", "namespace": "ml", "name": "small"},
                  "gpus": [usage(0, json!({"ok": 20.0}), 8000, 100.0, &[12])]},
                 {"pod": {"uid": "c", "namespace": "ml", "name": "mig"},
@@ -433,6 +460,8 @@ mod tests {
         assert_eq!(big.memory_used_mib, Some(20000));
         assert_eq!(big.power_w, Some(250.0));
         assert_eq!(big.processes, 2);
+        assert_eq!(big.containers, ["server", "(sandbox)"]);
+        assert!(v.pods[1].containers.is_empty(), "not split: none shown");
         assert_eq!(v.pods[2].sm_percent, None, "MIG: no number made up");
         assert_eq!(v.devices[0].pods, 3);
         assert_eq!(v.devices[0].unattributed_processes, 2);
@@ -460,10 +489,12 @@ mod tests {
         let t = v.render_table();
         assert!(t.contains("ml/big"), "{t}");
         assert!(t.contains("250.0"), "{t}");
+        assert!(t.contains("  server,(sandbox)\n"), "{t}");
         assert!(t.contains("n/a"), "unreadable figures print n/a: {t}");
         assert!(!t.contains("web/idle"), "{t}");
         let j: Value = serde_json::from_str(&v.to_json().expect("json")).expect("parses");
         assert_eq!(j["pods"][0]["pod"], "big");
+        assert_eq!(j["pods"][0]["containers"], json!(["server", "(sandbox)"]));
         assert_eq!(j["pods"][2]["sm_percent"], Value::Null);
         assert_eq!(j["sort"], "sm");
     }
