@@ -1054,3 +1054,89 @@ fn procfs_sees_a_process_moved_without_exec_after_its_recheck() {
     .expect("the move is seen after the recheck period");
     assert_eq!(&*seen.cgroup_path, b.path);
 }
+
+/// `ps --pods-file` names a pod process's container from the pod's statuses and
+/// marks the sandbox: a container scope the statuses do not list.
+#[test]
+fn ps_with_a_pods_file_names_containers_and_the_sandbox() {
+    if !kernel::require("root", kernel::probe_root()) {
+        return;
+    }
+    let t = tree("ps-pods");
+    let uid = pod_uid(910);
+    let (app, pause) = (container_id(910), container_id(911));
+    let scope = |cid: &str| {
+        t.create(&format!(
+            "kubepods.slice/kubepods-pod{}.slice/crio-{cid}.scope",
+            uid.replace('-', "_")
+        ))
+    };
+    let worker = spawn(&scope(&app), &["sleep"]);
+    let sandbox = spawn(&scope(&pause), &["sleep"]);
+    let dir = tempfile::tempdir().expect("temp dir");
+    let pods = dir.path().join("pods.json");
+    std::fs::write(
+        &pods,
+        serde_json::json!({"kind": "List", "items": [{
+            "metadata": {"name": "llm-0", "namespace": "ml", "uid": uid},
+            "status": {"phase": "Running",
+                       "containerStatuses": [{"name": "worker", "containerID": format!("cri-o://{app}")}]}
+        }]})
+        .to_string(),
+    )
+    .expect("write pods file");
+    let out = Command::new(workspace_bin("gpu-scaler"))
+        .args(["ps", "--json", "--attribution", "procfs", "--pods-file"])
+        .arg(&pods)
+        .output()
+        .expect("run gpu-scaler ps");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let rows: Vec<serde_json::Value> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("one JSON object per line"))
+        .collect();
+    let row = |pid: u32| {
+        rows.iter()
+            .find(|r| r["pid"] == pid)
+            .unwrap_or_else(|| panic!("ps lists pid {pid}"))
+    };
+    let w = &row(worker.0.id())["pod"];
+    assert_eq!(w["namespace"], "ml");
+    assert_eq!(w["name"], "llm-0");
+    assert_eq!(w["container"]["role"], "container");
+    assert_eq!(w["container"]["name"], "worker");
+    assert_eq!(w["is_sandbox"], false);
+    let s = row(sandbox.0.id());
+    assert_eq!(s["pod"]["container"]["role"], "sandbox");
+    assert_eq!(s["pod"]["is_sandbox"], true);
+    assert_eq!(s["owner"]["container_id"], pause.as_str());
+    // Processes outside pods carry no pod column.
+    assert!(row(std::process::id())["pod"].is_null());
+
+    let table = Command::new(workspace_bin("gpu-scaler"))
+        .args(["ps", "--attribution", "procfs", "--pods-file"])
+        .arg(&pods)
+        .output()
+        .expect("run gpu-scaler ps");
+    let table = String::from_utf8_lossy(&table.stdout);
+    assert!(table.contains("ml/llm-0/worker"), "{table}");
+    assert!(table.contains("ml/llm-0/(sandbox)"), "{table}");
+
+    // A pods file that does not parse is a clear error, not a table.
+    std::fs::write(&pods, "{\"kind\": \"List\", \"items\": [").expect("write");
+    let bad = Command::new(workspace_bin("gpu-scaler"))
+        .args(["ps", "--attribution", "procfs", "--pods-file"])
+        .arg(&pods)
+        .output()
+        .expect("run gpu-scaler ps");
+    assert!(!bad.status.success());
+    assert!(
+        String::from_utf8_lossy(&bad.stderr).contains("pods.json"),
+        "{}",
+        String::from_utf8_lossy(&bad.stderr)
+    );
+}
