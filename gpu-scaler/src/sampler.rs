@@ -758,12 +758,11 @@ pub(crate) mod tests {
         }
     }
 
-    /// The figures of one part of a pod on one GPU: (pids, SM, memory, power).
-    fn part(
-        u: &PodUsage,
-        role: &ContainerRole,
-        gpu: u32,
-    ) -> Option<(Vec<u32>, Reading<f64>, Reading<u64>, Reading<f64>)> {
+    /// (pids, SM, memory, power) of one part of a pod on one GPU.
+    type Figures = (Vec<u32>, Reading<f64>, Reading<u64>, Reading<f64>);
+
+    /// The figures of one part of a pod on one GPU.
+    fn part(u: &PodUsage, role: &ContainerRole, gpu: u32) -> Option<Figures> {
         let c = u.containers.iter().find(|c| &c.role == role)?;
         let g = c.gpus.iter().find(|g| g.gpu_index == gpu)?;
         Some((
