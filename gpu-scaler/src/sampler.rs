@@ -115,22 +115,6 @@ impl ContainerRole {
     }
 }
 
-/// Which part of `pod` the process with cgroup identity `id` runs in.
-pub fn container_role(pod: &Pod, id: &PodIdentity) -> ContainerRole {
-    let cid = match &id.container_id {
-        Some(cid) if !id.is_conmon => cid,
-        _ => return ContainerRole::PodCgroup,
-    };
-    match pod.container_by_id(cid) {
-        Some(c) => ContainerRole::Container {
-            name: c.name.clone(),
-            kind: c.kind,
-        },
-        None if pod.containers.is_empty() => ContainerRole::Unknown,
-        None => ContainerRole::Sandbox,
-    }
-}
-
 /// What the processes of one part of a pod use, per GPU.
 #[derive(Clone, Debug, PartialEq, Serialize)]
 pub struct ContainerUsage {
@@ -319,6 +303,73 @@ fn as_f64(r: &Reading<u32>) -> Reading<f64> {
     }
 }
 
+/// A part of a pod as one process's identity names it, borrowed from the pod
+/// (the join compares it with the parts it has without allocating).
+enum RoleRef<'p> {
+    Container(&'p crate::pods::Container),
+    Sandbox,
+    PodCgroup,
+    Unknown,
+}
+
+impl RoleRef<'_> {
+    fn of<'p>(pod: &'p Pod, id: &PodIdentity) -> RoleRef<'p> {
+        let cid = match &id.container_id {
+            Some(cid) if !id.is_conmon => cid,
+            _ => return RoleRef::PodCgroup,
+        };
+        match pod.container_by_id(cid) {
+            Some(c) => RoleRef::Container(c),
+            None if pod.containers.is_empty() => RoleRef::Unknown,
+            None => RoleRef::Sandbox,
+        }
+    }
+
+    fn is(&self, role: &ContainerRole) -> bool {
+        match (self, role) {
+            (Self::Container(c), ContainerRole::Container { name, kind }) => {
+                c.name == *name && c.kind == *kind
+            }
+            (Self::Sandbox, ContainerRole::Sandbox)
+            | (Self::PodCgroup, ContainerRole::PodCgroup)
+            | (Self::Unknown, ContainerRole::Unknown) => true,
+            _ => false,
+        }
+    }
+
+    fn to_role(&self) -> ContainerRole {
+        match self {
+            Self::Container(c) => ContainerRole::Container {
+                name: c.name.clone(),
+                kind: c.kind,
+            },
+            Self::Sandbox => ContainerRole::Sandbox,
+            Self::PodCgroup => ContainerRole::PodCgroup,
+            Self::Unknown => ContainerRole::Unknown,
+        }
+    }
+}
+
+/// Which part of `pod` the process with cgroup identity `id` runs in.
+pub fn container_role(pod: &Pod, id: &PodIdentity) -> ContainerRole {
+    RoleRef::of(pod, id).to_role()
+}
+
+/// One part of a pod during the join: its usage on the GPUs joined so far and
+/// its processes on the GPU being joined.
+struct Part {
+    usage: ContainerUsage,
+    acc: Option<Acc>,
+}
+
+/// One local pod during the join.
+struct PodWork {
+    usage: PodUsage,
+    /// Its processes on the GPU being joined, all parts together.
+    total: Option<Acc>,
+    parts: Vec<Part>,
+}
+
 /// The join itself, for one GPU status and one pod set.
 pub fn join(
     gpu: &GpuStatus,
@@ -328,27 +379,29 @@ pub fn join(
 ) -> NodeSnapshot {
     #[derive(PartialEq, Eq, PartialOrd, Ord)]
     enum Key {
-        Pod(String),
         Host,
         UnknownPid,
         UnknownPod(String),
     }
 
-    let mut pod_usage: BTreeMap<String, PodUsage> = pods
+    // Keyed by the pod set's own uids: no copies.
+    let mut work: BTreeMap<&str, PodWork> = pods
         .local()
         .map(|p| {
             (
-                p.uid.clone(),
-                PodUsage {
-                    pod: p.clone(),
-                    gpus: Vec::new(),
-                    containers: Vec::new(),
+                p.uid.as_str(),
+                PodWork {
+                    usage: PodUsage {
+                        pod: p.clone(),
+                        gpus: Vec::new(),
+                        containers: Vec::new(),
+                    },
+                    total: None,
+                    parts: Vec::new(),
                 },
             )
         })
         .collect();
-    // Per pod and role, across GPUs: the container ids seen and one usage per GPU.
-    let mut containers: BTreeMap<(String, ContainerRole), ContainerUsage> = BTreeMap::new();
     let mut unowned = Vec::new();
     let mut gpus = Vec::new();
     let devices = gpu.last_good.as_ref().map_or(&[][..], |s| &s.devices[..]);
@@ -356,66 +409,81 @@ pub fn join(
         gpus.push(summary(dev));
         let shares = power_shares(dev);
         let mut by_owner: BTreeMap<Key, Acc> = BTreeMap::new();
-        let mut by_container: BTreeMap<(String, ContainerRole), Acc> = BTreeMap::new();
         for (proc, share) in dev.processes.iter().zip(shares) {
-            let key = match attributor.resolve(proc.pid).map(|a| a.owner) {
-                None => Key::UnknownPid,
-                Some(Owner::Host) => Key::Host,
-                Some(Owner::Pod(id)) => match pod_usage.get(&id.pod_uid) {
-                    Some(p) => {
-                        let role = container_role(&p.pod, &id);
-                        let part = containers
-                            .entry((id.pod_uid.clone(), role.clone()))
-                            .or_insert_with(|| ContainerUsage {
-                                role: role.clone(),
-                                container_ids: Vec::new(),
-                                gpus: Vec::new(),
-                            });
-                        if let Some(cid) = id.container_id.as_ref().filter(|_| !id.is_conmon)
-                            && !part.container_ids.contains(cid)
-                        {
-                            part.container_ids.push(cid.clone());
-                        }
-                        by_container
-                            .entry((id.pod_uid.clone(), role))
-                            .or_insert_with(Acc::new)
-                            .add(proc, share.clone());
-                        Key::Pod(id.pod_uid)
-                    }
-                    None => Key::UnknownPod(id.pod_uid),
-                },
+            let id = match attributor.resolve(proc.pid).map(|a| a.owner) {
+                Some(Owner::Pod(id)) => id,
+                other => {
+                    let key = if other.is_some() {
+                        Key::Host
+                    } else {
+                        Key::UnknownPid
+                    };
+                    by_owner
+                        .entry(key)
+                        .or_insert_with(Acc::new)
+                        .add(proc, share);
+                    continue;
+                }
             };
-            by_owner
-                .entry(key)
-                .or_insert_with(Acc::new)
-                .add(proc, share);
+            let Some(PodWork {
+                usage,
+                total,
+                parts,
+                ..
+            }) = work.get_mut(id.pod_uid.as_str())
+            else {
+                by_owner
+                    .entry(Key::UnknownPod(id.pod_uid))
+                    .or_insert_with(Acc::new)
+                    .add(proc, share);
+                continue;
+            };
+            let role = RoleRef::of(&usage.pod, &id);
+            let i = match parts.iter().position(|p| role.is(&p.usage.role)) {
+                Some(i) => i,
+                None => {
+                    parts.push(Part {
+                        usage: ContainerUsage {
+                            role: role.to_role(),
+                            container_ids: Vec::new(),
+                            gpus: Vec::new(),
+                        },
+                        acc: None,
+                    });
+                    parts.len() - 1
+                }
+            };
+            let part = &mut parts[i];
+            if let Some(cid) = id.container_id.filter(|_| !id.is_conmon)
+                && !part.usage.container_ids.contains(&cid)
+            {
+                part.usage.container_ids.push(cid);
+            }
+            part.acc
+                .get_or_insert_with(Acc::new)
+                .add(proc, share.clone());
+            total.get_or_insert_with(Acc::new).add(proc, share);
         }
-        for (key, acc) in by_container {
-            if let Some(part) = containers.get_mut(&key) {
-                part.gpus.push(acc.finish(dev));
+        for w in work.values_mut() {
+            if let Some(acc) = w.total.take() {
+                w.usage.gpus.push(acc.finish(dev));
+                for part in &mut w.parts {
+                    if let Some(acc) = part.acc.take() {
+                        part.usage.gpus.push(acc.finish(dev));
+                    }
+                }
             }
         }
         for (key, acc) in by_owner {
-            let usage = acc.finish(dev);
-            match key {
-                Key::Pod(uid) => {
-                    if let Some(p) = pod_usage.get_mut(&uid) {
-                        p.gpus.push(usage);
-                    }
-                }
-                Key::Host => unowned.push(UnownedUsage {
-                    why: Unowned::Host,
-                    usage,
-                }),
-                Key::UnknownPid => unowned.push(UnownedUsage {
-                    why: Unowned::UnknownPid,
-                    usage,
-                }),
-                Key::UnknownPod(pod_uid) => unowned.push(UnownedUsage {
-                    why: Unowned::UnknownPod { pod_uid },
-                    usage,
-                }),
-            }
+            let why = match key {
+                Key::Host => Unowned::Host,
+                Key::UnknownPid => Unowned::UnknownPid,
+                Key::UnknownPod(pod_uid) => Unowned::UnknownPod { pod_uid },
+            };
+            unowned.push(UnownedUsage {
+                why,
+                usage: acc.finish(dev),
+            });
         }
     }
     let gpu_error = match (&gpu.error, &gpu.last_good) {
@@ -430,17 +498,15 @@ pub fn join(
         node_name: pods.node_name.clone(),
         attribution: attributor.backend(),
         gpus,
-        pods: {
-            for ((uid, _), part) in containers {
-                if let Some(p) = pod_usage.get_mut(&uid) {
-                    p.containers.push(part);
-                }
-            }
-            pod_usage
-                .into_iter()
-                .map(|(uid, u)| (uid, Arc::new(u)))
-                .collect()
-        },
+        pods: work
+            .into_iter()
+            .map(|(uid, w)| {
+                let mut usage = w.usage;
+                usage.containers = w.parts.into_iter().map(|p| p.usage).collect();
+                usage.containers.sort_by(|a, b| a.role.cmp(&b.role));
+                (uid.to_owned(), Arc::new(usage))
+            })
+            .collect(),
         unowned,
         pods_error: pods.error.clone(),
     }

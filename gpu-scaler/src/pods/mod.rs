@@ -1,4 +1,5 @@
-//! Pod metadata: which pods exist, where, and with which labels.
+//! Pod metadata: which pods exist, where, with which labels, and (for this
+//! node's pods) which containers their statuses report.
 //!
 //! A pod source publishes immutable [`PodSet`]s on a `tokio::sync::watch` channel
 //! ([`PodsReceiver`]); readers (the sampler, the scaler's workload views) only
