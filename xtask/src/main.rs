@@ -78,6 +78,9 @@ enum Bench {
     /// The KEDA-facing gRPC scaler: GetMetrics latency and throughput at 1, 64
     /// and 512 clients, memory with 10,000 StreamIsActive streams, freshness.
     Scaler,
+    /// The sampler's join and the /metrics render for 500 pods x 2 containers
+    /// on 8 GPUs (medians; `JOIN_BENCH_ITERS` sets the iterations).
+    Join,
     /// The cluster: fan-out latency over 1, 8 and 64 peer processes, peer RPCs
     /// per KEDA polling round, pod cache memory with 10,000 pods.
     Cluster {
@@ -128,6 +131,10 @@ fn main() -> Result<()> {
         Task::Bench {
             what: Bench::Gpu { passes, cpu_secs },
         } => bench_gpu::run(passes, cpu_secs),
+        Task::Bench { what: Bench::Join } => {
+            toolchain::ensure()?;
+            cargo(&["bench", "--package", "gpu-scaler", "--bench", "join"])
+        }
         Task::Bench {
             what: Bench::Scaler,
         } => {
@@ -186,7 +193,9 @@ fn main() -> Result<()> {
                 ])?;
             }
             chart::check()?;
-            let mut test = vec!["test", "--workspace"];
+            // --locked, as the Dockerfile builds: a stale Cargo.lock fails here
+            // rather than in the image build.
+            let mut test = vec!["test", "--workspace", "--locked"];
             test.extend(args.iter().map(String::as_str));
             cargo(&test)?;
             if !no_fuzz {

@@ -1,0 +1,156 @@
+//! What `deploy/Dockerfile` promises about the binary it ships, checked on the
+//! binary this workspace builds. The image itself cannot be built here (no
+//! container engine, and no registry to pull its base images from), so these
+//! are the claims that can fail without one:
+//!
+//! - the runtime stage is glibc (`distroless/cc-debian12`) because NVML is a
+//!   glibc library the daemon `dlopen()`s, and the binary needs nothing that
+//!   image lacks;
+//! - `libnvidia-ml` is not a link-time dependency (the NVIDIA container runtime
+//!   injects it at start; a node without it must still start the daemon and
+//!   say why NVML is missing);
+//! - the eBPF probe is embedded (unless built with `GPU_SCALER_NO_EBPF=1`);
+//! - the image runs as a non-root numeric user and its entrypoint is the
+//!   binary the build stage produced.
+
+use std::{collections::BTreeSet, path::Path};
+
+use gpu_scaler_tests::workspace_bin;
+use object::{
+    elf::{DT_NEEDED, EM_BPF, FileHeader64},
+    read::elf::FileHeader as _,
+};
+
+/// What distroless/cc-debian12 provides: Debian 12's libc6 (glibc and its split
+/// libraries) and libgcc-s1.
+const RUNTIME_LIBS: &[&str] = &[
+    "ld-linux-x86-64.so.2",
+    "libc.so.6",
+    "libdl.so.2",
+    "libgcc_s.so.1",
+    "libm.so.6",
+    "libpthread.so.0",
+    "librt.so.1",
+    "libutil.so.1",
+];
+
+fn dockerfile() -> String {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/Dockerfile");
+    std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("read {}: {e}", path.display()))
+}
+
+/// The shared libraries `binary` names as DT_NEEDED.
+fn needed(binary: &[u8]) -> BTreeSet<String> {
+    let elf = FileHeader64::<object::Endianness>::parse(binary).expect("the binary is ELF64");
+    let endian = elf.endian().expect("ELF endianness");
+    let sections = elf.sections(endian, binary).expect("section table");
+    let table = sections
+        .dynamic_table(endian, binary)
+        .expect("dynamic table");
+    assert!(
+        !table.is_empty(),
+        "the binary is dynamically linked (glibc)"
+    );
+    table
+        .iter()
+        .filter(|d| d.tag == DT_NEEDED)
+        .map(|d| String::from_utf8_lossy(table.string(d).expect("DT_NEEDED name")).into_owned())
+        .collect()
+}
+
+/// Whether `binary` carries an embedded ELF object for the BPF machine.
+fn embeds_bpf_object(binary: &[u8]) -> bool {
+    const MAGIC: &[u8] = b"\x7fELF\x02\x01"; // 64-bit, little endian
+    binary.windows(MAGIC.len()).enumerate().any(|(at, w)| {
+        w == MAGIC
+            && binary
+                .get(at + 18..at + 20)
+                .is_some_and(|m| u16::from_le_bytes([m[0], m[1]]) == EM_BPF)
+    })
+}
+
+#[test]
+fn the_binary_needs_only_what_the_runtime_image_has() {
+    let bin = workspace_bin("gpu-scaler");
+    let data = std::fs::read(&bin).expect("read the gpu-scaler binary");
+    let needed = needed(&data);
+    assert!(
+        needed.contains("libc.so.6"),
+        "links glibc, as the Dockerfile's runtime stage assumes: {needed:?}"
+    );
+    let missing: Vec<_> = needed
+        .iter()
+        .filter(|l| !RUNTIME_LIBS.contains(&l.as_str()))
+        .collect();
+    assert!(
+        missing.is_empty(),
+        "{} needs {missing:?}, which distroless/cc-debian12 does not carry",
+        bin.display()
+    );
+    assert!(
+        !needed.iter().any(|l| l.contains("nvidia")),
+        "NVML must be loaded at run time, never linked: {needed:?}"
+    );
+    // The same rule as gpu-scaler/build.rs: the binary was built in the same
+    // cargo run, with the same environment, as this test.
+    let expect_probe = !option_env!("GPU_SCALER_NO_EBPF")
+        .is_some_and(|v| v == "1" || v.eq_ignore_ascii_case("true"));
+    assert_eq!(
+        embeds_bpf_object(&data),
+        expect_probe,
+        "the eBPF probe is embedded unless built with GPU_SCALER_NO_EBPF=1"
+    );
+}
+
+#[test]
+fn the_dockerfile_ships_that_binary_on_glibc_as_non_root() {
+    let d = dockerfile();
+    let lines: Vec<&str> = d
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.starts_with('#'))
+        .collect();
+    let froms: Vec<&str> = lines
+        .iter()
+        .filter_map(|l| l.strip_prefix("FROM "))
+        .collect();
+    assert!(froms.len() >= 2, "multi-stage: {froms:?}");
+    let runtime = froms.last().expect("a runtime stage");
+    assert!(
+        runtime.contains("distroless/cc-debian12"),
+        "runtime stage is the glibc distroless image RUNTIME_LIBS describes: {runtime}"
+    );
+    let final_stage = &lines[lines
+        .iter()
+        .rposition(|l| l.starts_with("FROM "))
+        .expect("FROM")..];
+    assert!(
+        d.contains("cargo build --release --locked --package gpu-scaler"),
+        "the build stage builds the daemon from the lock file"
+    );
+    let copied = final_stage
+        .iter()
+        .find_map(|l| l.strip_prefix("COPY --from=builder "))
+        .expect("the runtime stage copies the built binary");
+    let dest = copied.split_whitespace().last().expect("COPY destination");
+    let entrypoint = final_stage
+        .iter()
+        .find_map(|l| l.strip_prefix("ENTRYPOINT "))
+        .expect("ENTRYPOINT");
+    assert_eq!(
+        entrypoint,
+        format!("[\"{dest}\"]"),
+        "the entrypoint is the copied binary"
+    );
+    let user = final_stage
+        .iter()
+        .rev()
+        .find_map(|l| l.strip_prefix("USER "))
+        .expect("the runtime stage sets USER");
+    let uid: u32 = user
+        .split(':')
+        .next()
+        .and_then(|u| u.parse().ok())
+        .unwrap_or_else(|| panic!("USER is numeric (Kubernetes runAsNonRoot checks it): {user}"));
+    assert_ne!(uid, 0, "the image runs as non-root by default");
+}
