@@ -3,8 +3,8 @@
 //! process each (1,000 processes), pods named by a PodList with their
 //! container statuses. Prints medians; asserts nothing.
 //!
-//! `cargo bench -p gpu-scaler --bench join`. Environment: `JOIN_BENCH_ITERS`
-//! (default 2000).
+//! `cargo xtask bench join` (or `cargo bench -p gpu-scaler --bench join`).
+//! Environment: `JOIN_BENCH_ITERS` (default 2000).
 
 use std::{
     collections::HashMap,
