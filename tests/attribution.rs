@@ -497,19 +497,7 @@ async fn ps_lists_processes_and_watches_events_with_their_pod() {
     ));
     let sleeper = spawn(&cg, &["sleep"]);
 
-    let out = Command::new(&bin)
-        .args(["ps", "--json"])
-        .output()
-        .expect("run gpu-scaler ps");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let rows: Vec<serde_json::Value> = String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .map(|l| serde_json::from_str(l).expect("one JSON object per line"))
-        .collect();
+    let rows = ps_json(&["ps", "--json"]);
     let row = rows
         .iter()
         .find(|r| r["pid"] == sleeper.0.id())
@@ -1085,20 +1073,14 @@ fn ps_with_a_pods_file_names_containers_and_the_sandbox() {
         .to_string(),
     )
     .expect("write pods file");
-    let out = Command::new(workspace_bin("gpu-scaler"))
-        .args(["ps", "--json", "--attribution", "procfs", "--pods-file"])
-        .arg(&pods)
-        .output()
-        .expect("run gpu-scaler ps");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let rows: Vec<serde_json::Value> = String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .map(|l| serde_json::from_str(l).expect("one JSON object per line"))
-        .collect();
+    let rows = ps_json(&[
+        "ps".as_ref(),
+        "--json".as_ref(),
+        "--attribution".as_ref(),
+        "procfs".as_ref(),
+        "--pods-file".as_ref(),
+        pods.as_os_str(),
+    ]);
     let row = |pid: u32| {
         rows.iter()
             .find(|r| r["pid"] == pid)
@@ -1139,4 +1121,22 @@ fn ps_with_a_pods_file_names_containers_and_the_sandbox() {
         "{}",
         String::from_utf8_lossy(&bad.stderr)
     );
+}
+
+/// Runs `gpu-scaler` with `args` (a `ps ... --json` command line) and parses
+/// its output, one JSON object per line; panics with its stderr if it fails.
+fn ps_json<S: AsRef<std::ffi::OsStr>>(args: &[S]) -> Vec<serde_json::Value> {
+    let out = Command::new(workspace_bin("gpu-scaler"))
+        .args(args)
+        .output()
+        .expect("run gpu-scaler ps");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("one JSON object per line"))
+        .collect()
 }

@@ -346,18 +346,7 @@ mod tests {
     #[test]
     fn parses_the_three_container_status_lists() {
         let pods = parse("t", LIST).expect("valid list");
-        let got: Vec<_> = pods[0]
-            .containers
-            .iter()
-            .map(|c| {
-                (
-                    c.name.as_str(),
-                    c.id.as_deref(),
-                    c.previous_id.as_deref(),
-                    c.kind,
-                )
-            })
-            .collect();
+        let got = crate::pods::container_summary(&pods[0]);
         assert_eq!(
             got,
             [

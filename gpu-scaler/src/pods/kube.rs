@@ -385,18 +385,7 @@ mod tests {
                      "containerID": "docker://cccc"}]}
         }));
         let p = trim_with_containers(&pod).expect("complete pod");
-        let got: Vec<_> = p
-            .containers
-            .iter()
-            .map(|c| {
-                (
-                    c.name.as_str(),
-                    c.id.as_deref(),
-                    c.previous_id.as_deref(),
-                    c.kind,
-                )
-            })
-            .collect();
+        let got = crate::pods::container_summary(&p);
         assert_eq!(
             got,
             [

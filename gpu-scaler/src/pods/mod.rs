@@ -209,6 +209,24 @@ impl PodSet {
     }
 }
 
+/// `(name, id, previous id, kind)` of each container, for the sources' tests.
+#[cfg(test)]
+pub(crate) fn container_summary(
+    pod: &Pod,
+) -> Vec<(&str, Option<&str>, Option<&str>, ContainerKind)> {
+    pod.containers
+        .iter()
+        .map(|c| {
+            (
+                c.name.as_str(),
+                c.id.as_deref(),
+                c.previous_id.as_deref(),
+                c.kind,
+            )
+        })
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
