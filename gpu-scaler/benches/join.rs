@@ -160,17 +160,7 @@ fn main() {
         let snap = sampler::join(&status, &pods, &table, SystemTime::now());
         join_t.push(t.elapsed());
         let t = Instant::now();
-        let out = metrics::render(
-            &snap,
-            &Sources {
-                metrics: &metrics,
-                cluster: None,
-                streams: None,
-                gpu_up: true,
-                attribution: None,
-            },
-            SystemTime::now(),
-        );
+        let out = metrics::render(&snap, &Sources::node(&metrics), SystemTime::now());
         render_t.push(t.elapsed());
         bytes = out.len();
     }

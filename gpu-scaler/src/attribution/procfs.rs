@@ -337,6 +337,32 @@ mod tests {
         assert_eq!(a.resolve(pid), None, "after the grace period");
     }
 
+    /// A `sleep` child of this test, killed and reaped when dropped (also
+    /// when an assertion fails first).
+    struct Sleeper(std::process::Child);
+
+    impl Sleeper {
+        fn start() -> Self {
+            Self(
+                std::process::Command::new("sleep")
+                    .arg("5")
+                    .spawn()
+                    .expect("spawn sleep"),
+            )
+        }
+
+        fn pid(&self) -> u32 {
+            self.0.id()
+        }
+    }
+
+    impl Drop for Sleeper {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+
     /// Rewrites the cached answer for `pid` as if it had been read earlier
     /// for a process that started at `start_time` in cgroup `path`.
     fn plant(a: &ProcfsAttributor, pid: u32, start_time: u64, path: &str) {
@@ -349,11 +375,8 @@ mod tests {
     #[test]
     fn a_live_process_is_answered_from_the_cache_until_the_recheck() {
         let a = ProcfsAttributor::with_recheck(Duration::from_secs(30), Duration::from_millis(300));
-        let mut child = std::process::Command::new("sleep")
-            .arg("5")
-            .spawn()
-            .expect("spawn sleep");
-        let pid = child.id();
+        let child = Sleeper::start();
+        let pid = child.pid();
         let real = a.resolve(pid).expect("live child resolves");
         let start = start_time(pid).expect("start time");
         // Same process (same start time): the cached cgroup is the answer,
@@ -371,25 +394,20 @@ mod tests {
             Some(real.clone()),
             "re-read after the recheck"
         );
-        child.kill().expect("kill");
-        child.wait().expect("wait");
+        drop(child);
     }
 
     #[test]
     fn a_pid_with_another_start_time_never_gets_the_cached_answer() {
         let a = ProcfsAttributor::with_recheck(Duration::from_secs(30), Duration::from_secs(3600));
-        let mut child = std::process::Command::new("sleep")
-            .arg("5")
-            .spawn()
-            .expect("spawn sleep");
-        let pid = child.id();
+        let child = Sleeper::start();
+        let pid = child.pid();
         let real = a.resolve(pid).expect("live child resolves");
         let start = start_time(pid).expect("start time");
         // As if the cached answer were of an earlier process with this pid.
         plant(&a, pid, start.wrapping_sub(1), "/earlier-process");
         assert_eq!(a.resolve(pid), Some(real), "the live process's own cgroup");
-        child.kill().expect("kill");
-        child.wait().expect("wait");
+        drop(child);
         // Gone now: the grace period answers with the last process's cgroup,
         // never the earlier one's.
         assert_ne!(

@@ -189,6 +189,20 @@ pub struct Sources<'a> {
     pub attribution: Option<AttributionStats>,
 }
 
+impl<'a> Sources<'a> {
+    /// Only the node's own figures: no cluster, no open streams, no attribution
+    /// counters, the GPU source answering. Set the other fields with `..`.
+    pub fn node(metrics: &'a Metrics) -> Self {
+        Self {
+            metrics,
+            cluster: None,
+            streams: None,
+            gpu_up: true,
+            attribution: None,
+        }
+    }
+}
+
 /// Renders the exposition for `snap` at `now` (OpenMetrics text, which
 /// Prometheus reads; see [`CONTENT_TYPE`]).
 pub fn render(snap: &NodeSnapshot, sources: &Sources<'_>, now: SystemTime) -> String {
@@ -844,11 +858,8 @@ mod tests {
             render(
                 &snap,
                 &Sources {
-                    metrics: &metrics,
-                    cluster: None,
-                    streams: None,
-                    gpu_up: true,
                     attribution: Some(s),
+                    ..Sources::node(&metrics)
                 },
                 SystemTime::now(),
             )
@@ -968,17 +979,7 @@ mod tests {
             }),
         );
         let metrics = Metrics::default();
-        let out = render(
-            &snap,
-            &Sources {
-                metrics: &metrics,
-                cluster: None,
-                streams: None,
-                gpu_up: true,
-                attribution: None,
-            },
-            SystemTime::now(),
-        );
+        let out = render(&snap, &Sources::node(&metrics), SystemTime::now());
         let series = |name: &str, pod: &str, container: &str, gpu: u32| {
             format!(
                 "{name}{{namespace=\"ml\",pod=\"{pod}\",container=\"{container}\",gpu=\"{gpu}\"}}"
@@ -1019,11 +1020,8 @@ mod tests {
         let out = render(
             &empty_snapshot(),
             &Sources {
-                metrics: &metrics,
-                cluster: None,
                 streams: Some(&OpenStreams::default()),
-                gpu_up: true,
-                attribution: None,
+                ..Sources::node(&metrics)
             },
             SystemTime::now(),
         );
