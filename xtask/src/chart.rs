@@ -85,6 +85,25 @@ pub fn manifests() -> Result<()> {
     Ok(())
 }
 
+/// The chart rendered as `cargo xtask manifests` renders it (release and namespace
+/// `gpu-scaler`) with `set` overrides, as JSON objects: what `cargo xtask e2e` applies.
+pub fn render(set: &[&str]) -> Result<Vec<Value>> {
+    let tools = Tools::ensure()?;
+    let yaml = tools.template(None, set)?;
+    tools.objects(&yaml)
+}
+
+/// Every object of the YAML streams in `files`, as JSON (PyYAML of the tools' venv).
+pub fn yaml_objects(files: &[PathBuf]) -> Result<Vec<Value>> {
+    let tools = Tools::ensure()?;
+    let mut all = Vec::new();
+    for f in files {
+        let text = fs::read_to_string(f).with_context(|| format!("reading {}", f.display()))?;
+        all.extend(tools.objects(&text)?);
+    }
+    Ok(all)
+}
+
 /// Every chart check; the first failure is the error.
 pub fn check() -> Result<()> {
     let tools = Tools::ensure()?;

@@ -7,6 +7,7 @@ mod bench_gpu;
 mod bench_scaler;
 mod chart;
 mod demo;
+mod e2e;
 mod fuzz;
 mod host;
 mod privileges;
@@ -48,6 +49,10 @@ enum Task {
         #[arg(trailing_var_arg = true)]
         args: Vec<String>,
     },
+    /// gpu-scaler under the real control plane: build etcd, Kubernetes and KEDA from
+    /// their Go modules (cached under target/e2e/), start them as processes and run
+    /// the scenarios of tests/e2e_cluster/ (root; see docs/e2e.md).
+    E2e(e2e::Args),
     /// Fuzz the cgroup path parser (cargo-fuzz, nightly) for a while.
     Fuzz {
         /// How long to fuzz.
@@ -175,6 +180,10 @@ fn main() -> Result<()> {
             })
         }
         Task::Fuzz { seconds } => fuzz::run(seconds),
+        Task::E2e(args) => {
+            toolchain::ensure()?;
+            e2e::run(&args)
+        }
         Task::Test {
             no_lint,
             no_fuzz,
