@@ -34,8 +34,9 @@ pub struct Pki {
     /// `ca.crt`, `tls.crt`, `tls.key`: the layout KEDA's `--cert-dir` reads.
     pub keda_dir: PathBuf,
     pub keda_ca_pem: String,
-    /// ECDSA P-256 key: signs (and, as its public half, verifies) SA tokens.
+    /// ECDSA P-256 key that signs SA tokens, and its public half that verifies them.
     pub service_account_key: PathBuf,
+    pub service_account_pub: PathBuf,
 }
 
 fn ca(cn: &str) -> CertifiedIssuer<'static, KeyPair> {
@@ -172,6 +173,7 @@ impl Pki {
             keda_dir,
             keda_ca_pem: keda.pem(),
             service_account_key: write(dir, "sa.key", &sa.serialize_pem()),
+            service_account_pub: write(dir, "sa.pub", &sa.public_key_pem()),
         }
     }
 }

@@ -187,7 +187,7 @@ impl ControlPlane {
                 "--authorization-mode=Node,RBAC".into(),
                 "--service-cluster-ip-range=10.97.0.0/16".into(),
                 "--service-account-issuer=https://kubernetes.default.svc.cluster.local".into(),
-                format!("--service-account-key-file={}", p(&pki.service_account_key)),
+                format!("--service-account-key-file={}", p(&pki.service_account_pub)),
                 format!(
                     "--service-account-signing-key-file={}",
                     p(&pki.service_account_key)
@@ -222,7 +222,26 @@ impl ControlPlane {
             &pki.ca,
             Auth::Cert(&pki.controller_manager),
         );
+        let mut apiserver = apiserver;
         let admin = client(&admin_kubeconfig).await;
+        // The controller manager reads the request-header CA from kube-system as
+        // soon as it starts: only once the API server serves its bootstrap RBAC.
+        let deadline = tokio::time::Instant::now() + UP_WITHIN;
+        loop {
+            apiserver.assert_running();
+            let req = http::Request::get("/readyz")
+                .body(Vec::new())
+                .expect("request");
+            match admin.request_text(req).await {
+                Ok(t) if t.trim() == "ok" => break,
+                other => assert!(
+                    tokio::time::Instant::now() < deadline,
+                    "kube-apiserver not ready within {UP_WITHIN:?}: {other:?}\n{}",
+                    apiserver.tail(30)
+                ),
+            }
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
         let mut cp = Self {
             keda_operator: None,
             keda_adapter: None,
@@ -283,25 +302,7 @@ impl ControlPlane {
 
     async fn wait_ready(&mut self) {
         let deadline = tokio::time::Instant::now() + UP_WITHIN;
-        loop {
-            self.check_running();
-            let req = http::Request::get("/readyz")
-                .body(Vec::new())
-                .expect("request");
-            match self.admin.request_text(req).await {
-                Ok(t) if t.trim() == "ok" => break,
-                other => {
-                    assert!(
-                        tokio::time::Instant::now() < deadline,
-                        "kube-apiserver not ready within {UP_WITHIN:?}: {other:?}\n{}",
-                        self.apiserver.tail(30)
-                    );
-                }
-            }
-            tokio::time::sleep(Duration::from_millis(500)).await;
-        }
-        // The bootstrap RBAC policy and the controller manager's first
-        // ServiceAccount: the cluster is usable.
+        // The controller manager's first ServiceAccount: the cluster is usable.
         let sa: Api<k8s_openapi::api::core::v1::ServiceAccount> =
             Api::namespaced(self.admin.clone(), "default");
         loop {

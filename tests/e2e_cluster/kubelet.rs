@@ -130,6 +130,11 @@ impl Kubelet {
             .count()
     }
 
+    /// Every error the loop met so far (for a failure's message).
+    pub fn errors(&self) -> Vec<String> {
+        self.state.lock().expect("kubelet state").errors.clone()
+    }
+
     /// Panics with the loop's errors, if any (a failed bind or status update is a
     /// broken test, not a scenario result).
     pub fn check(&self) {

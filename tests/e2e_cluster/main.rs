@@ -253,10 +253,26 @@ impl Cluster {
                 return p;
             }
             self.kubelet.check();
-            assert!(
-                Instant::now() < deadline,
-                "no Running {DAEMONSET} pod on {node}: is the DaemonSet scheduled there?"
-            );
+            if Instant::now() > deadline {
+                let all = pods.list(&ListParams::default()).await.expect("list pods");
+                let seen: Vec<_> = all
+                    .items
+                    .iter()
+                    .map(|p| {
+                        (
+                            p.metadata.name.clone(),
+                            p.spec.as_ref().and_then(|s| s.node_name.clone()),
+                            p.status.as_ref().and_then(|s| s.phase.clone()),
+                        )
+                    })
+                    .collect();
+                panic!(
+                    "no Running {DAEMONSET} pod on {node}; pods {seen:?}; kubelet errors {:?}; \
+                     DaemonSet events {:?}",
+                    self.kubelet.errors(),
+                    events(&self.cp.admin, DAEMON_NS, "DaemonSet", DAEMONSET).await
+                );
+            }
             tokio::time::sleep(Duration::from_millis(300)).await;
         }
     }
@@ -326,18 +342,7 @@ impl Cluster {
 
     /// Events about `kind` `name` in `ns`: (reason, message).
     fn events(&self, ns: &str, kind: &str, name: &str) -> Vec<(String, String)> {
-        let api: Api<k8s_openapi::api::core::v1::Event> =
-            Api::namespaced(self.cp.admin.clone(), ns);
-        let lp = ListParams::default().fields(&format!(
-            "involvedObject.kind={kind},involvedObject.name={name}"
-        ));
-        self.rt
-            .block_on(api.list(&lp))
-            .expect("list events")
-            .items
-            .into_iter()
-            .map(|e| (e.reason.unwrap_or_default(), e.message.unwrap_or_default()))
-            .collect()
+        self.rt.block_on(events(&self.cp.admin, ns, kind, name))
     }
 
     /// Waits until `ns/name` has `want` replicas, all ready, and panics with
@@ -413,6 +418,21 @@ impl Cluster {
     }
 }
 
+/// Events about `kind` `name` in `ns`: (reason, message).
+async fn events(admin: &Client, ns: &str, kind: &str, name: &str) -> Vec<(String, String)> {
+    let api: Api<k8s_openapi::api::core::v1::Event> = Api::namespaced(admin.clone(), ns);
+    let lp = ListParams::default().fields(&format!(
+        "involvedObject.kind={kind},involvedObject.name={name}"
+    ));
+    api.list(&lp)
+        .await
+        .expect("list events")
+        .items
+        .into_iter()
+        .map(|e| (e.reason.unwrap_or_default(), e.message.unwrap_or_default()))
+        .collect()
+}
+
 /// A Node object for `node`, Ready, with the GPU label the chart's DaemonSet
 /// selects.
 async fn register_node(admin: &Client, node: &Node) {
@@ -441,6 +461,16 @@ async fn register_node(admin: &Client, node: &Node) {
     )
     .await
     .expect("node status");
+    // The TaintNodesByCondition admission plugin taints a new node
+    // not-ready:NoSchedule until the node lifecycle controller (off here, see
+    // control_plane.rs) sees it Ready; a DaemonSet does not tolerate that taint.
+    api.patch(
+        &node.name,
+        &kube::api::PatchParams::default(),
+        &kube::api::Patch::Merge(&json!({"spec": {"taints": null}})),
+    )
+    .await
+    .expect("untaint node");
 }
 
 /// The environment the chart's DaemonSet gives its container on `node`: literal
@@ -519,10 +549,6 @@ fn gpu_scaler_under_real_kubernetes_and_keda() {
             scale_up_and_down,
         ),
         (
-            "bad metadata shows on the ScaledObject",
-            bad_metadata_is_visible,
-        ),
-        (
             "external-push: 0 -> 1 -> 2 from activation",
             push_activates_from_zero,
         ),
@@ -534,6 +560,11 @@ fn gpu_scaler_under_real_kubernetes_and_keda() {
         (
             "RBAC: the chart's ServiceAccount was never refused",
             no_rbac_refusals,
+        ),
+        // Fails against real KEDA v2.21: see bad_metadata_is_visible.
+        (
+            "bad metadata shows on the ScaledObject",
+            bad_metadata_is_visible,
         ),
     ];
     let only = std::env::var("GPU_SCALER_E2E_ONLY").ok();
@@ -599,11 +630,12 @@ fn scale_up_and_down(c: &mut Cluster) {
     assert_eq!(c.replicas("other", "llm"), (1, 1));
     c.kubelet.set_demand("ml", "llm", 30);
     c.wait_replicas("ml", "llm", "llm", 1);
-    assert_eq!(
-        c.kubelet.running("ml", "llm"),
-        1,
-        "scaled-down pods stopped"
-    );
+    // The ReplicaSet controller deletes the surplus pods; the kubelet stand-in
+    // stops their processes and finishes the deletion.
+    let stopped = gpu_scaler_tests::wait_for(Duration::from_secs(30), || {
+        (c.kubelet.running("ml", "llm") == 1).then_some(())
+    });
+    assert!(stopped.is_some(), "scaled-down pods still running");
     let so = c.scaled_object("ml", "llm");
     assert_eq!(
         condition(&so, "Ready").map(|c| c.0).as_deref(),
@@ -615,6 +647,11 @@ fn scale_up_and_down(c: &mut Cluster) {
 
 /// A metadata value gpu-scaler refuses reaches the user through KEDA: an event
 /// on the ScaledObject with gpu-scaler's own message, and no replicas change.
+///
+/// Fails today (the README promises it): gpu-scaler refuses bad metadata in
+/// GetMetricSpec, and real KEDA v2.21 drops GetMetricSpec errors; the
+/// ScaledObject only says "no metric specs returned from scalers" (Ready=False,
+/// ScaledObjectCheckFailed). Last in the list so it fails after the others ran.
 fn bad_metadata_is_visible(c: &mut Cluster) {
     let scaler = c.scaler_address(1);
     c.apply(deployment("ml", "bad", "bad", 1));
