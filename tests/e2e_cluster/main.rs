@@ -537,13 +537,16 @@ fn scaled_object(ns: &str, name: &str, target: &str, trigger: Value, extra: Valu
     so
 }
 
+/// One scenario, run on the shared cluster.
+type Scenario = fn(&mut Cluster);
+
 #[test]
 fn gpu_scaler_under_real_kubernetes_and_keda() {
     let Some(net) = kernel_ready() else {
         return;
     };
     let mut c = Cluster::start(net);
-    let scenarios: [(&str, fn(&mut Cluster)); 6] = [
+    let scenarios: [(&str, Scenario); 6] = [
         (
             "external: 1 -> 3 -> 1, other namespace never counted",
             scale_up_and_down,
@@ -554,12 +557,13 @@ fn gpu_scaler_under_real_kubernetes_and_keda() {
         ),
         ("ScaledJob creates Jobs", scaled_job_creates_jobs),
         (
-            "every daemon killed: KEDA's fallback",
-            fallback_when_every_daemon_is_lost,
-        ),
-        (
             "RBAC: the chart's ServiceAccount was never refused",
             no_rbac_refusals,
+        ),
+        // Fails against real KEDA v2.21: see fallback_when_every_daemon_is_lost.
+        (
+            "every daemon killed: KEDA's fallback",
+            fallback_when_every_daemon_is_lost,
         ),
         // Fails against real KEDA v2.21: see bad_metadata_is_visible.
         (
@@ -722,11 +726,12 @@ fn push_activates_from_zero(c: &mut Cluster) {
     c.wait_replicas("ml", "worker", "worker", 0);
 }
 
-/// A ScaledJob on a queue workload's GPU use: 150 % with targetValue 50 is three
-/// Jobs (KEDA's default strategy: ceil(value / target) minus the running ones).
+/// A ScaledJob on a queue workload's GPU use: 150 % (over its two pods) with
+/// targetValue 50 is three Jobs (KEDA's default strategy: ceil(value / target) minus the running ones).
 fn scaled_job_creates_jobs(c: &mut Cluster) {
     let scaler = c.scaler_address(0);
-    c.apply(deployment("ml", "queue", "queue", 1));
+    // Two replicas, 75 % each: one pod alone would read its share clamped to 100.
+    c.apply(deployment("ml", "queue", "queue", 2));
     c.kubelet.set_demand("ml", "queue", 150);
     c.apply(
         json!({"apiVersion": "keda.sh/v1alpha1", "kind": "ScaledJob",
@@ -763,6 +768,11 @@ fn scaled_job_creates_jobs(c: &mut Cluster) {
 
 /// Every daemon killed: GetMetrics fails, and after failureThreshold polls KEDA
 /// serves the ScaledObject's fallback replicas; the daemons back, the real value.
+///
+/// Fails today: with every daemon gone GetMetricSpec fails too, KEDA v2.21
+/// reports "no metric specs returned from scalers" (Ready=False), never counts a
+/// failure (health numberOfFailures 0, Fallback=False) and the HPA holds the
+/// current 2 replicas (FailedGetExternalMetric): safe, but not the fallback.
 fn fallback_when_every_daemon_is_lost(c: &mut Cluster) {
     let scaler = c.scaler_address(1);
     c.apply(deployment("ml", "fb", "fb", 1));
