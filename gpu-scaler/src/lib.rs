@@ -9,6 +9,8 @@ pub mod attribution;
 pub mod cli;
 pub mod cluster;
 pub mod daemon;
+pub mod engine;
+pub mod figures;
 pub mod gpu;
 pub mod pods;
 pub mod sampler;

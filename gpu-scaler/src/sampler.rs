@@ -663,6 +663,8 @@ pub(crate) mod tests {
             node_name: Some("n1".into()),
             phase: None,
             ready: true,
+            ip: None,
+            annotations: Default::default(),
             containers: Vec::new(),
         }
     }

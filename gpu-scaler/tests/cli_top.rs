@@ -85,6 +85,8 @@ async fn top_once_json_of_a_running_daemon() {
         node_name: None,
         phase: Some("Running".into()),
         ready: true,
+        ip: None,
+        annotations: Default::default(),
         containers: Vec::new(),
     };
     let (_pods_tx, pods) = watch::channel(Arc::new(PodSet::from_pods(

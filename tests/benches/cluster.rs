@@ -78,14 +78,25 @@ impl LocalUsage for SyntheticNode {
     fn node_name(&self) -> &str {
         &self.name
     }
-    fn pod_usage(&self, uids: &[String]) -> Result<proto::GetPodUsageResponse, String> {
-        Ok(proto::GetPodUsageResponse {
+    fn pod_usage<'a>(
+        &'a self,
+        uids: &'a [String],
+        _figures: &'a [proto::FigureRequest],
+    ) -> futures::future::BoxFuture<'a, Result<proto::GetPodUsageResponse, String>> {
+        Box::pin(async move { Ok(self.answer(uids)) })
+    }
+}
+
+impl SyntheticNode {
+    fn answer(&self, uids: &[String]) -> proto::GetPodUsageResponse {
+        proto::GetPodUsageResponse {
             node_name: self.name.clone(),
             snapshot_unix_nanos: 1,
             pods: uids
                 .iter()
                 .map(|u| proto::PodUsage {
                     pod_uid: u.clone(),
+                    figures: Vec::new(),
                     gpus: vec![proto::GpuUsage {
                         gpu_uuid: "GPU-0".into(),
                         sm_util_percent: Some(50.0),
@@ -99,7 +110,7 @@ impl LocalUsage for SyntheticNode {
                 })
                 .collect(),
             unknown_pod_uids: Vec::new(),
-        })
+        }
     }
 }
 
@@ -199,6 +210,8 @@ fn workload(selector: &str, nodes: &[(String, SocketAddr)], per_node: usize) -> 
                     node_name: Some(node.clone()),
                     phase: Some("Running".into()),
                     ready: true,
+                    ip: None,
+                    annotations: Default::default(),
                     containers: Vec::new(),
                 }),
             );
@@ -238,14 +251,14 @@ async fn bench_latency() {
         ));
         let f = fanout(&peers, dir, Duration::ZERO);
         for _ in 0..50 {
-            let u = f.workload("ml", "w").await.expect("warm-up");
+            let u = f.workload("ml", "w", None).await.expect("warm-up");
             assert_eq!(u.unreported(), 0, "every peer answers");
         }
         let rounds = 1000;
         let mut lat = Vec::with_capacity(rounds);
         for _ in 0..rounds {
             let t = Instant::now();
-            let u = f.workload("ml", "w").await.expect("fan-out");
+            let u = f.workload("ml", "w", None).await.expect("fan-out");
             lat.push(t.elapsed());
             assert_eq!(u.pods.len(), 4 * n);
         }
@@ -469,7 +482,7 @@ async fn bench_coalescing() {
             [0, 1].map(move |_| {
                 let f = f.clone();
                 let sel = sel.clone();
-                async move { f.workload("ml", &sel).await.map(|_| ()) }
+                async move { f.workload("ml", &sel, None).await.map(|_| ()) }
             })
         });
         for r in futures::future::join_all(queries).await {

@@ -99,6 +99,8 @@ pub fn pod(namespace: &str, name: &str, uid: &str, labels: &[(&str, &str)]) -> P
         node_name: None,
         phase: Some("Running".into()),
         ready: true,
+        ip: None,
+        annotations: Default::default(),
         containers: Vec::new(),
     }
 }

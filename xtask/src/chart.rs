@@ -1140,7 +1140,20 @@ const METADATA_KEYS: &[&str] = &[
     "targetMemoryUtilization",
     "aggregation",
     "metricName",
+    "metricsPort",
+    "metricsPath",
+    "vllmEndpoint",
+    "tritonEndpoint",
+    "engineMetric",
+    "engineQuantile",
+    "activationPodSelector",
+    "activationMetric",
+    "activationEngineMetric",
+    "activationMetricsPort",
+    "activationMetricsPath",
 ];
+/// gpu-scaler/src/figures.rs's table (xtask cannot link the daemon: it runs
+/// before the eBPF toolchain the daemon's build needs is installed).
 const METRICS: &[&str] = &[
     "gpu_utilization",
     "memory_utilization",
@@ -1148,6 +1161,21 @@ const METRICS: &[&str] = &[
     "memory_used_percent",
     "power_draw",
     "temperature",
+    "vllm_queue_depth",
+    "vllm_running",
+    "vllm_kv_cache_usage",
+    "vllm_kv_cache_usage_percent",
+    "sglang_queue_depth",
+    "sglang_running",
+    "sglang_token_usage",
+    "tgi_queue_size",
+    "tgi_batch_size",
+    "triton_pending_requests",
+    "triton_queue_wait_ms",
+    "triton_request_rate",
+    "trtllm_queue_depth",
+    "trtllm_kv_cache_usage",
+    "engine",
 ];
 const PROFILES: &[&str] = &[
     "vllm-inference",
@@ -1156,6 +1184,9 @@ const PROFILES: &[&str] = &[
     "batch",
     "ollama",
     "tgi-inference",
+    "vllm-queue-depth",
+    "triton-queue-wait",
+    "triton-request-rate",
 ];
 const AGGREGATIONS: &[&str] = &["sum", "avg", "max", "min", "p95", "p99"];
 
@@ -1241,7 +1272,7 @@ fn check_trigger(trigger: &Value) -> Result<()> {
             .as_str()
             .with_context(|| format!("{key}: metadata values are strings"))?;
         let allowed: Option<&[&str]> = match key.as_str() {
-            "metric" | "metricType" => Some(METRICS),
+            "metric" | "metricType" | "activationMetric" => Some(METRICS),
             "profile" => Some(PROFILES),
             "aggregation" => Some(AGGREGATIONS),
             _ => None,

@@ -142,6 +142,7 @@ pub fn start(
     parts: Parts,
     snapshots: crate::sampler::SnapshotReceiver,
     poll_interval: std::time::Duration,
+    scraper: Option<crate::engine::Scraper>,
     shutdown: tokio_util::sync::CancellationToken,
 ) -> Result<Started> {
     let peer_addr = parts
@@ -152,6 +153,7 @@ pub fn start(
         parts.node_name.clone(),
         snapshots.clone(),
         poll_interval,
+        scraper,
     ));
     let clients = peer::PeerClients::new(parts.tls.as_ref(), parts.peer_timeout)?;
     parts.stats.peers.set(parts.peers.clone());

@@ -183,6 +183,8 @@ mod tests {
             node_name: Some(node.into()),
             phase: Some("Running".into()),
             ready: true,
+            ip: None,
+            annotations: Default::default(),
             containers: Vec::new(),
         }
     }

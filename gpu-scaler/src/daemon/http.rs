@@ -28,6 +28,8 @@ pub struct State {
     pub streams: Arc<crate::scaler::service::OpenStreams>,
     /// Asked for its table sizes and counters at scrape time.
     pub attributor: Arc<dyn crate::attribution::Attributor>,
+    /// The engines read on this node.
+    pub engines: watch::Receiver<Arc<crate::engine::EngineSnapshot>>,
 }
 
 async fn healthz() -> &'static str {
@@ -60,6 +62,7 @@ async fn readyz(extract::State(s): extract::State<State>) -> impl IntoResponse {
 async fn metrics(extract::State(s): extract::State<State>) -> impl IntoResponse {
     let snap = s.snapshots.borrow().clone();
     let gpu_up = s.gpu.borrow().error.is_none();
+    let engines = s.engines.borrow().clone();
     let body = metrics::render(
         &snap,
         &metrics::Sources {
@@ -68,6 +71,7 @@ async fn metrics(extract::State(s): extract::State<State>) -> impl IntoResponse 
             streams: Some(&s.streams),
             attribution: s.attributor.stats(),
             gpu_up,
+            engines: Some(&engines),
         },
         SystemTime::now(),
     );
@@ -77,7 +81,17 @@ async fn metrics(extract::State(s): extract::State<State>) -> impl IntoResponse 
 /// The newest node snapshot as JSON (diagnostics, the demo).
 async fn snapshot(extract::State(s): extract::State<State>) -> impl IntoResponse {
     let snap = s.snapshots.borrow().clone();
-    match serde_json::to_string(&*snap) {
+    let engines = s.engines.borrow().clone();
+    let json = serde_json::to_value(&*snap).map(|mut v| {
+        if let Some(o) = v.as_object_mut() {
+            o.insert(
+                "engines".into(),
+                serde_json::to_value(&engines.pods).unwrap_or_default(),
+            );
+        }
+        v
+    });
+    match json.and_then(|v| serde_json::to_string(&v)) {
         Ok(body) => (StatusCode::OK, [("content-type", "application/json")], body),
         Err(e) => (
             StatusCode::INTERNAL_SERVER_ERROR,

@@ -339,21 +339,45 @@ pub fn start_instrumented(
     let http_addr = http.local_addr().map_err(Error::Http)?;
     let gpu = inputs.gpu.clone();
     let attributor = inputs.attributor.clone();
+    // Engines are read on the poll interval, each read bounded well inside it.
+    let scraper = crate::engine::Scraper::new(
+        crate::engine::ScrapeConfig {
+            interval: settings.poll_interval,
+            timeout: (settings.poll_interval / 2).min(Duration::from_secs(2)),
+            ..Default::default()
+        },
+        inputs.pods.clone(),
+    );
+    tokio::spawn(scraper.clone().run(shutdown.clone()));
+    let engines = scraper.subscribe();
     let snapshots =
         sampler::start_observed(inputs.attributor, inputs.gpu, inputs.pods, metrics.clone());
+    let local_policy = cluster
+        .as_ref()
+        .map_or(crate::cluster::MissingNodePolicy::default(), |p| p.policy);
     let cluster = cluster
         .map(|parts| {
             crate::cluster::start(
                 parts,
                 snapshots.clone(),
                 settings.poll_interval,
+                Some(scraper.clone()),
                 shutdown.clone(),
             )
         })
         .transpose()?;
     let view: Arc<dyn crate::scaler::WorkloadView> = match &cluster {
         Some(c) => c.view.clone(),
-        None => Arc::new(LocalView::new(snapshots.clone(), settings.poll_interval)),
+        None => Arc::new(
+            LocalView::new(snapshots.clone(), settings.poll_interval).with_engines(
+                scraper.clone(),
+                Arc::new(move |total, missing| {
+                    local_policy
+                        .admit(total, missing)
+                        .map_err(|e| e.to_string())
+                }),
+            ),
+        ),
     };
     let (peer_addr, cluster_stats, peer_task) = match cluster {
         Some(c) => (Some(c.peer_addr), Some(c.stats), Some(c.task)),
@@ -403,6 +427,7 @@ pub fn start_instrumented(
         cluster: cluster_stats.clone(),
         streams: service.open_streams(),
         attributor,
+        engines,
     };
     let grpc_fut = server::serve_instrumented(
         grpc,

@@ -36,6 +36,14 @@ impl<T> Reading<T> {
     pub fn unavailable(reason: impl Into<Arc<str>>) -> Self {
         Self::Unavailable(reason.into())
     }
+
+    /// Why the figure could not be read; `None` when it was.
+    pub fn reason(&self) -> Option<&str> {
+        match self {
+            Self::Ok(_) => None,
+            Self::Unavailable(r) => Some(r),
+        }
+    }
 }
 
 /// How a process uses a GPU.

@@ -79,19 +79,24 @@ pub fn trim(pod: &ApiPod) -> Option<Pod> {
         ready: status
             .and_then(|s| s.conditions.as_ref())
             .is_some_and(|cs| cs.iter().any(|c| c.type_ == "Ready" && c.status == "True")),
+        ip: None,
+        annotations: BTreeMap::new(),
         containers: Vec::new(),
     })
 }
 
-/// As [`trim`], keeping the containers of the pod's three status lists (which
+/// As [`trim`], keeping the pod IP and scrape annotations (engine reading) and
+/// the containers of the pod's three status lists (which
 /// the sampler needs to tell a pod's containers and its sandbox apart). A
 /// status whose `containerID` is malformed keeps the container without an id,
 /// with a warning: the API server's object is still a pod worth knowing.
 pub fn trim_with_containers(pod: &ApiPod) -> Option<Pod> {
     let mut trimmed = trim(pod)?;
+    trimmed.annotations = super::scrape_annotations(pod.metadata.annotations.iter().flatten());
     let Some(status) = pod.status.as_ref() else {
         return Some(trimmed);
     };
+    trimmed.ip = super::pod_ip(status.pod_ip.as_deref());
     for (list, kind) in [
         (&status.container_statuses, ContainerKind::App),
         (&status.init_container_statuses, ContainerKind::Init),

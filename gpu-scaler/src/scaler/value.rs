@@ -14,6 +14,7 @@ use crate::{
 use super::{
     Error, Result,
     metadata::{Aggregation, Metric, Query},
+    view::Workload,
 };
 
 fn get<T: Copy>(r: &Reading<T>, what: &str, pod: &PodUsage, gpu: &GpuUsage) -> Result<T> {
@@ -26,8 +27,14 @@ fn get<T: Copy>(r: &Reading<T>, what: &str, pod: &PodUsage, gpu: &GpuUsage) -> R
     }
 }
 
-/// One pod's value of `metric`. A pod with no GPU process is 0.
+/// One pod's value of a GPU `metric`. A pod with no GPU process is 0.
 pub fn pod_value(metric: Metric, pod: &PodUsage) -> Result<f64> {
+    if metric.is_engine() {
+        // Engine figures come from the pod's engine, never from its GPUs.
+        return Err(Error::ReadingUnavailable(format!(
+            "{metric} is read from the pod's engine, not its GPUs"
+        )));
+    }
     if pod.gpus.is_empty() {
         return Ok(0.0);
     }
@@ -79,6 +86,7 @@ pub fn pod_value(metric: Metric, pod: &PodUsage) -> Result<f64> {
             }
             Ok(hottest)
         }
+        engine => unreachable!("{engine} returned above"),
     }
 }
 
@@ -118,17 +126,43 @@ pub fn workload_value_counting_missing(
     pods: &[Arc<PodUsage>],
     missing: usize,
 ) -> Result<f64> {
-    let mut values = pods
+    let values = pods
         .iter()
         .map(|p| pod_value(query.metric, p))
         .collect::<Result<Vec<_>>>()?;
+    Ok(aggregate_counting_missing(
+        query.aggregation,
+        values,
+        missing,
+    ))
+}
+
+/// Aggregates `values` with `missing` more, each the mean of `values`.
+fn aggregate_counting_missing(
+    aggregation: Aggregation,
+    mut values: Vec<f64>,
+    missing: usize,
+) -> f64 {
     if missing > 0 && !values.is_empty() {
         let mut sorted = values.clone();
         sorted.sort_by(f64::total_cmp);
         let mean = sorted.iter().sum::<f64>() / sorted.len() as f64;
         values.extend(std::iter::repeat_n(mean, missing));
     }
-    Ok(aggregate(query.aggregation, &values))
+    aggregate(aggregation, &values)
+}
+
+/// The value of `query` for a workload a view answered: GPU figures from the
+/// pods' usage, engine figures from their engines' readings.
+pub fn value(query: &Query, workload: &Workload) -> Result<f64> {
+    if query.engine.is_some() {
+        return Ok(aggregate_counting_missing(
+            query.aggregation,
+            workload.engine.clone(),
+            workload.missing,
+        ));
+    }
+    workload_value_counting_missing(query, &workload.pods, workload.missing)
 }
 
 #[cfg(test)]
@@ -170,6 +204,8 @@ mod tests {
                 node_name: None,
                 phase: None,
                 ready: true,
+                ip: None,
+                annotations: Default::default(),
                 containers: Vec::new(),
             }),
             gpus,
@@ -189,7 +225,7 @@ mod tests {
         assert_eq!(pod_value(Metric::MemoryUsedPercent, &p).expect("ok"), 12.5);
         assert_eq!(pod_value(Metric::PowerDraw, &p).expect("ok"), 150.0);
         assert_eq!(pod_value(Metric::Temperature, &p).expect("ok"), 80.0);
-        for m in Metric::ALL {
+        for m in Metric::ALL.into_iter().filter(|m| !m.is_engine()) {
             assert_eq!(
                 pod_value(m, &pod(vec![])).expect("ok"),
                 0.0,
