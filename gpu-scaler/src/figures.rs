@@ -467,4 +467,95 @@ mod tests {
             Aggregation::Sum
         );
     }
+
+    /// Each engine figure on an exposition in its engine's exact format
+    /// (names, labels, HELP/TYPE, value spelling as the engine prints them).
+    #[test]
+    fn engine_figures_on_each_engines_format() {
+        use crate::engine::rule::Scrape;
+        let read = |m: Metric, text: &str| {
+            let rule = m.engine_rule().expect("an engine figure");
+            let scrape =
+                Scrape::new(std::time::Instant::now(), text, &rule.selectors()).expect("parses");
+            rule.reading(None, &scrape).ok()
+        };
+        // vLLM 0.10 (V1 engine, prometheus_client): both KV names, same value.
+        let vllm_010 = "# HELP vllm:num_requests_waiting Number of requests waiting to be processed.\n\
+# TYPE vllm:num_requests_waiting gauge\n\
+vllm:num_requests_waiting{engine=\"0\",model_name=\"Qwen/Qwen3-4B-Instruct-2507-FP8\"} 2.0\n\
+# HELP vllm:gpu_cache_usage_perc GPU KV-cache usage. 1 means 100 percent usage.DEPRECATED: Use vllm:kv_cache_usage_perc instead.\n\
+# TYPE vllm:gpu_cache_usage_perc gauge\n\
+vllm:gpu_cache_usage_perc{engine=\"0\",model_name=\"Qwen/Qwen3-4B-Instruct-2507-FP8\"} 0.0011764705882353343\n\
+# HELP vllm:kv_cache_usage_perc KV-cache usage. 1 means 100 percent usage.\n\
+# TYPE vllm:kv_cache_usage_perc gauge\n\
+vllm:kv_cache_usage_perc{engine=\"0\",model_name=\"Qwen/Qwen3-4B-Instruct-2507-FP8\"} 0.0011764705882353343\n\
+process_virtual_memory_bytes 1.372014592e+010\n";
+        assert_eq!(read(Metric::VllmQueueDepth, vllm_010), Some(2.0));
+        assert_eq!(
+            read(Metric::VllmKvCacheUsage, vllm_010),
+            Some(0.0011764705882353343)
+        );
+        // vLLM v0 (before the engine label): only the old KV name.
+        let vllm_v0 = "# TYPE vllm:gpu_cache_usage_perc gauge\n\
+vllm:gpu_cache_usage_perc{model_name=\"unsloth/Llama-3.2-1B-Instruct\"} 0.87\n";
+        assert_eq!(read(Metric::VllmKvCacheUsage, vllm_v0), Some(0.87));
+        assert_eq!(read(Metric::VllmKvCachePercent, vllm_v0), Some(87.0));
+        // SGLang with DP attention: one series per dp_rank (attention-TP rank 0 of
+        // each exports), each its own queue.
+        let sglang = "# HELP sglang:num_queue_reqs The number of requests in the waiting queue.\n\
+# TYPE sglang:num_queue_reqs gauge\n\
+sglang:num_queue_reqs{dp_rank=\"0\",engine_type=\"unified\",model_name=\"deepseek-r1\",pp_rank=\"0\",tp_rank=\"0\"} 3.0\n\
+sglang:num_queue_reqs{dp_rank=\"1\",engine_type=\"unified\",model_name=\"deepseek-r1\",pp_rank=\"0\",tp_rank=\"1\"} 4.0\n\
+# HELP sglang:num_running_reqs The number of running requests.\n\
+# TYPE sglang:num_running_reqs gauge\n\
+sglang:num_running_reqs{dp_rank=\"0\",engine_type=\"unified\",model_name=\"deepseek-r1\",pp_rank=\"0\",tp_rank=\"0\"} 16.0\n\
+sglang:num_running_reqs{dp_rank=\"1\",engine_type=\"unified\",model_name=\"deepseek-r1\",pp_rank=\"0\",tp_rank=\"1\"} 12.0\n\
+# HELP sglang:token_usage The token usage.\n\
+# TYPE sglang:token_usage gauge\n\
+sglang:token_usage{dp_rank=\"0\",engine_type=\"unified\",model_name=\"deepseek-r1\",pp_rank=\"0\",tp_rank=\"0\"} 0.5\n\
+sglang:token_usage{dp_rank=\"1\",engine_type=\"unified\",model_name=\"deepseek-r1\",pp_rank=\"0\",tp_rank=\"1\"} 0.3\n";
+        assert_eq!(read(Metric::SglangQueueDepth, sglang), Some(7.0));
+        assert_eq!(read(Metric::SglangRunning, sglang), Some(28.0));
+        assert_eq!(read(Metric::SglangTokenUsage, sglang), Some(0.4));
+        // TGI (metrics-exporter-prometheus): no labels, integers without ".0".
+        let tgi = "# HELP tgi_queue_size Current queue size\n# TYPE tgi_queue_size gauge\ntgi_queue_size 4\n\
+# HELP tgi_batch_current_size Current batch size\n# TYPE tgi_batch_current_size gauge\ntgi_batch_current_size 32\n\
+# TYPE tgi_request_queue_duration histogram\ntgi_request_queue_duration_bucket{le=\"0.0001\"} 0\n\
+tgi_request_queue_duration_bucket{le=\"0.00015000000000000001\"} 1\ntgi_request_queue_duration_bucket{le=\"+Inf\"} 5\n\
+tgi_request_queue_duration_sum 0.25\ntgi_request_queue_duration_count 5\n";
+        assert_eq!(read(Metric::TgiQueueSize, tgi), Some(4.0));
+        assert_eq!(read(Metric::TgiBatchSize, tgi), Some(32.0));
+        // Triton (prometheus-cpp, sorted labels) with two models, one of them the
+        // TensorRT-LLM backend with its custom gauges.
+        let triton = "# HELP nv_inference_pending_request_count Instantaneous number of pending requests awaiting execution per-model.\n\
+# TYPE nv_inference_pending_request_count gauge\n\
+nv_inference_pending_request_count{model=\"ensemble\",version=\"1\"} 2\n\
+nv_inference_pending_request_count{model=\"tensorrt_llm\",version=\"1\"} 5\n\
+# HELP nv_trt_llm_request_metrics TRT LLM request metrics\n\
+# TYPE nv_trt_llm_request_metrics gauge\n\
+nv_trt_llm_request_metrics{model=\"tensorrt_llm\",request_type=\"active\",version=\"1\"} 8\n\
+nv_trt_llm_request_metrics{model=\"tensorrt_llm\",request_type=\"max\",version=\"1\"} 512\n\
+nv_trt_llm_request_metrics{model=\"tensorrt_llm\",request_type=\"scheduled\",version=\"1\"} 8\n\
+nv_trt_llm_request_metrics{model=\"tensorrt_llm\",request_type=\"context\",version=\"1\"} 1\n\
+nv_trt_llm_request_metrics{model=\"tensorrt_llm\",request_type=\"waiting\",version=\"1\"} 1\n\
+# HELP nv_trt_llm_kv_cache_block_metrics TRT LLM KV cache block metrics\n\
+# TYPE nv_trt_llm_kv_cache_block_metrics gauge\n\
+nv_trt_llm_kv_cache_block_metrics{kv_cache_block_type=\"max\",model=\"tensorrt_llm\",version=\"1\"} 1200\n\
+nv_trt_llm_kv_cache_block_metrics{kv_cache_block_type=\"used\",model=\"tensorrt_llm\",version=\"1\"} 585\n\
+nv_trt_llm_kv_cache_block_metrics{kv_cache_block_type=\"fraction\",model=\"tensorrt_llm\",version=\"1\"} 0.4875\n";
+        assert_eq!(read(Metric::TritonPendingRequests, triton), Some(7.0));
+        assert_eq!(read(Metric::TrtllmQueueDepth, triton), Some(1.0));
+        assert_eq!(read(Metric::TrtllmKvCacheUsage, triton), Some(0.4875));
+        // trtllm-serve (/prometheus/metrics): its own names, hard-coded labels.
+        let trtllm_serve = "# HELP trtllm_num_requests_waiting Number of queued requests\n\
+# TYPE trtllm_num_requests_waiting gauge\n\
+trtllm_num_requests_waiting{engine_type=\"undefined\",model_name=\"undefined\"} 2.0\n\
+# HELP trtllm_kv_cache_utilization KV cache utilization\n\
+# TYPE trtllm_kv_cache_utilization gauge\n\
+trtllm_kv_cache_utilization{engine_type=\"undefined\",model_name=\"undefined\"} 0.42\n";
+        assert_eq!(read(Metric::TrtllmQueueDepth, trtllm_serve), Some(2.0));
+        assert_eq!(read(Metric::TrtllmKvCacheUsage, trtllm_serve), Some(0.42));
+        // A family the engine does not export is no reading, never 0.
+        assert_eq!(read(Metric::VllmQueueDepth, tgi), None);
+    }
 }

@@ -43,7 +43,6 @@ impl FakeEngine {
     pub fn start_with(addr: SocketAddr, body: Body) -> Self {
         let listener =
             TcpListener::bind(addr).unwrap_or_else(|e| panic!("fake engine bind {addr}: {e}"));
-        listener.set_nonblocking(true).expect("nonblocking");
         let state = Arc::new(Mutex::new(State {
             body,
             status: 200,
@@ -54,10 +53,14 @@ impl FakeEngine {
         let thread = {
             let (state, requests, stop) = (state.clone(), requests.clone(), stop.clone());
             std::thread::spawn(move || {
+                // Blocking accept (no busy loop, so a hundred engines cost the
+                // machine nothing while idle); `stop` wakes it with a connection.
                 while !stop.load(Ordering::SeqCst) {
                     match listener.accept() {
                         Ok((mut s, _)) => {
-                            let _ = s.set_nonblocking(false);
+                            if stop.load(Ordering::SeqCst) {
+                                break;
+                            }
                             let _ = s.set_read_timeout(Some(Duration::from_secs(2)));
                             let mut head = Vec::new();
                             let mut buf = [0u8; 1024];
@@ -82,9 +85,6 @@ impl FakeEngine {
                                  content-length: {}\r\nconnection: close\r\n\r\n{body}",
                                 body.len()
                             );
-                        }
-                        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
-                            std::thread::sleep(Duration::from_millis(2));
                         }
                         Err(_) => std::thread::sleep(Duration::from_millis(2)),
                     }
@@ -127,6 +127,7 @@ impl FakeEngine {
     /// Stops listening: connections are refused from now on.
     pub fn stop(&mut self) {
         self.stop.store(true, Ordering::SeqCst);
+        let _ = std::net::TcpStream::connect_timeout(&self.addr, Duration::from_secs(1));
         if let Some(t) = self.thread.take() {
             let _ = t.join();
         }
@@ -272,6 +273,71 @@ pub fn triton_exposition(models: &[(&str, f64, f64)], t: f64) -> String {
         s.push_str(&format!(
             "nv_inference_pending_request_count{{model=\"{m}\",version=\"1\"}} 3\n"
         ));
+    }
+    s
+}
+
+/// A vLLM >= 0.12 exposition of about `target` bytes as a real one of a large
+/// deployment looks: four data-parallel engines, the gauges and counters the
+/// figures read, then histogram families in vLLM's layout (sorted labels,
+/// `_count` before `_sum`, `_created` gauges) until the size is reached.
+pub fn vllm_exposition_sized(target: usize, waiting: u32) -> String {
+    let model = "meta-llama/Llama-3.1-70B-Instruct";
+    let buckets = [
+        "0.001", "0.005", "0.01", "0.02", "0.04", "0.06", "0.08", "0.1", "0.25", "0.5", "0.75",
+        "1.0", "2.5", "5.0", "7.5", "10.0", "20.0", "40.0", "80.0", "160.0", "640.0", "2560.0",
+        "+Inf",
+    ];
+    let mut s = String::new();
+    for (name, kind) in [
+        ("vllm:num_requests_running", "gauge"),
+        ("vllm:num_requests_waiting", "gauge"),
+        ("vllm:kv_cache_usage_perc", "gauge"),
+        ("vllm:prompt_tokens_total", "counter"),
+        ("vllm:generation_tokens_total", "counter"),
+    ] {
+        s.push_str(&format!(
+            "# HELP {name} A vLLM figure.\n# TYPE {name} {kind}\n"
+        ));
+        for e in 0..4 {
+            let v = if name == "vllm:num_requests_waiting" {
+                // The pod's total is `waiting`, on engine 0.
+                if e == 0 { waiting } else { 0 }
+            } else {
+                e * 7 + 3
+            };
+            s.push_str(&format!(
+                "{name}{{engine=\"{e}\",model_name=\"{model}\"}} {v}.0\n"
+            ));
+        }
+    }
+    let mut i = 0;
+    while s.len() < target {
+        let name = format!("vllm:histogram_{i}_seconds");
+        s.push_str(&format!(
+            "# HELP {name} Histogram of a vLLM latency.\n# TYPE {name} histogram\n"
+        ));
+        for e in 0..4 {
+            for (j, le) in buckets.iter().enumerate() {
+                s.push_str(&format!(
+                    "{name}_bucket{{engine=\"{e}\",le=\"{le}\",model_name=\"{model}\"}} {}.0\n",
+                    j * 11 + e as usize
+                ));
+            }
+            s.push_str(&format!(
+                "{name}_count{{engine=\"{e}\",model_name=\"{model}\"}} 253.0\n\
+                 {name}_sum{{engine=\"{e}\",model_name=\"{model}\"}} 1234.5678\n"
+            ));
+        }
+        s.push_str(&format!(
+            "# HELP {name}_created A vLLM figure.\n# TYPE {name}_created gauge\n"
+        ));
+        for e in 0..4 {
+            s.push_str(&format!(
+                "{name}_created{{engine=\"{e}\",model_name=\"{model}\"}} 1.7e+09\n"
+            ));
+        }
+        i += 1;
     }
     s
 }

@@ -78,6 +78,10 @@ enum Bench {
     /// The KEDA-facing gRPC scaler: GetMetrics latency and throughput at 1, 64
     /// and 512 clients, memory with 10,000 StreamIsActive streams, freshness.
     Scaler,
+    /// Engine reading: parsing a 200 KB vLLM exposition (MB/s beside a naive
+    /// split and prometheus-parse), daemon CPU with 100 engine pods read every
+    /// second, and freshness (gauge change -> GetMetrics).
+    Engine,
     /// The sampler's join and the /metrics render for 500 pods x 2 containers
     /// on 8 GPUs (medians; `JOIN_BENCH_ITERS` sets the iterations).
     Join,
@@ -131,6 +135,16 @@ fn main() -> Result<()> {
         Task::Bench {
             what: Bench::Gpu { passes, cpu_secs },
         } => bench_gpu::run(passes, cpu_secs),
+        Task::Bench {
+            what: Bench::Engine,
+        } => {
+            toolchain::ensure()?;
+            cargo(&["build", "--release", "--package", "gpu-scaler"])?;
+            for bench in ["exposition", "engine"] {
+                cargo(&["bench", "--package", "gpu-scaler-tests", "--bench", bench])?;
+            }
+            Ok(())
+        }
         Task::Bench { what: Bench::Join } => {
             toolchain::ensure()?;
             cargo(&["bench", "--package", "gpu-scaler", "--bench", "join"])

@@ -57,6 +57,10 @@ impl Default for ScrapeConfig {
     }
 }
 
+/// Most distinct series read from one engine (each query adds its own; they
+/// expire with `interest_ttl`): bounds the work of one read whatever callers ask.
+pub const MAX_SERIES_PER_ENDPOINT: usize = 64;
+
 #[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 struct EndpointKey {
     pod_uid: String,
@@ -221,11 +225,13 @@ impl Scraper {
         {
             let mut endpoints = self.inner.endpoints.lock().expect("endpoints lock");
             for pod in pods {
-                if pod.phase.as_deref() != Some("Running") {
-                    keys.push(Err(Reading::unavailable(format!(
-                        "the pod is {}, not Running",
-                        pod.phase.as_deref().unwrap_or("in no phase yet")
-                    ))));
+                // A pod that is not Running and Ready is out of its Services'
+                // endpoints: it holds no queue and no cache, so it is 0, as an
+                // unscheduled pod is. Counting it as missing (the average of
+                // the others) would inflate the total by every replica the HPA
+                // just added and feed back into more replicas.
+                if pod.phase.as_deref() != Some("Running") || !pod.ready {
+                    keys.push(Err(Reading::Ok(0.0)));
                     continue;
                 }
                 let (addr, path) = match query.endpoint(pod) {
@@ -245,6 +251,15 @@ impl Scraper {
                     keys.push(Err(Reading::unavailable(format!(
                         "this node reads at most {} engine endpoints",
                         self.inner.config.max_endpoints
+                    ))));
+                    continue;
+                }
+                if endpoints.get(&k).is_some_and(|e| {
+                    e.wanted.len() + selectors.len() > MAX_SERIES_PER_ENDPOINT
+                        && selectors.iter().any(|s| !e.wanted.contains_key(*s))
+                }) {
+                    keys.push(Err(Reading::unavailable(format!(
+                        "queries want more than {MAX_SERIES_PER_ENDPOINT} series of this engine"
                     ))));
                     continue;
                 }
@@ -378,7 +393,7 @@ impl Scraper {
                 e.queries.retain(|_, (_, at)| now.duration_since(*at) < ttl);
                 // Still on this node, running, at the same IP.
                 let here = local.pods.get(&k.pod_uid).is_some_and(|p| {
-                    p.phase.as_deref() == Some("Running") && p.ip == Some(k.addr.ip())
+                    p.phase.as_deref() == Some("Running") && p.ready && p.ip == Some(k.addr.ip())
                 });
                 if let Some(p) = local.pods.get(&k.pod_uid) {
                     e.pod = p.clone();

@@ -2,8 +2,7 @@
 //! engines, many histograms), side by side in one run: gpu-scaler's parser
 //! over every sample, its filtered extract of what the vLLM figures read, a
 //! naive line split, and the `prometheus-parse` crate. Prints medians and MB/s
-//! per core; asserts nothing about speed. `cargo bench -p gpu-scaler --bench
-//! exposition` (`EXPOSITION_BENCH_ITERS` sets the iterations).
+//! per core; asserts nothing about speed. `cargo xtask bench engine` (`EXPOSITION_BENCH_ITERS` sets the iterations).
 
 use std::{hint::black_box, time::Instant};
 
@@ -11,66 +10,7 @@ use gpu_scaler::engine::{
     exposition::{self, All, Event},
     series::{SeriesSelector, extract},
 };
-
-/// A vLLM >= 0.12 exposition in its real layout (HELP/TYPE, sorted labels,
-/// `_count` before `_sum`, `_created` samples), grown to about `target` bytes
-/// with histogram families as vLLM has them.
-fn vllm_exposition(target: usize) -> String {
-    let model = "meta-llama/Llama-3.1-70B-Instruct";
-    let buckets = [
-        "0.001", "0.005", "0.01", "0.02", "0.04", "0.06", "0.08", "0.1", "0.25", "0.5", "0.75",
-        "1.0", "2.5", "5.0", "7.5", "10.0", "20.0", "40.0", "80.0", "160.0", "640.0", "2560.0",
-        "+Inf",
-    ];
-    let mut s = String::new();
-    for (name, kind) in [
-        ("vllm:num_requests_running", "gauge"),
-        ("vllm:num_requests_waiting", "gauge"),
-        ("vllm:kv_cache_usage_perc", "gauge"),
-        ("vllm:prefix_cache_queries_total", "counter"),
-        ("vllm:prompt_tokens_total", "counter"),
-        ("vllm:generation_tokens_total", "counter"),
-    ] {
-        s.push_str(&format!(
-            "# HELP {name} A vLLM figure.\n# TYPE {name} {kind}\n"
-        ));
-        for e in 0..4 {
-            s.push_str(&format!(
-                "{name}{{engine=\"{e}\",model_name=\"{model}\"}} {}\n",
-                e * 7 + 3
-            ));
-        }
-    }
-    let mut i = 0;
-    while s.len() < target {
-        let name = format!("vllm:histogram_{i}_seconds");
-        s.push_str(&format!(
-            "# HELP {name} Histogram of a vLLM latency.\n# TYPE {name} histogram\n"
-        ));
-        for e in 0..4 {
-            for (j, le) in buckets.iter().enumerate() {
-                s.push_str(&format!(
-                    "{name}_bucket{{engine=\"{e}\",le=\"{le}\",model_name=\"{model}\"}} {}.0\n",
-                    j * 11 + e
-                ));
-            }
-            s.push_str(&format!(
-                "{name}_count{{engine=\"{e}\",model_name=\"{model}\"}} 253.0\n\
-                 {name}_sum{{engine=\"{e}\",model_name=\"{model}\"}} 1234.5678\n"
-            ));
-        }
-        s.push_str(&format!(
-            "# HELP {name}_created A vLLM figure.\n# TYPE {name}_created gauge\n"
-        ));
-        for e in 0..4 {
-            s.push_str(&format!(
-                "{name}_created{{engine=\"{e}\",model_name=\"{model}\"}} 1.7e+09\n"
-            ));
-        }
-        i += 1;
-    }
-    s
-}
+use gpu_scaler_tests::engine::vllm_exposition_sized;
 
 /// Median seconds of `iters` runs of `f`.
 fn median(iters: usize, mut f: impl FnMut()) -> f64 {
@@ -90,7 +30,7 @@ fn main() {
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(300);
-    let text = vllm_exposition(200 * 1024);
+    let text = vllm_exposition_sized(200 * 1024, 3);
     let mb = text.len() as f64 / 1e6;
     let waiting = SeriesSelector::family("vllm:num_requests_waiting");
     let kv = SeriesSelector::family("vllm:kv_cache_usage_perc");
