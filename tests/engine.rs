@@ -316,7 +316,24 @@ fn engine_figures_summed_across_nodes_and_engine_failures_count_as_missing() {
     assert!(vllm0.requests() > 0);
 }
 
-/// The node's /metrics and /v1/snapshot show each read engine and its figures.
+/// IsActive as KEDA asks it, on `node`.
+fn is_active(node: &Node, ns: &str, meta: &[(&str, &str)]) -> Result<bool, tonic::Status> {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    rt.block_on(async {
+        let mut c = ExternalScalerClient::connect(format!("http://{}", node.grpc))
+            .await
+            .expect("connect");
+        c.is_active(gpu_scaler_tests::scaler::object_ref(ns, "so", meta))
+            .await
+            .map(|r| r.into_inner().result)
+    })
+}
+
+/// The node's /metrics and /v1/snapshot show each read engine and its figures;
+/// a workload at zero replicas activates from its router's queue.
 #[test]
 fn engine_figures_in_metrics_and_snapshot() {
     let dir = tempfile::tempdir().expect("tempdir");
@@ -325,14 +342,32 @@ fn engine_figures_in_metrics_and_snapshot() {
         SocketAddr::new(ip(31), port),
         &vllm_exposition(&[(9, 1, 0.25)]),
     );
-    let pods = [PodSpec {
-        ns: "ml",
-        name: "solo",
-        node: "node-a",
-        ip: ip(31),
-        app: "solo",
-        port,
-    }];
+    let router_text = |queued: u32| {
+        format!(
+            "# HELP vllm_router_num_queued_requests Requests queued at the router\n\
+             # TYPE vllm_router_num_queued_requests gauge\n\
+             vllm_router_num_queued_requests{{server=\"none\"}} {queued}\n"
+        )
+    };
+    let router = FakeEngine::start(SocketAddr::new(ip(32), port), &router_text(0));
+    let pods = [
+        PodSpec {
+            ns: "ml",
+            name: "solo",
+            node: "node-a",
+            ip: ip(31),
+            app: "solo",
+            port,
+        },
+        PodSpec {
+            ns: "ml",
+            name: "router",
+            node: "node-a",
+            ip: ip(32),
+            app: "router",
+            port,
+        },
+    ];
     std::fs::write(dir.path().join("pods.json"), pod_list(&pods)).expect("pods file");
     let g = SocketAddr::new(ip(1), free_port(ip(1)));
     let p = SocketAddr::new(ip(1), free_port(ip(1)));
@@ -394,4 +429,44 @@ fn engine_figures_in_metrics_and_snapshot() {
         "{snap}"
     );
     assert!(engine.requests() > 0);
+
+    // A workload scaled to zero (no pod matches app=idle-llm) wakes up from
+    // the router's queue: IsActive follows the router, not the absent pods.
+    let at_zero: &[(&str, &str)] = &[
+        ("podSelector", "app=idle-llm"),
+        ("metric", "vllm_queue_depth"),
+        ("activationPodSelector", "app=router"),
+        ("activationMetric", "engine"),
+        ("activationEngineMetric", "vllm_router_num_queued_requests"),
+        ("activationThreshold", "0"),
+    ];
+    all_answer(&[&node], "ml", at_zero, 0.0, 0.0);
+    let settle = |want: bool| {
+        let hit = wait_for(SETTLE, || {
+            (is_active(&node, "ml", at_zero).ok() == Some(want)).then_some(())
+        });
+        assert!(
+            hit.is_some(),
+            "IsActive never became {want}: {:?}",
+            is_active(&node, "ml", at_zero)
+        );
+    };
+    settle(false);
+    router.set(&router_text(3));
+    settle(true);
+    router.set(&router_text(0));
+    settle(false);
+    // Without the activation selector the same trigger could never activate.
+    let own_only: &[(&str, &str)] = &[
+        ("podSelector", "app=idle-llm"),
+        ("metric", "vllm_queue_depth"),
+    ];
+    router.set(&router_text(3));
+    settle_value(&node, own_only);
+}
+
+/// The trigger's own value stays 0 and IsActive false with no pod.
+fn settle_value(node: &Node, meta: &[(&str, &str)]) {
+    all_answer(&[node], "ml", meta, 0.0, 0.0);
+    assert_eq!(is_active(node, "ml", meta).ok(), Some(false));
 }

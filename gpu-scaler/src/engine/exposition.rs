@@ -333,7 +333,11 @@ pub fn parse<'a>(
     let mut eof = false;
     for raw in text.split('\n') {
         line_no += 1;
-        let line = raw.strip_suffix('\r').unwrap_or(raw);
+        // Leading blanks are allowed, as Prometheus's own parser skips them.
+        let line = raw
+            .strip_suffix('\r')
+            .unwrap_or(raw)
+            .trim_start_matches([' ', '\t']);
         if line.is_empty() {
             continue;
         }
@@ -474,6 +478,13 @@ esc{a=\"q\\\"uo\\\\te\\n\",b=\"\",} -Inf\n";
             ]
         );
         assert_eq!(samples[7].2, f64::NEG_INFINITY);
+    }
+
+    #[test]
+    fn leading_blanks_are_skipped() {
+        let (types, samples) = all("  # TYPE g gauge\n\t g{a=\"b\"} 2\n");
+        assert_eq!(types, vec![("g".to_owned(), Kind::Gauge)]);
+        assert_eq!(samples[0].2, 2.0);
     }
 
     #[test]
