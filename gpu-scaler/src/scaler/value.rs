@@ -155,14 +155,19 @@ fn aggregate_counting_missing(
 /// The value of `query` for a workload a view answered: GPU figures from the
 /// pods' usage, engine figures from their engines' readings.
 pub fn value(query: &Query, workload: &Workload) -> Result<f64> {
-    if query.engine.is_some() {
-        return Ok(aggregate_counting_missing(
-            query.aggregation,
-            workload.engine.clone(),
-            workload.missing,
-        ));
+    let v = if query.engine.is_some() {
+        aggregate_counting_missing(query.aggregation, workload.engine.clone(), workload.missing)
+    } else {
+        workload_value_counting_missing(query, &workload.pods, workload.missing)?
+    };
+    // KEDA turns NaN into 0: a figure that is not a number is no answer.
+    if !v.is_finite() {
+        return Err(Error::ReadingUnavailable(format!(
+            "the workload's {} is {v}, not a number KEDA can use",
+            query.metric
+        )));
     }
-    workload_value_counting_missing(query, &workload.pods, workload.missing)
+    Ok(v)
 }
 
 #[cfg(test)]
@@ -301,5 +306,26 @@ mod tests {
             workload_value_counting_missing(&q("sum"), &pods, 0).expect("none"),
             40.0
         );
+    }
+
+    #[test]
+    fn engine_values_sum_with_missing_and_never_send_nan() {
+        let q = crate::scaler::metadata::parse(
+            &[("podSelector", "a"), ("metric", "vllm_queue_depth")]
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+        )
+        .expect("query");
+        let w = |engine: Vec<f64>, missing| Workload {
+            pods: Vec::new(),
+            sampled_at: std::time::SystemTime::now(),
+            missing,
+            engine,
+        };
+        assert_eq!(value(&q, &w(vec![3.0, 5.0], 1)).expect("value"), 12.0);
+        assert_eq!(value(&q, &w(vec![], 0)).expect("no pods"), 0.0);
+        assert!(value(&q, &w(vec![f64::NAN], 0)).is_err());
+        assert!(value(&q, &w(vec![f64::INFINITY, 1.0], 0)).is_err());
     }
 }
