@@ -1035,3 +1035,29 @@ async fn keda_sees_memory_used_percent_against_the_mig_instance() {
     assert_eq!(sm, 70.0);
     node.stop().await;
 }
+
+#[tokio::test]
+async fn keda_is_told_which_driver_to_upgrade() {
+    let fake = FakeNvml::new(&format!(
+        "driver_version = \"535.54.03\"\n{}",
+        MPS.trim_start()
+    ));
+    let node = serve(&fake, &[11], &[12]).await;
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let err = loop {
+        let err = get(&node, &[("metric", "memory_used_mib")])
+            .await
+            .expect_err("a driver that garbles process lists gives no figures");
+        if err.message().contains("535.54.03") || Instant::now() > deadline {
+            break err;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert_eq!(err.code(), tonic::Code::Unavailable, "{err:?}");
+    assert!(
+        err.message().contains("upgrade the driver"),
+        "{}",
+        err.message()
+    );
+    node.stop().await;
+}

@@ -366,7 +366,17 @@ impl Collector {
             }
         }
 
-        let (sm_util, mem_util) = pair("nvmlDeviceGetUtilizationRates", dev.utilization());
+        let utilization = dev.utilization();
+        let temperature = dev.temperature();
+        // A lost GPU answers every call so; these two stand for the rest.
+        if [utilization.as_ref().err(), temperature.as_ref().err()]
+            .into_iter()
+            .flatten()
+            .any(wants_reinit)
+        {
+            self.reinit = true;
+        }
+        let (sm_util, mem_util) = pair("nvmlDeviceGetUtilizationRates", utilization);
         let mig = dev.mig_enabled();
         let (memory_used_mib, memory_total_mib) = memory(dev.memory(), matches!(mig, Ok(true)));
         let mut device = GpuDevice {
@@ -377,7 +387,7 @@ impl Collector {
             mem_util,
             memory_used_mib,
             memory_total_mib,
-            temperature_c: reading("nvmlDeviceGetTemperature", dev.temperature()),
+            temperature_c: reading("nvmlDeviceGetTemperature", temperature),
             power_w: reading("nvmlDeviceGetPowerUsage", dev.power_mw().map(watts)),
             power_limit_w: reading(
                 "nvmlDeviceGetEnforcedPowerLimit",
@@ -389,11 +399,6 @@ impl Collector {
             processes: Vec::new(),
             processes_error: None,
         };
-        if let Err(e) = dev.temperature()
-            && wants_reinit(&e)
-        {
-            self.reinit = true;
-        }
         match mig {
             Ok(true) => {
                 // The instances carry the processes; the parent keeps its

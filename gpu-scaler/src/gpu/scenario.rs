@@ -592,7 +592,7 @@ impl Gpu {
             if p.sample.is_empty() {
                 let due = p
                     .sample_every
-                    .is_none_or(|n| n <= 1 || query % u64::from(n) == 0);
+                    .is_none_or(|n| n <= 1 || query.is_multiple_of(u64::from(n)));
                 if due && (p.sm_util.0 > 0 || p.mem_util.0 > 0) {
                     if credited_to_server {
                         server.0 += p.sm_util.0;
