@@ -142,6 +142,8 @@ pub fn device(index: u32, temp_c: u32, power_w: f64, processes: Vec<GpuProcess>)
         power_w: Reading::Ok(power_w),
         power_limit_w: Reading::Ok(700.0),
         mig_enabled: false,
+        mig_instance: None,
+        counters: gpu_scaler::gpu::DeviceCounters::default(),
         processes,
         processes_error: None,
     }

@@ -7,6 +7,7 @@ mod bench_gpu;
 mod bench_scaler;
 mod chart;
 mod demo;
+mod device_check;
 mod fuzz;
 mod host;
 mod privileges;
@@ -53,6 +54,17 @@ enum Task {
         /// How long to fuzz.
         #[arg(long, default_value_t = 30)]
         seconds: u64,
+    },
+    /// On a machine with an NVIDIA GPU: compare `gpu-scaler gpus --json` with
+    /// nvidia-smi for a CUDA load in two processes, without and with MPS (never
+    /// changes clocks, compute mode or MIG layout). Not part of `test`.
+    DeviceCheck {
+        /// A gpu-scaler binary to check instead of building one.
+        #[arg(long)]
+        binary: Option<std::path::PathBuf>,
+        /// Skip the run under an MPS control daemon of its own.
+        #[arg(long)]
+        skip_mps: bool,
     },
     /// Regenerate deploy/manifests/ from the Helm chart with default values.
     Manifests,
@@ -217,6 +229,7 @@ fn main() -> Result<()> {
             }
             Ok(())
         }
+        Task::DeviceCheck { binary, skip_mps } => device_check::run(binary, skip_mps),
         Task::Manifests => chart::manifests(),
         Task::Chart => chart::check(),
         Task::ProbePrivileges => privileges::child(),

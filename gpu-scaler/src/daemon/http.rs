@@ -1,5 +1,6 @@
-//! The HTTP listener: /healthz (the process answers), /readyz (GPU source
-//! answering and a fresh snapshot), /metrics (Prometheus text) and
+//! The HTTP listener: /healthz (the process answers and a GPU sampling pass
+//! succeeded lately, see [`super::liveness`]), /readyz (GPU source answering
+//! and a fresh snapshot), /metrics (Prometheus text) and
 //! /v1/snapshot (the newest node snapshot as JSON).
 
 use std::{sync::Arc, time::Duration, time::SystemTime};
@@ -30,10 +31,19 @@ pub struct State {
     pub attributor: Arc<dyn crate::attribution::Attributor>,
     /// The engines read on this node.
     pub engines: watch::Receiver<Arc<crate::engine::EngineSnapshot>>,
+    /// When the daemon started: the liveness clock before the first good pass.
+    pub started_at: SystemTime,
 }
 
-async fn healthz() -> &'static str {
-    "ok\n"
+async fn healthz(extract::State(s): extract::State<State>) -> impl IntoResponse {
+    let gpu = s.gpu.borrow().clone();
+    match super::liveness(&gpu, s.started_at, s.poll_interval, SystemTime::now()) {
+        Ok(()) => (StatusCode::OK, "ok\n".to_owned()),
+        Err(why) => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("unhealthy: {why}\n"),
+        ),
+    }
 }
 
 async fn readyz(extract::State(s): extract::State<State>) -> impl IntoResponse {

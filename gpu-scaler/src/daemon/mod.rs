@@ -292,6 +292,47 @@ pub fn readiness(
     reasons
 }
 
+/// /healthz fails once no GPU sampling pass has succeeded for this many poll
+/// intervals ...
+pub const LIVENESS_INTERVALS: u32 = 10;
+/// ... and at least this long: the kubelet then restarts a daemon whose
+/// sampling is stuck (an NVML call that never returns, a driver that went away
+/// and never came back to this process). Issue 11.
+pub const LIVENESS_AT_LEAST: Duration = Duration::from_secs(60);
+
+/// Whether the daemon is alive: a sampling pass succeeded within
+/// [`LIVENESS_INTERVALS`] poll intervals (at least [`LIVENESS_AT_LEAST`]),
+/// counted from `started_at` before the first one. A clock that stepped back
+/// counts as fresh.
+pub fn liveness(
+    gpu: &GpuStatus,
+    started_at: SystemTime,
+    poll_interval: Duration,
+    now: SystemTime,
+) -> std::result::Result<(), String> {
+    let limit = (poll_interval * LIVENESS_INTERVALS).max(LIVENESS_AT_LEAST);
+    let (since, what) = match &gpu.last_good {
+        Some(s) => (s.taken_at, "the last successful GPU sampling pass"),
+        None => (
+            started_at,
+            "start-up, and no GPU sampling pass has succeeded",
+        ),
+    };
+    let age = now.duration_since(since).unwrap_or_default();
+    if age <= limit {
+        return Ok(());
+    }
+    Err(format!(
+        "{}s since {what} (limit {}s){}",
+        age.as_secs(),
+        limit.as_secs(),
+        gpu.error
+            .as_deref()
+            .map(|e| format!("; newest error: {e}"))
+            .unwrap_or_default()
+    ))
+}
+
 /// Wires started inputs to bound listeners and serves until `shutdown`.
 pub fn start_with(
     inputs: Inputs,
@@ -428,6 +469,7 @@ pub fn start_instrumented(
         streams: service.open_streams(),
         attributor,
         engines,
+        started_at: SystemTime::now(),
     };
     let grpc_fut = server::serve_instrumented(
         grpc,
@@ -523,6 +565,48 @@ mod tests {
         assert!(r.iter().all(|x| x.contains("no driver")), "{r:?}");
         let r = readiness(&snapshot(None, None), &status(None), poll, now);
         assert!(r[0].contains("no GPU sample yet"), "{r:?}");
+    }
+
+    #[test]
+    fn liveness_fails_only_after_ten_intervals_without_a_good_pass() {
+        let now = SystemTime::now();
+        let at = |secs: u64| now - Duration::from_secs(secs);
+        let good_at = |t: SystemTime, error: Option<&str>| GpuStatus {
+            last_good: Some(Arc::new(GpuSnapshot {
+                taken_at: t,
+                devices: Vec::new(),
+            })),
+            error: error.map(Into::into),
+            updated_at: now,
+        };
+        let never = GpuStatus {
+            last_good: None,
+            error: Some("no driver".into()),
+            updated_at: now,
+        };
+        let poll = Duration::from_secs(10);
+        // 10 intervals of 10 s: 100 s.
+        assert_eq!(
+            liveness(&good_at(at(99), Some("lost")), at(500), poll, now),
+            Ok(())
+        );
+        let err = liveness(&good_at(at(101), Some("GPU is lost")), at(500), poll, now)
+            .expect_err("stuck for over 100 s");
+        assert!(err.contains("101s") && err.contains("GPU is lost"), "{err}");
+        // Never a good pass: counted from start-up.
+        assert_eq!(liveness(&never, at(30), poll, now), Ok(()));
+        let err = liveness(&never, at(120), poll, now).expect_err("never sampled");
+        assert!(
+            err.contains("start-up") && err.contains("no driver"),
+            "{err}"
+        );
+        // Short intervals: at least 60 s.
+        let fast = Duration::from_millis(100);
+        assert_eq!(liveness(&good_at(at(59), None), at(500), fast, now), Ok(()));
+        assert!(liveness(&good_at(at(61), None), at(500), fast, now).is_err());
+        // A clock that stepped back is not a stuck daemon.
+        let future = now + Duration::from_secs(3600);
+        assert_eq!(liveness(&good_at(future, None), at(500), poll, now), Ok(()));
     }
 
     #[test]
