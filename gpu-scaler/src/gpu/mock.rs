@@ -469,6 +469,57 @@ mod tests {
         assert_eq!(device_util(&fixed), Some(40));
     }
 
+    fn mock(dir: &Path, text: &str) -> MockSource {
+        let path = dir.join("s.toml");
+        write(&path, text);
+        MockSource::new(path)
+    }
+
+    #[test]
+    fn the_mock_gates_drivers_and_recovers_from_a_reload_as_nvml_does() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let err = mock(
+            dir.path(),
+            &format!("driver_version = \"535.86.05\"\n{}", scenario(10)),
+        )
+        .poll()
+        .expect_err("a driver with the R535 layout")
+        .to_string();
+        assert!(
+            err.contains("535.86.05") && err.contains("upgrade"),
+            "{err}"
+        );
+
+        let err = mock(
+            dir.path(),
+            &format!(
+                "[errors]\ninit = \"LIB_RM_VERSION_MISMATCH\"\n{}",
+                scenario(10)
+            ),
+        )
+        .poll()
+        .expect_err("library and module differ")
+        .to_string();
+        assert!(err.contains("reboot the node"), "{err}");
+
+        let mut src = mock(dir.path(), &scenario(10));
+        assert_eq!(
+            src.poll().expect("pass").devices[0].sm_util,
+            Reading::Ok(10)
+        );
+        write(
+            &dir.path().join("s.toml"),
+            &format!("driver_reloads = 1\n{}", scenario(10)),
+        );
+        let lost = src.poll().expect("pass");
+        assert!(
+            matches!(&lost.devices[0].sm_util, Reading::Unavailable(r) if r.contains("fell off the bus")),
+            "{lost:?}"
+        );
+        let back = src.poll().expect("pass after initialising again");
+        assert_eq!(back.devices[0].sm_util, Reading::Ok(10));
+    }
+
     #[test]
     fn a_missing_file_is_an_error_naming_it() {
         let mut source = MockSource::new("/nonexistent/gpu-scenario.toml".into());
