@@ -10,6 +10,7 @@ pub mod cli;
 pub mod cluster;
 pub mod daemon;
 pub mod gpu;
+pub mod listener;
 pub mod pods;
 pub mod sampler;
 pub mod scaler;
