@@ -17,8 +17,9 @@ use super::{proto::external_scaler_server::ExternalScalerServer, service::Scaler
 /// one request take the daemon past its memory limit (issue 13).
 pub const MAX_DECODE_BYTES: usize = 64 * 1024;
 /// Open connections at once. KEDA keeps one per scalerAddress (per operator
-/// replica); the rest is headroom for health checks and `gpu-scaler query`.
-pub const MAX_CONNECTIONS: usize = 256;
+/// and metrics-server replica); the rest is headroom for health checks, `gpu-scaler
+/// query` and `bench scaler`'s 512 concurrent clients.
+pub const MAX_CONNECTIONS: usize = 1024;
 /// Concurrent HTTP/2 streams per connection. KEDA multiplexes every
 /// ScaledObject's calls, and one StreamIsActive per external-push ScaledObject,
 /// over one connection: the cap stays above the 10,000 streams `bench scaler`
