@@ -293,3 +293,38 @@ pub async fn serve_bounded(
     while tasks.join_next().await.is_some() {}
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_snapshot_is_served_on_loopback_or_when_asked() {
+        let lo: SocketAddr = "127.0.0.1:9090".parse().expect("addr");
+        let lo6: SocketAddr = "[::1]:9090".parse().expect("addr");
+        let any: SocketAddr = "0.0.0.0:9090".parse().expect("addr");
+        let pod: SocketAddr = "10.0.3.7:9090".parse().expect("addr");
+        assert!(SnapshotAccess::Auto.serves(lo) && SnapshotAccess::Auto.serves(lo6));
+        assert!(!SnapshotAccess::Auto.serves(any) && !SnapshotAccess::Auto.serves(pod));
+        assert!(SnapshotAccess::On.serves(any));
+        assert!(!SnapshotAccess::Off.serves(lo));
+    }
+
+    #[test]
+    fn a_full_table_makes_room_by_closing_the_oldest_idle_connection() {
+        let conns = Conns::default();
+        let (a, close_a, busy_a) = conns.admit(2).expect("first");
+        let (_b, close_b, _) = conns.admit(2).expect("second");
+        // The oldest is in a request: the next idle one goes instead.
+        busy_a.store(true, Ordering::Release);
+        let (_c, _, _) = conns.admit(2).expect("third, closing b");
+        assert!(close_b.is_cancelled() && !close_a.is_cancelled());
+        // Every one busy: refused.
+        for c in conns.open.lock().expect("lock").values() {
+            c.busy.store(true, Ordering::Release);
+        }
+        assert!(conns.admit(2).is_none(), "all in requests");
+        conns.remove(a);
+        assert!(conns.admit(2).is_some(), "a slot freed");
+    }
+}
