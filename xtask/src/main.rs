@@ -7,6 +7,7 @@ mod bench_gpu;
 mod bench_scaler;
 mod chart;
 mod demo;
+mod deny;
 mod fuzz;
 mod host;
 mod privileges;
@@ -191,6 +192,7 @@ fn main() -> Result<()> {
                     "-D",
                     "warnings",
                 ])?;
+                deny::check()?;
             }
             chart::check()?;
             // --locked, as the Dockerfile builds: a stale Cargo.lock fails here
