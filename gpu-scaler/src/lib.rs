@@ -12,6 +12,7 @@ pub mod daemon;
 pub mod engine;
 pub mod figures;
 pub mod gpu;
+pub mod listener;
 pub mod pods;
 pub mod sampler;
 pub mod scaler;

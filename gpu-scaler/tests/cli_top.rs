@@ -116,6 +116,8 @@ async fn top_once_json_of_a_running_daemon() {
         Settings {
             poll_interval: Duration::from_secs(30),
             tls: None,
+            snapshot: gpu_scaler::daemon::http::SnapshotAccess::Auto,
+            problems: Vec::new(),
         },
         shutdown.clone(),
     )

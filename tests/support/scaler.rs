@@ -226,7 +226,12 @@ impl Node {
             },
             grpc,
             http,
-            Settings { poll_interval, tls },
+            Settings {
+                poll_interval,
+                tls,
+                snapshot: gpu_scaler::daemon::http::SnapshotAccess::Auto,
+                problems: Vec::new(),
+            },
             shutdown.clone(),
         )
         .expect("daemon starts");

@@ -7,6 +7,7 @@ mod bench_gpu;
 mod bench_scaler;
 mod chart;
 mod demo;
+mod deny;
 mod device_check;
 mod fuzz;
 mod host;
@@ -217,6 +218,7 @@ fn main() -> Result<()> {
                     "-D",
                     "warnings",
                 ])?;
+                deny::check()?;
             }
             chart::check()?;
             // --locked, as the Dockerfile builds: a stale Cargo.lock fails here

@@ -109,6 +109,9 @@ fn ensure_bpf_linker() -> Result<()> {
                 "bpf-linker",
                 "--version",
                 BPF_LINKER_VERSION,
+                // Its own Cargo.lock, not whatever its dependencies resolve to
+                // today (issue 13: supply chain).
+                "--locked",
                 "--no-default-features",
                 "--features",
                 "llvm-22",

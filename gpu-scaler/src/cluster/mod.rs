@@ -1,7 +1,7 @@
 //! The cluster: any daemon answers KEDA for a whole workload.
 //!
-//! - [`workload`]: the workload's pods cluster-wide (a shared, bounded cache of
-//!   label-selector watches on the Kubernetes API);
+//! - [`workload`]: the workload's pods cluster-wide (one bounded pod watch per
+//!   namespace on the Kubernetes API, selectors evaluated locally);
 //! - [`target`]: a ScaledObject without `podSelector` resolved to its pods through
 //!   its scale target's `scale` subresource, as the HPA does;
 //! - [`peer`]: the node-to-node protocol (`proto/gpuscaler_peer_v1.proto`), its

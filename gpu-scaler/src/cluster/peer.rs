@@ -133,15 +133,27 @@ pub async fn serve(
     tls: Option<&PeerTls>,
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<()> {
-    let mut server = Server::builder();
+    // Transport limits (issue 13), as on the scaler port: a request is a list of
+    // one node's pod uids (64 KiB holds ~1,700, far above any node's pod count);
+    // one connection per other daemon, each with few calls in flight.
+    let mut server = Server::builder()
+        .max_concurrent_streams(64)
+        .http2_keepalive_interval(Some(Duration::from_secs(30)))
+        .http2_keepalive_timeout(Some(crate::scaler::server::KEEPALIVE_TIMEOUT));
     if let Some(tls) = tls {
+        let config = tls
+            .server()?
+            .timeout(crate::scaler::server::TLS_HANDSHAKE_TIMEOUT);
         server = server
-            .tls_config(tls.server()?)
+            .tls_config(config)
             .map_err(|e| Error::Tls(e.to_string()))?;
     }
-    let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
+    let incoming = crate::listener::capped(listener, 4096, "peer", Arc::default());
     server
-        .add_service(PeerServer::new(PeerService::new(local)))
+        .add_service(
+            PeerServer::new(PeerService::new(local))
+                .max_decoding_message_size(crate::scaler::server::MAX_DECODE_BYTES),
+        )
         .serve_with_incoming_shutdown(incoming, shutdown)
         .await
         .map_err(|e| Error::Serve(e.to_string()))

@@ -65,6 +65,8 @@ pub struct TlsFiles {
     pub cert: PathBuf,
     pub key: PathBuf,
     pub client_ca: Option<PathBuf>,
+    /// With `client_ca`: the DNS SANs a client certificate must carry one of.
+    pub client_names: Vec<String>,
 }
 
 impl TlsFiles {
@@ -79,6 +81,7 @@ impl TlsFiles {
             cert_pem: read(&self.cert)?,
             key_pem: read(&self.key)?,
             client_ca_pem: self.client_ca.as_deref().map(read).transpose()?,
+            client_names: self.client_names.clone(),
         })
     }
 }
@@ -93,6 +96,8 @@ pub struct Config {
     pub gpu: gpu::Config,
     pub pods_file: Option<PathBuf>,
     pub tls: Option<TlsFiles>,
+    /// Whether the HTTP listener serves /v1/snapshot.
+    pub snapshot: http::SnapshotAccess,
     /// Peers, Kubernetes access and the missing-node policy.
     pub cluster: crate::cluster::Config,
 }
@@ -109,6 +114,13 @@ pub struct Inputs {
 pub struct Settings {
     pub poll_interval: Duration,
     pub tls: Option<server::Tls>,
+    /// Whether the HTTP listener serves /v1/snapshot.
+    pub snapshot: http::SnapshotAccess,
+    /// What start-up found that keeps the daemon from answering correctly (no
+    /// usable Kubernetes configuration, say): each is a readiness reason for as
+    /// long as the daemon runs, so KEDA's Service never routes to it and an
+    /// empty pod set is never read as "no GPU use" (issue 13).
+    pub problems: Vec<String>,
 }
 
 /// A started daemon.
@@ -147,6 +159,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<()> {
     let gpu = gpu::start(config.gpu.clone());
     // Kubernetes: wherever there is no pods file (in a cluster), or when a
     // kubeconfig is named explicitly.
+    let mut problems = Vec::new();
     let kube = if config.pods_file.is_none() || config.cluster.kubeconfig.is_some() {
         match pods::kube::client(config.cluster.kubeconfig.as_deref()).await {
             Ok(c) => Some(c),
@@ -154,7 +167,13 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<()> {
                 return Err(Error::ClusterConfig(e.to_string()));
             }
             Err(e) => {
-                tracing::warn!(error = %e, "no Kubernetes API access; running without it");
+                // Without the API and without a pods file no pod can be named:
+                // every workload would read as idle. Serve (probes, /metrics),
+                // but never ready.
+                tracing::error!(error = %e, "no Kubernetes API access and no --pods-file: not ready");
+                problems.push(format!(
+                    "pods: no usable Kubernetes configuration and no --pods-file ({e})"
+                ));
                 None
             }
         }
@@ -201,7 +220,12 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<()> {
         },
         grpc,
         http,
-        Settings { poll_interval, tls },
+        Settings {
+            poll_interval,
+            tls,
+            snapshot: config.snapshot,
+            problems,
+        },
         cluster,
         metrics,
         shutdown,
@@ -434,13 +458,15 @@ pub fn start_instrumented(
         let gpu = gpu.clone();
         let shutdown = shutdown.clone();
         let poll = settings.poll_interval;
+        let no_problems = settings.problems.is_empty();
         tokio::spawn(async move {
             let mut tick = tokio::time::interval(poll);
             let mut last = None;
             loop {
                 let ready = {
                     let snap = snaps.borrow_and_update().clone();
-                    readiness(&snap, &gpu.borrow(), poll, SystemTime::now()).is_empty()
+                    no_problems
+                        && readiness(&snap, &gpu.borrow(), poll, SystemTime::now()).is_empty()
                 };
                 if last != Some(ready) {
                     if ready {
@@ -470,6 +496,8 @@ pub fn start_instrumented(
         attributor,
         engines,
         started_at: SystemTime::now(),
+        snapshot: settings.snapshot.serves(http_addr),
+        problems: settings.problems.clone().into(),
     };
     let grpc_fut = server::serve_instrumented(
         grpc,
@@ -615,6 +643,7 @@ mod tests {
             cert: "/nonexistent/cert.pem".into(),
             key: "/nonexistent/key.pem".into(),
             client_ca: None,
+            client_names: Vec::new(),
         };
         let err = files.load().expect_err("missing files");
         assert!(err.to_string().contains("/nonexistent/cert.pem"), "{err}");

@@ -113,6 +113,7 @@ impl ScalerService {
     }
 
     fn query(&self, r: &ScaledObjectRef) -> Result<Query> {
+        super::limits::check(r)?;
         if r.namespace.is_empty() {
             return Err(Error::MissingNamespace);
         }
