@@ -8,10 +8,13 @@ use anyhow::{Context as _, anyhow};
 /// The resulting daemon has no probe embedded, says so at start-up and attributes
 /// processes through /proc instead.
 const NO_EBPF: &str = "GPU_SCALER_NO_EBPF";
+/// The nightly that builds the probe, shared with `cargo xtask setup`.
+const NIGHTLY: &str = include_str!("../gpu-scaler-ebpf/nightly-toolchain").trim_ascii();
 
 fn main() -> anyhow::Result<()> {
     println!("cargo::rustc-check-cfg=cfg(gpu_scaler_no_ebpf)");
     println!("cargo:rerun-if-env-changed={NO_EBPF}");
+    println!("cargo:rerun-if-changed=../gpu-scaler-ebpf/nightly-toolchain");
     let skip_ebpf = env::var(NO_EBPF).is_ok_and(|v| v == "1" || v.eq_ignore_ascii_case("true"));
     if skip_ebpf {
         println!("cargo:warning={NO_EBPF}=1: building without the eBPF probe");
@@ -31,7 +34,9 @@ fn main() -> anyhow::Result<()> {
                 root_dir: ebpf_dir,
                 ..Default::default()
             }],
-            aya_build::Toolchain::default(),
+            // Pinned: bpf-linker must link the LLVM major version rustc uses
+            // (see xtask/src/toolchain.rs).
+            aya_build::Toolchain::Custom(NIGHTLY),
         )
         .with_context(|| {
             format!(

@@ -110,11 +110,39 @@ fn the_dockerfile_ships_that_binary_on_glibc_as_non_root() {
         .map(str::trim)
         .filter(|l| !l.starts_with('#'))
         .collect();
-    let froms: Vec<&str> = lines
+    // `ARG NAME=VALUE` before the first FROM: what `FROM ${NAME}` means.
+    let args: std::collections::HashMap<&str, &str> = lines
+        .iter()
+        .take_while(|l| !l.starts_with("FROM "))
+        .filter_map(|l| l.strip_prefix("ARG "))
+        .filter_map(|a| a.split_once('='))
+        .collect();
+    let froms: Vec<String> = lines
         .iter()
         .filter_map(|l| l.strip_prefix("FROM "))
+        .map(|f| {
+            let image = f.split_whitespace().next().expect("FROM image");
+            match image.strip_prefix("${").and_then(|i| i.strip_suffix('}')) {
+                Some(arg) => args
+                    .get(arg)
+                    .unwrap_or_else(|| panic!("FROM ${{{arg}}} without a default ARG"))
+                    .to_string(),
+                None => image.to_owned(),
+            }
+        })
         .collect();
     assert!(froms.len() >= 2, "multi-stage: {froms:?}");
+    // Every base image pinned by digest (issue 13): a tag alone can move.
+    for image in &froms {
+        let digest = image
+            .split_once("@sha256:")
+            .map(|(_, d)| d)
+            .unwrap_or_else(|| panic!("base image not pinned by digest: {image}"));
+        assert!(
+            digest.len() == 64 && digest.bytes().all(|b| b.is_ascii_hexdigit()),
+            "not a sha256 digest: {image}"
+        );
+    }
     let runtime = froms.last().expect("a runtime stage");
     assert!(
         runtime.contains("distroless/cc-debian12"),

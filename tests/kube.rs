@@ -40,6 +40,14 @@ fn names(pods: &PodMap) -> Vec<String> {
     v
 }
 
+/// The error under any [`Error::Shared`] (cached and coalesced errors are shared).
+fn root(e: &Error) -> &Error {
+    match e {
+        Error::Shared(inner) => root(inner),
+        e => e,
+    }
+}
+
 fn current_names(w: &PodWatch) -> Vec<String> {
     w.current().map(|p| names(&p)).unwrap_or_default()
 }
@@ -165,8 +173,10 @@ async fn node_watch_follows_pods_through_bookmarks_and_410_relists() {
 }
 
 #[tokio::test]
-async fn workload_pods_are_shared_per_selector_namespaced_and_evicted_when_idle() {
+async fn workload_pods_one_watch_per_namespace_selected_locally_and_evicted_when_idle() {
     let fake = FakeKube::start().await;
+    // Bookmarks show the fake that a dropped watch's client is gone.
+    fake.set_bookmark_interval(Duration::from_millis(50));
     let pods = ResourceType::pods();
     fake.apply(
         &pods,
@@ -220,9 +230,10 @@ async fn workload_pods_are_shared_per_selector_namespaced_and_evicted_when_idle(
     let cache = WorkloadPods::new(
         client,
         CacheLimits {
-            idle: Duration::from_millis(300),
-            max_selectors: 2,
+            idle: Duration::from_millis(600),
+            max_namespaces: 2,
             first_list: WAIT,
+            ..CacheLimits::default()
         },
     );
 
@@ -274,12 +285,168 @@ async fn workload_pods_are_shared_per_selector_namespaced_and_evicted_when_idle(
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 
-    // Bounded: a third selector evicts the least recently used.
-    cache.workload_pods("ml", "app=a").await.expect("pods");
-    cache.workload_pods("ml", "app=b").await.expect("pods");
-    assert!(cache.watched() <= 2, "at most max_selectors watches");
-    // Idle watches stop on their own.
+    // Other selectors in the namespace cost the API server nothing more.
+    for i in 0..50 {
+        cache
+            .workload_pods("ml", &format!("app=vllm,tier!=t{i}"))
+            .await
+            .expect("pods");
+    }
+    let e = cache
+        .workload_pods("ml", "app in (a")
+        .await
+        .expect_err("bad selector");
+    assert!(e.to_string().contains("app in (a"), "{e}");
+    let req = fake.requests();
+    assert_eq!(req.get("list pods"), Some(&1), "{req:?}");
+    assert_eq!(req.get("watch pods"), Some(&1), "{req:?}");
+
+    // Namespaced: the other namespace's same-labelled pod is not the workload's.
+    let other = cache.workload_pods("other", sel).await.expect("pods");
+    assert_eq!(names(&other), ["other/w-1"]);
+    assert_eq!(cache.watched(), 2);
+
+    // Bounded: a third namespace is refused while both are in use; the ones in
+    // use keep answering.
+    let e = cache
+        .workload_pods("third", "app=x")
+        .await
+        .expect_err("over the namespace budget");
+    assert!(e.to_string().contains("in use"), "{e}");
+    assert_eq!(cache.watched(), 2);
+    assert_eq!(
+        cache.workload_pods("ml", sel).await.expect("pods").len(),
+        3,
+        "the namespace in use is never dropped for a new one"
+    );
+    wait_until("both watch streams open at the API server", WAIT, || {
+        fake.open_watches() == 2
+    })
+    .await;
+
+    // Idle watches stop on their own, and their streams really close.
     wait_until("idle watches stopped", WAIT, || cache.watched() == 0).await;
+    wait_until("the API server sees the streams close", WAIT, || {
+        fake.open_watches() == 0
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn a_pod_list_older_than_the_age_limit_during_an_outage_is_unavailable() {
+    let fake = FakeKube::start().await;
+    fake.set_bookmark_interval(Duration::from_millis(50));
+    let pods = ResourceType::pods();
+    fake.apply(
+        &pods,
+        pod(
+            "ml",
+            "w-1",
+            "u1",
+            &[("app", "w")],
+            Some("n1"),
+            "Running",
+            true,
+        ),
+    );
+    let (client, _dir) = connect(&fake).await;
+    let max_stale = Duration::from_millis(800);
+    let cache = WorkloadPods::new(
+        client,
+        CacheLimits {
+            first_list: Duration::from_millis(500),
+            max_stale,
+            ..CacheLimits::default()
+        },
+    );
+    assert_eq!(
+        cache.workload_pods("ml", "app=w").await.expect("up").len(),
+        1
+    );
+
+    fake.set_unavailable(true);
+    // Within the age limit the last list still answers.
+    wait_until("the watch sees the outage", WAIT, || {
+        fake.requests().get("unavailable").copied().unwrap_or(0) > 0
+    })
+    .await;
+    assert_eq!(
+        cache
+            .workload_pods("ml", "app=w")
+            .await
+            .expect("within the age limit")
+            .len(),
+        1
+    );
+    // Past it: UNAVAILABLE (a cluster error, never an empty or old list).
+    tokio::time::sleep(max_stale + Duration::from_millis(200)).await;
+    let e = cache
+        .workload_pods("ml", "app=w")
+        .await
+        .expect_err("past the age limit");
+    assert!(
+        !e.is_user_error(),
+        "an outage is UNAVAILABLE, not the user's error: {e}"
+    );
+
+    // Back up: answers again, with what changed meanwhile.
+    fake.set_unavailable(false);
+    fake.apply(
+        &pods,
+        pod(
+            "ml",
+            "w-2",
+            "u2",
+            &[("app", "w")],
+            Some("n1"),
+            "Running",
+            true,
+        ),
+    );
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        match cache.workload_pods("ml", "app=w").await {
+            Ok(p) if p.len() == 2 => break,
+            other => assert!(
+                tokio::time::Instant::now() < deadline,
+                "never recovered: {:?}",
+                other.map(|p| p.len())
+            ),
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test]
+async fn the_client_rate_limit_bounds_requests_whatever_callers_ask() {
+    let fake = FakeKube::start().await;
+    let config = fake.kubeconfig();
+    let limits = gpu_scaler::pods::kube::ClientLimits {
+        qps: 10.0,
+        burst: 5,
+    };
+    let client = gpu_scaler::pods::kube::client_with(Some(&config.path), limits)
+        .await
+        .expect("client");
+    let started = std::time::Instant::now();
+    let api: kube::Api<k8s_openapi::api::core::v1::Pod> = kube::Api::namespaced(client, "ml");
+    // 200 callers at once, for one second.
+    let calls = futures::future::join_all((0..200).map(|i| {
+        let api = api.clone();
+        async move {
+            let _ =
+                tokio::time::timeout(Duration::from_secs(1), api.get_opt(&format!("p{i}"))).await;
+        }
+    }));
+    calls.await;
+    let elapsed = started.elapsed().as_secs_f64();
+    let served = fake.requests().get("get pods").copied().unwrap_or(0);
+    let bound = 5.0 + 10.0 * elapsed + 1.0;
+    assert!(
+        (served as f64) <= bound,
+        "{served} requests in {elapsed:.2}s; the limit allows at most {bound:.0}"
+    );
+    assert!(served >= 5, "the burst goes through at once: {served}");
 }
 
 #[tokio::test]
@@ -379,9 +546,27 @@ async fn scaled_objects_resolve_through_the_scale_subresource() {
         .resolve("ml", "nope")
         .await
         .expect_err("missing ScaledObject");
-    assert!(matches!(e, Error::ScaledObjectNotFound { .. }), "{e}");
+    assert!(
+        matches!(root(&e), Error::ScaledObjectNotFound { .. }),
+        "{e}"
+    );
     assert!(e.to_string().contains("ml/nope"), "{e}");
     assert!(e.is_user_error());
+    // Remembered for a while: asking again costs no request.
+    let gets = fake.requests().get("get scaledobjects").copied();
+    let again = resolver
+        .resolve("ml", "nope")
+        .await
+        .expect_err("still missing");
+    assert!(
+        matches!(root(&again), Error::ScaledObjectNotFound { .. }),
+        "{again}"
+    );
+    assert_eq!(
+        fake.requests().get("get scaledobjects").copied(),
+        gets,
+        "negative cache"
+    );
 
     fake.apply(
         &ResourceType::scaled_objects(),
@@ -391,7 +576,7 @@ async fn scaled_objects_resolve_through_the_scale_subresource() {
         .resolve("ml", "ghost-so")
         .await
         .expect_err("missing target");
-    assert!(matches!(e, Error::TargetNotFound { .. }), "{e}");
+    assert!(matches!(root(&e), Error::TargetNotFound { .. }), "{e}");
     assert!(e.to_string().contains("Deployment ghost"), "{e}");
 
     let noscale = ResourceType::new("example.com", "v1", "Widget", "widgets", false);
@@ -408,7 +593,7 @@ async fn scaled_objects_resolve_through_the_scale_subresource() {
         .resolve("ml", "w-so")
         .await
         .expect_err("no scale subresource");
-    assert!(matches!(e, Error::NoScaleSubresource { .. }), "{e}");
+    assert!(matches!(root(&e), Error::NoScaleSubresource { .. }), "{e}");
 
     fake.apply(
         &ResourceType::scaled_objects(),
@@ -418,7 +603,7 @@ async fn scaled_objects_resolve_through_the_scale_subresource() {
         .resolve("ml", "u-so")
         .await
         .expect_err("unknown kind");
-    assert!(matches!(e, Error::UnknownKind(_)), "{e}");
+    assert!(matches!(root(&e), Error::UnknownKind(_)), "{e}");
 
     fake.apply(
         &isvc,
@@ -440,7 +625,7 @@ async fn scaled_objects_resolve_through_the_scale_subresource() {
         .resolve("ml", "fresh-so")
         .await
         .expect_err("no selector yet");
-    assert!(matches!(e, Error::NoSelector { .. }), "{e}");
+    assert!(matches!(root(&e), Error::NoSelector { .. }), "{e}");
 
     fake.apply(
         &ResourceType::scaled_objects(),
@@ -457,7 +642,10 @@ async fn scaled_objects_resolve_through_the_scale_subresource() {
         .resolve("other", "web-so")
         .await
         .expect_err("other namespace");
-    assert!(matches!(e, Error::ScaledObjectNotFound { .. }), "{e}");
+    assert!(
+        matches!(root(&e), Error::ScaledObjectNotFound { .. }),
+        "{e}"
+    );
 }
 
 #[tokio::test]

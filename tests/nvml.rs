@@ -1,5 +1,7 @@
 //! The real NVML collector (nvml-wrapper loading a library at run time) against
-//! the fake `libnvidia-ml.so` from `tests/fake-nvml`.
+//! the fake `libnvidia-ml.so` from `tests/fake-nvml`, which behaves as unkindly
+//! as a real driver (issue 11): each driver behaviour below, and through
+//! `serve` to KEDA's GetMetrics where it changes the value.
 
 use std::{
     sync::Arc,
@@ -10,7 +12,10 @@ use gpu_scaler::gpu::{
     self, GpuDevice, GpuProcess, GpuSnapshot, GpuSource, GpuStatus, ProcessKind, Reading,
     nvml::NvmlSource,
 };
-use gpu_scaler_tests::fake_nvml::FakeNvml;
+use gpu_scaler_tests::{
+    fake_nvml::FakeNvml,
+    scaler::{Node, metric_value, pod},
+};
 
 const TWO_GPUS: &str = r#"
 driver_version = "550.54.15"
@@ -19,9 +24,12 @@ driver_version = "550.54.15"
 uuid = "GPU-5c1f0000-0000-0000-0000-000000000001"
 name = "NVIDIA H100 80GB HBM3"
 memory_total_mib = 81559
-utilization = 85
+utilization = 65
 memory_utilization = 40
 temperature_c = 62
+energy_mj = 123456789
+pcie_tx_kbps = 1200
+pcie_rx_kbps = 3400
 power_w = 420.5
 power_limit_w = 700.0
 
@@ -53,6 +61,7 @@ memory_total_mib = 23034
 utilization = 0
 memory_utilization = 0
 temperature_c = 35
+energy_mj = 5000
 power_w = 16.0
 power_limit_w = 72.0
 "#;
@@ -92,7 +101,7 @@ fn devices_and_processes_come_through_nvml() {
     assert_eq!(h100.index, 0);
     assert_eq!(h100.uuid, "GPU-5c1f0000-0000-0000-0000-000000000001");
     assert_eq!(h100.name, "NVIDIA H100 80GB HBM3");
-    assert_eq!(h100.sm_util, Reading::Ok(85));
+    assert_eq!(h100.sm_util, Reading::Ok(65));
     assert_eq!(h100.mem_util, Reading::Ok(40));
     assert_eq!(h100.memory_total_mib, Reading::Ok(81559));
     assert_eq!(
@@ -118,11 +127,27 @@ fn devices_and_processes_come_through_nvml() {
     assert_eq!(p.gpu_instance_id, None);
     let mps = process(h100, 5151);
     assert_eq!(mps.kind, ProcessKind::Mps);
-    assert_eq!(mps.sm_util, Reading::Ok(20));
+    assert_eq!(
+        mps.used_memory_mib,
+        Reading::Ok(1024),
+        "MPS client memory is exact"
+    );
+    assert!(
+        reason(&mps.sm_util).contains("MPS client"),
+        "NVML credits an MPS client's SM time to the server"
+    );
     let gfx = process(h100, 6161);
     assert_eq!(gfx.kind, ProcessKind::Graphics);
     assert!(reason(&gfx.used_memory_mib).contains("no memory figure"));
-    assert_eq!(gfx.sm_util, Reading::Ok(0), "listed without samples: idle");
+    assert_eq!(
+        gfx.sm_util,
+        Reading::Ok(0),
+        "no sample, and the sampled processes account for the GPU's 65 %: idle"
+    );
+    assert_eq!(h100.counters.pcie_tx_kbps, Reading::Ok(1200));
+    assert_eq!(h100.counters.pcie_rx_kbps, Reading::Ok(3400));
+    assert_eq!(h100.counters.energy_mj, Reading::Ok(123_456_789));
+    assert!(reason(&h100.counters.nvlink_tx_mbps).contains("not available"));
 
     let l4 = &snap.devices[1];
     assert_eq!(l4.uuid, "GPU-00000000-0000-0000-0000-000000000001");
@@ -151,7 +176,8 @@ fn figures_missing_from_the_scenario_are_unavailable_not_zero() {
 fn samples_older_than_last_seen_are_not_counted_twice() {
     let scenario = |extra: &str, ignore: bool| {
         format!(
-            "[[gpu]]\nignore_last_seen = {ignore}\n[[gpu.process]]\npid = 7\nused_memory_mib = 1\n\
+            "[[gpu]]\nignore_last_seen = {ignore}\nutilization = 0\nmemory_utilization = 0\n\
+             [[gpu.process]]\npid = 7\nused_memory_mib = 1\n\
              sample = [{{ timestamp_us = 1000, sm_util = 40, mem_util = 4 }}, \
              {{ timestamp_us = 2000, sm_util = 61, mem_util = 6 }}{extra}]\n"
         )
@@ -175,7 +201,7 @@ fn samples_older_than_last_seen_are_not_counted_twice() {
         assert_eq!(
             process(&second.devices[0], 7).sm_util,
             Reading::Ok(0),
-            "no samples newer than lastSeen=2000 (ignore={ignore})"
+            "no samples newer than lastSeen=2000 on an idle GPU (ignore={ignore})"
         );
 
         fake.set_scenario(&scenario(
@@ -210,16 +236,27 @@ fn samples_over_100_percent_are_dropped() {
 
 #[test]
 fn process_utilization_errors() {
-    let scenario = |error: &str| {
+    let busy = |error: &str, util: u32| {
         format!(
-            "[[gpu]]\n[gpu.errors]\nprocess_utilization = \"{error}\"\n\
+            "[[gpu]]\nutilization = {util}\nmemory_utilization = 1\n\
+             [gpu.errors]\nprocess_utilization = \"{error}\"\n\
              [[gpu.process]]\npid = 9\nsm_util = 70\nused_memory_mib = 100\n"
         )
     };
-    // NOT_FOUND is NVML's "no samples since lastSeen": the process was idle.
+    let scenario = |error: &str| busy(error, 3);
+    // NOT_FOUND is NVML's "no samples since lastSeen": on a GPU that is itself
+    // idle the process was idle ...
     let fake = FakeNvml::new(&scenario("NOT_FOUND"));
     let snap = poll(&mut source(&fake));
     assert_eq!(process(&snap.devices[0], 9).sm_util, Reading::Ok(0));
+    // ... but on a busy GPU it says nothing about the process: unknown.
+    let fake = FakeNvml::new(&busy("NOT_FOUND", 90));
+    let snap = poll(&mut source(&fake));
+    let why = reason(&process(&snap.devices[0], 9).sm_util).to_owned();
+    assert!(
+        why.contains("90 % busy") && why.contains("account for 0 %"),
+        "{why}"
+    );
 
     for (error, text) in [
         ("NOT_SUPPORTED", "not available on the target device"),
@@ -231,7 +268,10 @@ fn process_utilization_errors() {
         let p = process(&snap.devices[0], 9);
         let why = reason(&p.sm_util);
         assert!(
-            why.contains("nvmlDeviceGetProcessUtilization") && why.contains(text),
+            // NOT_SUPPORTED from the newer call falls back to the legacy one.
+            why.contains("nvmlDeviceGetProcess")
+                && why.contains("Utilization")
+                && why.contains(text),
             "{why}"
         );
         assert!(reason(&p.mem_util).contains(text));
@@ -248,7 +288,7 @@ fn a_gpu_lost_mid_run_is_unavailable_and_recovers() {
     let fake = FakeNvml::new(TWO_GPUS);
     let mut src = source(&fake);
     let before = poll(&mut src);
-    assert_eq!(before.devices[0].sm_util, Reading::Ok(85));
+    assert_eq!(before.devices[0].sm_util, Reading::Ok(65));
 
     // GPU 0 falls off the bus: every call on it fails, its handle too.
     fake.set_scenario(&TWO_GPUS.replacen(
@@ -291,7 +331,7 @@ fn a_gpu_lost_mid_run_is_unavailable_and_recovers() {
     ));
     let partial = poll(&mut src);
     let d = &partial.devices[0];
-    assert_eq!(d.sm_util, Reading::Ok(85));
+    assert_eq!(d.sm_util, Reading::Ok(65));
     assert!(reason(&d.temperature_c).contains("internal driver error"));
     assert!(d.processes.is_empty());
     assert!(
@@ -323,37 +363,382 @@ fn a_gpu_that_stops_being_enumerated_is_reported_lost() {
     assert!(gone.processes_error.is_some());
 }
 
+/// An H200 in MIG mode with two instances; `extra` goes into the GPU's table.
+fn mig_scenario(extra: &str) -> String {
+    format!(
+        "[[gpu]]\nuuid = \"GPU-h200\"\nname = \"NVIDIA H200\"\nmig = true\n{extra}\n\
+         memory_total_mib = 143771\ntemperature_c = 50\npower_w = 300.0\n\
+         [[gpu.mig_instance]]\ngpu_instance_id = 9\nuuid = \"MIG-small\"\nprofile = \"1g.18gb\"\nmemory_total_mib = 16384\nsm_util = 70\n\
+         [[gpu.mig_instance]]\ngpu_instance_id = 1\nuuid = \"MIG-big\"\nprofile = \"3g.71gb\"\nmemory_total_mib = 71680\nsm_util = 40\n\
+         [[gpu.process]]\npid = 11\nsm_util = 30\nused_memory_mib = 14000\ngpu_instance_id = 9\n\
+         [[gpu.process]]\npid = 12\nused_memory_mib = 9000\ngpu_instance_id = 1\n\
+         [[gpu.process]]\npid = 13\nused_memory_mib = 1000\ngpu_instance_id = 1\n"
+    )
+}
+
+fn device<'a>(snap: &'a GpuSnapshot, uuid: &str) -> &'a GpuDevice {
+    snap.devices
+        .iter()
+        .find(|d| d.uuid == uuid)
+        .unwrap_or_else(|| panic!("no device {uuid}: {:?}", snap.devices))
+}
+
 #[test]
-fn mig_devices_report_memory_per_instance_and_no_utilization() {
-    let fake = FakeNvml::new(
-        "[[gpu]]\nname = \"NVIDIA A100-SXM4-40GB\"\nmig = true\nutilization = 50\nmemory_utilization = 5\nmemory_total_mib = 40960\n\
-         [[gpu.process]]\npid = 11\nsm_util = 30\nused_memory_mib = 4000\ngpu_instance_id = 1\n\
-         [[gpu.process]]\npid = 12\nused_memory_mib = 9000\ngpu_instance_id = 2\n",
+fn mig_instances_are_devices_with_their_own_memory() {
+    // No privilege (the default DaemonSet): the parent handle refuses memory
+    // and process queries; the instances' own handles answer.
+    let fake = FakeNvml::new(&mig_scenario(""));
+    let snap = poll(&mut source(&fake));
+    assert_eq!(snap.devices.len(), 3, "the GPU and its two instances");
+    let parent = device(&snap, "GPU-h200");
+    assert!(parent.mig_enabled);
+    assert!(parent.mig_instance.is_none());
+    let why = reason(&parent.memory_used_mib);
+    assert!(
+        why.contains("permission") && why.contains("docs/security.md"),
+        "{why}"
     );
+    assert!(
+        parent.processes.is_empty(),
+        "processes live on the instances"
+    );
+    assert_eq!(parent.processes_error, None);
+    assert!(reason(&parent.sm_util).contains("not available"));
+
+    let small = device(&snap, "MIG-small");
+    assert_eq!(small.index, 0, "the parent's index");
+    assert_eq!(small.name, "NVIDIA H200 MIG 1g.18gb");
+    let mig = small.mig_instance.as_ref().expect("an instance");
+    assert_eq!(
+        (mig.parent_uuid.as_str(), mig.gpu_instance_id),
+        ("GPU-h200", 9)
+    );
+    assert_eq!(
+        small.memory_total_mib,
+        Reading::Ok(16384),
+        "the instance's size"
+    );
+    assert_eq!(small.memory_used_mib, Reading::Ok(14000));
+    assert_eq!(small.temperature_c, Reading::Ok(50), "one chip");
+    assert!(reason(&small.power_w).contains("whole GPU"));
+    assert!(reason(&small.counters.energy_mj).contains("whole GPU"));
+    let p = process(small, 11);
+    assert_eq!(p.used_memory_mib, Reading::Ok(14000));
+    assert_eq!(p.gpu_instance_id, Some(9));
+    assert!(reason(&p.sm_util).contains("GPM"), "no GPM: no SM figure");
+    assert!(reason(&small.sm_util).contains("GPM"));
+
+    let big = device(&snap, "MIG-big");
+    assert_eq!(big.memory_total_mib, Reading::Ok(71680));
+    assert_eq!(big.memory_used_mib, Reading::Ok(10000));
+    let pids: Vec<u32> = big.processes.iter().map(|p| p.pid).collect();
+    assert_eq!(pids, vec![12, 13]);
+
+    // With the monitor privilege the parent's whole-GPU memory reads too.
+    let fake = FakeNvml::new(&mig_scenario("mig_monitor = true"));
+    let snap = poll(&mut source(&fake));
+    assert_eq!(
+        device(&snap, "GPU-h200").memory_used_mib,
+        Reading::Ok(24000)
+    );
+}
+
+#[test]
+fn gpm_gives_mig_instances_their_sm_activity() {
+    let fake = FakeNvml::new(&mig_scenario("gpm = true"));
+    let mut src = source(&fake);
+    let first = poll(&mut src);
+    assert!(
+        reason(&device(&first, "MIG-small").sm_util).contains("two samples"),
+        "GPM needs two samples: {:?}",
+        device(&first, "MIG-small").sm_util
+    );
+    let second = poll(&mut src);
+    let small = device(&second, "MIG-small");
+    assert_eq!(small.sm_util, Reading::Ok(70));
+    assert_eq!(
+        process(small, 11).sm_util,
+        Reading::Ok(70),
+        "the instance's only process has all of it"
+    );
+    let big = device(&second, "MIG-big");
+    assert_eq!(big.sm_util, Reading::Ok(40));
+    assert!(
+        reason(&process(big, 12).sm_util).contains("2 processes share"),
+        "two processes: GPM cannot split the instance"
+    );
+}
+
+#[test]
+fn mps_clients_have_exact_memory_and_no_invented_sm() {
+    let fake = FakeNvml::new(MPS);
     let snap = poll(&mut source(&fake));
     let d = &snap.devices[0];
-    assert!(d.mig_enabled);
+    assert_eq!(d.sm_util, Reading::Ok(85));
+    for (pid, mib) in [(11, 20000), (12, 30000)] {
+        let c = process(d, pid);
+        assert_eq!(c.kind, ProcessKind::Mps);
+        assert_eq!(c.used_memory_mib, Reading::Ok(mib));
+        let why = reason(&c.sm_util);
+        assert!(why.contains("MPS server (pid 900)"), "{why}");
+        assert!(reason(&c.mem_util).contains("MPS"));
+    }
+    let server = process(d, 900);
+    assert_eq!(server.kind, ProcessKind::Compute);
+    let why = reason(&server.sm_util);
     assert!(
-        reason(&d.sm_util).contains("not available"),
-        "device utilization"
+        why.contains("MPS server") && why.contains("[11, 12]"),
+        "the server never silently keeps its clients' SM time: {why}"
     );
-    assert_eq!(d.memory_used_mib, Reading::Ok(13000));
-    let a = process(d, 11);
-    assert_eq!(a.gpu_instance_id, Some(1));
-    assert_eq!(a.used_memory_mib, Reading::Ok(4000));
-    assert!(reason(&a.sm_util).contains("MIG"));
-    assert!(reason(&a.mem_util).contains("MIG"));
-    assert_eq!(process(d, 12).gpu_instance_id, Some(2));
+    assert_eq!(server.used_memory_mib, Reading::Ok(300));
+}
+
+const MPS: &str = r#"
+[[gpu]]
+name = "NVIDIA A100"
+memory_total_mib = 81920
+utilization = 85
+memory_utilization = 30
+power_w = 300.0
+mps_server = 900
+
+[[gpu.process]]
+pid = 900
+name = "/usr/bin/nvidia-cuda-mps-server"
+used_memory_mib = 300
+
+[[gpu.process]]
+pid = 11
+kind = "mps"
+sm_util = 40
+mem_util = 10
+used_memory_mib = 20000
+
+[[gpu.process]]
+pid = 12
+kind = "mps"
+sm_util = 45
+mem_util = 20
+used_memory_mib = 30000
+"#;
+
+#[test]
+fn a_busy_process_without_a_new_sample_keeps_its_last_one_then_is_unknown() {
+    let scenario = "[[gpu]]\nutilization = 90\nmemory_utilization = 10\n\
+         [[gpu.process]]\npid = 5\nsm_util = 88\nmem_util = 9\nused_memory_mib = 10\nsample_every = 1000\n\
+         [[gpu.process]]\npid = 6\nused_memory_mib = 10\n";
+    let fake = FakeNvml::new(scenario);
+    // Polled every second: the sample is kept for three seconds.
+    let mut src = source(&fake);
+    let first = poll(&mut src);
+    assert_eq!(process(&first.devices[0], 5).sm_util, Reading::Ok(88));
+    let second = poll(&mut src);
+    assert_eq!(
+        process(&second.devices[0], 5).sm_util,
+        Reading::Ok(88),
+        "no new sample this pass: the last one, still young"
+    );
+    assert_eq!(
+        process(&second.devices[0], 6).sm_util,
+        Reading::Ok(0),
+        "pid 5's sample accounts for the GPU's 90 %: pid 6 is idle"
+    );
+
+    // Polled so fast that the sample is old at the next pass: the GPU is 90 %
+    // busy and no process has a sample, so nobody's figure is known.
+    let fake = FakeNvml::new(scenario);
+    let mut src = NvmlSource::new(Some(fake.lib_path().to_path_buf()))
+        .with_poll_interval(Duration::from_millis(1));
+    poll(&mut src);
+    std::thread::sleep(Duration::from_millis(10));
+    let later = poll(&mut src);
+    for pid in [5, 6] {
+        let why = reason(&process(&later.devices[0], pid).sm_util).to_owned();
+        assert!(
+            why.contains("nvmlDeviceGetProcessesUtilizationInfo") && why.contains("90 % busy"),
+            "{why}"
+        );
+    }
+}
+
+#[test]
+fn the_size_query_count_is_not_the_number_of_samples() {
+    // The fake answers the size query with a fixed 100 (as drivers do), even
+    // with no samples at all, and an exact count when told to: the figures
+    // are the same either way, through both calls.
+    for size in ["", "utilization_size_query = 0\n"] {
+        for symbol in [None, Some("nvmlDeviceGetProcessesUtilizationInfo")] {
+            let text = format!(
+                "[[gpu]]\n{size}utilization = 40\nmemory_utilization = 1\n\
+                 [[gpu.process]]\npid = 3\nsm_util = 40\nused_memory_mib = 1\n\
+                 [[gpu]]\n{size}utilization = 0\nmemory_utilization = 0\n\
+                 [[gpu.process]]\npid = 4\nused_memory_mib = 1\n"
+            );
+            let fake = match symbol {
+                None => FakeNvml::new(&text),
+                Some(s) => FakeNvml::without_symbol(&text, s),
+            };
+            let snap = poll(&mut source(&fake));
+            assert_eq!(process(&snap.devices[0], 3).sm_util, Reading::Ok(40));
+            assert_eq!(
+                process(&snap.devices[1], 4).sm_util,
+                Reading::Ok(0),
+                "an idle GPU answers NOT_FOUND after the size query ({size:?}, {symbol:?})"
+            );
+        }
+    }
+}
+
+#[test]
+fn a_process_starting_between_size_query_and_fill_is_retried_not_an_error() {
+    let fake = FakeNvml::new(&format!(
+        "{MPS}\n[[gpu.process]]\npid = 13\nkind = \"mps\"\nlate = true\nused_memory_mib = 5000\n\
+         [[gpu.process]]\npid = 14\nlate = true\nused_memory_mib = 700\n"
+    ));
+    let snap = poll(&mut source(&fake));
+    let d = &snap.devices[0];
+    assert_eq!(
+        d.processes_error, None,
+        "the MPS list has no headroom: retried"
+    );
+    assert_eq!(process(d, 13).used_memory_mib, Reading::Ok(5000));
+    assert_eq!(process(d, 13).kind, ProcessKind::Mps);
+    assert_eq!(process(d, 14).used_memory_mib, Reading::Ok(700));
+}
+
+#[test]
+fn drivers_with_a_broken_process_struct_are_refused_by_name() {
+    for (version, text) in [
+        ("535.54.03", "535.43 to 535.98"),
+        ("535.98", "535.43 to 535.98"),
+        ("470.223.02", "before 510"),
+    ] {
+        let fake = FakeNvml::new(&format!(
+            "driver_version = \"{version}\"\nprocess_info_layout = \"r535\"\n{}",
+            TWO_GPUS.replacen("driver_version = \"550.54.15\"\n", "", 1)
+        ));
+        let err = source(&fake).poll().expect_err("refused").to_string();
+        assert!(
+            err.contains(version) && err.contains(text) && err.contains("upgrade"),
+            "{err}"
+        );
+    }
+    // What the gate prevents: the same layout read as `_v3` garbles every
+    // entry after the first.
+    let fake = FakeNvml::new(&format!(
+        "process_info_layout = \"r535\"\n{}",
+        TWO_GPUS.replacen("driver_version = \"550.54.15\"\n", "", 1)
+    ));
+    let snap = poll(&mut source(&fake));
+    let pids: Vec<u32> = snap.devices[0].processes.iter().map(|p| p.pid).collect();
+    assert_ne!(pids, vec![4242, 5151, 6161], "garbled: {pids:?}");
+}
+
+#[test]
+fn a_library_driver_mismatch_says_what_to_do() {
+    let fake = FakeNvml::new(&format!(
+        "{TWO_GPUS}\n[errors]\ninit = \"LIB_RM_VERSION_MISMATCH\"\n"
+    ));
+    let err = source(&fake).poll().expect_err("mismatch").to_string();
+    assert!(
+        err.contains("different driver versions") && err.contains("reboot"),
+        "{err}"
+    );
+}
+
+#[test]
+fn a_driver_reload_is_recovered_by_initialising_nvml_again() {
+    let fake = FakeNvml::new(TWO_GPUS);
+    let mut src = source(&fake);
+    let before = poll(&mut src);
+    // The kernel module is reloaded: every handle from the earlier init is lost.
+    fake.set_scenario(&format!("driver_reloads = 1\n{TWO_GPUS}"));
+    let lost = poll(&mut src);
+    for d in &lost.devices[..2] {
+        assert!(reason(&d.sm_util).contains("fell off the bus"), "{d:?}");
+    }
+    let after = poll(&mut src);
+    assert_eq!(
+        after.devices, before.devices,
+        "re-initialised: the same figures as before the reload"
+    );
+}
+
+#[test]
+fn a_gpu_gone_for_good_is_forgotten_after_the_configured_time() {
+    let fake = FakeNvml::new(TWO_GPUS);
+    let mut src = source(&fake).forget_lost_after(Duration::from_millis(200));
+    poll(&mut src);
+    let one_gpu = &TWO_GPUS[..TWO_GPUS.rfind("[[gpu]]").expect("second GPU")];
+    fake.set_scenario(one_gpu);
+    let lost = poll(&mut src);
+    assert_eq!(lost.devices.len(), 2, "reported lost at first");
+    std::thread::sleep(Duration::from_millis(250));
+    let later = poll(&mut src);
+    assert_eq!(
+        later.devices.len(),
+        1,
+        "then forgotten: {:?}",
+        later.devices
+    );
+}
+
+#[test]
+fn nvlink_throughput_is_the_counter_rate_between_passes() {
+    let fake = FakeNvml::new(
+        "[[gpu]]\nnvlink_tx_mbps = 5000.0\nnvlink_rx_mbps = 250.5\npower_w = 100.0\n",
+    );
+    let mut src = source(&fake);
+    let first = poll(&mut src);
+    assert!(reason(&first.devices[0].counters.nvlink_tx_mbps).contains("second pass"));
+    let e1 = first.devices[0].counters.energy_mj.ok().expect("energy");
+    std::thread::sleep(Duration::from_millis(200));
+    let second = poll(&mut src);
+    let c = &second.devices[0].counters;
+    let tx = c.nvlink_tx_mbps.ok().expect("tx rate");
+    let rx = c.nvlink_rx_mbps.ok().expect("rx rate");
+    assert!((tx - 5000.0).abs() < 50.0, "{tx}");
+    assert!((rx - 250.5).abs() < 2.5, "{rx}");
+    let e2 = c.energy_mj.ok().expect("energy");
+    // 100 W for >= 200 ms is >= 20 J.
+    assert!(e2 - e1 >= 19_900, "{e1} -> {e2}");
 }
 
 #[test]
 fn a_missing_symbol_is_a_clean_error() {
-    // No per-process utilization in this "driver": those figures are
-    // unavailable, everything else still reads.
+    // A driver before R550 has no nvmlDeviceGetProcessesUtilizationInfo: the
+    // legacy call answers, with the same figures.
+    let fake = FakeNvml::without_symbol(TWO_GPUS, "nvmlDeviceGetProcessesUtilizationInfo");
+    let snap = poll(&mut source(&fake));
+    assert_eq!(process(&snap.devices[0], 4242).sm_util, Reading::Ok(60));
+    // One that has it but does not support it on this GPU (HAMi-core#218's
+    // Blackwell drivers return nothing through the other one).
+    let fake = FakeNvml::new(&TWO_GPUS.replacen(
+        "pcie_tx_kbps = 1200\n",
+        "pcie_tx_kbps = 1200\nprocesses_utilization_info = false\n",
+        1,
+    ));
+    let snap = poll(&mut source(&fake));
+    assert_eq!(process(&snap.devices[0], 4242).sm_util, Reading::Ok(60));
+
+    // The newer call alone: preferred, and it answers.
     let fake = FakeNvml::without_symbol(TWO_GPUS, "nvmlDeviceGetProcessUtilization");
     let snap = poll(&mut source(&fake));
+    assert_eq!(process(&snap.devices[0], 4242).sm_util, Reading::Ok(60));
+
+    // No per-process utilization in this "driver" at all: those figures are
+    // unavailable, everything else still reads.
+    let fake = FakeNvml::without_symbol(
+        &TWO_GPUS.replacen(
+            "pcie_tx_kbps = 1200\n",
+            "pcie_tx_kbps = 1200\nprocesses_utilization_info = false\n",
+            1,
+        ),
+        "nvmlDeviceGetProcessUtilization",
+    );
+    let snap = poll(&mut source(&fake));
     let d = &snap.devices[0];
-    assert_eq!(d.sm_util, Reading::Ok(85));
+    assert_eq!(d.sm_util, Reading::Ok(65));
     let why = reason(&process(d, 4242).sm_util);
     assert!(why.contains("function symbol failed to load"), "{why}");
     assert_eq!(process(d, 4242).used_memory_mib, Reading::Ok(30000));
@@ -480,20 +865,199 @@ fn the_poller_survives_a_missing_library_and_recovers_by_itself() {
     );
 }
 
+/// The devices with the energy counter blanked: a counter synthesized from
+/// the clock differs between two passes taken moments apart.
+fn steady(mut devices: Vec<GpuDevice>) -> Vec<GpuDevice> {
+    for d in &mut devices {
+        d.counters.energy_mj = Reading::unavailable("clock");
+    }
+    devices
+}
+
 #[test]
 fn mock_and_nvml_answer_alike_for_one_scenario() {
-    let fake = FakeNvml::new(TWO_GPUS);
-    let dir = tempfile::tempdir().expect("temporary directory");
-    let file = dir.path().join("scenario.toml");
-    std::fs::write(&file, TWO_GPUS).expect("write scenario");
-    let mut mock = gpu::source(&gpu::Config {
-        source: gpu::SourceKind::Mock,
-        nvml_lib: None,
-        scenario: Some(file),
-        poll_interval: Duration::from_secs(1),
-    })
-    .expect("mock source");
-    let from_mock = mock.poll().expect("mock pass");
-    let from_nvml = poll(&mut source(&fake));
-    assert_eq!(from_mock.devices, from_nvml.devices);
+    let late = format!(
+        "{MPS}\n[[gpu.process]]\npid = 13\nkind = \"mps\"\nlate = true\nused_memory_mib = 5000\n"
+    );
+    for scenario in [
+        TWO_GPUS,
+        MPS,
+        &mig_scenario(""),
+        &mig_scenario("gpm = true"),
+        &late,
+    ] {
+        let fake = FakeNvml::new(scenario);
+        let dir = tempfile::tempdir().expect("temporary directory");
+        let file = dir.path().join("scenario.toml");
+        std::fs::write(&file, scenario).expect("write scenario");
+        let mut mock = gpu::source(&gpu::Config {
+            source: gpu::SourceKind::Mock,
+            nvml_lib: None,
+            scenario: Some(file),
+            poll_interval: Duration::from_secs(1),
+        })
+        .expect("mock source");
+        let mut nvml = source(&fake);
+        for pass in 0..2 {
+            let from_mock = mock.poll().expect("mock pass");
+            let from_nvml = poll(&mut nvml);
+            assert_eq!(
+                steady(from_mock.devices),
+                steady(from_nvml.devices),
+                "pass {pass} of {scenario}"
+            );
+        }
+    }
+}
+
+/// A daemon reading the fake NVML every 50 ms, with pods `a` (uid `ua`) and
+/// `b` (`ub`) labelled app=x in namespace ml, owning `pids_a` and `pids_b`.
+async fn serve(fake: &FakeNvml, pids_a: &[u32], pids_b: &[u32]) -> Node {
+    let poll = Duration::from_millis(50);
+    let gpu = gpu::start(gpu::Config {
+        source: gpu::SourceKind::Nvml,
+        nvml_lib: Some(fake.lib_path().to_path_buf()),
+        scenario: None,
+        poll_interval: poll,
+    });
+    let node = Node::start_with_sources(poll, None, None, Some(gpu)).await;
+    node.set_pods(vec![
+        pod("ml", "a", "ua", &[("app", "x")]),
+        pod("ml", "b", "ub", &[("app", "x")]),
+    ]);
+    for pid in pids_a {
+        node.attributor.assign(*pid, "ua");
+    }
+    for pid in pids_b {
+        node.attributor.assign(*pid, "ub");
+    }
+    node
+}
+
+/// GetMetrics for pods app=x in ml with `meta`, once the daemon answers for
+/// GPU samples (anything but "not ready yet").
+async fn get(node: &Node, meta: &[(&str, &str)]) -> Result<f64, tonic::Status> {
+    let mut c = node.client().await;
+    let mut all = vec![("podSelector", "app=x")];
+    all.extend_from_slice(meta);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let r = metric_value(&mut c, "ml", "so", &all).await;
+        let warming = r.as_ref().err().is_some_and(|s| {
+            let m = s.message();
+            m.contains("not been polled") || m.contains("not produced a sample")
+        });
+        if !warming || Instant::now() > deadline {
+            return r;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test]
+async fn keda_sees_mps_clients_memory_exactly_and_their_sm_as_unavailable() {
+    let fake = FakeNvml::new(MPS);
+    let node = serve(&fake, &[11], &[12]).await;
+    node.attributor.assign_host(900);
+    let used = get(&node, &[("metric", "memory_used_mib")]).await;
+    assert_eq!(used.expect("memory is exact"), 50000.0);
+    for metric in ["gpu_utilization", "power_draw"] {
+        let err = get(&node, &[("metric", metric)])
+            .await
+            .expect_err("SM time of MPS clients is not known per client");
+        assert_eq!(err.code(), tonic::Code::Unavailable, "{metric}: {err:?}");
+        assert!(err.message().contains("MPS"), "{metric}: {}", err.message());
+    }
+    node.stop().await;
+}
+
+#[tokio::test]
+async fn keda_sees_a_busy_gpu_without_samples_as_unavailable_not_zero() {
+    let fake = FakeNvml::new(
+        "[[gpu]]\nutilization = 90\nmemory_utilization = 10\nmemory_total_mib = 1000\npower_w = 100.0\n\
+         [[gpu.process]]\npid = 21\nused_memory_mib = 100\n\
+         [[gpu.process]]\npid = 22\nused_memory_mib = 100\n[gpu.errors]\nprocess_utilization = \"NOT_FOUND\"\n",
+    );
+    let node = serve(&fake, &[21], &[22]).await;
+    let err = get(&node, &[]).await.expect_err("no zero for a busy GPU");
+    assert_eq!(err.code(), tonic::Code::Unavailable, "{err:?}");
+    assert!(err.message().contains("90 % busy"), "{}", err.message());
+    // The same GPU idle: NOT_FOUND then means idle, and 0 is the truth.
+    fake.set_scenario(
+        "[[gpu]]\nutilization = 0\nmemory_utilization = 0\nmemory_total_mib = 1000\npower_w = 100.0\n\
+         [[gpu.process]]\npid = 21\nused_memory_mib = 100\n\
+         [[gpu.process]]\npid = 22\nused_memory_mib = 100\n[gpu.errors]\nprocess_utilization = \"NOT_FOUND\"\n",
+    );
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        match get(&node, &[]).await {
+            Ok(v) => {
+                assert_eq!(v, 0.0);
+                break;
+            }
+            Err(e) => assert!(Instant::now() < deadline, "still {e:?}"),
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    node.stop().await;
+}
+
+#[tokio::test]
+async fn keda_sees_memory_used_percent_against_the_mig_instance() {
+    let fake = FakeNvml::new(&mig_scenario(""));
+    let node = serve(&fake, &[11], &[]).await;
+    let percent = get(&node, &[("metric", "memory_used_percent")])
+        .await
+        .expect("the instance's memory is known");
+    // 14000 MiB of a 16384 MiB 1g.18gb slice, not of the H200's 143771 MiB.
+    assert!(
+        (percent - 100.0 * 14000.0 / 16384.0).abs() < 0.01,
+        "{percent}"
+    );
+    let err = get(&node, &[("metric", "gpu_utilization")])
+        .await
+        .expect_err("no GPM on this GPU");
+    assert_eq!(err.code(), tonic::Code::Unavailable);
+    assert!(err.message().contains("GPM"), "{}", err.message());
+    node.stop().await;
+
+    // With GPM the instance's only process has the instance's SM activity.
+    let fake = FakeNvml::new(&mig_scenario("gpm = true"));
+    let node = serve(&fake, &[11], &[]).await;
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let sm = loop {
+        match get(&node, &[("metric", "gpu_utilization")]).await {
+            Ok(v) => break v,
+            Err(e) => assert!(Instant::now() < deadline, "still {e:?}"),
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert_eq!(sm, 70.0);
+    node.stop().await;
+}
+
+#[tokio::test]
+async fn keda_is_told_which_driver_to_upgrade() {
+    let fake = FakeNvml::new(&format!(
+        "driver_version = \"535.54.03\"\n{}",
+        MPS.trim_start()
+    ));
+    let node = serve(&fake, &[11], &[12]).await;
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let err = loop {
+        let err = get(&node, &[("metric", "memory_used_mib")])
+            .await
+            .expect_err("a driver that garbles process lists gives no figures");
+        if err.message().contains("535.54.03") || Instant::now() > deadline {
+            break err;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert_eq!(err.code(), tonic::Code::Unavailable, "{err:?}");
+    assert!(
+        err.message().contains("upgrade the driver"),
+        "{}",
+        err.message()
+    );
+    node.stop().await;
 }

@@ -639,6 +639,9 @@ struct Pki {
     server: (String, String),
     client: (String, String),
     stranger: (String, String),
+    /// Signed by the client CA, but for another name (e.g. the daemons' peer
+    /// certificate).
+    same_ca_other_name: (String, String),
 }
 
 fn pki() -> Pki {
@@ -666,6 +669,7 @@ fn pki() -> Pki {
         server: leaf(&ca1, "localhost"),
         client: leaf(&ca1, "keda-operator"),
         stranger: leaf(&ca2, "keda-operator"),
+        same_ca_other_name: leaf(&ca1, "gpu-scaler-peers"),
     }
 }
 
@@ -712,6 +716,7 @@ async fn tls_and_mtls() {
             cert_pem: pki.server.0.clone().into_bytes(),
             key_pem: pki.server.1.clone().into_bytes(),
             client_ca_pem: None,
+            client_names: Vec::new(),
         }),
     )
     .await;
@@ -730,6 +735,7 @@ async fn tls_and_mtls() {
             cert_pem: pki.server.0.clone().into_bytes(),
             key_pem: pki.server.1.clone().into_bytes(),
             client_ca_pem: Some(pki.ca_pem.clone().into_bytes()),
+            client_names: Vec::new(),
         }),
     )
     .await;
@@ -743,6 +749,33 @@ async fn tls_and_mtls() {
         &o,
     )
     .await;
+    node.stop().await;
+
+    // The client identity pinned: the same CA's certificate for another name
+    // is refused; KEDA's name passes.
+    let node = Node::start(
+        SLOW_POLL,
+        Some(Tls {
+            cert_pem: pki.server.0.clone().into_bytes(),
+            key_pem: pki.server.1.clone().into_bytes(),
+            client_ca_pem: Some(pki.ca_pem.clone().into_bytes()),
+            client_names: vec!["keda-operator".into()],
+        }),
+    )
+    .await;
+    let mut c = tls_client(node.grpc_addr, &pki.ca_pem, Some(&pki.client))
+        .await
+        .expect("mTLS connect");
+    spec(&mut c, &o).await.expect("KEDA's name passes");
+    let mut other = tls_client(node.grpc_addr, &pki.ca_pem, Some(&pki.same_ca_other_name))
+        .await
+        .expect("the handshake succeeds: the CA signed it");
+    let err = other
+        .get_metric_spec(o.clone())
+        .await
+        .expect_err("another name is refused");
+    assert_eq!(err.code(), Code::PermissionDenied, "{err:?}");
+    assert!(err.message().contains("keda-operator"), "{}", err.message());
     node.stop().await;
 }
 
@@ -968,6 +1001,7 @@ async fn query_command_asks_as_keda_and_computes_replicas() {
             cert_pem: pki.server.0.clone().into_bytes(),
             key_pem: pki.server.1.clone().into_bytes(),
             client_ca_pem: Some(pki.ca_pem.clone().into_bytes()),
+            client_names: Vec::new(),
         }),
     )
     .await;

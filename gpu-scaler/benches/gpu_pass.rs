@@ -6,6 +6,9 @@
 //!    cost of the fake library alone answering the same NVML calls, measured
 //!    alternately so both see the same machine; the difference is our code's
 //!    (collector + nvml-wrapper) share;
+//!    The same for a mixed node: 2 GPUs in MIG mode (7 instances each, GPM),
+//!    2 GPUs under MPS (a server and 63 clients each) and 4 plain ones, still
+//!    64 processes per GPU;
 //! 2. the CPU the poller uses at a 1 s poll interval, in this process, and of
 //!    the whole `gpu-scaler serve --gpu nvml` daemon when it runs (its threads'
 //!    on-CPU time from /proc/<pid>/task/*/schedstat).
@@ -26,8 +29,8 @@ use common::fake_nvml;
 
 use gpu_scaler::gpu::{self, GpuSource, mock::MockSource, nvml::NvmlSource};
 use nvml_wrapper_sys::bindings::{
-    NvmlLib, nvmlDevice_t, nvmlMemory_v2_t, nvmlProcessInfo_t, nvmlProcessUtilizationSample_t,
-    nvmlUtilization_t,
+    NvmlLib, field_id, nvmlDevice_t, nvmlFieldValue_t, nvmlMemory_v2_t, nvmlProcessInfo_t,
+    nvmlProcessUtilizationInfo_v1_t, nvmlProcessesUtilizationInfo_t, nvmlUtilization_t,
 };
 
 const GPUS: u32 = 8;
@@ -57,6 +60,114 @@ fn scenario() -> String {
         }
     }
     s
+}
+
+/// 8 GPUs x 64 processes: GPUs 0-1 in MIG mode (7 instances of 1g.18gb, GPM),
+/// 2-3 under MPS (the server and 63 clients), 4-7 plain.
+fn mixed_scenario() -> String {
+    let mut s = String::new();
+    for g in 0..GPUS {
+        let pid = |p: u32| 10_000 + g * 1000 + p;
+        s += "[[gpu]]\nname = \"NVIDIA H200\"\nmemory_total_mib = 143771\n\
+              temperature_c = 62\npower_w = 420.0\npower_limit_w = 700.0\n\
+              pcie_tx_kbps = 1000\npcie_rx_kbps = 2000\nnvlink_tx_mbps = 100.0\nnvlink_rx_mbps = 50.0\n";
+        match g {
+            0 | 1 => {
+                s += "mig = true\ngpm = true\n";
+                for i in 0..7 {
+                    s += &format!(
+                        "[[gpu.mig_instance]]\ngpu_instance_id = {}\nprofile = \"1g.18gb\"\n\
+                         memory_total_mib = 16384\nsm_util = {}\n",
+                        i + 1,
+                        10 + i * 10
+                    );
+                }
+                for p in 0..PROCESSES {
+                    s += &format!(
+                        "[[gpu.process]]\npid = {}\nused_memory_mib = {}\ngpu_instance_id = {}\n",
+                        pid(p),
+                        100 + p,
+                        1 + p % 7
+                    );
+                }
+            }
+            2 | 3 => {
+                s += &format!(
+                    "utilization = 85\nmemory_utilization = 40\nmps_server = {}\n\
+                     [[gpu.process]]\npid = {}\nname = \"nvidia-cuda-mps-server\"\nused_memory_mib = 300\n",
+                    pid(0),
+                    pid(0)
+                );
+                for p in 1..PROCESSES {
+                    s += &format!(
+                        "[[gpu.process]]\npid = {}\nkind = \"mps\"\nsm_util = 1\nused_memory_mib = {}\n",
+                        pid(p),
+                        100 + p
+                    );
+                }
+            }
+            _ => {
+                s += "utilization = 85\nmemory_utilization = 40\n";
+                for p in 0..PROCESSES {
+                    s += &format!(
+                        "[[gpu.process]]\npid = {}\nsm_util = {}\nmem_util = {}\nused_memory_mib = {}\n",
+                        pid(p),
+                        1 + p % 90,
+                        p % 40,
+                        100 + p
+                    );
+                }
+            }
+        }
+    }
+    s
+}
+
+/// Passes of the nvml source (fake lib) and the mock source over the mixed
+/// scenario, interleaved.
+fn mixed_cost(passes: u64) {
+    let dir = tempfile::tempdir().expect("temporary directory");
+    let lib = dir.path().join("libnvidia-ml.so.1");
+    std::fs::copy(fake_nvml(), &lib).expect("copy the fake library");
+    std::fs::write(dir.path().join("fake-nvml.toml"), mixed_scenario()).expect("write scenario");
+    let mut source = NvmlSource::new(Some(lib.clone()));
+    let mut mock = MockSource::new(dir.path().join("fake-nvml.toml"));
+    for _ in 0..50 {
+        source.poll().expect("warm-up");
+        mock.poll().expect("warm-up");
+    }
+    let snap = source.poll().expect("pass");
+    let processes: usize = snap.devices.iter().map(|d| d.processes.len()).sum();
+    assert_eq!(
+        processes,
+        (GPUS * PROCESSES) as usize,
+        "every process listed once"
+    );
+    assert_eq!(snap.devices.len(), 8 + 2 * 7, "8 GPUs and 14 MIG instances");
+    let (mut full, mut mocked) = (Vec::new(), Vec::new());
+    for _ in 0..passes {
+        let t = Instant::now();
+        std::hint::black_box(source.poll().expect("pass"));
+        full.push(t.elapsed());
+        let t = Instant::now();
+        std::hint::black_box(mock.poll().expect("mock pass"));
+        mocked.push(t.elapsed());
+    }
+    let (full_m, full_p) = median_p90(full);
+    let (mock_m, mock_p) = median_p90(mocked);
+    println!(
+        "GPU sampling pass, mixed node: {GPUS} GPUs x {PROCESSES} processes (2 MIG x 7 instances with GPM, 2 MPS, 4 plain), {passes} passes"
+    );
+    println!(
+        "  nvml source pass (collector + nvml-wrapper + fake lib): median {:8.1} us  p90 {:8.1} us",
+        us(full_m),
+        us(full_p)
+    );
+    println!(
+        "  mock source pass (read scenario file + collector)     : median {:8.1} us  p90 {:8.1} us",
+        us(mock_m),
+        us(mock_p)
+    );
 }
 
 fn median_p90(mut v: Vec<Duration>) -> (Duration, Duration) {
@@ -124,11 +235,40 @@ unsafe fn raw_pass(lib: &NvmlLib) {
                     f(list(dev, &mut n, v.as_mut_ptr()));
                 }
             }
-            let samples = lib.nvmlDeviceGetProcessUtilization.as_ref().expect("sym");
-            let mut n: c_uint = 0;
-            f(samples(dev, std::ptr::null_mut(), &mut n, 0));
-            let mut v: Vec<nvmlProcessUtilizationSample_t> = vec![std::mem::zeroed(); n as usize];
-            f(samples(dev, v.as_mut_ptr(), &mut n, 0));
+            // nvmlDeviceGetProcessesUtilizationInfo, as the collector prefers.
+            let samples = lib
+                .nvmlDeviceGetProcessesUtilizationInfo
+                .as_ref()
+                .expect("sym");
+            let mut info = nvmlProcessesUtilizationInfo_t {
+                version: (std::mem::size_of::<nvmlProcessesUtilizationInfo_t>() | (1 << 24)) as u32,
+                processSamplesCount: 0,
+                lastSeenTimeStamp: 0,
+                procUtilArray: std::ptr::null_mut(),
+            };
+            f(samples(dev, &mut info));
+            let mut v: Vec<nvmlProcessUtilizationInfo_v1_t> =
+                vec![std::mem::zeroed(); info.processSamplesCount as usize];
+            info.procUtilArray = v.as_mut_ptr();
+            f(samples(dev, &mut info));
+            for counter in [0, 1] {
+                let r =
+                    (lib.nvmlDeviceGetPcieThroughput.as_ref().expect("sym"))(dev, counter, &mut a);
+                assert!(r == 0 || r == 3, "NVML call failed: {r}");
+            }
+            let mut fields: [nvmlFieldValue_t; 2] = std::mem::zeroed();
+            fields[0].fieldId = field_id::NVML_FI_DEV_NVLINK_THROUGHPUT_DATA_TX;
+            fields[1].fieldId = field_id::NVML_FI_DEV_NVLINK_THROUGHPUT_DATA_RX;
+            f((lib.nvmlDeviceGetFieldValues.as_ref().expect("sym"))(
+                dev,
+                2,
+                fields.as_mut_ptr(),
+            ));
+            let mut energy = 0u64;
+            f((lib
+                .nvmlDeviceGetTotalEnergyConsumption
+                .as_ref()
+                .expect("sym"))(dev, &mut energy));
             f((lib.nvmlDeviceGetTemperature.as_ref().expect("sym"))(
                 dev, 0, &mut a,
             ));
@@ -309,7 +449,9 @@ fn main() {
     std::fs::copy(fake_nvml(), &lib).expect("copy the fake library");
     std::fs::write(dir.path().join("fake-nvml.toml"), scenario()).expect("write scenario");
 
-    pass_cost(dir.path(), &lib, env_or("GPU_BENCH_PASSES", 2000));
+    let passes = env_or("GPU_BENCH_PASSES", 2000);
+    pass_cost(dir.path(), &lib, passes);
+    mixed_cost(passes);
     let secs = env_or("GPU_BENCH_CPU_SECS", 30);
     poller_cpu(&lib, secs);
     daemon_cpu(&lib, secs);

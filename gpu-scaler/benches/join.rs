@@ -125,6 +125,8 @@ fn gpus() -> GpuStatus {
                 power_w: Reading::Ok(300.0),
                 power_limit_w: Reading::Ok(700.0),
                 mig_enabled: false,
+                mig_instance: None,
+                counters: gpu_scaler::gpu::DeviceCounters::default(),
                 processes,
                 processes_error: None,
             }

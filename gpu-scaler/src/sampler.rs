@@ -12,7 +12,7 @@ use tokio::sync::watch;
 
 use crate::{
     attribution::{Attributor, Backend, Owner, PodIdentity},
-    gpu::{GpuDevice, GpuProcess, GpuStatus, Reading},
+    gpu::{DeviceCounters, GpuDevice, GpuProcess, GpuStatus, MigInstance, Reading},
     pods::{ContainerKind, Pod, PodSet, PodsReceiver},
 };
 
@@ -29,6 +29,11 @@ pub struct GpuSummary {
     pub temperature_c: Reading<u32>,
     pub power_w: Reading<f64>,
     pub mig_enabled: bool,
+    /// Set when this entry is one MIG instance of a GPU (see
+    /// [`GpuDevice::mig_instance`]).
+    pub mig_instance: Option<MigInstance>,
+    /// The device's PCIe, NVLink and energy counters.
+    pub counters: DeviceCounters,
     /// Why the GPU's process list could not be read: per-pod figures on this
     /// GPU are then unknown.
     pub processes_error: Option<Arc<str>>,
@@ -248,6 +253,8 @@ fn summary(dev: &GpuDevice) -> GpuSummary {
         temperature_c: dev.temperature_c.clone(),
         power_w: dev.power_w.clone(),
         mig_enabled: dev.mig_enabled,
+        mig_instance: dev.mig_instance.clone(),
+        counters: dev.counters.clone(),
         processes_error: dev.processes_error.clone(),
     }
 }
@@ -649,6 +656,8 @@ pub(crate) mod tests {
             power_w: Reading::Ok(power),
             power_limit_w: Reading::Ok(700.0),
             mig_enabled: false,
+            mig_instance: None,
+            counters: DeviceCounters::default(),
             processes,
             processes_error: None,
         }
@@ -663,6 +672,8 @@ pub(crate) mod tests {
             node_name: Some("n1".into()),
             phase: None,
             ready: true,
+            ip: None,
+            annotations: Default::default(),
             containers: Vec::new(),
         }
     }

@@ -86,6 +86,19 @@ pub struct DeviceRow {
     pub unattributed_processes: usize,
 }
 
+/// One pod's engine as the daemon reads it.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct EngineRow {
+    pub namespace: String,
+    pub pod: String,
+    /// `ip:port/path` read.
+    pub endpoint: String,
+    /// Why the newest read failed.
+    pub error: Option<String>,
+    /// Each live query's figure; `None` while it cannot be read.
+    pub figures: Vec<(String, Option<f64>)>,
+}
+
 /// A node as `top` shows it.
 #[derive(Clone, Debug, PartialEq, Serialize)]
 pub struct View {
@@ -98,6 +111,8 @@ pub struct View {
     pub devices: Vec<DeviceRow>,
     /// Pods that run GPU processes; the others are left out.
     pub pods: Vec<PodRow>,
+    /// Engines a live query reads (queue, running, KV cache...).
+    pub engines: Vec<EngineRow>,
 }
 
 fn shape(what: &str) -> Error {
@@ -237,7 +252,30 @@ impl View {
                 d.unattributed_processes += n;
             }
         }
+        // Only a daemon's /v1/snapshot has engines (a local view reads none).
+        let mut engines = Vec::new();
+        for e in snap
+            .get("engines")
+            .and_then(Value::as_array)
+            .into_iter()
+            .flatten()
+        {
+            engines.push(EngineRow {
+                namespace: str_of(e, "namespace")?,
+                pod: str_of(e, "pod")?,
+                endpoint: format!("{}{}", str_of(e, "endpoint")?, str_of(e, "path")?),
+                error: e.get("error").and_then(Value::as_str).map(Into::into),
+                figures: e
+                    .get("figures")
+                    .and_then(Value::as_object)
+                    .into_iter()
+                    .flatten()
+                    .map(|(k, v)| (k.clone(), reading_f64(v)))
+                    .collect(),
+            });
+        }
         let mut view = View {
+            engines,
             node: snap
                 .get("node_name")
                 .and_then(Value::as_str)
@@ -368,6 +406,27 @@ impl View {
         if self.pods.is_empty() {
             out.push_str("  no pod runs on a GPU\n");
         }
+        if !self.engines.is_empty() {
+            let _ = writeln!(out, "\n{:<44} {:<28} FIGURES", "NAMESPACE/POD", "ENGINE");
+            for e in &self.engines {
+                let figures = match &e.error {
+                    Some(err) => format!("n/a: {err}"),
+                    None => e
+                        .figures
+                        .iter()
+                        .map(|(k, v)| format!("{k}={}", opt(*v, |v| format!("{v:.3}"))))
+                        .collect::<Vec<_>>()
+                        .join(" "),
+                };
+                let _ = writeln!(
+                    out,
+                    "{:<44} {:<28} {}",
+                    truncate(&format!("{}/{}", e.namespace, e.pod), 44),
+                    truncate(&e.endpoint, 28),
+                    figures
+                );
+            }
+        }
         out
     }
 }
@@ -497,6 +556,35 @@ mod tests {
         assert_eq!(j["pods"][0]["containers"], json!(["server", "(sandbox)"]));
         assert_eq!(j["pods"][2]["sm_percent"], Value::Null);
         assert_eq!(j["sort"], "sm");
+    }
+
+    #[test]
+    fn engines_beside_the_gpu_use() {
+        let now = SystemTime::now();
+        let mut snap = snapshot(now);
+        snap["engines"] = json!([
+            {"pod_uid": "a", "namespace": "ml", "pod": "big", "endpoint": "10.0.0.5:8000",
+             "path": "/metrics", "error": null,
+             "figures": {"vllm_queue_depth": {"ok": 7.0}, "vllm_kv_cache_usage": {"ok": 0.61}}},
+            {"pod_uid": "b", "namespace": "ml", "pod": "small", "endpoint": "10.0.0.6:8000",
+             "path": "/metrics", "error": "10.0.0.6:8000/metrics answered 503",
+             "figures": {"vllm_queue_depth": {"unavailable": "503"}}}
+        ]);
+        let v = View::from_json(&snap, SortKey::Sm, now).expect("view");
+        assert_eq!(v.engines.len(), 2);
+        assert_eq!(
+            v.engines[0].figures[0],
+            ("vllm_kv_cache_usage".to_owned(), Some(0.61))
+        );
+        assert_eq!(v.engines[1].figures[0].1, None, "unreadable: no number");
+        let t = v.render_table();
+        assert!(
+            t.contains("vllm_kv_cache_usage=0.610 vllm_queue_depth=7.000"),
+            "{t}"
+        );
+        assert!(t.contains("n/a: 10.0.0.6:8000/metrics answered 503"), "{t}");
+        let old = View::from_json(&snapshot(now), SortKey::Sm, now).expect("view");
+        assert!(old.engines.is_empty() && !old.render_table().contains("ENGINE"));
     }
 
     #[test]

@@ -66,6 +66,8 @@ async fn top_once_json_of_a_running_daemon() {
         power_w: Reading::Ok(300.0),
         power_limit_w: Reading::Ok(700.0),
         mig_enabled: false,
+        mig_instance: None,
+        counters: gpu_scaler::gpu::DeviceCounters::default(),
         processes: vec![process(10, 70, 6000), process(20, 20, 3000)],
         processes_error: None,
     };
@@ -85,6 +87,8 @@ async fn top_once_json_of_a_running_daemon() {
         node_name: None,
         phase: Some("Running".into()),
         ready: true,
+        ip: None,
+        annotations: Default::default(),
         containers: Vec::new(),
     };
     let (_pods_tx, pods) = watch::channel(Arc::new(PodSet::from_pods(
@@ -112,6 +116,8 @@ async fn top_once_json_of_a_running_daemon() {
         Settings {
             poll_interval: Duration::from_secs(30),
             tls: None,
+            snapshot: gpu_scaler::daemon::http::SnapshotAccess::Auto,
+            problems: Vec::new(),
         },
         shutdown.clone(),
     )

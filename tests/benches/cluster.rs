@@ -16,6 +16,12 @@
 //!    allocator: live heap bytes after the caches filled, minus before. The pods
 //!    come from the fake API server over HTTP (its own store is allocated before
 //!    the baseline).
+//! 4. `selectors`: unique podSelectors at 5,000 per second (issue 13) against the
+//!    fake API server, which counts requests and open watch streams, while the
+//!    selector KEDA keeps using is asked every second and callers also claim 50
+//!    new namespaces per second: LISTs per second, open watches, watched
+//!    namespaces, live heap and the KEDA selector's failures, every 10 s.
+//!    `GPU_SCALER_BENCH_SECONDS` (default 60) sets the length.
 
 use std::{
     alloc::{GlobalAlloc, Layout, System},
@@ -78,14 +84,25 @@ impl LocalUsage for SyntheticNode {
     fn node_name(&self) -> &str {
         &self.name
     }
-    fn pod_usage(&self, uids: &[String]) -> Result<proto::GetPodUsageResponse, String> {
-        Ok(proto::GetPodUsageResponse {
+    fn pod_usage<'a>(
+        &'a self,
+        uids: &'a [String],
+        _figures: &'a [proto::FigureRequest],
+    ) -> futures::future::BoxFuture<'a, Result<proto::GetPodUsageResponse, String>> {
+        Box::pin(async move { Ok(self.answer(uids)) })
+    }
+}
+
+impl SyntheticNode {
+    fn answer(&self, uids: &[String]) -> proto::GetPodUsageResponse {
+        proto::GetPodUsageResponse {
             node_name: self.name.clone(),
             snapshot_unix_nanos: 1,
             pods: uids
                 .iter()
                 .map(|u| proto::PodUsage {
                     pod_uid: u.clone(),
+                    figures: Vec::new(),
                     gpus: vec![proto::GpuUsage {
                         gpu_uuid: "GPU-0".into(),
                         sm_util_percent: Some(50.0),
@@ -99,7 +116,7 @@ impl LocalUsage for SyntheticNode {
                 })
                 .collect(),
             unknown_pod_uids: Vec::new(),
-        })
+        }
     }
 }
 
@@ -199,6 +216,8 @@ fn workload(selector: &str, nodes: &[(String, SocketAddr)], per_node: usize) -> 
                     node_name: Some(node.clone()),
                     phase: Some("Running".into()),
                     ready: true,
+                    ip: None,
+                    annotations: Default::default(),
                     containers: Vec::new(),
                 }),
             );
@@ -238,14 +257,14 @@ async fn bench_latency() {
         ));
         let f = fanout(&peers, dir, Duration::ZERO);
         for _ in 0..50 {
-            let u = f.workload("ml", "w").await.expect("warm-up");
+            let u = f.workload("ml", "w", None).await.expect("warm-up");
             assert_eq!(u.unreported(), 0, "every peer answers");
         }
         let rounds = 1000;
         let mut lat = Vec::with_capacity(rounds);
         for _ in 0..rounds {
             let t = Instant::now();
-            let u = f.workload("ml", "w").await.expect("fan-out");
+            let u = f.workload("ml", "w", None).await.expect("fan-out");
             lat.push(t.elapsed());
             assert_eq!(u.pods.len(), 4 * n);
         }
@@ -469,7 +488,7 @@ async fn bench_coalescing() {
             [0, 1].map(move |_| {
                 let f = f.clone();
                 let sel = sel.clone();
-                async move { f.workload("ml", &sel).await.map(|_| ()) }
+                async move { f.workload("ml", &sel, None).await.map(|_| ()) }
             })
         });
         for r in futures::future::join_all(queries).await {
@@ -539,7 +558,7 @@ async fn bench_memory() {
     tokio::time::sleep(Duration::from_millis(500)).await;
     let used = live() - base;
     println!(
-        "workload cache: {total} pods in {} selector watches: {:.2} MiB live heap ({:.0} bytes/pod, watches and client included)",
+        "workload cache: {total} pods in {} namespace watches: {:.2} MiB live heap ({:.0} bytes/pod, watches and client included)",
         cache.watched(),
         used as f64 / (1024.0 * 1024.0),
         used as f64 / total as f64
@@ -560,6 +579,137 @@ async fn bench_memory() {
     );
 }
 
+async fn bench_selectors() {
+    let seconds: u64 = std::env::var("GPU_SCALER_BENCH_SECONDS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(60);
+    let rate = 5_000u64;
+    println!(
+        "== unique selectors, {rate}/s for {seconds} s, 1,000 pods in namespace ml, \
+         plus 50 new namespaces claimed per second"
+    );
+    let fake = FakeKube::start().await;
+    fake.set_bookmark_interval(Duration::from_secs(1));
+    let pods = ResourceType::pods();
+    for i in 0..1_000 {
+        let app = format!("w{}", i % 10);
+        fake.apply(
+            &pods,
+            pod(
+                "ml",
+                &format!("{app}-{i}"),
+                &format!("00000000-0000-4000-8000-{i:012}"),
+                &[("app", &app), ("pod-template-hash", "5d8f7c9b6")],
+                Some(&format!("node-{}", i % 100)),
+                "Running",
+                true,
+            ),
+        );
+    }
+    let kubeconfig = std::env::temp_dir().join(format!(
+        "gpu-scaler-bench-sel-{}.kubeconfig",
+        std::process::id()
+    ));
+    fake.write_kubeconfig(&kubeconfig);
+    let client = gpu_scaler::pods::kube::client(Some(&kubeconfig))
+        .await
+        .expect("client");
+    let _ = std::fs::remove_file(&kubeconfig);
+    let limits = CacheLimits::default();
+    let cache = WorkloadPods::new(client, limits);
+    cache
+        .workload_pods("ml", "app=w0")
+        .await
+        .expect("KEDA's selector");
+    let base_heap = live();
+    let keda_failures = Arc::new(AtomicIsize::new(0));
+    let keda = {
+        let cache = cache.clone();
+        let failures = keda_failures.clone();
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_secs(1));
+            loop {
+                tick.tick().await;
+                match cache.workload_pods("ml", "app=w0").await {
+                    Ok(p) if p.len() == 100 => {}
+                    _ => {
+                        failures.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+            }
+        })
+    };
+    println!(
+        "budget: {} namespaces, {} pods; client limit {:?}",
+        limits.max_namespaces,
+        limits.max_pods,
+        gpu_scaler::pods::kube::ClientLimits::default()
+    );
+    let started = Instant::now();
+    let mut last_lists = fake.requests().get("list pods").copied().unwrap_or(0);
+    let mut last_report = started;
+    let mut sent = 0u64;
+    let (mut refused_ns, mut answered) = (0u64, 0u64);
+    let mut max_watches = 0i64;
+    let mut tick = tokio::time::interval(Duration::from_millis(10));
+    while started.elapsed() < Duration::from_secs(seconds) {
+        tick.tick().await;
+        // 10 ms worth: 50 unique selectors in ml, and every 2nd tick a new namespace.
+        let batch = rate / 100;
+        let queries = (0..batch).map(|i| {
+            let n = sent + i;
+            let cache = cache.clone();
+            async move {
+                let sel = format!("app=w{},tier notin (t{n})", n % 10);
+                cache.workload_pods("ml", &sel).await.is_ok()
+            }
+        });
+        answered += futures::future::join_all(queries)
+            .await
+            .into_iter()
+            .filter(|ok| *ok)
+            .count() as u64;
+        if (sent / batch).is_multiple_of(2) {
+            let ns = format!("claimed-{}", sent / batch);
+            if cache.workload_pods(&ns, "app=x").await.is_err() {
+                refused_ns += 1;
+            }
+        }
+        sent += batch;
+        max_watches = max_watches.max(fake.open_watches());
+        if last_report.elapsed() >= Duration::from_secs(10) {
+            let lists = fake.requests().get("list pods").copied().unwrap_or(0);
+            let secs = last_report.elapsed().as_secs_f64();
+            println!(
+                "t={:>3.0}s sent {sent} answered {answered}: LIST {:.1}/s, open watches {} \
+                 (max {max_watches}), namespaces watched {}, pods cached {}, \
+                 namespaces refused {refused_ns}, live heap +{:.1} MiB, KEDA selector failures {}",
+                started.elapsed().as_secs_f64(),
+                (lists - last_lists) as f64 / secs,
+                fake.open_watches(),
+                cache.watched(),
+                cache.cached_pods(),
+                (live() - base_heap) as f64 / (1024.0 * 1024.0),
+                keda_failures.load(Ordering::Relaxed)
+            );
+            last_lists = lists;
+            last_report = Instant::now();
+        }
+    }
+    keda.abort();
+    let req = fake.requests();
+    println!(
+        "total: {sent} selectors in {:.1} s ({:.0}/s achieved); LIST pods {}, WATCH pods {}, \
+         max open watches {max_watches}; KEDA selector failures {}",
+        started.elapsed().as_secs_f64(),
+        sent as f64 / started.elapsed().as_secs_f64(),
+        req.get("list pods").copied().unwrap_or(0),
+        req.get("watch pods").copied().unwrap_or(0),
+        keda_failures.load(Ordering::Relaxed)
+    );
+}
+
 #[tokio::main]
 async fn main() {
     // `cargo bench` passes `--bench`; parts and the child mode are plain words.
@@ -574,6 +724,7 @@ async fn main() {
             bench_latency_serve().await;
             bench_coalescing().await;
             bench_memory().await;
+            bench_selectors().await;
         }
         [which] if which == "latency" => {
             bench_latency().await;
@@ -582,8 +733,11 @@ async fn main() {
         [which] if which == "serve" => bench_latency_serve().await,
         [which] if which == "coalescing" => bench_coalescing().await,
         [which] if which == "memory" => bench_memory().await,
+        [which] if which == "selectors" => bench_selectors().await,
         _ => {
-            eprintln!("usage: cargo xtask bench cluster [latency|serve|coalescing|memory]");
+            eprintln!(
+                "usage: cargo xtask bench cluster [latency|serve|coalescing|memory|selectors]"
+            );
             std::process::exit(2);
         }
     }

@@ -537,7 +537,10 @@ async fn handler_cost() {
             .selector
             .as_ref()
             .expect("podSelector is required by parse");
-        let w = view.workload("bench", selector).await.expect("workload");
+        let w = view
+            .workload("bench", selector, None)
+            .await
+            .expect("workload");
         sum += value::workload_value(&q, &w.pods).expect("value");
     }
     let per = t.elapsed() / n;

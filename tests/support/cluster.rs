@@ -154,6 +154,8 @@ impl ClusterDaemon {
             Settings {
                 poll_interval: s.poll_interval,
                 tls: None,
+                snapshot: gpu_scaler::daemon::http::SnapshotAccess::Auto,
+                problems: Vec::new(),
             },
             Some(parts),
             token.clone(),

@@ -24,7 +24,10 @@
 //! - `404 NotFound` as a `Status` object.
 //!
 //! Requests are counted per verb and resource ([`FakeKube::requests`]) so tests can
-//! check that caches share watches.
+//! check that caches share watches, and open watch streams are counted
+//! ([`FakeKube::open_watches`]) so they can check that dropped watches really
+//! close. [`FakeKube::set_unavailable`] plays an outage: the server is
+//! unreachable (connections close without an answer, open watches end).
 
 use std::{
     collections::{BTreeMap, HashMap},
@@ -127,6 +130,21 @@ struct Shared {
     /// Bumped by `expire_watches`: open watches end with 410.
     expiry: watch::Sender<u64>,
     bookmark_every: Mutex<Duration>,
+    /// Watch streams whose task is still running.
+    open_watches: std::sync::atomic::AtomicI64,
+    /// True during an outage ([`FakeKube::set_unavailable`]).
+    outage: watch::Sender<bool>,
+}
+
+/// Counts one open watch stream while it lives.
+struct OpenWatch(Arc<Shared>);
+
+impl Drop for OpenWatch {
+    fn drop(&mut self) {
+        self.0
+            .open_watches
+            .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+    }
 }
 
 /// The fake API server; it serves until dropped.
@@ -166,6 +184,8 @@ impl FakeKube {
             changes: broadcast::channel(4096).0,
             expiry: watch::channel(0).0,
             bookmark_every: Mutex::new(Duration::from_secs(1)),
+            open_watches: Default::default(),
+            outage: watch::channel(false).0,
         });
         let accept_shared = shared.clone();
         let task = tokio::spawn(async move {
@@ -174,10 +194,23 @@ impl FakeKube {
                     continue;
                 };
                 let shared = accept_shared.clone();
+                if *shared.outage.borrow() {
+                    count(&shared, "unavailable".into());
+                    drop(stream);
+                    continue;
+                }
                 tokio::spawn(async move {
                     let service = service_fn(move |req| {
                         let shared = shared.clone();
-                        async move { Ok::<_, Infallible>(handle(&shared, req)) }
+                        async move {
+                            if *shared.outage.borrow() {
+                                // Unreachable: the connection closes without an answer
+                                // (a 503 would be retried inside kube's client).
+                                count(&shared, "unavailable".into());
+                                return Err("the fake API server is down");
+                            }
+                            Ok(handle(&shared, req))
+                        }
                     });
                     let _ = hyper::server::conn::http1::Builder::new()
                         .serve_connection(hyper_util::rt::TokioIo::new(stream), service)
@@ -315,6 +348,22 @@ impl FakeKube {
             .expect("store lock")
             .requests
             .clone()
+    }
+
+    /// Watch streams open now (a stream counts until the server notices its
+    /// client is gone, at the next event or bookmark it tries to send).
+    pub fn open_watches(&self) -> i64 {
+        self.shared
+            .open_watches
+            .load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Starts (`true`) or ends an outage: while it lasts the server is
+    /// unreachable: new connections are closed at once, requests on open ones
+    /// close them without an answer, open watches end without an event. Counted
+    /// as `unavailable` in [`FakeKube::requests`].
+    pub fn set_unavailable(&self, down: bool) {
+        self.shared.outage.send_replace(down);
     }
 
     /// The newest resourceVersion.
@@ -886,8 +935,15 @@ fn watch_stream(
     };
     let mut expiry = shared.expiry.subscribe();
     expiry.mark_unchanged();
+    let mut outage = shared.outage.subscribe();
+    outage.mark_unchanged();
     let shared = shared.clone();
+    shared
+        .open_watches
+        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let open = OpenWatch(shared.clone());
     tokio::spawn(async move {
+        let _open = open;
         let send = |v: Value| {
             let tx = tx.clone();
             async move { tx.send(Bytes::from(format!("{v}\n"))).await.is_ok() }
@@ -925,6 +981,7 @@ fn watch_stream(
                     return;
                 }
                 () = until_deadline => return,
+                _ = outage.changed() => if *outage.borrow_and_update() { return },
                 _ = tick.tick(), if bookmarks => {
                     let rv = shared.store.lock().expect("store lock").rv.max(last);
                     let bm = json!({"type": "BOOKMARK", "object": {"kind": filter.rtype.kind,

@@ -11,11 +11,14 @@
 //! - [`kube_api`], [`cluster`]: the fake Kubernetes API server and in-process
 //!   cluster daemons.
 //! - [`serve`]: `gpu-scaler serve` as a real process.
+//! - [`engine`]: a serving engine's `/metrics` as a real HTTP server, and
+//!   vLLM and Triton expositions in their exact formats.
 //! - [`wait_for`]: poll a condition with a deadline instead of sleeping blindly.
 //! - [`fake_nvml`], [`scaler`]: the fake NVML library and the scaler harness.
 
 pub mod cgroup;
 pub mod cluster;
+pub mod engine;
 pub mod fake_nvml;
 pub mod kernel;
 pub mod kube_api;

@@ -99,6 +99,8 @@ pub fn pod(namespace: &str, name: &str, uid: &str, labels: &[(&str, &str)]) -> P
         node_name: None,
         phase: Some("Running".into()),
         ready: true,
+        ip: None,
+        annotations: Default::default(),
         containers: Vec::new(),
     }
 }
@@ -140,6 +142,8 @@ pub fn device(index: u32, temp_c: u32, power_w: f64, processes: Vec<GpuProcess>)
         power_w: Reading::Ok(power_w),
         power_limit_w: Reading::Ok(700.0),
         mig_enabled: false,
+        mig_instance: None,
+        counters: gpu_scaler::gpu::DeviceCounters::default(),
         processes,
         processes_error: None,
     }
@@ -222,7 +226,12 @@ impl Node {
             },
             grpc,
             http,
-            Settings { poll_interval, tls },
+            Settings {
+                poll_interval,
+                tls,
+                snapshot: gpu_scaler::daemon::http::SnapshotAccess::Auto,
+                problems: Vec::new(),
+            },
             shutdown.clone(),
         )
         .expect("daemon starts");

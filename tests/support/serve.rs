@@ -89,6 +89,11 @@ impl ServeProcess {
         );
     }
 
+    /// The daemon's pid (for CPU and memory readings in benchmarks).
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     /// SIGKILL, as when a node is lost: no graceful shutdown.
     pub fn kill(mut self) {
         self.stop();

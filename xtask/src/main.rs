@@ -7,6 +7,8 @@ mod bench_gpu;
 mod bench_scaler;
 mod chart;
 mod demo;
+mod deny;
+mod device_check;
 mod e2e;
 mod fuzz;
 mod host;
@@ -59,6 +61,17 @@ enum Task {
         #[arg(long, default_value_t = 30)]
         seconds: u64,
     },
+    /// On a machine with an NVIDIA GPU: compare `gpu-scaler gpus --json` with
+    /// nvidia-smi for a CUDA load in two processes, without and with MPS (never
+    /// changes clocks, compute mode or MIG layout). Not part of `test`.
+    DeviceCheck {
+        /// A gpu-scaler binary to check instead of building one.
+        #[arg(long)]
+        binary: Option<std::path::PathBuf>,
+        /// Skip the run under an MPS control daemon of its own.
+        #[arg(long)]
+        skip_mps: bool,
+    },
     /// Regenerate deploy/manifests/ from the Helm chart with default values.
     Manifests,
     /// Lint, render and validate the Helm chart, its manifests and examples.
@@ -83,6 +96,10 @@ enum Bench {
     /// The KEDA-facing gRPC scaler: GetMetrics latency and throughput at 1, 64
     /// and 512 clients, memory with 10,000 StreamIsActive streams, freshness.
     Scaler,
+    /// Engine reading: parsing a 200 KB vLLM exposition (MB/s beside a naive
+    /// split and prometheus-parse), daemon CPU with 100 engine pods read every
+    /// second, and freshness (gauge change -> GetMetrics).
+    Engine,
     /// The sampler's join and the /metrics render for 500 pods x 2 containers
     /// on 8 GPUs (medians; `JOIN_BENCH_ITERS` sets the iterations).
     Join,
@@ -136,6 +153,16 @@ fn main() -> Result<()> {
         Task::Bench {
             what: Bench::Gpu { passes, cpu_secs },
         } => bench_gpu::run(passes, cpu_secs),
+        Task::Bench {
+            what: Bench::Engine,
+        } => {
+            toolchain::ensure()?;
+            cargo(&["build", "--release", "--package", "gpu-scaler"])?;
+            for bench in ["exposition", "engine"] {
+                cargo(&["bench", "--package", "gpu-scaler-tests", "--bench", bench])?;
+            }
+            Ok(())
+        }
         Task::Bench { what: Bench::Join } => {
             toolchain::ensure()?;
             cargo(&["bench", "--package", "gpu-scaler", "--bench", "join"])
@@ -200,6 +227,7 @@ fn main() -> Result<()> {
                     "-D",
                     "warnings",
                 ])?;
+                deny::check()?;
             }
             chart::check()?;
             // --locked, as the Dockerfile builds: a stale Cargo.lock fails here
@@ -212,6 +240,7 @@ fn main() -> Result<()> {
             }
             Ok(())
         }
+        Task::DeviceCheck { binary, skip_mps } => device_check::run(binary, skip_mps),
         Task::Manifests => chart::manifests(),
         Task::Chart => chart::check(),
         Task::ProbePrivileges => privileges::child(),

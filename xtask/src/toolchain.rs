@@ -1,12 +1,14 @@
-//! Installs the eBPF toolchain, only what is missing: nightly's rust-src, Debian's
-//! LLVM 22 development packages, and bpf-linker built against them. Nightly's LLVM
-//! is 22, so bpf-linker must link the same major version.
+//! Installs the eBPF toolchain, only what is missing: a pinned nightly with rust-src,
+//! Debian's LLVM 22 development packages, and bpf-linker built against them. The
+//! nightly is pinned (gpu-scaler-ebpf/nightly-toolchain, also read by
+//! gpu-scaler/build.rs) because bpf-linker must link the same LLVM major version as
+//! rustc: nightly-2026-05-19 has LLVM 22.1.4, and a newer nightly may bring LLVM 23.
 
 use std::process::{Command, Stdio};
 
 use anyhow::{Context as _, Result, bail};
 
-const NIGHTLY: &str = "nightly";
+pub const NIGHTLY: &str = include_str!("../../gpu-scaler-ebpf/nightly-toolchain").trim_ascii();
 const DEBIAN_PACKAGES: &[&str] = &[
     "llvm-22-dev",
     "libpolly-22-dev",
@@ -31,7 +33,10 @@ pub fn ensure() -> Result<()> {
 fn ensure_nightly() -> Result<()> {
     let toolchains = output(Command::new("rustup").args(["toolchain", "list"]))
         .context("rustup is needed to build the eBPF probe")?;
-    if !toolchains.lines().any(|l| l.starts_with(NIGHTLY)) {
+    if !toolchains.lines().any(|l| {
+        l.strip_prefix(NIGHTLY)
+            .is_some_and(|rest| rest.is_empty() || rest.starts_with(['-', ' ']))
+    }) {
         eprintln!("xtask: installing the {NIGHTLY} toolchain");
         super::run(Command::new("rustup").args([
             "toolchain",
@@ -104,6 +109,9 @@ fn ensure_bpf_linker() -> Result<()> {
                 "bpf-linker",
                 "--version",
                 BPF_LINKER_VERSION,
+                // Its own Cargo.lock, not whatever its dependencies resolve to
+                // today (issue 13: supply chain).
+                "--locked",
                 "--no-default-features",
                 "--features",
                 "llvm-22",

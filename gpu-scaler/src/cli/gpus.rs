@@ -243,6 +243,8 @@ mod tests {
                 power_w: Reading::Ok(420.5),
                 power_limit_w: Reading::Ok(700.0),
                 mig_enabled: false,
+                mig_instance: None,
+                counters: crate::gpu::DeviceCounters::default(),
                 processes: [4242, 99]
                     .into_iter()
                     .map(|pid| GpuProcess {

@@ -299,6 +299,7 @@ mod tests {
             phase: None,
             ready: true,
             containers,
+            ..Default::default()
         };
         Pods(HashMap::from([
             (

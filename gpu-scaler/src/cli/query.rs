@@ -200,7 +200,22 @@ pub async fn ask(args: &QueryArgs) -> super::Result<Answer> {
     })
 }
 
+/// Why a trigger can never leave zero replicas, if it cannot: at zero the
+/// workload has no pod, so its own signals are 0 and IsActive stays false.
+pub fn stuck_at_zero(metadata: &HashMap<String, String>, min_replicas: u32) -> Option<String> {
+    (min_replicas == 0 && !metadata.contains_key("activationPodSelector")).then(|| {
+        "warning: with minReplicaCount 0 this trigger can never activate: at zero replicas \
+         the workload has no pod to measure, so IsActive stays false. Add \
+         activationPodSelector (+ activationMetric) naming pods that exist while it is at \
+         zero (a router or gateway), or another trigger that can activate it."
+            .to_owned()
+    })
+}
+
 pub async fn run(args: QueryArgs) -> super::Result<()> {
+    if let Some(w) = stuck_at_zero(&parse_metadata(&args.metadata)?, args.min_replicas) {
+        eprintln!("{w}");
+    }
     let a = ask(&args).await?;
     if args.json {
         let out = serde_json::to_string(&a).map_err(|e| super::Error::Rpc(e.to_string()))?;
@@ -242,5 +257,18 @@ mod tests {
         assert_eq!(m["targetValue"], "5");
         let err = parse_metadata(&["nokey".into()]).expect_err("no =");
         assert!(err.to_string().contains("nokey"), "{err}");
+    }
+
+    #[test]
+    fn warns_when_a_trigger_can_never_activate() {
+        let own = parse_metadata(&["podSelector=app=vllm".into()]).expect("valid");
+        assert!(stuck_at_zero(&own, 0).is_some_and(|w| w.contains("activationPodSelector")));
+        assert!(stuck_at_zero(&own, 1).is_none());
+        let routed = parse_metadata(&[
+            "podSelector=app=vllm".into(),
+            "activationPodSelector=app=router".into(),
+        ])
+        .expect("valid");
+        assert!(stuck_at_zero(&routed, 0).is_none());
     }
 }

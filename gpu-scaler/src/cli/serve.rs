@@ -68,6 +68,23 @@ pub struct ServeArgs {
     #[arg(long, env = "GPU_SCALER_TLS_CLIENT_CA", requires = "tls_cert")]
     pub tls_client_ca: Option<PathBuf>,
 
+    /// With --tls-client-ca: DNS names (comma-separated) one of which a client
+    /// certificate must carry as a SAN, e.g. KEDA's `keda-operator.keda.svc`.
+    /// Empty: any certificate the CA signed.
+    #[arg(
+        long,
+        env = "GPU_SCALER_TLS_CLIENT_NAMES",
+        value_delimiter = ',',
+        requires = "tls_client_ca"
+    )]
+    pub tls_client_names: Vec<String>,
+
+    /// Whether the HTTP listener serves /v1/snapshot (every local pod's labels,
+    /// container ids and host pids): `auto` only when --metrics-listen is a
+    /// loopback address, `on`, or `off`.
+    #[arg(long, env = "GPU_SCALER_SNAPSHOT", value_enum, default_value_t)]
+    pub snapshot: daemon::http::SnapshotAccess,
+
     /// Address of the node-to-node protocol (other daemons ask this one for its
     /// pods' usage).
     #[arg(long, env = "GPU_SCALER_PEER_LISTEN", default_value = "0.0.0.0:6001")]
@@ -163,7 +180,9 @@ pub async fn run(args: ServeArgs) -> super::Result<()> {
                 cert,
                 key,
                 client_ca: args.tls_client_ca,
+                client_names: args.tls_client_names,
             }),
+        snapshot: args.snapshot,
     };
     let shutdown = CancellationToken::new();
     tokio::spawn(cancel_on_signal(shutdown.clone()));

@@ -24,7 +24,7 @@ use super::{
     peer::{LocalUsage, PeerClients, proto},
     workload::PodDirectory,
 };
-use crate::pods::Pod;
+use crate::{engine::EngineQuery, pods::Pod};
 
 /// Fan-out settings.
 #[derive(Clone, Debug)]
@@ -40,7 +40,9 @@ pub struct FanoutConfig {
 #[derive(Clone, Debug, PartialEq)]
 pub struct PodReport {
     pub pod: Arc<Pod>,
-    /// The pod's usage; `None` when its node did not answer for it.
+    /// The pod's usage; `None` when its node did not answer for it, or (for an
+    /// engine query) its engine could not be read: either way the pod is
+    /// unreported and the missing-node policy decides.
     pub usage: Option<proto::PodUsage>,
 }
 
@@ -50,6 +52,8 @@ pub struct WorkloadUsage {
     pub pods: Vec<PodReport>,
     /// Nodes that did not answer, with why.
     pub missing_nodes: BTreeMap<String, String>,
+    /// Pods whose engine could not be read (engine queries), with why.
+    pub unreadable_pods: BTreeMap<String, String>,
     /// When the oldest snapshot in the answer was taken.
     pub sampled_at: SystemTime,
 }
@@ -63,6 +67,8 @@ impl WorkloadUsage {
 
 type Outcome = std::result::Result<(Instant, Arc<WorkloadUsage>), Arc<Error>>;
 type Flight = Shared<futures::future::BoxFuture<'static, Outcome>>;
+/// (namespace, selector, engine query) of a fan-out.
+type FlightKey = (String, String, Option<String>);
 
 /// Fans queries out to peers; shared by every gRPC handler.
 pub struct Fanout {
@@ -72,7 +78,7 @@ pub struct Fanout {
     clients: PeerClients,
     pods: Arc<dyn PodDirectory>,
     stats: Arc<Stats>,
-    flights: Mutex<HashMap<(String, String), Flight>>,
+    flights: Mutex<HashMap<FlightKey, Flight>>,
 }
 
 /// Phases of pods that are over: they use nothing and are not replicas.
@@ -120,8 +126,17 @@ impl Fanout {
         self: &Arc<Self>,
         namespace: &str,
         selector: &str,
+        engine: Option<&EngineQuery>,
     ) -> Result<Arc<WorkloadUsage>> {
-        let key = (namespace.to_owned(), selector.trim().to_owned());
+        let key = (
+            namespace.to_owned(),
+            selector.trim().to_owned(),
+            engine.map(EngineQuery::key),
+        );
+        let figures: Vec<proto::FigureRequest> = engine
+            .map(super::usage::figure_request)
+            .into_iter()
+            .collect();
         let flight = {
             let mut flights = self.flights.lock().expect("flights lock");
             let ttl = self.config.cache_ttl;
@@ -139,10 +154,10 @@ impl Fanout {
                 None => {
                     Stats::inc(&self.stats.fanouts);
                     let this = self.clone();
-                    let (ns, sel) = key.clone();
+                    let (ns, sel, _) = key.clone();
                     let f = async move {
                         let started = Instant::now();
-                        let r = this.run(&ns, &sel).await;
+                        let r = this.run(&ns, &sel, figures).await;
                         this.stats.fanout_latency.observe(started.elapsed());
                         r.map(|u| (Instant::now(), Arc::new(u))).map_err(Arc::new)
                     }
@@ -185,7 +200,12 @@ impl Fanout {
         decision
     }
 
-    async fn run(&self, namespace: &str, selector: &str) -> Result<WorkloadUsage> {
+    async fn run(
+        &self,
+        namespace: &str,
+        selector: &str,
+        figures: Vec<proto::FigureRequest>,
+    ) -> Result<WorkloadUsage> {
         let all = self.pods.workload_pods(namespace, selector).await?;
         // Channels to daemons that left the peer book are dropped.
         let book = self.peers.all();
@@ -204,16 +224,17 @@ impl Fanout {
                 by_node.entry(node).or_default().push(p.uid.clone());
             }
         }
+        let figures = &figures;
         let asks = by_node.into_iter().map(|(node, uids)| async move {
             let answer = if node == self.config.node_name {
-                self.local.pod_usage(&uids)
+                self.local.pod_usage(&uids, figures).await
             } else {
                 match self.peers.address(node) {
                     None => Err("no gpu-scaler daemon is known on this node".to_owned()),
                     Some(addr) => {
                         Stats::inc(&self.stats.peer_requests);
                         let asked = Instant::now();
-                        let r = self.clients.ask(addr, uids).await;
+                        let r = self.clients.ask(addr, uids, figures.clone()).await;
                         self.stats.peer_latency.observe(asked.elapsed());
                         if r.is_err() {
                             Stats::inc(&self.stats.peer_failures);
@@ -238,6 +259,7 @@ impl Fanout {
 
         let mut usage: HashMap<String, proto::PodUsage> = HashMap::new();
         let mut missing_nodes = BTreeMap::new();
+        let mut unreadable_pods = BTreeMap::new();
         let mut sampled_at: Option<SystemTime> = None;
         for (node, answer) in answers {
             match answer {
@@ -246,6 +268,18 @@ impl Fanout {
                         + Duration::from_nanos(u64::try_from(a.snapshot_unix_nanos).unwrap_or(0));
                     sampled_at = Some(sampled_at.map_or(at, |s| s.min(at)));
                     for p in a.pods {
+                        // Each asked engine figure must be there and readable;
+                        // otherwise the pod is unreported, as if its node had
+                        // not answered.
+                        if !figures.is_empty() {
+                            let unreadable = (0..figures.len())
+                                .map(|i| super::usage::reading(p.figures.get(i)))
+                                .find_map(|r| r.reason().map(str::to_owned));
+                            if let Some(why) = unreadable {
+                                unreadable_pods.insert(p.pod_uid.clone(), why);
+                                continue;
+                            }
+                        }
                         usage.insert(p.pod_uid.clone(), p);
                     }
                     if !a.unknown_pod_uids.is_empty() {
@@ -261,7 +295,7 @@ impl Fanout {
                 }
             }
         }
-        if !missing_nodes.is_empty() {
+        if !missing_nodes.is_empty() || !unreadable_pods.is_empty() {
             let policy = self.config.policy;
             let verdict = match policy.admit(
                 pods.len(),
@@ -272,17 +306,21 @@ impl Fanout {
                 Ok(_) => "their pods count as the average of the reported ones".to_owned(),
                 Err(e) => format!("answering UNAVAILABLE: {e}"),
             };
-            tracing::warn!(namespace, selector, nodes = ?missing_nodes, policy = policy.as_str(), verdict,
-                "nodes of the workload did not answer");
+            tracing::warn!(namespace, selector, nodes = ?missing_nodes, engines = ?unreadable_pods,
+                policy = policy.as_str(), verdict, "nodes or engines of the workload did not answer");
         }
         let pods = pods
             .into_iter()
             .map(|pod| {
                 let usage = if pod.node_name.is_none() {
-                    // Not scheduled: it runs nothing, on no GPU.
+                    // Not scheduled: it runs nothing, on no GPU, queues nothing.
                     Some(proto::PodUsage {
                         pod_uid: pod.uid.clone(),
                         gpus: Vec::new(),
+                        figures: figures
+                            .iter()
+                            .map(|_| super::usage::figure_reading(&crate::gpu::Reading::Ok(0.0)))
+                            .collect(),
                     })
                 } else {
                     usage.remove(&pod.uid)
@@ -293,6 +331,7 @@ impl Fanout {
         Ok(WorkloadUsage {
             pods,
             missing_nodes,
+            unreadable_pods,
             sampled_at: sampled_at.unwrap_or_else(SystemTime::now),
         })
     }
@@ -337,7 +376,18 @@ pub(crate) mod tests {
         fn node_name(&self) -> &str {
             &self.name
         }
-        fn pod_usage(
+        fn pod_usage<'a>(
+            &'a self,
+            uids: &'a [String],
+            _figures: &'a [proto::FigureRequest],
+        ) -> futures::future::BoxFuture<'a, std::result::Result<proto::GetPodUsageResponse, String>>
+        {
+            Box::pin(async move { self.answer(uids) })
+        }
+    }
+
+    impl FakeNode {
+        fn answer(
             &self,
             uids: &[String],
         ) -> std::result::Result<proto::GetPodUsageResponse, String> {
@@ -355,6 +405,7 @@ pub(crate) mod tests {
                 match sm.get(uid) {
                     Some(v) => resp.pods.push(proto::PodUsage {
                         pod_uid: uid.clone(),
+                        figures: Vec::new(),
                         gpus: vec![proto::GpuUsage {
                             gpu_uuid: format!("GPU-{}", self.name),
                             sm_util_percent: Some(*v),
@@ -400,6 +451,8 @@ pub(crate) mod tests {
                 node_name: node.map(Into::into),
                 phase: Some(phase.into()),
                 ready: true,
+                ip: None,
+                annotations: Default::default(),
                 containers: Vec::new(),
             }),
         )
@@ -478,7 +531,11 @@ pub(crate) mod tests {
     #[tokio::test]
     async fn asks_only_the_nodes_that_host_the_workload() {
         let c = cluster(MissingNodePolicy::Average, Duration::from_secs(60), &[]).await;
-        let u = c.fanout.workload("ml", "app=w").await.expect("answer");
+        let u = c
+            .fanout
+            .workload("ml", "app=w", None)
+            .await
+            .expect("answer");
         let got: Vec<(&str, Option<f64>)> =
             u.pods.iter().map(|p| (p.pod.uid.as_str(), sm(p))).collect();
         // e is unscheduled (0, no GPU); f is finished; x is another namespace.
@@ -510,12 +567,16 @@ pub(crate) mod tests {
     async fn identical_queries_share_one_fan_out_per_ttl() {
         let c = cluster(MissingNodePolicy::Average, Duration::from_millis(300), &[]).await;
         let all =
-            futures::future::join_all((0..100).map(|_| c.fanout.workload("ml", "app=w"))).await;
+            futures::future::join_all((0..100).map(|_| c.fanout.workload("ml", "app=w", None)))
+                .await;
         let first = all[0].as_ref().expect("answer").clone();
         for a in &all {
             assert_eq!(a.as_ref().expect("answer"), &first);
         }
-        c.fanout.workload("ml", "app=w").await.expect("cached");
+        c.fanout
+            .workload("ml", "app=w", None)
+            .await
+            .expect("cached");
         assert_eq!(
             c.nodes[1].calls.load(Ordering::SeqCst),
             1,
@@ -524,7 +585,10 @@ pub(crate) mod tests {
         assert_eq!(Stats::get(&c.fanout.stats().fanouts), 1);
         assert_eq!(Stats::get(&c.fanout.stats().fanouts_shared), 100);
         tokio::time::sleep(Duration::from_millis(350)).await;
-        c.fanout.workload("ml", "app=w").await.expect("refreshed");
+        c.fanout
+            .workload("ml", "app=w", None)
+            .await
+            .expect("refreshed");
         assert_eq!(
             c.nodes[1].calls.load(Ordering::SeqCst),
             2,
@@ -539,7 +603,11 @@ pub(crate) mod tests {
         let silent_addr = silent.local_addr().expect("addr");
         let c = cluster(MissingNodePolicy::Average, Duration::ZERO, &[]).await;
         *c.nodes[2].down.lock().expect("lock") = Some("GPU source is down".into());
-        let u = c.fanout.workload("ml", "app=w").await.expect("answer");
+        let u = c
+            .fanout
+            .workload("ml", "app=w", None)
+            .await
+            .expect("answer");
         assert_eq!(u.unreported(), 1, "d on n2");
         assert!(
             u.missing_nodes["n2"].contains("GPU source is down"),
@@ -561,7 +629,11 @@ pub(crate) mod tests {
         .await;
         *c2.nodes[2].down.lock().expect("lock") = Some("down".into());
         let started = Instant::now();
-        let u = c2.fanout.workload("ml", "app=w").await.expect("answer");
+        let u = c2
+            .fanout
+            .workload("ml", "app=w", None)
+            .await
+            .expect("answer");
         assert!(
             started.elapsed() < Duration::from_secs(2),
             "per-peer timeout bounds the fan-out"
@@ -578,7 +650,11 @@ pub(crate) mod tests {
         // fail: any gap refuses.
         let c3 = cluster(MissingNodePolicy::Fail, Duration::ZERO, &[]).await;
         *c3.nodes[2].down.lock().expect("lock") = Some("down".into());
-        let u = c3.fanout.workload("ml", "app=w").await.expect("answer");
+        let u = c3
+            .fanout
+            .workload("ml", "app=w", None)
+            .await
+            .expect("answer");
         assert!(c3.fanout.admit(&u, "ml", "app=w").is_err());
     }
 
@@ -586,7 +662,11 @@ pub(crate) mod tests {
     async fn unknown_pods_and_unknown_nodes_are_unreported() {
         let c = cluster(MissingNodePolicy::Average, Duration::ZERO, &[]).await;
         c.nodes[2].sm.lock().expect("lock").clear();
-        let u = c.fanout.workload("ml", "app=w").await.expect("answer");
+        let u = c
+            .fanout
+            .workload("ml", "app=w", None)
+            .await
+            .expect("answer");
         assert!(
             u.missing_nodes["n2"].contains("does not know pods d"),
             "{:?}",
@@ -618,7 +698,7 @@ pub(crate) mod tests {
             Arc::new(pods),
             Arc::default(),
         );
-        let u = fanout.workload("ml", "app=w").await.expect("answer");
+        let u = fanout.workload("ml", "app=w", None).await.expect("answer");
         assert!(
             u.missing_nodes["n9"].contains("no gpu-scaler daemon"),
             "{:?}",
@@ -664,14 +744,14 @@ pub(crate) mod tests {
 
         let with_cert = PeerClients::new(Some(&tls), Duration::from_secs(2)).expect("clients");
         let r = with_cert
-            .ask(addr, vec!["b".into()])
+            .ask(addr, vec!["b".into()], Vec::new())
             .await
             .expect("mTLS call");
         assert_eq!(r.pods[0].gpus[0].sm_util_percent, Some(20.0));
 
         let plain = PeerClients::new(None, Duration::from_secs(2)).expect("clients");
         assert!(
-            plain.ask(addr, vec!["b".into()]).await.is_err(),
+            plain.ask(addr, vec!["b".into()], Vec::new()).await.is_err(),
             "plaintext refused"
         );
 
@@ -686,7 +766,7 @@ pub(crate) mod tests {
             Duration::from_secs(2),
         );
         let e = no_identity
-            .ask(addr, vec!["b".into()])
+            .ask(addr, vec!["b".into()], Vec::new())
             .await
             .expect_err("no client certificate");
         assert!(!e.is_empty());

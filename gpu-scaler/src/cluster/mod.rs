@@ -1,7 +1,7 @@
 //! The cluster: any daemon answers KEDA for a whole workload.
 //!
-//! - [`workload`]: the workload's pods cluster-wide (a shared, bounded cache of
-//!   label-selector watches on the Kubernetes API);
+//! - [`workload`]: the workload's pods cluster-wide (one bounded pod watch per
+//!   namespace on the Kubernetes API, selectors evaluated locally);
 //! - [`target`]: a ScaledObject without `podSelector` resolved to its pods through
 //!   its scale target's `scale` subresource, as the HPA does;
 //! - [`peer`]: the node-to-node protocol (`proto/gpuscaler_peer_v1.proto`), its
@@ -142,6 +142,7 @@ pub fn start(
     parts: Parts,
     snapshots: crate::sampler::SnapshotReceiver,
     poll_interval: std::time::Duration,
+    scraper: Option<crate::engine::Scraper>,
     shutdown: tokio_util::sync::CancellationToken,
 ) -> Result<Started> {
     let peer_addr = parts
@@ -152,6 +153,7 @@ pub fn start(
         parts.node_name.clone(),
         snapshots.clone(),
         poll_interval,
+        scraper,
     ));
     let clients = peer::PeerClients::new(parts.tls.as_ref(), parts.peer_timeout)?;
     parts.stats.peers.set(parts.peers.clone());

@@ -34,6 +34,8 @@ use proto::{
 
 /// Most pod uids one request may ask about.
 pub const MAX_PODS_PER_REQUEST: usize = 100_000;
+/// Most engine figures one request may ask about.
+pub const MAX_FIGURES_PER_REQUEST: usize = 8;
 
 /// This node's per-pod usage, as the protocol carries it. The daemon answers its
 /// own node through this same function (not a shortcut), so its figures go
@@ -41,9 +43,14 @@ pub const MAX_PODS_PER_REQUEST: usize = 100_000;
 pub trait LocalUsage: Send + Sync + 'static {
     /// This node's name.
     fn node_name(&self) -> &str;
-    /// Usage of `uids` from the newest snapshot, or why there is none to give
-    /// (GPU source down, stale snapshot): never zeros in its place.
-    fn pod_usage(&self, uids: &[String]) -> std::result::Result<GetPodUsageResponse, String>;
+    /// Usage of `uids` from the newest snapshot, with each asked engine
+    /// figure per pod, or why there is none to give (GPU source down, stale
+    /// snapshot): never zeros in its place.
+    fn pod_usage<'a>(
+        &'a self,
+        uids: &'a [String],
+        figures: &'a [proto::FigureRequest],
+    ) -> futures::future::BoxFuture<'a, std::result::Result<GetPodUsageResponse, String>>;
 }
 
 /// The gRPC service peers call.
@@ -70,8 +77,15 @@ impl Peer for PeerService {
                 req.pod_uids.len()
             )));
         }
+        if req.figures.len() > MAX_FIGURES_PER_REQUEST {
+            return Err(Status::invalid_argument(format!(
+                "{} figures asked; at most {MAX_FIGURES_PER_REQUEST} per request",
+                req.figures.len()
+            )));
+        }
         self.local
-            .pod_usage(&req.pod_uids)
+            .pod_usage(&req.pod_uids, &req.figures)
+            .await
             .map(Response::new)
             .map_err(|reason| {
                 Status::unavailable(format!("node {}: {reason}", self.local.node_name()))
@@ -119,15 +133,27 @@ pub async fn serve(
     tls: Option<&PeerTls>,
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<()> {
-    let mut server = Server::builder();
+    // Transport limits (issue 13), as on the scaler port: a request is a list of
+    // one node's pod uids (64 KiB holds ~1,700, far above any node's pod count);
+    // one connection per other daemon, each with few calls in flight.
+    let mut server = Server::builder()
+        .max_concurrent_streams(64)
+        .http2_keepalive_interval(Some(Duration::from_secs(30)))
+        .http2_keepalive_timeout(Some(crate::scaler::server::KEEPALIVE_TIMEOUT));
     if let Some(tls) = tls {
+        let config = tls
+            .server()?
+            .timeout(crate::scaler::server::TLS_HANDSHAKE_TIMEOUT);
         server = server
-            .tls_config(tls.server()?)
+            .tls_config(config)
             .map_err(|e| Error::Tls(e.to_string()))?;
     }
-    let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
+    let incoming = crate::listener::capped(listener, 4096, "peer", Arc::default());
     server
-        .add_service(PeerServer::new(PeerService::new(local)))
+        .add_service(
+            PeerServer::new(PeerService::new(local))
+                .max_decoding_message_size(crate::scaler::server::MAX_DECODE_BYTES),
+        )
         .serve_with_incoming_shutdown(incoming, shutdown)
         .await
         .map_err(|e| Error::Serve(e.to_string()))
@@ -192,9 +218,13 @@ impl PeerClients {
         &self,
         addr: SocketAddr,
         uids: Vec<String>,
+        figures: Vec<proto::FigureRequest>,
     ) -> std::result::Result<GetPodUsageResponse, String> {
         let mut client = PeerClient::new(self.channel(addr)?);
-        let call = client.get_pod_usage(GetPodUsageRequest { pod_uids: uids });
+        let call = client.get_pod_usage(GetPodUsageRequest {
+            pod_uids: uids,
+            figures,
+        });
         match tokio::time::timeout(self.timeout, call).await {
             Ok(Ok(resp)) => Ok(resp.into_inner()),
             Ok(Err(status)) => Err(format!("{}: {}", status.code(), status.message())),

@@ -50,8 +50,18 @@ pub struct Resolved {
     pub selector: String,
 }
 
-/// (namespace, ScaledObject name) -> when resolved, and to what.
-type ResolvedCache = HashMap<(String, String), (Instant, Arc<Resolved>)>;
+/// How long a failed resolution is remembered (issue 13: failed lookups were not
+/// cached, so a ScaledObject that does not exist cost GETs on every call). Short,
+/// so a ScaledObject created after its first query is found soon.
+pub const FAILED_TTL: Duration = Duration::from_secs(10);
+
+/// Most remembered resolutions, good and failed. Names come from callers, so
+/// the cache must not grow with whatever they send: past this, expired entries
+/// go, then nothing new is remembered until some expire.
+pub const MAX_CACHED: usize = 4096;
+
+/// (namespace, ScaledObject name) -> when resolved, and to what (or why not).
+type ResolvedCache = HashMap<(String, String), (Instant, Result<Arc<Resolved>, Arc<Error>>)>;
 
 /// Resolves ScaledObjects to pod selectors, with caching.
 pub struct TargetResolver {
@@ -76,16 +86,28 @@ impl TargetResolver {
     /// the selector in it.
     pub async fn resolve(&self, namespace: &str, name: &str) -> Result<Arc<Resolved>> {
         let key = (namespace.to_owned(), name.to_owned());
-        if let Some((at, r)) = self.resolved.lock().expect("resolver lock").get(&key)
-            && at.elapsed() < self.ttl
-        {
-            return Ok(r.clone());
+        if let Some((at, r)) = self.resolved.lock().expect("resolver lock").get(&key) {
+            let ttl = if r.is_ok() { self.ttl } else { FAILED_TTL };
+            if at.elapsed() < ttl {
+                return r.clone().map_err(Error::Shared);
+            }
         }
-        let resolved = Arc::new(self.resolve_uncached(namespace, name).await?);
+        let resolved = match self.resolve_uncached(namespace, name).await {
+            Ok(r) => Ok(Arc::new(r)),
+            // Only answers about the objects are remembered; a transport error
+            // or an API server that is down is retried at the next call.
+            Err(e) if e.is_user_error() => Err(Arc::new(e)),
+            Err(e) => return Err(e),
+        };
         let mut cache = self.resolved.lock().expect("resolver lock");
-        cache.retain(|_, (at, _)| at.elapsed() < self.ttl);
-        cache.insert(key, (Instant::now(), resolved.clone()));
-        Ok(resolved)
+        if cache.len() >= MAX_CACHED {
+            let ttl = self.ttl;
+            cache.retain(|_, (at, r)| at.elapsed() < if r.is_ok() { ttl } else { FAILED_TTL });
+        }
+        if cache.len() < MAX_CACHED {
+            cache.insert(key, (Instant::now(), resolved.clone()));
+        }
+        resolved.map_err(Error::Shared)
     }
 
     async fn resolve_uncached(&self, namespace: &str, name: &str) -> Result<Resolved> {

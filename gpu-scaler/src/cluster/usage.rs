@@ -13,11 +13,73 @@ use std::{
 
 use super::peer::{LocalUsage, proto};
 use crate::{
+    engine::{EngineQuery, Scraper},
+    figures::Metric,
     gpu::Reading,
     pods::Pod,
     sampler::{GpuUsage, PodUsage, SnapshotReceiver},
     scaler::view::check_fresh,
 };
+
+/// An engine query as the protocol carries it.
+pub fn figure_request(q: &EngineQuery) -> proto::FigureRequest {
+    proto::FigureRequest {
+        metric: q.metric.as_str().to_owned(),
+        engine_metric: q.engine_metric.clone().unwrap_or_default(),
+        engine_quantile: q.quantile,
+        port: q.port.map(u32::from),
+        path: q.path.clone(),
+    }
+}
+
+/// An engine query from the protocol, checked exactly as metadata is.
+pub fn engine_query(r: &proto::FigureRequest) -> Result<EngineQuery, String> {
+    let metric = Metric::parse(&r.metric)
+        .filter(|m| m.is_engine())
+        .ok_or_else(|| format!("{:?} is not an engine figure", r.metric))?;
+    let port = r
+        .port
+        .map(|p| u16::try_from(p).map_err(|_| format!("port {p} is out of range")))
+        .transpose()?;
+    let engine_metric = Some(r.engine_metric.as_str()).filter(|s| !s.is_empty());
+    EngineQuery::new(
+        metric,
+        engine_metric,
+        r.engine_quantile,
+        port,
+        r.path.as_deref(),
+    )
+    .map_err(|e| format!("{}: {}", e.key, e.why))
+}
+
+/// A reading as the protocol carries it.
+pub fn figure_reading(r: &Reading<f64>) -> proto::FigureReading {
+    match r {
+        Reading::Ok(v) => proto::FigureReading {
+            value: Some(*v),
+            unavailable: String::new(),
+        },
+        Reading::Unavailable(why) => proto::FigureReading {
+            value: None,
+            unavailable: why.to_string(),
+        },
+    }
+}
+
+/// A reading from the protocol; a non-finite value is no reading.
+pub fn reading(r: Option<&proto::FigureReading>) -> Reading<f64> {
+    match r {
+        None => Reading::unavailable("the pod's node did not report this figure"),
+        Some(proto::FigureReading { value: Some(v), .. }) if v.is_finite() => Reading::Ok(*v),
+        Some(proto::FigureReading { value: Some(v), .. }) => {
+            Reading::unavailable(format!("the pod's node reported {v}"))
+        }
+        Some(r) if r.unavailable.is_empty() => {
+            Reading::unavailable("the pod's node gave no value and no reason")
+        }
+        Some(r) => Reading::unavailable(r.unavailable.as_str()),
+    }
+}
 
 fn put<T: Copy>(
     r: &Reading<T>,
@@ -37,6 +99,7 @@ fn put<T: Copy>(
 pub fn to_proto(usage: &PodUsage) -> proto::PodUsage {
     proto::PodUsage {
         pod_uid: usage.pod.uid.clone(),
+        figures: Vec::new(),
         gpus: usage
             .gpus
             .iter()
@@ -108,14 +171,21 @@ pub struct SnapshotUsage {
     node_name: String,
     snapshots: SnapshotReceiver,
     poll_interval: Duration,
+    scraper: Option<Scraper>,
 }
 
 impl SnapshotUsage {
-    pub fn new(node_name: String, snapshots: SnapshotReceiver, poll_interval: Duration) -> Self {
+    pub fn new(
+        node_name: String,
+        snapshots: SnapshotReceiver,
+        poll_interval: Duration,
+        scraper: Option<Scraper>,
+    ) -> Self {
         Self {
             node_name,
             snapshots,
             poll_interval,
+            scraper,
         }
     }
 }
@@ -125,11 +195,50 @@ impl LocalUsage for SnapshotUsage {
         &self.node_name
     }
 
-    fn pod_usage(&self, uids: &[String]) -> Result<proto::GetPodUsageResponse, String> {
-        let snap = self.snapshots.borrow().clone();
+    fn pod_usage<'a>(
+        &'a self,
+        uids: &'a [String],
+        figures: &'a [proto::FigureRequest],
+    ) -> futures::future::BoxFuture<'a, Result<proto::GetPodUsageResponse, String>> {
+        Box::pin(async move {
+            let snap = self.snapshots.borrow().clone();
+            let mut resp = self.gpu_usage(&snap, uids)?;
+            if figures.is_empty() {
+                return Ok(resp);
+            }
+            let scraper = self
+                .scraper
+                .as_ref()
+                .ok_or("engine figures are not read by this daemon")?;
+            // Every pod of the answer is in `snap`: the answer came from it.
+            let pods: Vec<Arc<Pod>> = resp
+                .pods
+                .iter()
+                .filter_map(|p| snap.pods.get(&p.pod_uid).map(|u| u.pod.clone()))
+                .collect();
+            for f in figures {
+                let readings = match engine_query(f) {
+                    Ok(q) => scraper.readings(&pods, &q).await,
+                    Err(why) => vec![Reading::unavailable(why); pods.len()],
+                };
+                for (p, r) in resp.pods.iter_mut().zip(&readings) {
+                    p.figures.push(figure_reading(r));
+                }
+            }
+            Ok(resp)
+        })
+    }
+}
+
+impl SnapshotUsage {
+    fn gpu_usage(
+        &self,
+        snap: &crate::sampler::NodeSnapshot,
+        uids: &[String],
+    ) -> Result<proto::GetPodUsageResponse, String> {
         // A stale snapshot or a GPU source that is down is an error, as for
         // a local query: the asking daemon then applies its policy.
-        check_fresh(&snap, self.poll_interval, SystemTime::now()).map_err(|e| e.to_string())?;
+        check_fresh(snap, self.poll_interval, SystemTime::now()).map_err(|e| e.to_string())?;
         let taken = snap.samples_taken_at.unwrap_or(snap.taken_at);
         let mut resp = proto::GetPodUsageResponse {
             node_name: self.node_name.clone(),
@@ -165,6 +274,8 @@ mod tests {
             node_name: Some("n".into()),
             phase: Some("Running".into()),
             ready: true,
+            ip: None,
+            annotations: Default::default(),
             containers: Vec::new(),
         });
         let usage = PodUsage {

@@ -7,6 +7,7 @@ use tokio_stream::{StreamExt as _, wrappers::WatchStream};
 
 use super::{Error, Fanout, target::TargetResolver, usage::from_proto};
 use crate::{
+    engine::EngineQuery,
     pods::Selector,
     sampler::SnapshotReceiver,
     scaler::{
@@ -36,29 +37,47 @@ impl ClusterView {
         }
     }
 
-    async fn answer(&self, namespace: &str, selector: &str) -> scaler::Result<Workload> {
+    async fn answer(
+        &self,
+        namespace: &str,
+        selector: &str,
+        engine: Option<&EngineQuery>,
+    ) -> scaler::Result<Workload> {
         let usage = self
             .fanout
-            .workload(namespace, selector)
+            .workload(namespace, selector, engine)
             .await
             .map_err(to_scaler)?;
         let missing = self
             .fanout
             .admit(&usage, namespace, selector)
             .map_err(to_scaler)?;
-        let pods = usage
+        let reported: Vec<_> = usage
             .pods
             .iter()
-            .filter_map(|r| {
-                r.usage
-                    .as_ref()
-                    .map(|u| Arc::new(from_proto(r.pod.clone(), u)))
-            })
+            .filter_map(|r| r.usage.as_ref().map(|u| (r, u)))
+            .collect();
+        // The fan-out kept only pods whose engine figure was readable.
+        let engine = match engine {
+            None => Vec::new(),
+            Some(_) => reported
+                .iter()
+                .map(|(_, u)| {
+                    super::usage::reading(u.figures.first())
+                        .ok()
+                        .unwrap_or(f64::NAN)
+                })
+                .collect(),
+        };
+        let pods = reported
+            .into_iter()
+            .map(|(r, u)| Arc::new(from_proto(r.pod.clone(), u)))
             .collect();
         Ok(Workload {
             pods,
             sampled_at: usage.sampled_at,
             missing,
+            engine,
         })
     }
 }
@@ -89,8 +108,9 @@ impl WorkloadView for ClusterView {
         &'a self,
         namespace: &'a str,
         selector: &'a Selector,
+        engine: Option<&'a EngineQuery>,
     ) -> BoxFuture<'a, scaler::Result<Workload>> {
-        Box::pin(async move { self.answer(namespace, &selector.to_string()).await })
+        Box::pin(async move { self.answer(namespace, &selector.to_string(), engine).await })
     }
 
     fn updates(&self) -> Updates {
@@ -107,6 +127,7 @@ impl WorkloadView for ClusterView {
         &'a self,
         namespace: &'a str,
         name: &'a str,
+        engine: Option<&'a EngineQuery>,
     ) -> BoxFuture<'a, scaler::Result<Workload>> {
         Box::pin(async move {
             let Some(resolver) = &self.resolver else {
@@ -115,7 +136,7 @@ impl WorkloadView for ClusterView {
                 ));
             };
             let resolved = resolver.resolve(namespace, name).await.map_err(to_scaler)?;
-            self.answer(namespace, &resolved.selector).await
+            self.answer(namespace, &resolved.selector, engine).await
         })
     }
 }

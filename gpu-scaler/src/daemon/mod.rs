@@ -65,6 +65,8 @@ pub struct TlsFiles {
     pub cert: PathBuf,
     pub key: PathBuf,
     pub client_ca: Option<PathBuf>,
+    /// With `client_ca`: the DNS SANs a client certificate must carry one of.
+    pub client_names: Vec<String>,
 }
 
 impl TlsFiles {
@@ -79,6 +81,7 @@ impl TlsFiles {
             cert_pem: read(&self.cert)?,
             key_pem: read(&self.key)?,
             client_ca_pem: self.client_ca.as_deref().map(read).transpose()?,
+            client_names: self.client_names.clone(),
         })
     }
 }
@@ -93,6 +96,8 @@ pub struct Config {
     pub gpu: gpu::Config,
     pub pods_file: Option<PathBuf>,
     pub tls: Option<TlsFiles>,
+    /// Whether the HTTP listener serves /v1/snapshot.
+    pub snapshot: http::SnapshotAccess,
     /// Peers, Kubernetes access and the missing-node policy.
     pub cluster: crate::cluster::Config,
 }
@@ -109,6 +114,13 @@ pub struct Inputs {
 pub struct Settings {
     pub poll_interval: Duration,
     pub tls: Option<server::Tls>,
+    /// Whether the HTTP listener serves /v1/snapshot.
+    pub snapshot: http::SnapshotAccess,
+    /// What start-up found that keeps the daemon from answering correctly (no
+    /// usable Kubernetes configuration, say): each is a readiness reason for as
+    /// long as the daemon runs, so KEDA's Service never routes to it and an
+    /// empty pod set is never read as "no GPU use" (issue 13).
+    pub problems: Vec<String>,
 }
 
 /// A started daemon.
@@ -147,6 +159,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<()> {
     let gpu = gpu::start(config.gpu.clone());
     // Kubernetes: wherever there is no pods file (in a cluster), or when a
     // kubeconfig is named explicitly.
+    let mut problems = Vec::new();
     let kube = if config.pods_file.is_none() || config.cluster.kubeconfig.is_some() {
         match pods::kube::client(config.cluster.kubeconfig.as_deref()).await {
             Ok(c) => Some(c),
@@ -154,7 +167,13 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<()> {
                 return Err(Error::ClusterConfig(e.to_string()));
             }
             Err(e) => {
-                tracing::warn!(error = %e, "no Kubernetes API access; running without it");
+                // Without the API and without a pods file no pod can be named:
+                // every workload would read as idle. Serve (probes, /metrics),
+                // but never ready.
+                tracing::error!(error = %e, "no Kubernetes API access and no --pods-file: not ready");
+                problems.push(format!(
+                    "pods: no usable Kubernetes configuration and no --pods-file ({e})"
+                ));
                 None
             }
         }
@@ -201,7 +220,12 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<()> {
         },
         grpc,
         http,
-        Settings { poll_interval, tls },
+        Settings {
+            poll_interval,
+            tls,
+            snapshot: config.snapshot,
+            problems,
+        },
         cluster,
         metrics,
         shutdown,
@@ -292,6 +316,47 @@ pub fn readiness(
     reasons
 }
 
+/// /healthz fails once no GPU sampling pass has succeeded for this many poll
+/// intervals ...
+pub const LIVENESS_INTERVALS: u32 = 10;
+/// ... and at least this long: the kubelet then restarts a daemon whose
+/// sampling is stuck (an NVML call that never returns, a driver that went away
+/// and never came back to this process). Issue 11.
+pub const LIVENESS_AT_LEAST: Duration = Duration::from_secs(60);
+
+/// Whether the daemon is alive: a sampling pass succeeded within
+/// [`LIVENESS_INTERVALS`] poll intervals (at least [`LIVENESS_AT_LEAST`]),
+/// counted from `started_at` before the first one. A clock that stepped back
+/// counts as fresh.
+pub fn liveness(
+    gpu: &GpuStatus,
+    started_at: SystemTime,
+    poll_interval: Duration,
+    now: SystemTime,
+) -> std::result::Result<(), String> {
+    let limit = (poll_interval * LIVENESS_INTERVALS).max(LIVENESS_AT_LEAST);
+    let (since, what) = match &gpu.last_good {
+        Some(s) => (s.taken_at, "the last successful GPU sampling pass"),
+        None => (
+            started_at,
+            "start-up, and no GPU sampling pass has succeeded",
+        ),
+    };
+    let age = now.duration_since(since).unwrap_or_default();
+    if age <= limit {
+        return Ok(());
+    }
+    Err(format!(
+        "{}s since {what} (limit {}s){}",
+        age.as_secs(),
+        limit.as_secs(),
+        gpu.error
+            .as_deref()
+            .map(|e| format!("; newest error: {e}"))
+            .unwrap_or_default()
+    ))
+}
+
 /// Wires started inputs to bound listeners and serves until `shutdown`.
 pub fn start_with(
     inputs: Inputs,
@@ -339,21 +404,45 @@ pub fn start_instrumented(
     let http_addr = http.local_addr().map_err(Error::Http)?;
     let gpu = inputs.gpu.clone();
     let attributor = inputs.attributor.clone();
+    // Engines are read on the poll interval, each read bounded well inside it.
+    let scraper = crate::engine::Scraper::new(
+        crate::engine::ScrapeConfig {
+            interval: settings.poll_interval,
+            timeout: (settings.poll_interval / 2).min(Duration::from_secs(2)),
+            ..Default::default()
+        },
+        inputs.pods.clone(),
+    );
+    tokio::spawn(scraper.clone().run(shutdown.clone()));
+    let engines = scraper.subscribe();
     let snapshots =
         sampler::start_observed(inputs.attributor, inputs.gpu, inputs.pods, metrics.clone());
+    let local_policy = cluster
+        .as_ref()
+        .map_or(crate::cluster::MissingNodePolicy::default(), |p| p.policy);
     let cluster = cluster
         .map(|parts| {
             crate::cluster::start(
                 parts,
                 snapshots.clone(),
                 settings.poll_interval,
+                Some(scraper.clone()),
                 shutdown.clone(),
             )
         })
         .transpose()?;
     let view: Arc<dyn crate::scaler::WorkloadView> = match &cluster {
         Some(c) => c.view.clone(),
-        None => Arc::new(LocalView::new(snapshots.clone(), settings.poll_interval)),
+        None => Arc::new(
+            LocalView::new(snapshots.clone(), settings.poll_interval).with_engines(
+                scraper.clone(),
+                Arc::new(move |total, missing| {
+                    local_policy
+                        .admit(total, missing)
+                        .map_err(|e| e.to_string())
+                }),
+            ),
+        ),
     };
     let (peer_addr, cluster_stats, peer_task) = match cluster {
         Some(c) => (Some(c.peer_addr), Some(c.stats), Some(c.task)),
@@ -369,13 +458,15 @@ pub fn start_instrumented(
         let gpu = gpu.clone();
         let shutdown = shutdown.clone();
         let poll = settings.poll_interval;
+        let no_problems = settings.problems.is_empty();
         tokio::spawn(async move {
             let mut tick = tokio::time::interval(poll);
             let mut last = None;
             loop {
                 let ready = {
                     let snap = snaps.borrow_and_update().clone();
-                    readiness(&snap, &gpu.borrow(), poll, SystemTime::now()).is_empty()
+                    no_problems
+                        && readiness(&snap, &gpu.borrow(), poll, SystemTime::now()).is_empty()
                 };
                 if last != Some(ready) {
                     if ready {
@@ -403,6 +494,10 @@ pub fn start_instrumented(
         cluster: cluster_stats.clone(),
         streams: service.open_streams(),
         attributor,
+        engines,
+        started_at: SystemTime::now(),
+        snapshot: settings.snapshot.serves(http_addr),
+        problems: settings.problems.clone().into(),
     };
     let grpc_fut = server::serve_instrumented(
         grpc,
@@ -501,11 +596,54 @@ mod tests {
     }
 
     #[test]
+    fn liveness_fails_only_after_ten_intervals_without_a_good_pass() {
+        let now = SystemTime::now();
+        let at = |secs: u64| now - Duration::from_secs(secs);
+        let good_at = |t: SystemTime, error: Option<&str>| GpuStatus {
+            last_good: Some(Arc::new(GpuSnapshot {
+                taken_at: t,
+                devices: Vec::new(),
+            })),
+            error: error.map(Into::into),
+            updated_at: now,
+        };
+        let never = GpuStatus {
+            last_good: None,
+            error: Some("no driver".into()),
+            updated_at: now,
+        };
+        let poll = Duration::from_secs(10);
+        // 10 intervals of 10 s: 100 s.
+        assert_eq!(
+            liveness(&good_at(at(99), Some("lost")), at(500), poll, now),
+            Ok(())
+        );
+        let err = liveness(&good_at(at(101), Some("GPU is lost")), at(500), poll, now)
+            .expect_err("stuck for over 100 s");
+        assert!(err.contains("101s") && err.contains("GPU is lost"), "{err}");
+        // Never a good pass: counted from start-up.
+        assert_eq!(liveness(&never, at(30), poll, now), Ok(()));
+        let err = liveness(&never, at(120), poll, now).expect_err("never sampled");
+        assert!(
+            err.contains("start-up") && err.contains("no driver"),
+            "{err}"
+        );
+        // Short intervals: at least 60 s.
+        let fast = Duration::from_millis(100);
+        assert_eq!(liveness(&good_at(at(59), None), at(500), fast, now), Ok(()));
+        assert!(liveness(&good_at(at(61), None), at(500), fast, now).is_err());
+        // A clock that stepped back is not a stuck daemon.
+        let future = now + Duration::from_secs(3600);
+        assert_eq!(liveness(&good_at(future, None), at(500), poll, now), Ok(()));
+    }
+
+    #[test]
     fn tls_files_name_the_missing_path() {
         let files = TlsFiles {
             cert: "/nonexistent/cert.pem".into(),
             key: "/nonexistent/key.pem".into(),
             client_ca: None,
+            client_names: Vec::new(),
         };
         let err = files.load().expect_err("missing files");
         assert!(err.to_string().contains("/nonexistent/cert.pem"), "{err}");

@@ -3,6 +3,7 @@
 //! rewriting the file. Answers go through the same collector as NVML's.
 
 use std::{
+    cell::RefCell,
     path::PathBuf,
     time::{SystemTime, UNIX_EPOCH},
 };
@@ -15,8 +16,8 @@ use nvml_wrapper::{
 
 use super::{
     Error, GpuSnapshot, GpuSource, ProcessKind, Result,
-    collector::{Collector, Driver, DriverDevice, NvResult},
-    scenario::{self, Answer, Gpu, ParseError, Scenario},
+    collector::{Collector, Driver, DriverDevice, NvResult, Samples},
+    scenario::{self, Answer, Gpu, MigInstance, ParseError, Scenario, Session},
 };
 
 /// Serves a scenario file. A file that does not parse is an error for every
@@ -26,6 +27,11 @@ pub struct MockSource {
     /// The file's bytes as last read, and what they parsed to.
     loaded: Option<(Vec<u8>, std::result::Result<Scenario, ParseError>)>,
     collector: Collector,
+    /// The scenario's `driver_reloads` when the mock "initialised NVML": as
+    /// with the real library, handles from before a reload are lost until the
+    /// source initialises again.
+    generation: Option<u32>,
+    session: RefCell<Session>,
 }
 
 impl MockSource {
@@ -34,7 +40,16 @@ impl MockSource {
             path,
             loaded: None,
             collector: Collector::default(),
+            generation: None,
+            session: RefCell::new(Session::default()),
         }
+    }
+
+    /// Keeps a process's last sample for [`super::collector::HOLD_INTERVALS`]
+    /// of `interval`.
+    pub fn with_poll_interval(mut self, interval: std::time::Duration) -> Self {
+        self.collector = Collector::new(interval);
+        self
     }
 
     /// Reads the file and parses it if it changed. Reading a small file every
@@ -71,10 +86,30 @@ impl GpuSource for MockSource {
     fn poll(&mut self) -> Result<GpuSnapshot> {
         self.refresh()?;
         match &self.loaded {
-            Some((_, Ok(scenario))) => self.collector.pass(&mut ScenarioDriver {
-                scenario,
-                now_us: now_us(),
-            }),
+            Some((_, Ok(scenario))) => {
+                if self.collector.take_reinit() || self.generation.is_none() {
+                    nv(scenario.init()).map_err(|source| Error::Init {
+                        lib: format!("mock scenario {}", self.path.display()),
+                        source,
+                    })?;
+                    if self.generation.is_some() {
+                        tracing::info!("mock NVML initialised again");
+                    }
+                    self.generation = Some(scenario.driver_reloads);
+                    *self.session.borrow_mut() = Session::default();
+                    self.collector.reinitialised();
+                }
+                let now = now_us();
+                self.collector.pass(
+                    &ScenarioDriver {
+                        scenario,
+                        now_us: now,
+                        stale: self.generation != Some(scenario.driver_reloads),
+                        session: &self.session,
+                    },
+                    now,
+                )
+            }
             Some((_, Err(e))) => Err(Error::Scenario {
                 path: self.path.display().to_string(),
                 source: e.clone(),
@@ -98,37 +133,78 @@ fn nv<T>(answer: Answer<T>) -> NvResult<T> {
 struct ScenarioDriver<'a> {
     scenario: &'a Scenario,
     now_us: u64,
+    /// The driver was reloaded since the mock initialised: handles are lost.
+    stale: bool,
+    session: &'a RefCell<Session>,
 }
 
 impl Driver for ScenarioDriver<'_> {
-    fn device_count(&mut self) -> NvResult<u32> {
-        nv(self.scenario.init())?;
+    fn driver_version(&self) -> NvResult<String> {
+        Ok(self
+            .scenario
+            .driver_version
+            .clone()
+            .unwrap_or_else(|| "999.99-mock".to_owned()))
+    }
+
+    fn device_count(&self) -> NvResult<u32> {
         nv(self.scenario.device_count())
     }
 
     fn device(&self, index: u32) -> NvResult<Box<dyn DriverDevice + '_>> {
+        if self.stale {
+            return Err(NvmlError::GpuLost);
+        }
         let gpu = nv(self.scenario.device(index))?;
         Ok(Box::new(ScenarioDevice {
             gpu,
             index,
-            now_us: self.now_us,
+            instance: None,
+            driver: self,
         }))
+    }
+
+    fn process_name(&self, pid: u32) -> NvResult<String> {
+        nv(self.scenario.process_name(pid))
     }
 }
 
 struct ScenarioDevice<'a> {
     gpu: &'a Gpu,
     index: u32,
-    now_us: u64,
+    /// The MIG GPU instance this handle is for.
+    instance: Option<&'a MigInstance>,
+    driver: &'a ScenarioDriver<'a>,
+}
+
+impl ScenarioDevice<'_> {
+    fn gi(&self) -> Option<u32> {
+        self.instance.map(|i| i.gpu_instance_id)
+    }
+}
+
+/// The headroom nvml-wrapper 0.13 adds to the size query's count before the
+/// fill: 5 for the compute and graphics lists, none for the MPS list.
+fn headroom(kind: ProcessKind) -> usize {
+    match kind {
+        ProcessKind::Mps => 0,
+        _ => 5,
+    }
 }
 
 impl DriverDevice for ScenarioDevice<'_> {
     fn uuid(&self) -> NvResult<String> {
-        nv(self.gpu.uuid(self.index))
+        match self.gi() {
+            Some(gi) => nv(self.gpu.instance_uuid(self.index, gi)),
+            None => nv(self.gpu.uuid(self.index)),
+        }
     }
 
     fn name(&self) -> NvResult<String> {
-        nv(self.gpu.name())
+        match self.gi() {
+            Some(gi) => nv(self.gpu.instance_name(gi)),
+            None => nv(self.gpu.name()),
+        }
     }
 
     fn utilization(&self) -> NvResult<(u32, u32)> {
@@ -136,7 +212,10 @@ impl DriverDevice for ScenarioDevice<'_> {
     }
 
     fn memory(&self) -> NvResult<(u64, u64)> {
-        nv(self.gpu.memory())
+        match self.gi() {
+            Some(gi) => nv(self.gpu.instance_memory(gi)),
+            None => nv(self.gpu.memory()),
+        }
     }
 
     fn temperature(&self) -> NvResult<u32> {
@@ -156,12 +235,28 @@ impl DriverDevice for ScenarioDevice<'_> {
     }
 
     fn processes(&self, kind: ProcessKind) -> NvResult<Vec<ProcessInfo>> {
-        let kind = match kind {
+        let skind = match kind {
             ProcessKind::Compute => scenario::ProcessKind::Compute,
             ProcessKind::Graphics => scenario::ProcessKind::Graphics,
             ProcessKind::Mps => scenario::ProcessKind::Mps,
         };
-        Ok(nv(self.gpu.processes(kind))?
+        let mut session = self.driver.session.borrow_mut();
+        // nvml-wrapper's two calls: the size query, then a fill with headroom.
+        let sized = nv(self
+            .gpu
+            .processes_seen(skind, self.index, self.gi(), true, &mut session))?
+        .len();
+        if sized == 0 {
+            // nvml-wrapper makes no fill call for an empty list.
+            return Ok(Vec::new());
+        }
+        let all = nv(self
+            .gpu
+            .processes_seen(skind, self.index, self.gi(), false, &mut session))?;
+        if all.len() > sized + headroom(kind) {
+            return Err(NvmlError::InsufficientSize(Some(all.len())));
+        }
+        Ok(all
             .into_iter()
             .map(|p| ProcessInfo {
                 pid: p.pid,
@@ -169,23 +264,85 @@ impl DriverDevice for ScenarioDevice<'_> {
                     .used_memory_bytes
                     .map_or(UsedGpuMemory::Unavailable, UsedGpuMemory::Used),
                 gpu_instance_id: p.gpu_instance_id,
-                compute_instance_id: None,
+                compute_instance_id: p.gpu_instance_id.map(|_| 0),
             })
             .collect())
     }
 
-    fn samples(&self, last_seen_us: u64) -> NvResult<Vec<ProcessUtilizationSample>> {
-        Ok(nv(self.gpu.process_samples(last_seen_us, self.now_us))?
-            .into_iter()
-            .map(|s| ProcessUtilizationSample {
-                pid: s.pid,
-                timestamp: s.timestamp_us,
-                sm_util: s.sm_util,
-                mem_util: s.mem_util,
-                enc_util: 0,
-                dec_util: 0,
+    fn samples(&self, last_seen_us: u64) -> Samples {
+        let query = self.driver.session.borrow_mut().next_query(self.index);
+        let samples = nv(self
+            .gpu
+            .process_samples(last_seen_us, self.driver.now_us, query))
+        .map(|samples| {
+            samples
+                .into_iter()
+                .map(|s| ProcessUtilizationSample {
+                    pid: s.pid,
+                    timestamp: s.timestamp_us,
+                    sm_util: s.sm_util,
+                    mem_util: s.mem_util,
+                    enc_util: 0,
+                    dec_util: 0,
+                })
+                .collect()
+        });
+        Samples {
+            call: if self.gpu.processes_utilization_info {
+                "nvmlDeviceGetProcessesUtilizationInfo"
+            } else {
+                "nvmlDeviceGetProcessUtilization"
+            },
+            samples,
+        }
+    }
+
+    fn pcie_kbps(&self) -> NvResult<(u32, u32)> {
+        nv(self.gpu.pcie_kbps())
+    }
+
+    fn nvlink_kib(&self) -> NvResult<(u64, u64, u64)> {
+        let now = self.driver.now_us;
+        nv(self.gpu.nvlink_kib(now)).map(|(tx, rx)| (tx, rx, now))
+    }
+
+    fn energy_mj(&self) -> NvResult<u64> {
+        nv(self.gpu.energy_mj(self.driver.now_us))
+    }
+
+    fn mig_instances(&self) -> NvResult<Vec<Box<dyn DriverDevice + '_>>> {
+        Ok(nv(self.gpu.instances())?
+            .iter()
+            .map(|i| {
+                Box::new(ScenarioDevice {
+                    gpu: self.gpu,
+                    index: self.index,
+                    instance: Some(i),
+                    driver: self.driver,
+                }) as Box<dyn DriverDevice + '_>
             })
             .collect())
+    }
+
+    fn instance_ids(&self) -> NvResult<(u32, u32)> {
+        self.instance
+            .map(|i| (i.gpu_instance_id, i.compute_instance_id))
+            .ok_or(NvmlError::InvalidArg)
+    }
+
+    fn gpm_sm_util(&self) -> NvResult<u32> {
+        let gi = self.gi().ok_or(NvmlError::InvalidArg)?;
+        let sm = nv(self.gpu.gpm_sm_util(gi))?;
+        // A GPM figure is the difference of two samples.
+        if !self
+            .driver
+            .session
+            .borrow_mut()
+            .gpm_sampled_before(self.index, gi)
+        {
+            return Err(NvmlError::NoData);
+        }
+        Ok(sm)
     }
 }
 
@@ -310,6 +467,57 @@ mod tests {
         write(&path, &scenario(40));
         let fixed = until(&mut rx, "recovery", |s| s.error.is_none()).await;
         assert_eq!(device_util(&fixed), Some(40));
+    }
+
+    fn mock(dir: &Path, text: &str) -> MockSource {
+        let path = dir.join("s.toml");
+        write(&path, text);
+        MockSource::new(path)
+    }
+
+    #[test]
+    fn the_mock_gates_drivers_and_recovers_from_a_reload_as_nvml_does() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let err = mock(
+            dir.path(),
+            &format!("driver_version = \"535.86.05\"\n{}", scenario(10)),
+        )
+        .poll()
+        .expect_err("a driver with the R535 layout")
+        .to_string();
+        assert!(
+            err.contains("535.86.05") && err.contains("upgrade"),
+            "{err}"
+        );
+
+        let err = mock(
+            dir.path(),
+            &format!(
+                "[errors]\ninit = \"LIB_RM_VERSION_MISMATCH\"\n{}",
+                scenario(10)
+            ),
+        )
+        .poll()
+        .expect_err("library and module differ")
+        .to_string();
+        assert!(err.contains("reboot the node"), "{err}");
+
+        let mut src = mock(dir.path(), &scenario(10));
+        assert_eq!(
+            src.poll().expect("pass").devices[0].sm_util,
+            Reading::Ok(10)
+        );
+        write(
+            &dir.path().join("s.toml"),
+            &format!("driver_reloads = 1\n{}", scenario(10)),
+        );
+        let lost = src.poll().expect("pass");
+        assert!(
+            matches!(&lost.devices[0].sm_util, Reading::Unavailable(r) if r.contains("fell off the bus")),
+            "{lost:?}"
+        );
+        let back = src.poll().expect("pass after initialising again");
+        assert_eq!(back.devices[0].sm_util, Reading::Ok(10));
     }
 
     #[test]

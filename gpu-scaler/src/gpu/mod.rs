@@ -6,6 +6,7 @@
 //! never zero: a wrong zero scales a workload away.
 
 mod collector;
+pub mod driver_version;
 pub mod mock;
 pub mod nvml;
 mod poller;
@@ -36,6 +37,14 @@ impl<T> Reading<T> {
     pub fn unavailable(reason: impl Into<Arc<str>>) -> Self {
         Self::Unavailable(reason.into())
     }
+
+    /// Why the figure could not be read; `None` when it was.
+    pub fn reason(&self) -> Option<&str> {
+        match self {
+            Self::Ok(_) => None,
+            Self::Unavailable(r) => Some(r),
+        }
+    }
 }
 
 /// How a process uses a GPU.
@@ -44,7 +53,8 @@ impl<T> Reading<T> {
 pub enum ProcessKind {
     Compute,
     Graphics,
-    /// A client of the MPS server.
+    /// A client of the MPS server (listed by NVML's MPS list, memory only:
+    /// NVML credits its SM time to the server).
     Mps,
 }
 
@@ -55,8 +65,12 @@ pub struct GpuProcess {
     pub pid: u32,
     pub kind: ProcessKind,
     pub used_memory_mib: Reading<u64>,
-    /// SM utilization % over the samples since the previous pass (0 when NVML had
-    /// no samples for it: it was idle). Unavailable on MIG devices.
+    /// SM utilization % over the samples since the previous pass; the last
+    /// sample while it is younger than a few poll intervals; 0 when NVML had
+    /// no sample for it and the sampled processes account for the GPU's
+    /// utilization (it was idle). Unavailable otherwise: a busy GPU whose
+    /// processes have no sample, MIG devices, MPS clients and the MPS server
+    /// (see `collector`).
     pub sm_util: Reading<u32>,
     /// Memory-controller utilization %, as `sm_util`.
     pub mem_util: Reading<u32>,
@@ -83,10 +97,57 @@ pub struct GpuDevice {
     pub power_w: Reading<f64>,
     pub power_limit_w: Reading<f64>,
     pub mig_enabled: bool,
+    /// Set when this device is one MIG instance of a GPU (its `index` is the
+    /// parent's, its `uuid` the instance's `MIG-...`, its memory the
+    /// instance's own). The instance's processes are listed here, not on the
+    /// parent.
+    pub mig_instance: Option<MigInstance>,
+    /// PCIe, NVLink and energy counters of the device.
+    pub counters: DeviceCounters,
     /// Processes on this GPU. If the process list itself could not be read this
     /// is empty and `processes_error` says why.
     pub processes: Vec<GpuProcess>,
     pub processes_error: Option<Arc<str>>,
+}
+
+/// Which MIG instance a [`GpuDevice`] is.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct MigInstance {
+    pub parent_uuid: String,
+    pub gpu_instance_id: u32,
+    pub compute_instance_id: u32,
+}
+
+/// Device-level throughput and energy, as NVML reports them (whole GPU: a MIG
+/// instance reports them unavailable).
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct DeviceCounters {
+    /// `nvmlDeviceGetPcieThroughput(TX_BYTES)`: KB/s over the driver's 20 ms window.
+    pub pcie_tx_kbps: Reading<u32>,
+    /// `nvmlDeviceGetPcieThroughput(RX_BYTES)`.
+    pub pcie_rx_kbps: Reading<u32>,
+    /// NVLink data sent, MB/s over all links, from the delta of
+    /// `NVML_FI_DEV_NVLINK_THROUGHPUT_DATA_TX` (KiB) since the previous pass;
+    /// unavailable on the first pass and on GPUs without NVLink.
+    pub nvlink_tx_mbps: Reading<f64>,
+    /// As `nvlink_tx_mbps`, received (`..._DATA_RX`).
+    pub nvlink_rx_mbps: Reading<f64>,
+    /// `nvmlDeviceGetTotalEnergyConsumption`: mJ since the driver was loaded.
+    pub energy_mj: Reading<u64>,
+}
+
+impl Default for DeviceCounters {
+    /// Everything unavailable ("not read"): for devices built by hand.
+    fn default() -> Self {
+        let r: Arc<str> = "not read".into();
+        Self {
+            pcie_tx_kbps: Reading::Unavailable(r.clone()),
+            pcie_rx_kbps: Reading::Unavailable(r.clone()),
+            nvlink_tx_mbps: Reading::Unavailable(r.clone()),
+            nvlink_rx_mbps: Reading::Unavailable(r.clone()),
+            energy_mj: Reading::Unavailable(r),
+        }
+    }
 }
 
 /// Everything one sampling pass saw.
@@ -134,7 +195,7 @@ pub struct Config {
 pub enum Error {
     #[error("GPU source is not available: {0}")]
     Unavailable(String),
-    #[error("loading NVML from {lib}: {source}")]
+    #[error("loading NVML from {lib}: {source}{}", init_hint(.source))]
     Init {
         lib: String,
         #[source]
@@ -146,6 +207,8 @@ pub enum Error {
         #[source]
         source: nvml_wrapper::error::NvmlError,
     },
+    #[error(transparent)]
+    DriverVersion(#[from] driver_version::Error),
     #[error("GPU scenario {path}: {source}")]
     Scenario {
         path: String,
@@ -162,6 +225,21 @@ pub enum Error {
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
+/// What to do about an `nvmlInit_v2` failure, where the error says.
+fn init_hint(e: &nvml_wrapper::error::NvmlError) -> &'static str {
+    use nvml_wrapper::error::NvmlError;
+    match e {
+        NvmlError::LibRmVersionMismatch => {
+            " (the NVML library and the loaded nvidia kernel module are from different driver \
+             versions, as after a driver upgrade without a reboot: reboot the node, or reload \
+             the nvidia kernel modules, then restart gpu-scaler)"
+        }
+        NvmlError::DriverNotLoaded => " (is the NVIDIA driver installed and its module loaded?)",
+        NvmlError::NoPermission => " (the daemon needs read access to /dev/nvidia*)",
+        _ => "",
+    }
+}
+
 /// Where GPU figures come from. One call of [`GpuSource::poll`] is one sampling
 /// pass; implementations keep what must survive between passes (NVML's
 /// lastSeen, the loaded library, the last scenario read).
@@ -173,9 +251,13 @@ pub trait GpuSource: Send {
 /// The source `config` asks for. Nothing is loaded or read until the first poll.
 pub fn source(config: &Config) -> Result<Box<dyn GpuSource>> {
     match config.source {
-        SourceKind::Nvml => Ok(Box::new(nvml::NvmlSource::new(config.nvml_lib.clone()))),
+        SourceKind::Nvml => Ok(Box::new(
+            nvml::NvmlSource::new(config.nvml_lib.clone()).with_poll_interval(config.poll_interval),
+        )),
         SourceKind::Mock => match &config.scenario {
-            Some(path) => Ok(Box::new(mock::MockSource::new(path.clone()))),
+            Some(path) => Ok(Box::new(
+                mock::MockSource::new(path.clone()).with_poll_interval(config.poll_interval),
+            )),
             None => Err(Error::Unavailable(
                 "the mock GPU source needs a scenario file (--gpu-scenario)".into(),
             )),

@@ -30,8 +30,30 @@ pub struct Scenario {
     /// Test-only: errors of the library as a whole.
     #[serde(default)]
     pub errors: LibraryErrors,
+    /// Test-only: how many times the kernel driver was reloaded. Handles from
+    /// an `nvmlInit_v2` made before the latest reload answer GPU_IS_LOST until
+    /// NVML is shut down and initialised again, as after `rmmod nvidia`.
+    #[serde(default)]
+    pub driver_reloads: u32,
+    /// Test-only: the layout the process lists are written in. `r535` is the
+    /// 32-byte entry of drivers 535.43-535.86 (an extra
+    /// `usedGpuCcProtectedMemory`) where nvml-wrapper reads 24 bytes: every
+    /// entry after the first comes out garbled.
+    #[serde(default)]
+    pub process_info_layout: ProcessInfoLayout,
     #[serde(default)]
     pub gpu: Vec<Gpu>,
+}
+
+/// How a fake driver lays out `nvmlProcessInfo_t` entries.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ProcessInfoLayout {
+    /// `nvmlProcessInfo_v2_t`, 24 bytes, what `_v3` calls take elsewhere.
+    #[default]
+    V3,
+    /// The 32-byte entry of drivers 535.43-535.86.
+    R535,
 }
 
 /// Test-only: NVML errors of calls that are not about one device.
@@ -64,6 +86,44 @@ pub struct Gpu {
     /// process, and processes carry their GPU instance.
     #[serde(default)]
     pub mig: bool,
+    /// MIG: whether the caller may monitor the whole GPU (CAP_SYS_ADMIN or the
+    /// `/proc/driver/nvidia/capabilities/mig/monitor` capability). Without it
+    /// memory and process queries on the parent handle answer NO_PERMISSION;
+    /// the per-instance handles still answer.
+    #[serde(default)]
+    pub mig_monitor: bool,
+    /// MIG: whether the GPU has GPM (Hopper and later): per-instance SM
+    /// activity through `nvmlGpmMigSampleGet`.
+    #[serde(default)]
+    pub gpm: bool,
+    /// MIG GPU instances (`mig = true`), in MIG device index order.
+    #[serde(default)]
+    pub mig_instance: Vec<MigInstance>,
+    /// Pid of the MPS server (`nvidia-cuda-mps-server`, a compute process of
+    /// this GPU). As with a real driver, the utilization samples of every MPS
+    /// client (`kind = "mps"`) are reported under this pid, summed and capped
+    /// at 100; without it, MPS clients' SM time is reported under no pid.
+    pub mps_server: Option<u32>,
+    /// What the size query of `nvmlDeviceGetProcessUtilization` (NULL buffer)
+    /// reports: real drivers answer INSUFFICIENT_SIZE with a fixed 100 whatever
+    /// the number of samples, even when there are none. 0: the exact count.
+    #[serde(default = "default_size_query")]
+    pub utilization_size_query: u32,
+    /// Test-only: whether the driver has `nvmlDeviceGetProcessesUtilizationInfo`
+    /// (R550+) for this GPU; false answers NOT_SUPPORTED, as some drivers do.
+    #[serde(default = "yes")]
+    pub processes_utilization_info: bool,
+    /// PCIe throughput, KB/s (`nvmlDeviceGetPcieThroughput`, a 20 ms window).
+    pub pcie_tx_kbps: Option<u32>,
+    pub pcie_rx_kbps: Option<u32>,
+    /// NVLink throughput, MB/s over all links: served as NVML does, as the
+    /// cumulative KiB counters `NVML_FI_DEV_NVLINK_THROUGHPUT_DATA_TX/RX`
+    /// growing at this rate.
+    pub nvlink_tx_mbps: Option<f64>,
+    pub nvlink_rx_mbps: Option<f64>,
+    /// `nvmlDeviceGetTotalEnergyConsumption`, mJ. Default: a counter growing at
+    /// `power_w` (W x ms since the epoch); neither: not supported.
+    pub energy_mj: Option<u64>,
     /// Test-only: return every process-utilization sample whatever `lastSeen`
     /// says, as some drivers do, so the reader's own filtering is exercised.
     #[serde(default)]
@@ -73,6 +133,30 @@ pub struct Gpu {
     pub errors: GpuErrors,
     #[serde(default)]
     pub process: Vec<Process>,
+}
+
+fn default_size_query() -> u32 {
+    100
+}
+
+fn yes() -> bool {
+    true
+}
+
+/// One MIG instance of a GPU (a GPU instance with one compute instance).
+#[derive(Clone, Debug, Default, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MigInstance {
+    pub gpu_instance_id: u32,
+    #[serde(default)]
+    pub compute_instance_id: u32,
+    /// Default derived from the parent's index and the instance id.
+    pub uuid: Option<String>,
+    /// The profile, e.g. `1g.18gb`: the instance is named "<GPU name> MIG <profile>".
+    pub profile: Option<String>,
+    pub memory_total_mib: Option<u64>,
+    /// SM activity % that GPM reports for the instance (`gpm = true` only).
+    pub sm_util: Option<Percent>,
 }
 
 /// One process on a GPU.
@@ -92,6 +176,16 @@ pub struct Process {
     pub used_memory_mib: Option<u64>,
     /// MIG GPU instance (MIG devices only).
     pub gpu_instance_id: Option<u32>,
+    /// What `nvmlSystemGetProcessName` answers (absent: NOT_FOUND).
+    pub name: Option<String>,
+    /// Test-only: the driver has a new sample for this busy process only on
+    /// every Nth utilization query of its GPU (the 1st, N+1th, ...): a driver
+    /// sampling more slowly than the daemon polls.
+    pub sample_every: Option<u32>,
+    /// Test-only: the process starts between the size query and the fill of
+    /// its list: the first size query does not count it, every fill lists it.
+    #[serde(default)]
+    pub late: bool,
     /// Test-only: raw utilization samples with their timestamps (microseconds),
     /// returned when newer than the caller's `lastSeen`. Values over 100 are
     /// allowed here, to test how readers treat them.
@@ -162,6 +256,9 @@ pub enum NvmlErrorKind {
     NotFound,
     DriverNotLoaded,
     GpuIsLost,
+    InsufficientSize,
+    LibRmVersionMismatch,
+    Uninitialized,
     Unknown,
 }
 
@@ -174,6 +271,9 @@ impl NvmlErrorKind {
             Self::NotFound => 6,
             Self::DriverNotLoaded => 9,
             Self::GpuIsLost => 15,
+            Self::InsufficientSize => 7,
+            Self::LibRmVersionMismatch => 18,
+            Self::Uninitialized => 1,
             Self::Unknown => 999,
         }
     }
@@ -198,6 +298,10 @@ pub struct GpuErrors {
     pub graphics_processes: Option<NvmlErrorKind>,
     pub mps_processes: Option<NvmlErrorKind>,
     pub process_utilization: Option<NvmlErrorKind>,
+    pub pcie: Option<NvmlErrorKind>,
+    pub nvlink: Option<NvmlErrorKind>,
+    pub energy: Option<NvmlErrorKind>,
+    pub mig_instances: Option<NvmlErrorKind>,
 }
 
 /// What one NVML call answers: a value or an NVML error.
@@ -298,6 +402,9 @@ impl Gpu {
     /// (used, total) in bytes.
     pub fn memory(&self) -> Answer<(u64, u64)> {
         self.check(self.errors.memory)?;
+        if self.mig && !self.mig_monitor {
+            return Err(NvmlErrorKind::NoPermission);
+        }
         let total = self.memory_total_mib.ok_or(NvmlErrorKind::NotSupported)?;
         let used = self.memory_used_mib.unwrap_or_else(|| {
             // A process in several lists (compute and graphics) holds its
@@ -337,43 +444,168 @@ impl Gpu {
         Ok(self.mig)
     }
 
-    /// The processes NVML lists for `kind`.
-    pub fn processes(&self, kind: ProcessKind) -> Answer<Vec<ProcessOut>> {
-        self.check(match kind {
+    /// (used, total) bytes of MIG instance `gi`: its processes' memory.
+    pub fn instance_memory(&self, gi: u32) -> Answer<(u64, u64)> {
+        let inst = self.instance(gi)?;
+        let total = inst.memory_total_mib.ok_or(NvmlErrorKind::NotSupported)?;
+        let used: u64 = self
+            .process
+            .iter()
+            .filter(|p| p.gpu_instance_id == Some(gi))
+            .filter_map(|p| p.used_memory_mib)
+            .sum();
+        Ok((used.saturating_mul(MIB), total.saturating_mul(MIB)))
+    }
+
+    /// The MIG instances NVML enumerates under this GPU (none outside MIG mode).
+    pub fn instances(&self) -> Answer<&[MigInstance]> {
+        self.check(self.errors.mig_instances)?;
+        Ok(if self.mig { &self.mig_instance } else { &[] })
+    }
+
+    fn instance(&self, gi: u32) -> Answer<&MigInstance> {
+        self.instances()?
+            .iter()
+            .find(|i| i.gpu_instance_id == gi)
+            .ok_or(NvmlErrorKind::NotFound)
+    }
+
+    /// A MIG instance's UUID (`MIG-...`).
+    pub fn instance_uuid(&self, index: u32, gi: u32) -> Answer<String> {
+        let inst = self.instance(gi)?;
+        Ok(inst
+            .uuid
+            .clone()
+            .unwrap_or_else(|| format!("MIG-00000000-0000-0000-{index:04x}-{gi:012x}")))
+    }
+
+    /// A MIG instance's name, as NVML gives it: "<GPU name> MIG <profile>".
+    pub fn instance_name(&self, gi: u32) -> Answer<String> {
+        let inst = self.instance(gi)?;
+        let profile = inst.profile.clone().unwrap_or_else(|| format!("gi{gi}"));
+        Ok(format!("{} MIG {profile}", self.name()?))
+    }
+
+    /// The SM activity % GPM reports for MIG instance `gi`.
+    pub fn gpm_sm_util(&self, gi: u32) -> Answer<u32> {
+        if !self.gpm {
+            return Err(NvmlErrorKind::NotSupported);
+        }
+        let inst = self.instance(gi)?;
+        inst.sm_util.map(|p| p.0).ok_or(NvmlErrorKind::NotSupported)
+    }
+
+    /// The processes a list call of `kind` sees, on the whole GPU (`None`) or
+    /// one MIG instance. On a MIG GPU the whole-GPU list needs `mig_monitor`.
+    /// The first size query (`size_query`) in `session` misses `late`
+    /// processes; fills and later size queries list them.
+    pub fn processes_seen(
+        &self,
+        kind: ProcessKind,
+        index: u32,
+        instance: Option<u32>,
+        size_query: bool,
+        session: &mut Session,
+    ) -> Answer<Vec<ProcessOut>> {
+        let mut list = match instance {
+            None => self.processes(kind)?,
+            Some(gi) => {
+                self.instance(gi)?;
+                self.check(self.kind_error(kind))?;
+                self.process
+                    .iter()
+                    .filter(|p| p.kind == kind && p.gpu_instance_id == Some(gi))
+                    .map(|p| self.out(p))
+                    .collect()
+            }
+        };
+        let late: Vec<u32> = self
+            .process
+            .iter()
+            .filter(|p| p.late && p.kind == kind)
+            .map(|p| p.pid)
+            .collect();
+        if size_query {
+            // Only the first size query misses it: it has started by the next.
+            list.retain(|p| !late.contains(&p.pid) || !session.revealed.insert((index, p.pid)));
+        }
+        Ok(list)
+    }
+
+    fn kind_error(&self, kind: ProcessKind) -> Option<NvmlErrorKind> {
+        match kind {
             ProcessKind::Compute => self.errors.compute_processes,
             ProcessKind::Graphics => self.errors.graphics_processes,
             ProcessKind::Mps => self.errors.mps_processes,
-        })?;
+        }
+    }
+
+    fn out(&self, p: &Process) -> ProcessOut {
+        ProcessOut {
+            pid: p.pid,
+            used_memory_bytes: p.used_memory_mib.map(|m| m.saturating_mul(MIB)),
+            gpu_instance_id: p.gpu_instance_id.filter(|_| self.mig),
+        }
+    }
+
+    /// The processes NVML lists for `kind` on the whole GPU.
+    pub fn processes(&self, kind: ProcessKind) -> Answer<Vec<ProcessOut>> {
+        self.check(self.kind_error(kind))?;
+        if self.mig && !self.mig_monitor {
+            return Err(NvmlErrorKind::NoPermission);
+        }
         Ok(self
             .process
             .iter()
             .filter(|p| p.kind == kind)
-            .map(|p| ProcessOut {
-                pid: p.pid,
-                used_memory_bytes: p.used_memory_mib.map(|m| m.saturating_mul(MIB)),
-                gpu_instance_id: p.gpu_instance_id.filter(|_| self.mig),
-            })
+            .map(|p| self.out(p))
             .collect())
     }
 
     /// Utilization samples newer than `last_seen_us` (all of them with
-    /// `ignore_last_seen`). Processes without explicit samples get one taken at
-    /// `now_us` when they are busy. NOT_FOUND when there are none, as in NVML.
-    pub fn process_samples(&self, last_seen_us: u64, now_us: u64) -> Answer<Vec<SampleOut>> {
+    /// `ignore_last_seen`) for utilization query number `query` (0-based) of
+    /// this GPU. Processes without explicit samples get one taken at `now_us`
+    /// when they are busy (with `sample_every`, only on every Nth query). As in
+    /// NVML, MPS clients' samples carry the MPS server's pid. NOT_FOUND when
+    /// there are none.
+    pub fn process_samples(
+        &self,
+        last_seen_us: u64,
+        now_us: u64,
+        query: u64,
+    ) -> Answer<Vec<SampleOut>> {
         self.check(self.errors.process_utilization)?;
         if self.mig {
             return Err(NvmlErrorKind::NotSupported);
         }
         let mut out = Vec::new();
+        // The MPS server's sample: the sum of its clients' (and its own).
+        let mut server = (0u32, 0u32, false);
         for p in &self.process {
+            let pid = match (p.kind, self.mps_server) {
+                (ProcessKind::Mps, Some(server)) => server,
+                // No server named: the clients' SM time is nobody's.
+                (ProcessKind::Mps, None) => continue,
+                _ => p.pid,
+            };
+            let credited_to_server = self.mps_server == Some(pid);
             if p.sample.is_empty() {
-                if p.sm_util.0 > 0 || p.mem_util.0 > 0 {
-                    out.push(SampleOut {
-                        pid: p.pid,
-                        timestamp_us: now_us,
-                        sm_util: p.sm_util.0,
-                        mem_util: p.mem_util.0,
-                    });
+                let due = p
+                    .sample_every
+                    .is_none_or(|n| n <= 1 || query.is_multiple_of(u64::from(n)));
+                if due && (p.sm_util.0 > 0 || p.mem_util.0 > 0) {
+                    if credited_to_server {
+                        server.0 += p.sm_util.0;
+                        server.1 += p.mem_util.0;
+                        server.2 = true;
+                    } else {
+                        out.push(SampleOut {
+                            pid,
+                            timestamp_us: now_us,
+                            sm_util: p.sm_util.0,
+                            mem_util: p.mem_util.0,
+                        });
+                    }
                 }
                 continue;
             }
@@ -382,17 +614,93 @@ impl Gpu {
                     .iter()
                     .filter(|s| self.ignore_last_seen || s.timestamp_us > last_seen_us)
                     .map(|s| SampleOut {
-                        pid: p.pid,
+                        pid,
                         timestamp_us: s.timestamp_us,
                         sm_util: s.sm_util,
                         mem_util: s.mem_util,
                     }),
             );
         }
+        if let (Some(pid), (sm, mem, true)) = (self.mps_server, server) {
+            out.push(SampleOut {
+                pid,
+                timestamp_us: now_us,
+                sm_util: sm.min(100),
+                mem_util: mem.min(100),
+            });
+        }
         if out.is_empty() {
             return Err(NvmlErrorKind::NotFound);
         }
         Ok(out)
+    }
+
+    /// (TX, RX) KB/s over PCIe.
+    pub fn pcie_kbps(&self) -> Answer<(u32, u32)> {
+        self.check(self.errors.pcie)?;
+        match (self.pcie_tx_kbps, self.pcie_rx_kbps) {
+            (Some(tx), Some(rx)) => Ok((tx, rx)),
+            _ => Err(NvmlErrorKind::NotSupported),
+        }
+    }
+
+    /// The cumulative (TX, RX) NVLink data counters in KiB at `now_us`,
+    /// growing at `nvlink_tx_mbps` / `nvlink_rx_mbps`.
+    pub fn nvlink_kib(&self, now_us: u64) -> Answer<(u64, u64)> {
+        self.check(self.errors.nvlink)?;
+        let counter = |mbps: f64| (mbps * 1e6 / 1024.0 * (now_us as f64 / 1e6)) as u64;
+        match (self.nvlink_tx_mbps, self.nvlink_rx_mbps) {
+            (Some(tx), Some(rx)) if tx >= 0.0 && rx >= 0.0 => Ok((counter(tx), counter(rx))),
+            _ => Err(NvmlErrorKind::NotSupported),
+        }
+    }
+
+    /// The total-energy counter in mJ at `now_us`.
+    pub fn energy_mj(&self, now_us: u64) -> Answer<u64> {
+        self.check(self.errors.energy)?;
+        if let Some(mj) = self.energy_mj {
+            return Ok(mj);
+        }
+        let w = self.power_w.ok_or(NvmlErrorKind::NotSupported)?;
+        // W x ms = mJ.
+        Ok((w.0 * (now_us / 1000) as f64) as u64)
+    }
+}
+
+/// What a fake driver remembers between calls for one initialised session:
+/// which `late` processes a size query has missed, and how many utilization
+/// queries each GPU has answered.
+#[derive(Clone, Debug, Default)]
+pub struct Session {
+    revealed: std::collections::HashSet<(u32, u32)>,
+    queries: std::collections::HashMap<u32, u64>,
+    gpm: std::collections::HashSet<(u32, u32)>,
+}
+
+impl Session {
+    /// The number (0-based) of this utilization query of GPU `index`.
+    /// Whether MIG instance `gi` of GPU `index` was GPM-sampled before in this
+    /// session (GPM figures need two samples); records this one.
+    pub fn gpm_sampled_before(&mut self, index: u32, gi: u32) -> bool {
+        !self.gpm.insert((index, gi))
+    }
+
+    pub fn next_query(&mut self, index: u32) -> u64 {
+        let n = self.queries.entry(index).or_insert(0);
+        *n += 1;
+        *n - 1
+    }
+}
+
+impl Scenario {
+    /// What `nvmlSystemGetProcessName` answers for `pid`.
+    pub fn process_name(&self, pid: u32) -> Answer<String> {
+        self.gpu
+            .iter()
+            .flat_map(|g| &g.process)
+            .find(|p| p.pid == pid)
+            .and_then(|p| p.name.clone())
+            .ok_or(NvmlErrorKind::NotFound)
     }
 }
 
@@ -455,7 +763,7 @@ used_memory_mib = 30000
             }]
         );
         assert_eq!(
-            g.process_samples(0, 77).expect("samples"),
+            g.process_samples(0, 77, 0).expect("samples"),
             vec![SampleOut {
                 pid: 4242,
                 timestamp_us: 77,
@@ -496,7 +804,10 @@ used_memory_mib = 30000
         assert_eq!(s.gpu[0].utilization(), Err(NvmlErrorKind::NotSupported));
         assert_eq!(s.gpu[0].memory(), Err(NvmlErrorKind::NotSupported));
         assert_eq!(s.gpu[0].power_mw(), Err(NvmlErrorKind::NotSupported));
-        assert_eq!(s.gpu[0].process_samples(0, 1), Err(NvmlErrorKind::NotFound));
+        assert_eq!(
+            s.gpu[0].process_samples(0, 1, 0),
+            Err(NvmlErrorKind::NotFound)
+        );
         assert_eq!(s.device_count(), Ok(2));
     }
 
@@ -540,34 +851,137 @@ used_memory_mib = 30000
         let text = "[[gpu]]\n[[gpu.process]]\npid = 7\nsample = [{ timestamp_us = 10, sm_util = 40 }, { timestamp_us = 20, sm_util = 160 }]\n";
         let s = Scenario::parse(text).expect("parses");
         let pids: Vec<u64> = s.gpu[0]
-            .process_samples(10, 99)
+            .process_samples(10, 99, 0)
             .expect("one newer sample")
             .iter()
             .map(|s| s.timestamp_us)
             .collect();
         assert_eq!(pids, vec![20]);
         assert_eq!(
-            s.gpu[0].process_samples(20, 99),
+            s.gpu[0].process_samples(20, 99, 0),
             Err(NvmlErrorKind::NotFound)
         );
 
         let s = Scenario::parse(&text.replace("[[gpu]]\n", "[[gpu]]\nignore_last_seen = true\n"))
             .expect("parses");
-        assert_eq!(s.gpu[0].process_samples(20, 99).expect("all").len(), 2);
+        assert_eq!(s.gpu[0].process_samples(20, 99, 0).expect("all").len(), 2);
     }
 
     #[test]
-    fn mig_reports_instances_and_no_utilization() {
+    fn mig_reports_instances_and_refuses_the_parent_without_privilege() {
+        let text = "[[gpu]]\nname = \"H200\"\nmig = true\nutilization = 50\nmemory_total_mib = 143771\n\
+             [[gpu.mig_instance]]\ngpu_instance_id = 3\nprofile = \"1g.18gb\"\nmemory_total_mib = 16384\nsm_util = 70\n\
+             [[gpu.process]]\npid = 1\nsm_util = 10\ngpu_instance_id = 3\nused_memory_mib = 2\n";
+        let s = Scenario::parse(text).expect("parses");
+        let g = &s.gpu[0];
+        assert_eq!(g.utilization(), Err(NvmlErrorKind::NotSupported));
+        assert_eq!(g.process_samples(0, 1, 0), Err(NvmlErrorKind::NotSupported));
+        assert_eq!(
+            g.processes(ProcessKind::Compute),
+            Err(NvmlErrorKind::NoPermission)
+        );
+        assert_eq!(g.memory(), Err(NvmlErrorKind::NoPermission));
+        let mut session = Session::default();
+        let listed = g
+            .processes_seen(ProcessKind::Compute, 0, Some(3), false, &mut session)
+            .expect("the instance's own handle answers");
+        assert_eq!(listed[0].gpu_instance_id, Some(3));
+        assert_eq!(g.instance_memory(3), Ok((2 * MIB, 16384 * MIB)));
+        assert_eq!(g.instance_name(3).as_deref(), Ok("H200 MIG 1g.18gb"));
+        assert_eq!(g.gpm_sm_util(3), Err(NvmlErrorKind::NotSupported), "no GPM");
+
         let s = Scenario::parse(
-            "[[gpu]]\nmig = true\nutilization = 50\n[[gpu.process]]\npid = 1\nsm_util = 10\ngpu_instance_id = 3\nused_memory_mib = 2\n",
+            &text.replace("mig = true", "mig = true\nmig_monitor = true\ngpm = true"),
         )
         .expect("parses");
         let g = &s.gpu[0];
-        assert_eq!(g.utilization(), Err(NvmlErrorKind::NotSupported));
-        assert_eq!(g.process_samples(0, 1), Err(NvmlErrorKind::NotSupported));
         assert_eq!(
-            g.processes(ProcessKind::Compute).expect("list")[0].gpu_instance_id,
-            Some(3)
+            g.processes(ProcessKind::Compute).expect("privileged").len(),
+            1
+        );
+        assert_eq!(g.gpm_sm_util(3), Ok(70));
+    }
+
+    #[test]
+    fn mps_clients_samples_carry_the_servers_pid() {
+        let s = Scenario::parse(
+            "[[gpu]]\nmps_server = 900\n\
+             [[gpu.process]]\npid = 900\nname = \"/usr/bin/nvidia-cuda-mps-server\"\nused_memory_mib = 30\n\
+             [[gpu.process]]\npid = 11\nkind = \"mps\"\nsm_util = 40\nused_memory_mib = 1000\n\
+             [[gpu.process]]\npid = 12\nkind = \"mps\"\nsm_util = 70\nmem_util = 5\nused_memory_mib = 2000\n",
+        )
+        .expect("parses");
+        let g = &s.gpu[0];
+        assert_eq!(
+            g.process_samples(0, 5, 0).expect("samples"),
+            vec![SampleOut {
+                pid: 900,
+                timestamp_us: 5,
+                sm_util: 100,
+                mem_util: 5
+            }],
+            "one sample for the server, capped at 100"
+        );
+        let clients: Vec<u32> = g
+            .processes(ProcessKind::Mps)
+            .expect("MPS list")
+            .iter()
+            .map(|p| p.pid)
+            .collect();
+        assert_eq!(clients, vec![11, 12]);
+        assert_eq!(
+            s.process_name(900).as_deref(),
+            Ok("/usr/bin/nvidia-cuda-mps-server")
+        );
+        assert_eq!(s.process_name(11), Err(NvmlErrorKind::NotFound));
+    }
+
+    #[test]
+    fn slow_samples_and_late_processes() {
+        let s = Scenario::parse(
+            "[[gpu]]\n[[gpu.process]]\npid = 1\nsm_util = 50\nsample_every = 3\n\
+             [[gpu.process]]\npid = 2\nkind = \"mps\"\nlate = true\n",
+        )
+        .expect("parses");
+        let g = &s.gpu[0];
+        let got: Vec<bool> = (0..6).map(|q| g.process_samples(0, 1, q).is_ok()).collect();
+        assert_eq!(got, vec![true, false, false, true, false, false]);
+        let mut session = Session::default();
+        let seen = |size, session: &mut Session| {
+            g.processes_seen(ProcessKind::Mps, 0, None, size, session)
+                .expect("list")
+                .len()
+        };
+        assert_eq!(
+            seen(true, &mut session),
+            0,
+            "the first size query misses it"
+        );
+        assert_eq!(seen(false, &mut session), 1, "the fill lists it");
+        assert_eq!(seen(true, &mut session), 1, "from then on it is counted");
+        let mut fresh = Session::default();
+        assert_eq!(seen(false, &mut fresh), 1, "a fill always lists it");
+        assert_eq!(g.utilization_size_query, 100, "real drivers' fixed count");
+    }
+
+    #[test]
+    fn counters_grow_at_their_rates() {
+        let s = Scenario::parse(
+            "[[gpu]]\npower_w = 200.0\nnvlink_tx_mbps = 1024.0\nnvlink_rx_mbps = 0.0\npcie_tx_kbps = 5\npcie_rx_kbps = 6\n",
+        )
+        .expect("parses");
+        let g = &s.gpu[0];
+        let (a, _) = g.nvlink_kib(1_000_000).expect("nvlink");
+        let (b, rx) = g.nvlink_kib(2_000_000).expect("nvlink");
+        assert_eq!(b - a, 1_000_000, "1024 MB/s for 1 s is 10^6 KiB");
+        assert_eq!(rx, 0);
+        let e1 = g.energy_mj(1_000_000).expect("energy");
+        let e2 = g.energy_mj(3_000_000).expect("energy");
+        assert_eq!(e2 - e1, 400_000, "200 W for 2 s is 400 J");
+        assert_eq!(g.pcie_kbps(), Ok((5, 6)));
+        assert_eq!(
+            Scenario::parse("[[gpu]]\n").expect("parses").gpu[0].energy_mj(1),
+            Err(NvmlErrorKind::NotSupported)
         );
     }
 }

@@ -65,6 +65,8 @@ struct MetaJson {
     uid: Option<String>,
     #[serde(default)]
     labels: Option<BTreeMap<String, String>>,
+    #[serde(default)]
+    annotations: Option<BTreeMap<String, String>>,
 }
 
 #[derive(Deserialize)]
@@ -77,6 +79,8 @@ struct SpecJson {
 #[serde(rename_all = "camelCase")]
 struct StatusJson {
     phase: Option<String>,
+    #[serde(rename = "podIP")]
+    pod_ip: Option<String>,
     #[serde(default)]
     conditions: Option<Vec<ConditionJson>>,
     container_statuses: Option<Vec<ContainerStatusJson>>,
@@ -188,6 +192,10 @@ pub fn parse(path: &str, text: &str) -> Result<Vec<Pod>> {
         let name = field(meta.name, "name")?;
         let namespace = field(meta.namespace, "namespace")?;
         let uid = field(meta.uid, "uid")?;
+        let ip = item
+            .status
+            .as_ref()
+            .and_then(|s| super::pod_ip(s.pod_ip.as_deref()));
         let (phase, ready, containers) = match item.status {
             Some(s) => {
                 let ready = s
@@ -211,6 +219,8 @@ pub fn parse(path: &str, text: &str) -> Result<Vec<Pod>> {
                 .filter(|n| !n.is_empty()),
             phase,
             ready,
+            ip,
+            annotations: super::scrape_annotations(meta.annotations.iter().flatten()),
             containers,
         });
     }

@@ -9,8 +9,20 @@
 //! kube-runtime's watcher does the protocol work: list, then watch from the list's
 //! resourceVersion with bookmarks, resume from the newest version after a dropped
 //! connection, and re-list after `410 Gone`.
+//!
+//! Every request goes through one client-side rate limit ([`ClientLimits`]), as
+//! client-go's QPS/burst does, so no input can make the daemon hammer the API
+//! server (issue 13).
 
-use std::{collections::BTreeMap, path::Path, sync::Arc, time::Duration};
+use std::{
+    collections::BTreeMap,
+    future::Future as _,
+    path::Path,
+    pin::Pin,
+    sync::Arc,
+    task::{Context, Poll},
+    time::{Duration, Instant},
+};
 
 use ::kube::{
     Api, Client,
@@ -39,10 +51,126 @@ pub enum Error {
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
+/// The client-side rate limit of every Kubernetes API request: a token bucket
+/// of `burst` requests refilled at `qps` per second. A watch costs one request
+/// when it starts. Requests past the limit wait (in order) rather than fail.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct ClientLimits {
+    pub qps: f64,
+    pub burst: u32,
+}
+
+impl Default for ClientLimits {
+    /// client-go's defaults are 5 and 10; a daemon resolving a burst of
+    /// scaleTargetRefs at start-up needs a little more, and one per GPU node
+    /// times this must stay well inside the API server's priority-and-fairness
+    /// share for a DaemonSet's service account.
+    fn default() -> Self {
+        Self {
+            qps: 20.0,
+            burst: 40,
+        }
+    }
+}
+
+/// A token bucket.
+#[derive(Debug)]
+struct Bucket {
+    limits: ClientLimits,
+    tokens: f64,
+    at: Instant,
+}
+
+impl Bucket {
+    fn new(limits: ClientLimits) -> Self {
+        Self {
+            limits,
+            tokens: f64::from(limits.burst),
+            at: Instant::now(),
+        }
+    }
+
+    /// Takes a token, or says how long until one is there.
+    fn take(&mut self, now: Instant) -> Result<(), Duration> {
+        let refill = now.duration_since(self.at).as_secs_f64() * self.limits.qps;
+        self.tokens = (self.tokens + refill).min(f64::from(self.limits.burst));
+        self.at = now;
+        if self.tokens >= 1.0 {
+            self.tokens -= 1.0;
+            Ok(())
+        } else {
+            Err(Duration::from_secs_f64(
+                (1.0 - self.tokens) / self.limits.qps.max(1e-3),
+            ))
+        }
+    }
+}
+
+/// The tower layer of [`ClientLimits`] around kube's HTTP service.
+#[derive(Clone, Copy, Debug)]
+pub struct RateLimitLayer(pub ClientLimits);
+
+impl<S> tower::Layer<S> for RateLimitLayer {
+    type Service = RateLimited<S>;
+
+    fn layer(&self, inner: S) -> Self::Service {
+        RateLimited {
+            inner,
+            bucket: Bucket::new(self.0),
+            sleep: None,
+            token: false,
+        }
+    }
+}
+
+/// A service that waits for a token in `poll_ready`. kube puts its service
+/// behind a buffer with one worker, so callers queue in order.
+pub struct RateLimited<S> {
+    inner: S,
+    bucket: Bucket,
+    sleep: Option<Pin<Box<tokio::time::Sleep>>>,
+    token: bool,
+}
+
+impl<S, R> tower::Service<R> for RateLimited<S>
+where
+    S: tower::Service<R>,
+{
+    type Response = S::Response;
+    type Error = S::Error;
+    type Future = S::Future;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        while !self.token {
+            if let Some(sleep) = self.sleep.as_mut() {
+                if sleep.as_mut().poll(cx).is_pending() {
+                    return Poll::Pending;
+                }
+                self.sleep = None;
+            }
+            match self.bucket.take(Instant::now()) {
+                Ok(()) => self.token = true,
+                Err(wait) => self.sleep = Some(Box::pin(tokio::time::sleep(wait))),
+            }
+        }
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, req: R) -> Self::Future {
+        self.token = false;
+        self.inner.call(req)
+    }
+}
+
 /// A client for the cluster this daemon runs in: the kubeconfig at `kubeconfig`
 /// when given, else what kube infers (`KUBECONFIG`, `~/.kube/config`, then the
-/// in-cluster service account).
+/// in-cluster service account); every request within [`ClientLimits::default`].
 pub async fn client(kubeconfig: Option<&Path>) -> Result<Client> {
+    client_with(kubeconfig, ClientLimits::default()).await
+}
+
+/// As [`client`], within `limits`.
+pub async fn client_with(kubeconfig: Option<&Path>, limits: ClientLimits) -> Result<Client> {
     let config = match kubeconfig {
         Some(path) => {
             let kc = ::kube::config::Kubeconfig::read_from(path)
@@ -55,7 +183,8 @@ pub async fn client(kubeconfig: Option<&Path>) -> Result<Client> {
             .await
             .map_err(|e| Error::Config(e.to_string()))?,
     };
-    Ok(Client::try_from(config)?)
+    let builder = ::kube::client::ClientBuilder::try_from(config)?;
+    Ok(builder.with_layer(&RateLimitLayer(limits)).build())
 }
 
 /// Keeps the fields of an API pod that scaling uses. A pod without a uid or a
@@ -79,19 +208,24 @@ pub fn trim(pod: &ApiPod) -> Option<Pod> {
         ready: status
             .and_then(|s| s.conditions.as_ref())
             .is_some_and(|cs| cs.iter().any(|c| c.type_ == "Ready" && c.status == "True")),
+        ip: None,
+        annotations: BTreeMap::new(),
         containers: Vec::new(),
     })
 }
 
-/// As [`trim`], keeping the containers of the pod's three status lists (which
+/// As [`trim`], keeping the pod IP and scrape annotations (engine reading) and
+/// the containers of the pod's three status lists (which
 /// the sampler needs to tell a pod's containers and its sandbox apart). A
 /// status whose `containerID` is malformed keeps the container without an id,
 /// with a warning: the API server's object is still a pod worth knowing.
 pub fn trim_with_containers(pod: &ApiPod) -> Option<Pod> {
     let mut trimmed = trim(pod)?;
+    trimmed.annotations = super::scrape_annotations(pod.metadata.annotations.iter().flatten());
     let Some(status) = pod.status.as_ref() else {
         return Some(trimmed);
     };
+    trimmed.ip = super::pod_ip(status.pod_ip.as_deref());
     for (list, kind) in [
         (&status.container_statuses, ContainerKind::App),
         (&status.init_container_statuses, ContainerKind::Init),
@@ -143,6 +277,10 @@ pub struct State {
     pub pods: Option<Arc<PodMap>>,
     /// The newest error from the API server, cleared by the next good event.
     pub error: Option<Arc<str>>,
+    /// Since when every answer was an error (cleared like `error`). A watch
+    /// that recovers without any change to report keeps it: see
+    /// [`PodWatch::failing_for`].
+    pub failing_since: Option<Instant>,
 }
 
 impl Drop for PodWatch {
@@ -160,6 +298,17 @@ impl PodWatch {
             config,
             format!("node {node}"),
             trim_with_containers,
+        )
+    }
+
+    /// Every pod in `namespace` (selectors are evaluated locally, as the HPA
+    /// controller's informer does).
+    pub fn namespace(client: Client, namespace: &str) -> Self {
+        Self::start(
+            Api::namespaced(client, namespace),
+            watcher::Config::default(),
+            format!("namespace {namespace}"),
+            trim,
         )
     }
 
@@ -183,6 +332,24 @@ impl PodWatch {
     /// The pods now, or `None` before the first list completed.
     pub fn current(&self) -> Option<Arc<PodMap>> {
         self.rx.borrow().pods.clone()
+    }
+
+    /// How long the API server has answered only with errors, if it does now.
+    /// kube's watcher reports nothing when a broken watch resumes and nothing
+    /// changed, so after an outage this stays set until the next event; callers
+    /// that need to know restart the watch (a new list) past their age limit.
+    pub fn failing_for(&self) -> Option<Duration> {
+        self.rx.borrow().failing_since.map(|t| t.elapsed())
+    }
+
+    /// How many pods the watch holds now.
+    pub fn len(&self) -> usize {
+        self.rx.borrow().pods.as_ref().map_or(0, |p| p.len())
+    }
+
+    /// Whether the watch holds no pods (or has not listed yet).
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
     }
 
     /// A receiver that sees every published change.
@@ -328,10 +495,22 @@ async fn run(
                 }
             }
         }
-        let had_error = tx.borrow().error.is_some();
+        let (had_error, failing_since) = {
+            let last = tx.borrow();
+            (last.error.is_some(), last.failing_since)
+        };
         if (changed && listed) || error.is_some() || had_error {
             let pods = listed.then(|| live.clone());
-            tx.send_replace(State { pods, error });
+            let failing_since = match (&error, changed) {
+                // Any good event in the batch shows the API server answering.
+                (_, true) | (None, false) => None,
+                (Some(_), false) => Some(failing_since.unwrap_or_else(Instant::now)),
+            };
+            tx.send_replace(State {
+                pods,
+                error,
+                failing_since,
+            });
         }
     }
 }

@@ -10,7 +10,7 @@ pub mod file;
 pub mod kube;
 pub mod selector;
 
-use std::{collections::BTreeMap, sync::Arc, time::SystemTime};
+use std::{collections::BTreeMap, net::IpAddr, sync::Arc, time::SystemTime};
 
 use serde::Serialize;
 
@@ -18,7 +18,7 @@ pub use selector::Selector;
 
 /// The fields of a Kubernetes Pod that scaling needs; everything else is dropped
 /// at the edge so caches stay small.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
 pub struct Pod {
     /// metadata.uid, dashed form.
     pub uid: String,
@@ -31,6 +31,11 @@ pub struct Pod {
     pub phase: Option<String>,
     /// The pod's Ready condition is True.
     pub ready: bool,
+    /// status.podIP: where its engine is read (this node's pods only).
+    pub ip: Option<IpAddr>,
+    /// The annotations engine reading uses ([`SCRAPE_ANNOTATION_PREFIX`]); the
+    /// others are dropped at the edge (this node's pods only).
+    pub annotations: BTreeMap<String, String>,
     /// The containers the kubelet reports in the pod's status (app, init and
     /// ephemeral), in that order. Empty while the pod is pending, and from
     /// sources that do not keep them (the cluster-wide workload watches).
@@ -87,6 +92,28 @@ impl Container {
             kind,
         })
     }
+}
+
+/// Annotations kept on a pod: Prometheus's `prometheus.io/port` and
+/// `prometheus.io/path`, which say where its metrics are.
+pub const SCRAPE_ANNOTATION_PREFIX: &str = "prometheus.io/";
+
+/// The annotations a pod keeps, from all of them.
+pub fn scrape_annotations<'a>(
+    all: impl IntoIterator<Item = (&'a String, &'a String)>,
+) -> BTreeMap<String, String> {
+    all.into_iter()
+        .filter(|(k, v)| {
+            k.starts_with(SCRAPE_ANNOTATION_PREFIX) && k.len() <= 253 && v.len() <= 256
+        })
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect()
+}
+
+/// status.podIP, if it is an address. A malformed one is no IP (the API server
+/// validates it; a PodList file might not).
+pub fn pod_ip(raw: Option<&str>) -> Option<IpAddr> {
+    raw.and_then(|s| s.trim().parse().ok())
 }
 
 impl Pod {
@@ -240,6 +267,8 @@ mod tests {
             node_name: node.map(Into::into),
             phase: Some("Running".into()),
             ready: true,
+            ip: None,
+            annotations: Default::default(),
             containers: Vec::new(),
         }
     }

@@ -17,6 +17,13 @@ pub struct Error {
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
+/// Longest selector accepted, in bytes. A Deployment's own selector rendered as
+/// text is far shorter; the limit keeps parsing cost and memory independent of
+/// what a caller sends (issue 13: a 3.9 MiB selector took the daemon to 401 MiB).
+pub const MAX_BYTES: usize = 4096;
+/// Most requirements in one selector, for the same reason.
+pub const MAX_REQUIREMENTS: usize = 64;
+
 /// One requirement of a selector.
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum Requirement {
@@ -83,6 +90,15 @@ impl Selector {
     /// Parses the string form. An empty string is an error: a selector that
     /// matches every pod is never what a ScaledObject means.
     pub fn parse(input: &str) -> Result<Self> {
+        if input.len() > MAX_BYTES {
+            return Err(Error {
+                column: MAX_BYTES + 1,
+                message: format!(
+                    "the selector has {} bytes; at most {MAX_BYTES} are accepted",
+                    input.len()
+                ),
+            });
+        }
         let mut parser = Parser::new(input);
         let mut requirements = Vec::new();
         if parser.peek().is_none() {
@@ -91,7 +107,16 @@ impl Selector {
             );
         }
         loop {
-            requirements.push(parser.requirement()?);
+            let (column, requirement) = (parser.column(), parser.requirement()?);
+            if requirements.len() == MAX_REQUIREMENTS {
+                return Err(Error {
+                    column,
+                    message: format!(
+                        "more than {MAX_REQUIREMENTS} requirements; at most {MAX_REQUIREMENTS} are accepted"
+                    ),
+                });
+            }
+            requirements.push(requirement);
             match parser.next() {
                 None => break,
                 Some((_, Token::Comma)) => {}
@@ -577,5 +602,38 @@ mod tests {
         let e = err("a in (b c)");
         assert!(e.message.contains("expected ',' or ')'"), "{e}");
         assert_eq!(e.to_string(), format!("column {}: {}", e.column, e.message));
+    }
+
+    #[test]
+    fn size_and_requirement_limits() {
+        // The issue's 3.9 MiB `a,a,a,...`: refused on its length, before tokenizing.
+        let huge = "a,".repeat(2_000_000);
+        let e = err(&huge);
+        assert!(e.message.contains("at most 4096"), "{e}");
+        assert!(
+            e.to_string().len() < 200,
+            "the message does not quote the input"
+        );
+        // Exactly 4096 bytes: `k in (v,v,...,v)` with 2,045 values.
+        let at = format!("k in ({})", vec!["v"; 2045].join(","));
+        assert_eq!(at.len(), MAX_BYTES);
+        assert_eq!(sel(&at).requirements().len(), 1);
+        let over = format!("k in ({})", vec!["v"; 2046].join(","));
+        assert!(err(&over).message.contains("4098 bytes"));
+
+        let reqs = |n: usize| {
+            (0..n)
+                .map(|i| format!("k{i}=v"))
+                .collect::<Vec<_>>()
+                .join(",")
+        };
+        assert_eq!(sel(&reqs(MAX_REQUIREMENTS)).requirements().len(), 64);
+        let e = err(&reqs(MAX_REQUIREMENTS + 1));
+        assert!(e.message.contains("more than 64 requirements"), "{e}");
+        assert_eq!(
+            e.column,
+            reqs(MAX_REQUIREMENTS).len() + 2,
+            "points at the 65th"
+        );
     }
 }

@@ -2,7 +2,7 @@
 
 use std::{sync::Arc, time::Duration};
 
-use super::metadata;
+use super::{limits, metadata};
 
 /// Why a scaler request cannot be answered with a number.
 #[derive(Debug, thiserror::Error)]
@@ -10,6 +10,9 @@ pub enum Error {
     /// A known metadata key has a bad value.
     #[error(transparent)]
     Metadata(#[from] metadata::Error),
+    /// The reference is too big or names something no Kubernetes object can be.
+    #[error(transparent)]
+    Limits(#[from] limits::Error),
     #[error(
         "the ScaledObject reference has no namespace; the scaler only answers within a namespace"
     )]
@@ -52,6 +55,7 @@ impl Error {
     pub fn code(&self) -> tonic::Code {
         match self {
             Self::Metadata(_)
+            | Self::Limits(_)
             | Self::MissingNamespace
             | Self::MissingRef
             | Self::UnknownMetric { .. } => tonic::Code::InvalidArgument,

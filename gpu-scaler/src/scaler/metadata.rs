@@ -7,112 +7,9 @@
 
 use std::{collections::HashMap, fmt};
 
-use crate::pods::Selector;
+use crate::{engine::EngineQuery, pods::Selector};
 
-/// What is measured for each pod.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub enum Metric {
-    /// SM utilization %, summed over the pod's processes on a GPU, averaged over
-    /// the GPUs it uses.
-    GpuUtilization,
-    /// Memory-controller utilization %, as `GpuUtilization`.
-    MemoryUtilization,
-    /// GPU memory used, MiB, summed over GPUs.
-    MemoryUsedMib,
-    /// GPU memory used as % of the memory of the GPUs it uses.
-    MemoryUsedPercent,
-    /// Attributed power, watts.
-    PowerDraw,
-    /// Hottest GPU it uses, °C.
-    Temperature,
-}
-
-impl Metric {
-    pub const ALL: [Metric; 6] = [
-        Self::GpuUtilization,
-        Self::MemoryUtilization,
-        Self::MemoryUsedMib,
-        Self::MemoryUsedPercent,
-        Self::PowerDraw,
-        Self::Temperature,
-    ];
-
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Self::GpuUtilization => "gpu_utilization",
-            Self::MemoryUtilization => "memory_utilization",
-            Self::MemoryUsedMib => "memory_used_mib",
-            Self::MemoryUsedPercent => "memory_used_percent",
-            Self::PowerDraw => "power_draw",
-            Self::Temperature => "temperature",
-        }
-    }
-
-    fn parse(s: &str) -> Option<Self> {
-        Self::ALL
-            .into_iter()
-            .find(|m| m.as_str().eq_ignore_ascii_case(s.trim()))
-    }
-}
-
-impl fmt::Display for Metric {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.as_str())
-    }
-}
-
-/// How per-pod values become the workload's one number.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub enum Aggregation {
-    Sum,
-    Avg,
-    Max,
-    Min,
-    P95,
-    P99,
-}
-
-impl Aggregation {
-    pub const ALL: [Aggregation; 6] = [
-        Self::Sum,
-        Self::Avg,
-        Self::Max,
-        Self::Min,
-        Self::P95,
-        Self::P99,
-    ];
-
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Self::Sum => "sum",
-            Self::Avg => "avg",
-            Self::Max => "max",
-            Self::Min => "min",
-            Self::P95 => "p95",
-            Self::P99 => "p99",
-        }
-    }
-
-    fn parse(s: &str) -> Option<Self> {
-        Self::ALL
-            .into_iter()
-            .find(|a| a.as_str().eq_ignore_ascii_case(s.trim()))
-    }
-
-    /// The default for a metric: temperatures do not add up, so `max`.
-    pub fn default_for(metric: Metric) -> Self {
-        match metric {
-            Metric::Temperature => Self::Max,
-            _ => Self::Sum,
-        }
-    }
-}
-
-impl fmt::Display for Aggregation {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.as_str())
-    }
-}
+pub use crate::figures::{Aggregation, Metric};
 
 /// A named set of defaults for a kind of workload.
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -124,7 +21,7 @@ pub struct Profile {
 }
 
 /// The `profile` table (README: "Profiles").
-pub const PROFILES: [Profile; 6] = [
+pub const PROFILES: [Profile; 9] = [
     Profile {
         name: "vllm-inference",
         metric: Metric::MemoryUsedPercent,
@@ -161,6 +58,25 @@ pub const PROFILES: [Profile; 6] = [
         target: 75.0,
         activation: 5.0,
     },
+    // keda-gpu-scaler's engine profiles, same metric, target and activation.
+    Profile {
+        name: "vllm-queue-depth",
+        metric: Metric::VllmQueueDepth,
+        target: 5.0,
+        activation: 1.0,
+    },
+    Profile {
+        name: "triton-queue-wait",
+        metric: Metric::TritonQueueWaitMs,
+        target: 50.0,
+        activation: 5.0,
+    },
+    Profile {
+        name: "triton-request-rate",
+        metric: Metric::TritonRequestRate,
+        target: 50.0,
+        activation: 1.0,
+    },
 ];
 
 pub const DEFAULT_TARGET: f64 = 80.0;
@@ -178,6 +94,26 @@ pub mod keys {
     pub const TARGET_MEMORY_UTILIZATION: &str = "targetMemoryUtilization";
     pub const AGGREGATION: &str = "aggregation";
     pub const METRIC_NAME: &str = "metricName";
+    pub const METRICS_PORT: &str = "metricsPort";
+    pub const METRICS_PATH: &str = "metricsPath";
+    pub const VLLM_ENDPOINT: &str = "vllmEndpoint";
+    pub const TRITON_ENDPOINT: &str = "tritonEndpoint";
+    pub const ENGINE_METRIC: &str = "engineMetric";
+    pub const ENGINE_QUANTILE: &str = "engineQuantile";
+    pub const ACTIVATION_POD_SELECTOR: &str = "activationPodSelector";
+    pub const ACTIVATION_METRIC: &str = "activationMetric";
+    pub const ACTIVATION_ENGINE_METRIC: &str = "activationEngineMetric";
+    pub const ACTIVATION_METRICS_PORT: &str = "activationMetricsPort";
+    pub const ACTIVATION_METRICS_PATH: &str = "activationMetricsPath";
+
+    /// The activation query's keys and the key each stands for in it.
+    pub const ACTIVATION: [(&str, &str); 5] = [
+        (ACTIVATION_POD_SELECTOR, POD_SELECTOR),
+        (ACTIVATION_METRIC, METRIC),
+        (ACTIVATION_ENGINE_METRIC, ENGINE_METRIC),
+        (ACTIVATION_METRICS_PORT, METRICS_PORT),
+        (ACTIVATION_METRICS_PATH, METRICS_PATH),
+    ];
 }
 
 /// A known key with a value it cannot take.
@@ -204,6 +140,12 @@ pub struct Query {
     pub activation: f64,
     /// `metricName`, if the user chose one.
     pub metric_name: Option<String>,
+    /// For engine metrics: what is read from each pod's engine, and where.
+    pub engine: Option<EngineQuery>,
+    /// `activationPodSelector` (+ `activationMetric`, ...): IsActive is this
+    /// query's value over `activation`, measured on other pods of the
+    /// namespace (a router, a gateway) that exist while the workload has none.
+    pub activation_query: Option<Box<Query>>,
 }
 
 fn list<T: fmt::Display>(items: impl IntoIterator<Item = T>) -> String {
@@ -229,6 +171,11 @@ fn number(key: &'static str, value: &str, allowed: &str, ok: impl Fn(f64) -> boo
 }
 
 fn metric(key: &'static str, value: &str) -> Result<Metric> {
+    // Under keda-gpu-scaler's key a name means what keda-gpu-scaler means by
+    // it: its vllm_kv_cache_usage is a percentage (pkg/scaler/server.go).
+    if key == keys::METRIC_TYPE && value.trim().eq_ignore_ascii_case("vllm_kv_cache_usage") {
+        return Ok(Metric::VllmKvCachePercent);
+    }
     Metric::parse(value).ok_or_else(|| Error {
         key,
         value: value.to_owned(),
@@ -407,6 +354,8 @@ pub fn parse_with(meta: &HashMap<String, String>, selector_optional: bool) -> Re
             Some(v.to_owned())
         }
     };
+    let engine = engine_query(metric, &get)?;
+    let activation_query = activation_query(meta, metric)?;
     Ok(Query {
         selector,
         metric,
@@ -414,7 +363,149 @@ pub fn parse_with(meta: &HashMap<String, String>, selector_optional: bool) -> Re
         target: target.unwrap_or(DEFAULT_TARGET),
         activation: activation.unwrap_or(DEFAULT_ACTIVATION),
         metric_name,
+        engine,
+        activation_query,
     })
+}
+
+/// The activation query, from the `activation*` keys: parsed by the same rules
+/// as the trigger's own keys, its errors naming the `activation*` key.
+fn activation_query(meta: &HashMap<String, String>, metric: Metric) -> Result<Option<Box<Query>>> {
+    let get = |k: &str| meta.get(k);
+    if get(keys::ACTIVATION_POD_SELECTOR).is_none() {
+        if let Some((key, _)) = keys::ACTIVATION[1..].iter().find(|(k, _)| get(k).is_some()) {
+            return Err(Error {
+                key,
+                value: get(key).cloned().unwrap_or_default(),
+                allowed: format!("only with {}", keys::ACTIVATION_POD_SELECTOR),
+            });
+        }
+        return Ok(None);
+    }
+    let mut sub: HashMap<String, String> = keys::ACTIVATION
+        .iter()
+        .filter_map(|(outer, inner)| get(outer).map(|v| ((*inner).to_owned(), v.clone())))
+        .collect();
+    sub.entry(keys::METRIC.to_owned())
+        .or_insert_with(|| metric.as_str().to_owned());
+    parse(&sub).map(|q| Some(Box::new(q))).map_err(|e| {
+        let key = keys::ACTIVATION
+            .iter()
+            .find(|(_, inner)| *inner == e.key)
+            .map_or(keys::ACTIVATION_POD_SELECTOR, |(outer, _)| outer);
+        Error { key, ..e }
+    })
+}
+
+/// The port and path of keda-gpu-scaler's `vllmEndpoint`/`tritonEndpoint`
+/// URL. Its host is never contacted: every selected pod is read at its own IP.
+fn endpoint_url(key: &'static str, value: &str) -> Result<(Option<u16>, Option<String>)> {
+    let err = |why: &str| Error {
+        key,
+        value: value.to_owned(),
+        allowed: format!(
+            "an http:// URL such as http://vllm:8000/metrics ({why}); only its port and path are \
+             used: gpu-scaler reads every selected pod at its own IP, never this host"
+        ),
+    };
+    let uri: http::Uri = value.trim().parse().map_err(|_| err("not a URL"))?;
+    match uri.scheme_str() {
+        Some("http") => {}
+        Some(_) => return Err(err("engines are read over plain HTTP")),
+        None => return Err(err("no scheme")),
+    }
+    if uri.host().is_none_or(str::is_empty) {
+        return Err(err("no host"));
+    }
+    let path = match uri.path_and_query().map(|p| p.as_str()) {
+        None | Some("") | Some("/") => None,
+        Some(p) => {
+            crate::engine::check_path(p).map_err(|e| err(&e))?;
+            Some(p.to_owned())
+        }
+    };
+    Ok((Some(uri.port_u16().unwrap_or(80)), path))
+}
+
+/// For an engine metric, what each pod's engine is read for; engine keys with
+/// a GPU metric are an error (keda-gpu-scaler's endpoint URLs are ignored with
+/// GPU metrics, as it ignores them).
+fn engine_query<'m>(
+    metric: Metric,
+    get: &impl Fn(&str) -> Option<&'m str>,
+) -> Result<Option<EngineQuery>> {
+    let engine_only = [
+        keys::METRICS_PORT,
+        keys::METRICS_PATH,
+        keys::ENGINE_METRIC,
+        keys::ENGINE_QUANTILE,
+    ];
+    if !metric.is_engine() {
+        if let Some(key) = engine_only.into_iter().find(|k| get(k).is_some()) {
+            return Err(Error {
+                key,
+                value: get(key).unwrap_or_default().to_owned(),
+                allowed: format!(
+                    "only with an engine metric ({}); metric is {metric}",
+                    list(Metric::ALL.into_iter().filter(|m| m.is_engine()))
+                ),
+            });
+        }
+        return Ok(None);
+    }
+    let (mut port, mut path) = (None, None);
+    let url_key = match metric.figure().source {
+        crate::figures::Source::Engine(crate::engine::Engine::Vllm) => Some(keys::VLLM_ENDPOINT),
+        crate::figures::Source::Engine(
+            crate::engine::Engine::Triton | crate::engine::Engine::TrtLlm,
+        ) => Some(keys::TRITON_ENDPOINT),
+        _ => None,
+    };
+    if let Some(key) = url_key
+        && let Some(url) = get(key)
+    {
+        (port, path) = endpoint_url(key, url)?;
+    }
+    if let Some(v) = get(keys::METRICS_PORT) {
+        port = Some(
+            v.trim()
+                .parse::<u16>()
+                .ok()
+                .filter(|p| *p > 0)
+                .ok_or_else(|| Error {
+                    key: keys::METRICS_PORT,
+                    value: v.to_owned(),
+                    allowed: "a port from 1 to 65535".into(),
+                })?,
+        );
+    }
+    if let Some(v) = get(keys::METRICS_PATH) {
+        path = Some(v.trim().to_owned());
+    }
+    let quantile = match get(keys::ENGINE_QUANTILE) {
+        None => None,
+        Some(v) => Some(number(
+            keys::ENGINE_QUANTILE,
+            v,
+            "a quantile between 0 and 1, exclusive (e.g. 0.95)",
+            |q| q > 0.0 && q < 1.0,
+        )?),
+    };
+    let engine_metric = get(keys::ENGINE_METRIC);
+    EngineQuery::new(metric, engine_metric, quantile, port, path.as_deref())
+        .map(Some)
+        .map_err(|e| {
+            let value = match e.key {
+                keys::METRICS_PATH => path.clone().unwrap_or_default(),
+                keys::METRICS_PORT => port.map(|p| p.to_string()).unwrap_or_default(),
+                k => get(k).unwrap_or_default().to_owned(),
+            };
+            Error {
+                key: e.key,
+                value,
+                allowed: e.why,
+            }
+        })
 }
 
 #[cfg(test)]
@@ -452,14 +543,20 @@ mod tests {
 
     #[test]
     fn every_metric_and_alias() {
-        for m in Metric::ALL {
+        for m in Metric::ALL.into_iter().filter(|m| *m != Metric::Engine) {
             assert_eq!(
                 ok(&[("podSelector", "a"), ("metric", m.as_str())]).metric,
                 m
             );
+            // keda-gpu-scaler's vllm_kv_cache_usage is a percentage.
+            let expected = if m == Metric::VllmKvCacheUsage {
+                Metric::VllmKvCachePercent
+            } else {
+                m
+            };
             assert_eq!(
                 ok(&[("podSelector", "a"), ("metricType", m.as_str())]).metric,
-                m
+                expected
             );
         }
         assert_eq!(
@@ -553,6 +650,118 @@ mod tests {
             ok(&[("podSelector", "a"), ("targetValue", "0.5")]).target,
             0.5
         );
+    }
+
+    #[test]
+    fn engine_metrics_ports_paths_and_urls() {
+        let q = ok(&[("podSelector", "a"), ("profile", "vllm-queue-depth")]);
+        assert_eq!(
+            (q.metric, q.target, q.activation),
+            (Metric::VllmQueueDepth, 5.0, 1.0)
+        );
+        let e = q.engine.expect("an engine query");
+        assert_eq!((e.port, e.path), (None, None));
+        // keda-gpu-scaler's URL: only its port and path are kept.
+        let q = ok(&[
+            ("podSelector", "a"),
+            ("profile", "triton-queue-wait"),
+            (
+                "tritonEndpoint",
+                "http://triton-resnet-deployment:8002/metrics",
+            ),
+        ]);
+        let e = q.engine.expect("engine");
+        assert_eq!(
+            (q.metric, e.port, e.path.as_deref()),
+            (Metric::TritonQueueWaitMs, Some(8002), Some("/metrics"))
+        );
+        let q = ok(&[
+            ("podSelector", "a"),
+            ("metric", "vllm_running"),
+            ("vllmEndpoint", "http://vllm:9000/metrics"),
+            ("metricsPort", "8080"),
+        ]);
+        assert_eq!(
+            q.engine.expect("engine").port,
+            Some(8080),
+            "metricsPort wins over the URL"
+        );
+        let q = ok(&[
+            ("podSelector", "a"),
+            ("metric", "engine"),
+            (
+                "engineMetric",
+                "envoy_cluster_upstream_rq_pending{envoy_cluster_name=\"vllm\"}",
+            ),
+            ("metricsPort", "9901"),
+            ("metricsPath", "/stats/prometheus"),
+        ]);
+        let e = q.engine.expect("engine");
+        assert_eq!(
+            (e.port, e.path.as_deref()),
+            (Some(9901), Some("/stats/prometheus"))
+        );
+        assert!(
+            ok(&[
+                ("podSelector", "a"),
+                ("metric", "gpu_utilization"),
+                ("vllmEndpoint", "http://x:1/m")
+            ])
+            .engine
+            .is_none()
+        );
+        assert_eq!(
+            Aggregation::default_for(Metric::TritonQueueWaitMs),
+            Aggregation::Sum
+        );
+    }
+
+    #[test]
+    fn activation_query_from_other_pods() {
+        let q = ok(&[
+            ("podSelector", "app=vllm"),
+            ("metric", "vllm_queue_depth"),
+            ("activationPodSelector", "app=router"),
+            ("activationMetric", "engine"),
+            ("activationEngineMetric", "vllm_router_num_queued_requests"),
+            ("activationMetricsPort", "8001"),
+        ]);
+        let a = q.activation_query.expect("activation query");
+        assert_eq!(
+            a.selector.map(|s| s.to_string()).as_deref(),
+            Some("app=router")
+        );
+        assert_eq!(a.metric, Metric::Engine);
+        assert_eq!(a.engine.expect("engine").port, Some(8001));
+        // Without activationMetric it measures the trigger's own metric.
+        let q = ok(&[
+            ("podSelector", "app=w"),
+            ("activationPodSelector", "app=gw"),
+        ]);
+        assert_eq!(
+            q.activation_query.expect("query").metric,
+            Metric::GpuUtilization
+        );
+        for (pairs, key) in [
+            (
+                &[("podSelector", "a"), ("activationMetric", "engine")][..],
+                "activationMetric",
+            ),
+            (
+                &[("podSelector", "a"), ("activationPodSelector", "a in b")][..],
+                "activationPodSelector",
+            ),
+            (
+                &[
+                    ("podSelector", "a"),
+                    ("activationPodSelector", "r"),
+                    ("activationMetric", "engine"),
+                ][..],
+                "activationEngineMetric",
+            ),
+        ] {
+            assert_eq!(parse(&meta(pairs)).expect_err("bad").key, key, "{pairs:?}");
+        }
     }
 
     type Pairs = &'static [(&'static str, &'static str)];
@@ -713,6 +922,75 @@ mod tests {
                 &[("podSelector", "a"), ("metricName", "-lead")],
                 "metricName",
                 "starting with",
+            ),
+            (
+                &[("podSelector", "a"), ("metric", "engine")],
+                "engineMetric",
+                "required",
+            ),
+            (
+                &[
+                    ("podSelector", "a"),
+                    ("metric", "engine"),
+                    ("engineMetric", "a{b=~\"c\"}"),
+                ],
+                "engineMetric",
+                "no regular expressions",
+            ),
+            (
+                &[
+                    ("podSelector", "a"),
+                    ("metric", "gpu_utilization"),
+                    ("metricsPort", "8000"),
+                ],
+                "metricsPort",
+                "only with an engine metric",
+            ),
+            (
+                &[
+                    ("podSelector", "a"),
+                    ("metric", "vllm_queue_depth"),
+                    ("metricsPort", "0"),
+                ],
+                "metricsPort",
+                "1 to 65535",
+            ),
+            (
+                &[
+                    ("podSelector", "a"),
+                    ("metric", "vllm_queue_depth"),
+                    ("metricsPath", "metrics"),
+                ],
+                "metricsPath",
+                "absolute path",
+            ),
+            (
+                &[
+                    ("podSelector", "a"),
+                    ("metric", "vllm_queue_depth"),
+                    ("vllmEndpoint", "https://v:8000/metrics"),
+                ],
+                "vllmEndpoint",
+                "plain HTTP",
+            ),
+            (
+                &[
+                    ("podSelector", "a"),
+                    ("metric", "vllm_queue_depth"),
+                    ("vllmEndpoint", "vllm:8000"),
+                ],
+                "vllmEndpoint",
+                "never this host",
+            ),
+            (
+                &[
+                    ("podSelector", "a"),
+                    ("metric", "engine"),
+                    ("engineMetric", "h"),
+                    ("engineQuantile", "1.5"),
+                ],
+                "engineQuantile",
+                "between 0 and 1",
             ),
         ];
         let mut checked = 0;

@@ -6,9 +6,11 @@
 //! `service` speaks the gRPC contract and `error` maps failures to status
 //! codes in one place. Handlers only read published snapshots.
 
+pub mod client_identity;
 pub mod codec;
 pub mod error;
 pub mod hpa;
+pub mod limits;
 pub mod metadata;
 pub mod naming;
 pub mod server;

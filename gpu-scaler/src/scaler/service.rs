@@ -113,6 +113,7 @@ impl ScalerService {
     }
 
     fn query(&self, r: &ScaledObjectRef) -> Result<Query> {
+        super::limits::check(r)?;
         if r.namespace.is_empty() {
             return Err(Error::MissingNamespace);
         }
@@ -124,19 +125,23 @@ impl ScalerService {
 
     /// The value of ScaledObject `r` for its already parsed query.
     pub async fn value(&self, r: &ScaledObjectRef, query: &Query) -> Result<f64> {
+        let engine = query.engine.as_ref();
         let workload = match &query.selector {
-            Some(selector) => self.view.workload(&r.namespace, selector).await?,
+            Some(selector) => self.view.workload(&r.namespace, selector, engine).await?,
             None => {
                 self.view
-                    .scale_target_workload(&r.namespace, &r.name)
+                    .scale_target_workload(&r.namespace, &r.name, engine)
                     .await?
             }
         };
-        value::workload_value_counting_missing(query, &workload.pods, workload.missing)
+        value::value(query, &workload)
     }
 
     async fn active(&self, r: &ScaledObjectRef, query: &Query) -> Result<bool> {
-        Ok(self.value(r, query).await? > query.activation)
+        // With an activation selector the answer comes from those pods: the
+        // workload's own may not exist (scaled to zero).
+        let measured = query.activation_query.as_deref().unwrap_or(query);
+        Ok(self.value(r, measured).await? > query.activation)
     }
 }
 

@@ -14,6 +14,7 @@ use crate::{
 use super::{
     Error, Result,
     metadata::{Aggregation, Metric, Query},
+    view::Workload,
 };
 
 fn get<T: Copy>(r: &Reading<T>, what: &str, pod: &PodUsage, gpu: &GpuUsage) -> Result<T> {
@@ -26,8 +27,14 @@ fn get<T: Copy>(r: &Reading<T>, what: &str, pod: &PodUsage, gpu: &GpuUsage) -> R
     }
 }
 
-/// One pod's value of `metric`. A pod with no GPU process is 0.
+/// One pod's value of a GPU `metric`. A pod with no GPU process is 0.
 pub fn pod_value(metric: Metric, pod: &PodUsage) -> Result<f64> {
+    if metric.is_engine() {
+        // Engine figures come from the pod's engine, never from its GPUs.
+        return Err(Error::ReadingUnavailable(format!(
+            "{metric} is read from the pod's engine, not its GPUs"
+        )));
+    }
     if pod.gpus.is_empty() {
         return Ok(0.0);
     }
@@ -79,6 +86,7 @@ pub fn pod_value(metric: Metric, pod: &PodUsage) -> Result<f64> {
             }
             Ok(hottest)
         }
+        engine => unreachable!("{engine} returned above"),
     }
 }
 
@@ -118,17 +126,48 @@ pub fn workload_value_counting_missing(
     pods: &[Arc<PodUsage>],
     missing: usize,
 ) -> Result<f64> {
-    let mut values = pods
+    let values = pods
         .iter()
         .map(|p| pod_value(query.metric, p))
         .collect::<Result<Vec<_>>>()?;
+    Ok(aggregate_counting_missing(
+        query.aggregation,
+        values,
+        missing,
+    ))
+}
+
+/// Aggregates `values` with `missing` more, each the mean of `values`.
+fn aggregate_counting_missing(
+    aggregation: Aggregation,
+    mut values: Vec<f64>,
+    missing: usize,
+) -> f64 {
     if missing > 0 && !values.is_empty() {
         let mut sorted = values.clone();
         sorted.sort_by(f64::total_cmp);
         let mean = sorted.iter().sum::<f64>() / sorted.len() as f64;
         values.extend(std::iter::repeat_n(mean, missing));
     }
-    Ok(aggregate(query.aggregation, &values))
+    aggregate(aggregation, &values)
+}
+
+/// The value of `query` for a workload a view answered: GPU figures from the
+/// pods' usage, engine figures from their engines' readings.
+pub fn value(query: &Query, workload: &Workload) -> Result<f64> {
+    let v = if query.engine.is_some() {
+        aggregate_counting_missing(query.aggregation, workload.engine.clone(), workload.missing)
+    } else {
+        workload_value_counting_missing(query, &workload.pods, workload.missing)?
+    };
+    // KEDA turns NaN into 0: a figure that is not a number is no answer.
+    if !v.is_finite() {
+        return Err(Error::ReadingUnavailable(format!(
+            "the workload's {} is {v}, not a number KEDA can use",
+            query.metric
+        )));
+    }
+    Ok(v)
 }
 
 #[cfg(test)]
@@ -170,6 +209,8 @@ mod tests {
                 node_name: None,
                 phase: None,
                 ready: true,
+                ip: None,
+                annotations: Default::default(),
                 containers: Vec::new(),
             }),
             gpus,
@@ -189,7 +230,7 @@ mod tests {
         assert_eq!(pod_value(Metric::MemoryUsedPercent, &p).expect("ok"), 12.5);
         assert_eq!(pod_value(Metric::PowerDraw, &p).expect("ok"), 150.0);
         assert_eq!(pod_value(Metric::Temperature, &p).expect("ok"), 80.0);
-        for m in Metric::ALL {
+        for m in Metric::ALL.into_iter().filter(|m| !m.is_engine()) {
             assert_eq!(
                 pod_value(m, &pod(vec![])).expect("ok"),
                 0.0,
@@ -265,5 +306,26 @@ mod tests {
             workload_value_counting_missing(&q("sum"), &pods, 0).expect("none"),
             40.0
         );
+    }
+
+    #[test]
+    fn engine_values_sum_with_missing_and_never_send_nan() {
+        let q = crate::scaler::metadata::parse(
+            &[("podSelector", "a"), ("metric", "vllm_queue_depth")]
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+        )
+        .expect("query");
+        let w = |engine: Vec<f64>, missing| Workload {
+            pods: Vec::new(),
+            sampled_at: std::time::SystemTime::now(),
+            missing,
+            engine,
+        };
+        assert_eq!(value(&q, &w(vec![3.0, 5.0], 1)).expect("value"), 12.0);
+        assert_eq!(value(&q, &w(vec![], 0)).expect("no pods"), 0.0);
+        assert!(value(&q, &w(vec![f64::NAN], 0)).is_err());
+        assert!(value(&q, &w(vec![f64::INFINITY, 1.0], 0)).is_err());
     }
 }

@@ -15,6 +15,7 @@ use tokio_stream::{Stream, StreamExt as _, wrappers::WatchStream};
 
 use super::{Error, Result};
 use crate::{
+    engine::{EngineQuery, Scraper},
     pods::Selector,
     sampler::{NodeSnapshot, PodUsage, SnapshotReceiver},
 };
@@ -31,11 +32,18 @@ pub struct Workload {
     pub pods: Vec<Arc<PodUsage>>,
     /// When the oldest data in the answer was sampled.
     pub sampled_at: SystemTime,
-    /// Pods of the workload whose node did not answer (cluster views only),
-    /// admitted by the missing-node policy: each counts as the average of
-    /// `pods`' values.
+    /// Pods of the workload whose node did not answer, or whose engine could
+    /// not be read, admitted by the missing-node policy: each counts as the
+    /// average of the reported pods' values.
     pub missing: usize,
+    /// For an engine query: each reported pod's figure (pods whose engine
+    /// could not be read are in `missing`, not here). Empty otherwise.
+    pub engine: Vec<f64>,
 }
+
+/// The missing-node policy as the local view applies it: `Ok(n)` admits `n`
+/// unreported pods of `total`, an error is UNAVAILABLE with the reason.
+pub type Admit = Arc<dyn Fn(usize, usize) -> std::result::Result<usize, String> + Send + Sync>;
 
 /// Answers "which pods are this workload and what do they use".
 pub trait WorkloadView: Send + Sync + 'static {
@@ -46,6 +54,7 @@ pub trait WorkloadView: Send + Sync + 'static {
         &'a self,
         namespace: &'a str,
         selector: &'a Selector,
+        engine: Option<&'a EngineQuery>,
     ) -> BoxFuture<'a, Result<Workload>>;
 
     /// A stream that yields when new data arrives (for StreamIsActive).
@@ -63,8 +72,9 @@ pub trait WorkloadView: Send + Sync + 'static {
         &'a self,
         namespace: &'a str,
         name: &'a str,
+        engine: Option<&'a EngineQuery>,
     ) -> BoxFuture<'a, Result<Workload>> {
-        let _ = (namespace, name);
+        let _ = (namespace, name, engine);
         Box::pin(async { Err(Error::Metadata(super::metadata::pod_selector_required())) })
     }
 }
@@ -102,6 +112,7 @@ pub fn check_fresh(snap: &NodeSnapshot, poll_interval: Duration, now: SystemTime
 pub struct LocalView {
     snapshots: SnapshotReceiver,
     poll_interval: Duration,
+    engines: Option<(Scraper, Admit)>,
 }
 
 impl LocalView {
@@ -109,7 +120,47 @@ impl LocalView {
         Self {
             snapshots,
             poll_interval,
+            engines: None,
         }
+    }
+
+    /// Reads engine figures through `scraper`; pods whose engine cannot be
+    /// read count as `admit` says.
+    pub fn with_engines(mut self, scraper: Scraper, admit: Admit) -> Self {
+        self.engines = Some((scraper, admit));
+        self
+    }
+
+    async fn with_engine(&self, mut w: Workload, query: &EngineQuery) -> Result<Workload> {
+        let Some((scraper, admit)) = &self.engines else {
+            return Err(Error::Unavailable(
+                "engine figures are not read by this daemon".into(),
+            ));
+        };
+        let pods: Vec<_> = w.pods.iter().map(|u| u.pod.clone()).collect();
+        let readings = scraper.readings(&pods, query).await;
+        let total = w.pods.len();
+        let mut kept = Vec::with_capacity(total);
+        let mut unreadable = Vec::new();
+        for (u, r) in std::mem::take(&mut w.pods).into_iter().zip(readings) {
+            match r {
+                crate::gpu::Reading::Ok(v) => {
+                    kept.push(u);
+                    w.engine.push(v);
+                }
+                crate::gpu::Reading::Unavailable(why) => {
+                    unreadable.push(format!("{}: {why}", u.pod.name));
+                }
+            }
+        }
+        w.pods = kept;
+        if !unreadable.is_empty() {
+            tracing::debug!(metric = %query.metric, pods = ?unreadable, "engines not read");
+            w.missing = admit(total, unreadable.len()).map_err(|e| {
+                Error::Unavailable(format!("{e}; not read: {}", unreadable.join("; ")))
+            })?;
+        }
+        Ok(w)
     }
 
     /// The answer from one snapshot (synchronous: it is all in memory).
@@ -130,6 +181,7 @@ impl LocalView {
             pods,
             sampled_at: snap.samples_taken_at.unwrap_or(snap.taken_at),
             missing: 0,
+            engine: Vec::new(),
         })
     }
 }
@@ -139,9 +191,16 @@ impl WorkloadView for LocalView {
         &'a self,
         namespace: &'a str,
         selector: &'a Selector,
+        engine: Option<&'a EngineQuery>,
     ) -> BoxFuture<'a, Result<Workload>> {
         let snap: Arc<NodeSnapshot> = self.snapshots.borrow().clone();
-        Box::pin(async move { self.select(&snap, namespace, selector) })
+        Box::pin(async move {
+            let w = self.select(&snap, namespace, selector)?;
+            match engine {
+                None => Ok(w),
+                Some(q) => self.with_engine(w, q).await,
+            }
+        })
     }
 
     fn updates(&self) -> Updates {

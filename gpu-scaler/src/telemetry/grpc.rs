@@ -50,10 +50,31 @@ pub struct Instrumented<S> {
     metrics: Arc<Metrics>,
 }
 
-/// The method a request path names, if it is an ExternalScaler call.
-pub fn scaler_method(path: &str) -> Option<&str> {
-    path.strip_prefix(SCALER_PREFIX)
-        .filter(|m| !m.is_empty() && !m.contains('/'))
+/// The methods of `proto/externalscaler.proto`: the only `method` label values,
+/// so a client cannot grow /metrics by calling invented methods (issue 13: 500
+/// such calls added 10,500 lines, each kept forever).
+pub const SCALER_METHODS: [&str; 5] = [
+    "IsActive",
+    "StreamIsActive",
+    "GetMetricSpec",
+    "GetMetrics",
+    "StreamMetricSpec",
+];
+
+/// The label of every call to a method the service does not have.
+pub const OTHER_METHOD: &str = "other";
+
+/// The `method` label of a request path, if it is an ExternalScaler call: one of
+/// [`SCALER_METHODS`], or [`OTHER_METHOD`] for anything else under the service.
+pub fn scaler_method(path: &str) -> Option<&'static str> {
+    let method = path.strip_prefix(SCALER_PREFIX)?;
+    Some(
+        SCALER_METHODS
+            .iter()
+            .find(|m| **m == method)
+            .copied()
+            .unwrap_or(OTHER_METHOD),
+    )
 }
 
 /// The status code a response head carries (OK without `grpc-status`).
@@ -81,7 +102,7 @@ where
     }
 
     fn call(&mut self, req: http::Request<B>) -> Self::Future {
-        let method = scaler_method(req.uri().path()).map(str::to_owned);
+        let method = scaler_method(req.uri().path());
         let started = Instant::now();
         let fut = self.inner.call(req);
         let metrics = self.metrics.clone();
@@ -93,7 +114,7 @@ where
                     // The transport failed before a status was sent.
                     Err(_) => tonic::Code::Internal,
                 };
-                metrics.grpc_call(&method, code, started.elapsed());
+                metrics.grpc_call(method, code, started.elapsed());
             }
             res
         })
@@ -111,8 +132,19 @@ mod tests {
             Some("GetMetrics")
         );
         assert_eq!(scaler_method("/grpc.health.v1.Health/Check"), None);
-        assert_eq!(scaler_method("/externalscaler.ExternalScaler/"), None);
-        assert_eq!(scaler_method("/externalscaler.ExternalScaler/a/b"), None);
+        for m in SCALER_METHODS {
+            assert_eq!(
+                scaler_method(&format!("/externalscaler.ExternalScaler/{m}")),
+                Some(m)
+            );
+        }
+        for invented in ["", "a/b", "getmetrics", "GetMetrics2", "Invented123"] {
+            assert_eq!(
+                scaler_method(&format!("/externalscaler.ExternalScaler/{invented}")),
+                Some(OTHER_METHOD),
+                "{invented}"
+            );
+        }
     }
 
     #[test]

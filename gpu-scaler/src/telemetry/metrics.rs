@@ -187,6 +187,8 @@ pub struct Sources<'a> {
     pub gpu_up: bool,
     /// The attribution backend's table sizes and loss counters.
     pub attribution: Option<AttributionStats>,
+    /// The engines read on this node and their figures.
+    pub engines: Option<&'a crate::engine::EngineSnapshot>,
 }
 
 impl<'a> Sources<'a> {
@@ -199,6 +201,7 @@ impl<'a> Sources<'a> {
             streams: None,
             gpu_up: true,
             attribution: None,
+            engines: None,
         }
     }
 }
@@ -216,6 +219,9 @@ pub fn render(snap: &NodeSnapshot, sources: &Sources<'_>, now: SystemTime) -> St
     }
     if let Some(stats) = sources.cluster {
         cluster(&mut r, stats);
+    }
+    if let Some(e) = sources.engines {
+        engines(&mut r, e);
     }
     let m = sources.metrics;
     r.register(
@@ -261,6 +267,48 @@ pub fn render(snap: &NodeSnapshot, sources: &Sources<'_>, now: SystemTime) -> St
     // Writing into a String cannot fail.
     let _ = encode(&mut out, &r);
     out
+}
+
+/// Each read engine: whether its newest read worked, and every figure a live
+/// query reads from it (an unreadable figure has no series).
+fn engines(r: &mut Registry, snap: &crate::engine::EngineSnapshot) {
+    let up = GaugeFamily::default();
+    let figure = GaugeFamily::default();
+    for p in &snap.pods {
+        let labels: Labels = vec![
+            ("namespace", p.namespace.clone()),
+            ("pod", p.pod.clone()),
+            ("endpoint", format!("{}{}", p.endpoint, p.path)),
+        ];
+        set(&up, labels.clone(), f64::from(u8::from(p.error.is_none())));
+        for (name, reading) in &p.figures {
+            let mut l = labels.clone();
+            l.push(("figure", name.clone()));
+            set_reading(&figure, &l, reading, 1.0);
+        }
+    }
+    r.register(
+        "gpu_scaler_pod_engine_up",
+        "1 when the newest read of the pod's engine metrics worked, 0 when it failed",
+        up,
+    );
+    r.register(
+        "gpu_scaler_pod_engine_figure",
+        "A pod's engine figure (queue depth, KV-cache use, ...) as a live query reads it",
+        figure,
+    );
+    counter(
+        r,
+        "gpu_scaler_engine_reads",
+        "Engine metrics reads since start",
+        snap.reads,
+    );
+    counter(
+        r,
+        "gpu_scaler_engine_read_failures",
+        "Engine metrics reads that failed (refused, timeout, not 200, unparsable)",
+        snap.failures,
+    );
 }
 
 fn devices(r: &mut Registry, snap: &NodeSnapshot) {
@@ -784,6 +832,7 @@ mod tests {
                 cluster: Some(&stats),
                 streams: None,
                 gpu_up: false,
+                engines: None,
                 attribution: Some(AttributionStats {
                     tracked_pids: 7,
                     dropped_events: 3,
@@ -916,6 +965,8 @@ mod tests {
                 node_name: None,
                 phase: None,
                 ready: true,
+                ip: None,
+                annotations: Default::default(),
                 containers: Vec::new(),
             })
         };
@@ -1029,6 +1080,61 @@ mod tests {
         assert!(out.contains("gpu_scaler_gpus 0"), "{out}");
         assert!(
             out.contains("gpu_scaler_grpc_streams{method=\"StreamIsActive\"} 0"),
+            "{out}"
+        );
+    }
+
+    #[test]
+    fn engine_series_name_pod_endpoint_and_figure_and_skip_unreadable() {
+        use crate::engine::scraper::PodEngine;
+        let engines = crate::engine::EngineSnapshot {
+            taken_at: None,
+            pods: vec![
+                PodEngine {
+                    pod_uid: "u1".into(),
+                    namespace: "ml".into(),
+                    pod: "vllm-0".into(),
+                    endpoint: "10.0.0.5:8000".into(),
+                    path: "/metrics".into(),
+                    error: None,
+                    figures: [("vllm_queue_depth".to_owned(), Reading::Ok(7.0))].into(),
+                },
+                PodEngine {
+                    pod_uid: "u2".into(),
+                    namespace: "ml".into(),
+                    pod: "vllm-1".into(),
+                    endpoint: "10.0.0.6:8000".into(),
+                    path: "/metrics".into(),
+                    error: Some("refused".into()),
+                    figures: [(
+                        "vllm_queue_depth".to_owned(),
+                        Reading::unavailable("refused"),
+                    )]
+                    .into(),
+                },
+            ],
+            reads: 5,
+            failures: 1,
+        };
+        let metrics = Metrics::new("mock");
+        let out = render(
+            &empty_snapshot(),
+            &Sources {
+                engines: Some(&engines),
+                ..Sources::node(&metrics)
+            },
+            SystemTime::now(),
+        );
+        assert!(out.contains(
+            "gpu_scaler_pod_engine_figure{namespace=\"ml\",pod=\"vllm-0\",endpoint=\"10.0.0.5:8000/metrics\",figure=\"vllm_queue_depth\"} 7.0"
+        ), "{out}");
+        assert!(
+            !out.contains("pod=\"vllm-1\",endpoint=\"10.0.0.6:8000/metrics\",figure"),
+            "{out}"
+        );
+        assert!(out.contains("gpu_scaler_pod_engine_up{namespace=\"ml\",pod=\"vllm-1\",endpoint=\"10.0.0.6:8000/metrics\"} 0"), "{out}");
+        assert!(
+            out.contains("gpu_scaler_engine_read_failures_total 1"),
             "{out}"
         );
     }

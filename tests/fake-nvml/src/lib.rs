@@ -10,36 +10,56 @@
 //! pass) when its contents changed, so a test can change the load mid-run. A
 //! malformed file is reported on stderr and the previous one stays in force.
 //!
-//! Device handles are `index + 1` cast to a pointer.
+//! Device handles are `index + 1` cast to a pointer; a MIG instance's handle
+//! adds `(slot + 1) << 16`. GPM samples are boxed [`GpmSampleData`].
+//!
+//! The fake is as unkind as a real driver (issue 11): the utilization size
+//! query answers a fixed count (`utilization_size_query`, 100 by default),
+//! MPS clients' samples carry the server's pid, MIG parent handles refuse
+//! memory and process queries without `mig_monitor`, `late` processes appear
+//! between a list's size query and its fill, `process_info_layout = "r535"`
+//! writes 32-byte entries into a 24-byte array (bounded by the caller's
+//! buffer, so garbled but never overrun), and `driver_reloads` makes handles
+//! from an earlier init answer GPU_IS_LOST.
 
 // The exported names and parameters are NVML's.
 #![allow(non_snake_case)]
 // Every export checks its pointers before writing through them.
 #![allow(clippy::missing_safety_doc)]
 
+// Some of its helpers serve only the mock source.
+#[allow(dead_code)]
 #[path = "../../../gpu-scaler/src/gpu/scenario.rs"]
 mod scenario;
 
 use std::{
-    ffi::{CStr, c_char, c_uint, c_ulonglong, c_void},
+    ffi::{CStr, c_char, c_int, c_uint, c_ulonglong, c_void},
     path::PathBuf,
     sync::{Mutex, MutexGuard},
     time::{SystemTime, UNIX_EPOCH},
 };
 
 use nvml_wrapper_sys::bindings::{
-    NVML_VALUE_NOT_AVAILABLE, nvmlDevice_t, nvmlMemory_v2_t, nvmlProcessInfo_t,
-    nvmlProcessUtilizationSample_t,
+    NVML_VALUE_NOT_AVAILABLE, field_id, nvmlDevice_t, nvmlFieldValue_t,
+    nvmlGpmMetricId_t_NVML_GPM_METRIC_SM_UTIL as GPM_SM_UTIL, nvmlGpmMetricsGet_t, nvmlGpmSample_t,
+    nvmlGpmSupport_t, nvmlMemory_v2_t, nvmlPcieUtilCounter_enum_NVML_PCIE_UTIL_RX_BYTES as PCIE_RX,
+    nvmlPcieUtilCounter_enum_NVML_PCIE_UTIL_TX_BYTES as PCIE_TX, nvmlProcessInfo_t,
+    nvmlProcessUtilizationInfo_v1_t, nvmlProcessUtilizationSample_t,
+    nvmlProcessesUtilizationInfo_t,
     nvmlReturn_enum_NVML_ERROR_DRIVER_NOT_LOADED as DRIVER_NOT_LOADED,
+    nvmlReturn_enum_NVML_ERROR_GPU_IS_LOST as GPU_IS_LOST,
     nvmlReturn_enum_NVML_ERROR_INSUFFICIENT_SIZE as INSUFFICIENT_SIZE,
     nvmlReturn_enum_NVML_ERROR_INVALID_ARGUMENT as INVALID_ARGUMENT,
+    nvmlReturn_enum_NVML_ERROR_NOT_FOUND as NOT_FOUND,
     nvmlReturn_enum_NVML_ERROR_NOT_SUPPORTED as NOT_SUPPORTED,
     nvmlReturn_enum_NVML_ERROR_UNINITIALIZED as UNINITIALIZED,
     nvmlReturn_enum_NVML_ERROR_UNKNOWN as UNKNOWN, nvmlReturn_enum_NVML_SUCCESS as SUCCESS,
     nvmlReturn_t, nvmlTemperatureSensors_enum_NVML_TEMPERATURE_GPU as TEMPERATURE_GPU,
-    nvmlUtilization_t,
+    nvmlUtilization_t, nvmlValueType_enum_NVML_VALUE_TYPE_UNSIGNED_LONG_LONG as VALUE_U64,
 };
-use scenario::{Answer, Gpu, ProcessKind, ProcessOut, Scenario};
+use scenario::{
+    Answer, Gpu, MigInstance, ProcessInfoLayout, ProcessKind, ProcessOut, Scenario, Session,
+};
 
 /// Environment variable naming the scenario file.
 pub const SCENARIO_ENV: &str = "FAKE_NVML_SCENARIO";
@@ -59,12 +79,26 @@ struct State {
     /// nvmlInit_v2 calls not yet matched by nvmlShutdown (NVML refcounts).
     inits: u32,
     loaded: Option<Loaded>,
+    /// The scenario's `driver_reloads` when the library was first
+    /// initialised (inits 0 -> 1): handles from then on are lost once it grows.
+    generation: u32,
+    session: Option<Session>,
 }
 
 static STATE: Mutex<State> = Mutex::new(State {
     inits: 0,
     loaded: None,
+    generation: 0,
+    session: None,
 });
+
+/// One GPM sample: what `nvmlGpmMigSampleGet` recorded.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct GpmSampleData {
+    /// SM activity % of the instance when the sample was taken.
+    sm_util: Option<u32>,
+    taken: bool,
+}
 
 fn state() -> MutexGuard<'static, State> {
     // A panic cannot cross the C ABI (it aborts), so poisoning is only ever
@@ -143,16 +177,70 @@ fn with_scenario(f: impl FnOnce(&mut Loaded) -> Result<(), nvmlReturn_t>) -> nvm
     }
 }
 
-/// Runs `f` on the GPU behind `device`.
+/// What a device handle names.
+struct Target<'a> {
+    gpu: &'a Gpu,
+    index: u32,
+    /// The MIG instance, for an instance's handle.
+    instance: Option<&'a MigInstance>,
+}
+
+impl Target<'_> {
+    fn gi(&self) -> Option<u32> {
+        self.instance.map(|i| i.gpu_instance_id)
+    }
+}
+
+fn handle(index: u32, slot: Option<usize>) -> nvmlDevice_t {
+    ((index as usize + 1) | slot.map_or(0, |s| (s + 1) << 16)) as nvmlDevice_t
+}
+
+/// Runs `f` on the GPU (or MIG instance) behind `device`, with the session.
+fn with_device(
+    device: nvmlDevice_t,
+    f: impl FnOnce(&Target<'_>, &mut Session) -> Result<(), nvmlReturn_t>,
+) -> nvmlReturn_t {
+    let mut st = state();
+    if st.inits == 0 {
+        return UNINITIALIZED;
+    }
+    let generation = st.generation;
+    let State {
+        loaded, session, ..
+    } = &mut *st;
+    let (Some(loaded), Some(session)) = (loaded.as_ref(), session.as_mut()) else {
+        return UNINITIALIZED;
+    };
+    let raw = device as usize;
+    let index = (raw & 0xffff).checked_sub(1);
+    let slot = (raw >> 16).checked_sub(1);
+    let r = (|| {
+        let index = index.ok_or(INVALID_ARGUMENT)?;
+        let gpu = loaded.scenario.gpu.get(index).ok_or(INVALID_ARGUMENT)?;
+        if loaded.scenario.driver_reloads != generation {
+            // The kernel driver was reloaded under this handle.
+            return Err(GPU_IS_LOST);
+        }
+        let instance = match slot {
+            None => None,
+            Some(slot) => Some(code(gpu.instances())?.get(slot).ok_or(INVALID_ARGUMENT)?),
+        };
+        let target = Target {
+            gpu,
+            index: u32::try_from(index).map_err(|_| INVALID_ARGUMENT)?,
+            instance,
+        };
+        f(&target, session)
+    })();
+    ret(r)
+}
+
+/// Runs `f` on the GPU behind `device` (not a MIG instance's handle).
 fn with_gpu(
     device: nvmlDevice_t,
     f: impl FnOnce(&Gpu, u32) -> Result<(), nvmlReturn_t>,
 ) -> nvmlReturn_t {
-    with_scenario(|loaded| {
-        let index = (device as usize).checked_sub(1).ok_or(INVALID_ARGUMENT)?;
-        let gpu = loaded.scenario.gpu.get(index).ok_or(INVALID_ARGUMENT)?;
-        f(gpu, u32::try_from(index).map_err(|_| INVALID_ARGUMENT)?)
-    })
+    with_device(device, |t, _| f(t.gpu, t.index))
 }
 
 /// `*out = v`, after checking `out`.
@@ -237,9 +325,14 @@ fn init() -> nvmlReturn_t {
     match fresh {
         Ok(loaded) => {
             let r = code(loaded.scenario.init());
+            let generation = loaded.scenario.driver_reloads;
             st.loaded = Some(loaded);
             if let Err(e) = r {
                 return e;
+            }
+            if st.inits == 0 {
+                st.generation = generation;
+                st.session = Some(Session::default());
             }
             st.inits += 1;
             SUCCESS
@@ -276,7 +369,10 @@ pub unsafe extern "C" fn nvmlErrorString(result: nvmlReturn_t) -> *const c_char 
         6 => c"Not Found",
         7 => c"Insufficient Size",
         9 => c"Driver Not Loaded",
+        13 => c"Function Not Found",
         15 => c"GPU is lost",
+        18 => c"RM has detected an NVML/RM version mismatch",
+        21 => c"No data",
         _ => c"Unknown Error",
     };
     s.as_ptr()
@@ -310,9 +406,13 @@ pub unsafe extern "C" fn nvmlDeviceGetHandleByIndex_v2(
     index: c_uint,
     device: *mut nvmlDevice_t,
 ) -> nvmlReturn_t {
+    let generation = state().generation;
     with_scenario(|loaded| {
         code(loaded.scenario.device(index))?;
-        put(device, (index as usize + 1) as nvmlDevice_t)
+        if loaded.scenario.driver_reloads != generation {
+            return Err(GPU_IS_LOST);
+        }
+        put(device, handle(index, None))
     })
 }
 
@@ -322,8 +422,12 @@ pub unsafe extern "C" fn nvmlDeviceGetUUID(
     uuid: *mut c_char,
     length: c_uint,
 ) -> nvmlReturn_t {
-    with_gpu(device, |gpu, index| {
-        put_str(uuid, length, &code(gpu.uuid(index))?)
+    with_device(device, |t, _| {
+        let u = match t.gi() {
+            Some(gi) => code(t.gpu.instance_uuid(t.index, gi))?,
+            None => code(t.gpu.uuid(t.index))?,
+        };
+        put_str(uuid, length, &u)
     })
 }
 
@@ -333,7 +437,13 @@ pub unsafe extern "C" fn nvmlDeviceGetName(
     name: *mut c_char,
     length: c_uint,
 ) -> nvmlReturn_t {
-    with_gpu(device, |gpu, _| put_str(name, length, &code(gpu.name())?))
+    with_device(device, |t, _| {
+        let n = match t.gi() {
+            Some(gi) => code(t.gpu.instance_name(gi))?,
+            None => code(t.gpu.name())?,
+        };
+        put_str(name, length, &n)
+    })
 }
 
 #[unsafe(no_mangle)]
@@ -341,8 +451,11 @@ pub unsafe extern "C" fn nvmlDeviceGetUtilizationRates(
     device: nvmlDevice_t,
     utilization: *mut nvmlUtilization_t,
 ) -> nvmlReturn_t {
-    with_gpu(device, |gpu, _| {
-        let (sm, mem) = code(gpu.utilization())?;
+    with_device(device, |t, _| {
+        if t.instance.is_some() {
+            return Err(NOT_SUPPORTED);
+        }
+        let (sm, mem) = code(t.gpu.utilization())?;
         put(
             utilization,
             nvmlUtilization_t {
@@ -358,8 +471,11 @@ pub unsafe extern "C" fn nvmlDeviceGetMemoryInfo_v2(
     device: nvmlDevice_t,
     memory: *mut nvmlMemory_v2_t,
 ) -> nvmlReturn_t {
-    with_gpu(device, |gpu, _| {
-        let (used, total) = code(gpu.memory())?;
+    with_device(device, |t, _| {
+        let (used, total) = match t.gi() {
+            Some(gi) => code(t.gpu.instance_memory(gi))?,
+            None => code(t.gpu.memory())?,
+        };
         if memory.is_null() {
             return Err(INVALID_ARGUMENT);
         }
@@ -427,8 +543,19 @@ fn process_list(
     count: *mut c_uint,
     infos: *mut nvmlProcessInfo_t,
 ) -> nvmlReturn_t {
-    with_gpu(device, |gpu, _| {
-        let list = code(gpu.processes(kind))?
+    let layout = {
+        let st = state();
+        st.loaded
+            .as_ref()
+            .map_or(ProcessInfoLayout::V3, |l| l.scenario.process_info_layout)
+    };
+    with_device(device, |t, session| {
+        let size_query = infos.is_null();
+        let list: Vec<nvmlProcessInfo_t> =
+            code(
+                t.gpu
+                    .processes_seen(kind, t.index, t.gi(), size_query, session),
+            )?
             .into_iter()
             .map(|p: ProcessOut| nvmlProcessInfo_t {
                 pid: p.pid,
@@ -440,8 +567,50 @@ fn process_list(
                 computeInstanceId: p.gpu_instance_id.map_or(NO_INSTANCE, |_| 0),
             })
             .collect();
-        put_array(count, infos, list)
+        match layout {
+            ProcessInfoLayout::V3 => put_array(count, infos, list),
+            ProcessInfoLayout::R535 => put_r535(count, infos, list),
+        }
     })
+}
+
+/// The array protocol of drivers 535.43-535.86: 32-byte entries (an extra
+/// `usedGpuCcProtectedMemory`) into the caller's array of 24-byte ones. The
+/// real driver writes past the end of an exact-size array; the fake stops at
+/// its end so the test process survives, and the entries are as garbled.
+fn put_r535(
+    count: *mut c_uint,
+    out: *mut nvmlProcessInfo_t,
+    items: Vec<nvmlProcessInfo_t>,
+) -> Result<(), nvmlReturn_t> {
+    if count.is_null() {
+        return Err(INVALID_ARGUMENT);
+    }
+    let n = c_uint::try_from(items.len()).map_err(|_| UNKNOWN)?;
+    // SAFETY: checked non-null above.
+    let capacity = unsafe { count.read() };
+    // SAFETY: as above.
+    unsafe { count.write(n) };
+    if n == 0 {
+        return Ok(());
+    }
+    if out.is_null() || capacity < n {
+        return Err(INSUFFICIENT_SIZE);
+    }
+    let limit = capacity as usize * std::mem::size_of::<nvmlProcessInfo_t>();
+    let mut bytes = Vec::with_capacity(items.len() * 32);
+    for p in items {
+        bytes.extend_from_slice(&p.pid.to_ne_bytes());
+        bytes.extend_from_slice(&[0; 4]);
+        bytes.extend_from_slice(&p.usedGpuMemory.to_ne_bytes());
+        bytes.extend_from_slice(&p.gpuInstanceId.to_ne_bytes());
+        bytes.extend_from_slice(&p.computeInstanceId.to_ne_bytes());
+        bytes.extend_from_slice(&0u64.to_ne_bytes());
+    }
+    bytes.truncate(limit);
+    // SAFETY: the caller's array holds `limit` bytes.
+    unsafe { std::ptr::copy_nonoverlapping(bytes.as_ptr(), out.cast::<u8>(), bytes.len()) };
+    Ok(())
 }
 
 #[unsafe(no_mangle)]
@@ -471,6 +640,19 @@ pub unsafe extern "C" fn nvmlDeviceGetMPSComputeRunningProcesses_v3(
     process_list(device, ProcessKind::Mps, info_count, infos)
 }
 
+/// The samples of one utilization fill call, counted as one query.
+fn samples_for(
+    t: &Target<'_>,
+    session: &mut Session,
+    last_seen: u64,
+) -> Result<Vec<scenario::SampleOut>, nvmlReturn_t> {
+    if t.instance.is_some() {
+        return Err(NOT_SUPPORTED);
+    }
+    let query = session.next_query(t.index);
+    code(t.gpu.process_samples(last_seen, now_us(), query))
+}
+
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn nvmlDeviceGetProcessUtilization(
     device: nvmlDevice_t,
@@ -478,14 +660,29 @@ pub unsafe extern "C" fn nvmlDeviceGetProcessUtilization(
     sample_count: *mut c_uint,
     last_seen: c_ulonglong,
 ) -> nvmlReturn_t {
-    with_gpu(device, |gpu, _| {
-        let samples = gpu.process_samples(last_seen, now_us());
-        let samples = match samples {
+    with_device(device, |t, session| {
+        if sample_count.is_null() {
+            return Err(INVALID_ARGUMENT);
+        }
+        if utilization.is_null() {
+            // The size query. Real drivers answer a fixed count whatever
+            // there is, even when idle.
+            code(t.gpu.errors.process_utilization.map_or(Ok(()), Err))?;
+            if t.instance.is_some() || t.gpu.mig {
+                return Err(NOT_SUPPORTED);
+            }
+            let n = t.gpu.utilization_size_query;
+            if n > 0 {
+                put(sample_count, n)?;
+                return Err(INSUFFICIENT_SIZE);
+            }
+        }
+        let samples = match samples_for(t, session, last_seen) {
             Ok(s) => s,
             Err(e) => {
                 // NVML reports no samples with a zero count as well.
                 put(sample_count, 0)?;
-                return Err(e.code());
+                return Err(e);
             }
         };
         let list = samples
@@ -501,6 +698,294 @@ pub unsafe extern "C" fn nvmlDeviceGetProcessUtilization(
             .collect();
         put_array(sample_count, utilization, list)
     })
+}
+
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn nvmlDeviceGetProcessesUtilizationInfo(
+    device: nvmlDevice_t,
+    info: *mut nvmlProcessesUtilizationInfo_t,
+) -> nvmlReturn_t {
+    with_device(device, |t, session| {
+        if info.is_null() {
+            return Err(INVALID_ARGUMENT);
+        }
+        if !t.gpu.processes_utilization_info {
+            return Err(NOT_SUPPORTED);
+        }
+        // SAFETY: non-null; the caller owns the struct.
+        let info = unsafe { &mut *info };
+        if info.version != PROCESSES_UTILIZATION_INFO_V1 {
+            return Err(25); // NVML_ERROR_ARGUMENT_VERSION_MISMATCH
+        }
+        if info.procUtilArray.is_null() {
+            code(t.gpu.errors.process_utilization.map_or(Ok(()), Err))?;
+            if t.instance.is_some() || t.gpu.mig {
+                return Err(NOT_SUPPORTED);
+            }
+            let n = t.gpu.utilization_size_query;
+            if n > 0 {
+                info.processSamplesCount = n;
+                return Err(INSUFFICIENT_SIZE);
+            }
+        }
+        let samples = match samples_for(t, session, info.lastSeenTimeStamp) {
+            Ok(s) => s,
+            Err(e) => {
+                info.processSamplesCount = 0;
+                return Err(e);
+            }
+        };
+        let list = samples
+            .into_iter()
+            .map(|s| nvmlProcessUtilizationInfo_v1_t {
+                timeStamp: s.timestamp_us,
+                pid: s.pid,
+                smUtil: s.sm_util,
+                memUtil: s.mem_util,
+                encUtil: 0,
+                decUtil: 0,
+                jpgUtil: 0,
+                ofaUtil: 0,
+            })
+            .collect();
+        put_array(&mut info.processSamplesCount, info.procUtilArray, list)
+    })
+}
+
+/// NVML_STRUCT_VERSION(ProcessesUtilizationInfo, 1).
+const PROCESSES_UTILIZATION_INFO_V1: c_uint =
+    std::mem::size_of::<nvmlProcessesUtilizationInfo_t>() as c_uint | (1 << 24);
+
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn nvmlSystemGetProcessName(
+    pid: c_uint,
+    name: *mut c_char,
+    length: c_uint,
+) -> nvmlReturn_t {
+    with_scenario(|loaded| put_str(name, length, &code(loaded.scenario.process_name(pid))?))
+}
+
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn nvmlDeviceGetPcieThroughput(
+    device: nvmlDevice_t,
+    counter: c_uint,
+    value: *mut c_uint,
+) -> nvmlReturn_t {
+    with_gpu(device, |gpu, _| {
+        let (tx, rx) = code(gpu.pcie_kbps())?;
+        match counter {
+            PCIE_TX => put(value, tx),
+            PCIE_RX => put(value, rx),
+            _ => Err(INVALID_ARGUMENT),
+        }
+    })
+}
+
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn nvmlDeviceGetFieldValues(
+    device: nvmlDevice_t,
+    values_count: c_int,
+    values: *mut nvmlFieldValue_t,
+) -> nvmlReturn_t {
+    with_gpu(device, |gpu, _| {
+        let n = usize::try_from(values_count).map_err(|_| INVALID_ARGUMENT)?;
+        if values.is_null() {
+            return Err(INVALID_ARGUMENT);
+        }
+        let now = now_us();
+        // SAFETY: the caller's array holds `values_count` entries.
+        let values = unsafe { std::slice::from_raw_parts_mut(values, n) };
+        for v in values {
+            v.timestamp = i64::try_from(now).unwrap_or(i64::MAX);
+            v.latencyUsec = 0;
+            let counters = gpu.nvlink_kib(now);
+            let value = match v.fieldId {
+                field_id::NVML_FI_DEV_NVLINK_THROUGHPUT_DATA_TX => counters.map(|c| c.0),
+                field_id::NVML_FI_DEV_NVLINK_THROUGHPUT_DATA_RX => counters.map(|c| c.1),
+                _ => Err(scenario::NvmlErrorKind::NotSupported),
+            };
+            match value {
+                Ok(x) => {
+                    v.nvmlReturn = SUCCESS;
+                    v.valueType = VALUE_U64;
+                    v.value.ullVal = x;
+                }
+                Err(e) => v.nvmlReturn = e.code(),
+            }
+        }
+        Ok(())
+    })
+}
+
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn nvmlDeviceGetTotalEnergyConsumption(
+    device: nvmlDevice_t,
+    energy: *mut c_ulonglong,
+) -> nvmlReturn_t {
+    with_gpu(device, |gpu, _| put(energy, code(gpu.energy_mj(now_us()))?))
+}
+
+/// MIG slots per GPU, as an A100 or H100 has.
+const MIG_SLOTS: c_uint = 7;
+
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn nvmlDeviceGetMaxMigDeviceCount(
+    device: nvmlDevice_t,
+    count: *mut c_uint,
+) -> nvmlReturn_t {
+    with_device(device, |t, _| {
+        if t.instance.is_some() || !t.gpu.mig {
+            return Err(NOT_SUPPORTED);
+        }
+        put(count, MIG_SLOTS)
+    })
+}
+
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn nvmlDeviceGetMigDeviceHandleByIndex(
+    device: nvmlDevice_t,
+    index: c_uint,
+    mig_device: *mut nvmlDevice_t,
+) -> nvmlReturn_t {
+    with_device(device, |t, _| {
+        if t.instance.is_some() || !t.gpu.mig {
+            return Err(NOT_SUPPORTED);
+        }
+        let instances = code(t.gpu.instances())?;
+        let slot = index as usize;
+        if slot >= instances.len() {
+            return Err(NOT_FOUND);
+        }
+        put(mig_device, handle(t.index, Some(slot)))
+    })
+}
+
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn nvmlDeviceGetDeviceHandleFromMigDeviceHandle(
+    mig_device: nvmlDevice_t,
+    device: *mut nvmlDevice_t,
+) -> nvmlReturn_t {
+    with_device(mig_device, |t, _| {
+        if t.instance.is_none() {
+            return Err(INVALID_ARGUMENT);
+        }
+        put(device, handle(t.index, None))
+    })
+}
+
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn nvmlDeviceGetGpuInstanceId(
+    device: nvmlDevice_t,
+    id: *mut c_uint,
+) -> nvmlReturn_t {
+    with_device(device, |t, _| {
+        put(id, t.instance.ok_or(INVALID_ARGUMENT)?.gpu_instance_id)
+    })
+}
+
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn nvmlDeviceGetComputeInstanceId(
+    device: nvmlDevice_t,
+    id: *mut c_uint,
+) -> nvmlReturn_t {
+    with_device(device, |t, _| {
+        put(id, t.instance.ok_or(INVALID_ARGUMENT)?.compute_instance_id)
+    })
+}
+
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn nvmlGpmQueryDeviceSupport(
+    device: nvmlDevice_t,
+    support: *mut nvmlGpmSupport_t,
+) -> nvmlReturn_t {
+    with_device(device, |t, _| {
+        if support.is_null() {
+            return Err(INVALID_ARGUMENT);
+        }
+        // SAFETY: non-null; the caller set `version`.
+        let version = unsafe { (*support).version };
+        put(
+            support,
+            nvmlGpmSupport_t {
+                version,
+                isSupportedDevice: c_uint::from(t.gpu.gpm && t.instance.is_none()),
+            },
+        )
+    })
+}
+
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn nvmlGpmSampleAlloc(sample: *mut nvmlGpmSample_t) -> nvmlReturn_t {
+    let boxed = Box::into_raw(Box::new(GpmSampleData::default()));
+    ret(put(sample, boxed.cast()))
+}
+
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn nvmlGpmSampleFree(sample: nvmlGpmSample_t) -> nvmlReturn_t {
+    if sample.is_null() {
+        return INVALID_ARGUMENT;
+    }
+    // SAFETY: allocated by nvmlGpmSampleAlloc and freed once, as NVML requires.
+    drop(unsafe { Box::from_raw(sample.cast::<GpmSampleData>()) });
+    SUCCESS
+}
+
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn nvmlGpmMigSampleGet(
+    device: nvmlDevice_t,
+    gpu_instance_id: c_uint,
+    sample: nvmlGpmSample_t,
+) -> nvmlReturn_t {
+    with_device(device, |t, _| {
+        if sample.is_null() || t.instance.is_some() {
+            return Err(INVALID_ARGUMENT);
+        }
+        let sm = code(t.gpu.gpm_sm_util(gpu_instance_id))?;
+        // SAFETY: a sample from nvmlGpmSampleAlloc.
+        unsafe {
+            sample.cast::<GpmSampleData>().write(GpmSampleData {
+                sm_util: Some(sm),
+                taken: true,
+            });
+        }
+        Ok(())
+    })
+}
+
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn nvmlGpmMetricsGet(request: *mut nvmlGpmMetricsGet_t) -> nvmlReturn_t {
+    if request.is_null() {
+        return INVALID_ARGUMENT;
+    }
+    // SAFETY: non-null; the caller owns the request.
+    let request = unsafe { &mut *request };
+    if request.sample1.is_null() || request.sample2.is_null() {
+        return INVALID_ARGUMENT;
+    }
+    // SAFETY: samples from nvmlGpmSampleAlloc.
+    let (first, second) = unsafe {
+        (
+            *request.sample1.cast::<GpmSampleData>(),
+            *request.sample2.cast::<GpmSampleData>(),
+        )
+    };
+    if !first.taken || !second.taken {
+        return INVALID_ARGUMENT;
+    }
+    let n = (request.numMetrics as usize).min(request.metrics.len());
+    for m in &mut request.metrics[..n] {
+        m.metricInfo.shortName = c"sm_util".as_ptr().cast_mut();
+        m.metricInfo.longName = c"SM utilization".as_ptr().cast_mut();
+        m.metricInfo.unit = c"%".as_ptr().cast_mut();
+        match (m.metricId, second.sm_util) {
+            (GPM_SM_UTIL, Some(sm)) => {
+                m.nvmlReturn = SUCCESS;
+                m.value = f64::from(sm);
+            }
+            _ => m.nvmlReturn = NOT_SUPPORTED,
+        }
+    }
+    SUCCESS
 }
 
 #[cfg(test)]

@@ -1,0 +1,561 @@
+//! The per-pod figures: every metric a ScaledObject can scale on, described
+//! once (docs/figures.md has the design).
+//!
+//! A figure is one row of [`FIGURES`]: its metadata name (and keda-gpu-scaler's
+//! name for it), unit, how one pod's value is computed, the aggregation that
+//! makes the HPA's arithmetic right by default, and the source that measures
+//! it. The metadata parser, the peer protocol, the value computation, `/metrics`
+//! and `gpu-scaler top` read this table; none keeps a list of its own. Adding a
+//! figure is a variant of [`Metric`] and its row; an engine figure also names
+//! its [`Rule`] in [`Metric::engine_rule`].
+
+use std::fmt;
+
+use crate::engine::{Engine, rule::Rule, series::SeriesSelector};
+
+/// What is measured for each pod.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Metric {
+    GpuUtilization,
+    MemoryUtilization,
+    MemoryUsedMib,
+    MemoryUsedPercent,
+    PowerDraw,
+    Temperature,
+    VllmQueueDepth,
+    VllmRunning,
+    VllmKvCacheUsage,
+    VllmKvCachePercent,
+    SglangQueueDepth,
+    SglangRunning,
+    SglangTokenUsage,
+    TgiQueueSize,
+    TgiBatchSize,
+    TritonPendingRequests,
+    TritonQueueWaitMs,
+    TritonRequestRate,
+    TrtllmQueueDepth,
+    TrtllmKvCacheUsage,
+    /// Any engine or application metric: `engineMetric` names the series.
+    Engine,
+}
+
+/// How per-pod values become the workload's one number.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Aggregation {
+    Sum,
+    Avg,
+    Max,
+    Min,
+    P95,
+    P99,
+}
+
+impl Aggregation {
+    pub const ALL: [Aggregation; 6] = [
+        Self::Sum,
+        Self::Avg,
+        Self::Max,
+        Self::Min,
+        Self::P95,
+        Self::P99,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Sum => "sum",
+            Self::Avg => "avg",
+            Self::Max => "max",
+            Self::Min => "min",
+            Self::P95 => "p95",
+            Self::P99 => "p99",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Self> {
+        Self::ALL
+            .into_iter()
+            .find(|a| a.as_str().eq_ignore_ascii_case(s.trim()))
+    }
+
+    /// The figure's default (temperatures do not add up, so `max`).
+    pub fn default_for(metric: Metric) -> Self {
+        metric.figure().aggregation
+    }
+}
+
+impl fmt::Display for Aggregation {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// Which part of the daemon measures a figure.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Source {
+    /// The GPU join (NVML per-process figures attributed to the pod); crosses
+    /// the peer protocol as the pod's per-GPU usage.
+    Gpu,
+    /// The pod's serving engine, read over HTTP from the pod's IP; crosses the
+    /// peer protocol as a per-pod figure reading.
+    Engine(Engine),
+}
+
+/// One row of the figure table.
+#[derive(Clone, Copy, Debug)]
+pub struct Figure {
+    pub metric: Metric,
+    /// The metadata `metric` value (matched case-insensitively).
+    pub name: &'static str,
+    /// Other accepted names (keda-gpu-scaler's `metricType` values).
+    pub aliases: &'static [&'static str],
+    pub unit: &'static str,
+    /// One pod's value, in a sentence (README, docs/metrics.md, `/metrics` HELP).
+    pub per_pod: &'static str,
+    pub aggregation: Aggregation,
+    pub source: Source,
+}
+
+macro_rules! fig {
+    ($m:ident, $name:literal, [$($alias:literal),*], $unit:literal, $agg:ident, $src:expr, $per_pod:literal) => {
+        Figure {
+            metric: Metric::$m,
+            name: $name,
+            aliases: &[$($alias),*],
+            unit: $unit,
+            per_pod: $per_pod,
+            aggregation: Aggregation::$agg,
+            source: $src,
+        }
+    };
+}
+
+/// Every figure, in the order docs list them.
+pub const FIGURES: [Figure; 21] = [
+    fig!(
+        GpuUtilization,
+        "gpu_utilization",
+        [],
+        "percent",
+        Sum,
+        Source::Gpu,
+        "SM utilization % of its processes, summed per GPU, averaged over the GPUs it uses"
+    ),
+    fig!(
+        MemoryUtilization,
+        "memory_utilization",
+        [],
+        "percent",
+        Sum,
+        Source::Gpu,
+        "Memory-controller utilization %, likewise"
+    ),
+    fig!(
+        MemoryUsedMib,
+        "memory_used_mib",
+        [],
+        "MiB",
+        Sum,
+        Source::Gpu,
+        "GPU memory its processes use, MiB, summed over GPUs"
+    ),
+    fig!(
+        MemoryUsedPercent,
+        "memory_used_percent",
+        [],
+        "percent",
+        Sum,
+        Source::Gpu,
+        "That memory as % of the total memory of the GPUs it uses"
+    ),
+    fig!(
+        PowerDraw,
+        "power_draw",
+        [],
+        "watts",
+        Sum,
+        Source::Gpu,
+        "Watts: each GPU's power split over its processes by SM share (equally when no process has SM samples)"
+    ),
+    fig!(
+        Temperature,
+        "temperature",
+        [],
+        "celsius",
+        Max,
+        Source::Gpu,
+        "°C of the hottest GPU it uses"
+    ),
+    fig!(
+        VllmQueueDepth,
+        "vllm_queue_depth",
+        ["vllm_num_requests_waiting"],
+        "requests",
+        Sum,
+        Source::Engine(Engine::Vllm),
+        "`vllm:num_requests_waiting` summed over its series (every data-parallel `engine` and `model_name`)"
+    ),
+    fig!(
+        VllmRunning,
+        "vllm_running",
+        ["vllm_num_requests_running"],
+        "requests",
+        Sum,
+        Source::Engine(Engine::Vllm),
+        "`vllm:num_requests_running` summed likewise"
+    ),
+    fig!(
+        VllmKvCacheUsage,
+        "vllm_kv_cache_usage",
+        ["vllm_gpu_cache_usage", "vllm_kv_cache_usage_perc"],
+        "ratio",
+        Sum,
+        Source::Engine(Engine::Vllm),
+        "Mean over its engines of `vllm:kv_cache_usage_perc`, a 0-1 fraction (`vllm:gpu_cache_usage_perc` before vLLM 0.12)"
+    ),
+    fig!(
+        VllmKvCachePercent,
+        "vllm_kv_cache_usage_percent",
+        [],
+        "percent",
+        Sum,
+        Source::Engine(Engine::Vllm),
+        "`vllm_kv_cache_usage` as a percentage (0-100): what keda-gpu-scaler's `metricType: vllm_kv_cache_usage` means"
+    ),
+    fig!(
+        SglangQueueDepth,
+        "sglang_queue_depth",
+        ["sglang_num_queue_reqs"],
+        "requests",
+        Sum,
+        Source::Engine(Engine::Sglang),
+        "`sglang:num_queue_reqs` summed over its series (one per data-parallel rank; tensor-parallel ranks other than 0 do not export)"
+    ),
+    fig!(
+        SglangRunning,
+        "sglang_running",
+        ["sglang_num_running_reqs"],
+        "requests",
+        Sum,
+        Source::Engine(Engine::Sglang),
+        "`sglang:num_running_reqs` summed likewise"
+    ),
+    fig!(
+        SglangTokenUsage,
+        "sglang_token_usage",
+        [],
+        "ratio",
+        Sum,
+        Source::Engine(Engine::Sglang),
+        "Mean over its series of `sglang:token_usage` (KV-cache tokens in use, 0-1)"
+    ),
+    fig!(
+        TgiQueueSize,
+        "tgi_queue_size",
+        [],
+        "requests",
+        Sum,
+        Source::Engine(Engine::Tgi),
+        "`tgi_queue_size`"
+    ),
+    fig!(
+        TgiBatchSize,
+        "tgi_batch_size",
+        ["tgi_batch_current_size"],
+        "requests",
+        Sum,
+        Source::Engine(Engine::Tgi),
+        "`tgi_batch_current_size`"
+    ),
+    fig!(
+        TritonPendingRequests,
+        "triton_pending_requests",
+        ["triton_queue_depth"],
+        "requests",
+        Sum,
+        Source::Engine(Engine::Triton),
+        "`nv_inference_pending_request_count` summed over its models"
+    ),
+    fig!(
+        TritonQueueWaitMs,
+        "triton_queue_wait_ms",
+        ["triton_queue_wait"],
+        "ms",
+        Sum,
+        Source::Engine(Engine::Triton),
+        "Increase of `nv_inference_queue_duration_us` over the increase of `nv_inference_request_success` + `_failure`, all models, between the last two reads, in ms (per request, not per batch item); 0 with no request"
+    ),
+    fig!(
+        TritonRequestRate,
+        "triton_request_rate",
+        [],
+        "requests/s",
+        Sum,
+        Source::Engine(Engine::Triton),
+        "Increase of `nv_inference_request_success` + `nv_inference_request_failure` per second"
+    ),
+    fig!(
+        TrtllmQueueDepth,
+        "trtllm_queue_depth",
+        [],
+        "requests",
+        Sum,
+        Source::Engine(Engine::TrtLlm),
+        "trtllm-serve's `trtllm_num_requests_waiting`, else the Triton TensorRT-LLM backend's `nv_trt_llm_request_metrics{request_type=\"waiting\"}`"
+    ),
+    fig!(
+        TrtllmKvCacheUsage,
+        "trtllm_kv_cache_usage",
+        [],
+        "ratio",
+        Sum,
+        Source::Engine(Engine::TrtLlm),
+        "trtllm-serve's `trtllm_kv_cache_utilization` (mean over series), else `nv_trt_llm_kv_cache_block_metrics{kv_cache_block_type=\"fraction\"}`"
+    ),
+    fig!(
+        Engine,
+        "engine",
+        [],
+        "as the engine reports",
+        Sum,
+        Source::Engine(Engine::Any),
+        "The series `engineMetric` names: a gauge summed, a counter's per-second rate, a histogram's `engineQuantile` (default the mean) between the last two reads"
+    ),
+];
+
+impl Metric {
+    pub const ALL: [Metric; 21] = {
+        let mut all = [Metric::Engine; 21];
+        let mut i = 0;
+        while i < FIGURES.len() {
+            all[i] = FIGURES[i].metric;
+            i += 1;
+        }
+        all
+    };
+
+    /// This figure's row.
+    pub fn figure(self) -> &'static Figure {
+        FIGURES
+            .iter()
+            .find(|f| f.metric == self)
+            .expect("every metric has a row (checked by a test)")
+    }
+
+    pub fn as_str(self) -> &'static str {
+        self.figure().name
+    }
+
+    /// The metric a metadata value names: a figure's name or alias, any case.
+    pub fn parse(s: &str) -> Option<Self> {
+        let s = s.trim();
+        FIGURES
+            .iter()
+            .find(|f| {
+                f.name.eq_ignore_ascii_case(s)
+                    || f.aliases.iter().any(|a| a.eq_ignore_ascii_case(s))
+            })
+            .map(|f| f.metric)
+    }
+
+    pub fn is_engine(self) -> bool {
+        matches!(self.figure().source, Source::Engine(_))
+    }
+
+    /// How a pod's value is computed from its engine's metrics; `None` for GPU
+    /// figures and for `engine`, whose rule comes from `engineMetric`.
+    pub fn engine_rule(self) -> Option<Rule> {
+        let s = |t: &str| SeriesSelector::parse(t).expect("the table's selectors parse (test)");
+        let scaled = |alts: &[&str], mean: bool, scale: f64| Rule::Gauge {
+            alternatives: alts.iter().map(|a| s(a)).collect(),
+            mean,
+            scale,
+        };
+        let gauge = |alts: &[&str], mean: bool| scaled(alts, mean, 1.0);
+        let triton_requests = || {
+            vec![
+                s("nv_inference_request_success"),
+                s("nv_inference_request_failure"),
+            ]
+        };
+        Some(match self {
+            Self::VllmQueueDepth => gauge(&["vllm:num_requests_waiting"], false),
+            Self::VllmRunning => gauge(&["vllm:num_requests_running"], false),
+            Self::VllmKvCacheUsage => gauge(
+                &["vllm:kv_cache_usage_perc", "vllm:gpu_cache_usage_perc"],
+                true,
+            ),
+            Self::VllmKvCachePercent => scaled(
+                &["vllm:kv_cache_usage_perc", "vllm:gpu_cache_usage_perc"],
+                true,
+                100.0,
+            ),
+            Self::SglangQueueDepth => gauge(&["sglang:num_queue_reqs"], false),
+            Self::SglangRunning => gauge(&["sglang:num_running_reqs"], false),
+            Self::SglangTokenUsage => gauge(&["sglang:token_usage"], true),
+            Self::TgiQueueSize => gauge(&["tgi_queue_size"], false),
+            Self::TgiBatchSize => gauge(&["tgi_batch_current_size"], false),
+            Self::TritonPendingRequests => gauge(&["nv_inference_pending_request_count"], false),
+            Self::TritonQueueWaitMs => Rule::DeltaRatio {
+                num: s("nv_inference_queue_duration_us"),
+                den: triton_requests(),
+                scale: 1e-3,
+            },
+            Self::TritonRequestRate => Rule::Rate {
+                series: triton_requests(),
+            },
+            Self::TrtllmQueueDepth => gauge(
+                &[
+                    "trtllm_num_requests_waiting",
+                    "nv_trt_llm_request_metrics{request_type=\"waiting\"}",
+                ],
+                false,
+            ),
+            Self::TrtllmKvCacheUsage => gauge(
+                &[
+                    "trtllm_kv_cache_utilization",
+                    "nv_trt_llm_kv_cache_block_metrics{kv_cache_block_type=\"fraction\"}",
+                ],
+                true,
+            ),
+            Self::GpuUtilization
+            | Self::MemoryUtilization
+            | Self::MemoryUsedMib
+            | Self::MemoryUsedPercent
+            | Self::PowerDraw
+            | Self::Temperature
+            | Self::Engine => return None,
+        })
+    }
+}
+
+impl fmt::Display for Metric {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_table_is_whole_and_unambiguous() {
+        let mut names = std::collections::HashSet::new();
+        for (i, f) in FIGURES.iter().enumerate() {
+            assert_eq!(Metric::ALL[i], f.metric);
+            assert_eq!(f.metric.figure().name, f.name);
+            for n in std::iter::once(f.name).chain(f.aliases.iter().copied()) {
+                assert!(names.insert(n.to_ascii_lowercase()), "{n} twice");
+                assert_eq!(Metric::parse(&n.to_ascii_uppercase()), Some(f.metric));
+            }
+            let engine = f.metric.is_engine();
+            let rule = f.metric.engine_rule();
+            assert_eq!(
+                rule.is_some(),
+                engine && f.metric != Metric::Engine,
+                "{}: engine figures other than `engine` have a rule",
+                f.name
+            );
+        }
+        assert_eq!(
+            Aggregation::default_for(Metric::Temperature),
+            Aggregation::Max
+        );
+        assert_eq!(
+            Aggregation::default_for(Metric::VllmKvCacheUsage),
+            Aggregation::Sum
+        );
+    }
+
+    /// Each engine figure on an exposition in its engine's exact format
+    /// (names, labels, HELP/TYPE, value spelling as the engine prints them).
+    #[test]
+    fn engine_figures_on_each_engines_format() {
+        use crate::engine::rule::Scrape;
+        let read = |m: Metric, text: &str| {
+            let rule = m.engine_rule().expect("an engine figure");
+            let scrape =
+                Scrape::new(std::time::Instant::now(), text, &rule.selectors()).expect("parses");
+            rule.reading(None, &scrape).ok()
+        };
+        // vLLM 0.10 (V1 engine, prometheus_client): both KV names, same value.
+        let vllm_010 = "# HELP vllm:num_requests_waiting Number of requests waiting to be processed.\n\
+# TYPE vllm:num_requests_waiting gauge\n\
+vllm:num_requests_waiting{engine=\"0\",model_name=\"Qwen/Qwen3-4B-Instruct-2507-FP8\"} 2.0\n\
+# HELP vllm:gpu_cache_usage_perc GPU KV-cache usage. 1 means 100 percent usage.DEPRECATED: Use vllm:kv_cache_usage_perc instead.\n\
+# TYPE vllm:gpu_cache_usage_perc gauge\n\
+vllm:gpu_cache_usage_perc{engine=\"0\",model_name=\"Qwen/Qwen3-4B-Instruct-2507-FP8\"} 0.0011764705882353343\n\
+# HELP vllm:kv_cache_usage_perc KV-cache usage. 1 means 100 percent usage.\n\
+# TYPE vllm:kv_cache_usage_perc gauge\n\
+vllm:kv_cache_usage_perc{engine=\"0\",model_name=\"Qwen/Qwen3-4B-Instruct-2507-FP8\"} 0.0011764705882353343\n\
+process_virtual_memory_bytes 1.372014592e+010\n";
+        assert_eq!(read(Metric::VllmQueueDepth, vllm_010), Some(2.0));
+        assert_eq!(
+            read(Metric::VllmKvCacheUsage, vllm_010),
+            Some(0.0011764705882353343)
+        );
+        // vLLM v0 (before the engine label): only the old KV name.
+        let vllm_v0 = "# TYPE vllm:gpu_cache_usage_perc gauge\n\
+vllm:gpu_cache_usage_perc{model_name=\"unsloth/Llama-3.2-1B-Instruct\"} 0.87\n";
+        assert_eq!(read(Metric::VllmKvCacheUsage, vllm_v0), Some(0.87));
+        assert_eq!(read(Metric::VllmKvCachePercent, vllm_v0), Some(87.0));
+        // SGLang with DP attention: one series per dp_rank (attention-TP rank 0 of
+        // each exports), each its own queue.
+        let sglang = "# HELP sglang:num_queue_reqs The number of requests in the waiting queue.\n\
+# TYPE sglang:num_queue_reqs gauge\n\
+sglang:num_queue_reqs{dp_rank=\"0\",engine_type=\"unified\",model_name=\"deepseek-r1\",pp_rank=\"0\",tp_rank=\"0\"} 3.0\n\
+sglang:num_queue_reqs{dp_rank=\"1\",engine_type=\"unified\",model_name=\"deepseek-r1\",pp_rank=\"0\",tp_rank=\"1\"} 4.0\n\
+# HELP sglang:num_running_reqs The number of running requests.\n\
+# TYPE sglang:num_running_reqs gauge\n\
+sglang:num_running_reqs{dp_rank=\"0\",engine_type=\"unified\",model_name=\"deepseek-r1\",pp_rank=\"0\",tp_rank=\"0\"} 16.0\n\
+sglang:num_running_reqs{dp_rank=\"1\",engine_type=\"unified\",model_name=\"deepseek-r1\",pp_rank=\"0\",tp_rank=\"1\"} 12.0\n\
+# HELP sglang:token_usage The token usage.\n\
+# TYPE sglang:token_usage gauge\n\
+sglang:token_usage{dp_rank=\"0\",engine_type=\"unified\",model_name=\"deepseek-r1\",pp_rank=\"0\",tp_rank=\"0\"} 0.5\n\
+sglang:token_usage{dp_rank=\"1\",engine_type=\"unified\",model_name=\"deepseek-r1\",pp_rank=\"0\",tp_rank=\"1\"} 0.3\n";
+        assert_eq!(read(Metric::SglangQueueDepth, sglang), Some(7.0));
+        assert_eq!(read(Metric::SglangRunning, sglang), Some(28.0));
+        assert_eq!(read(Metric::SglangTokenUsage, sglang), Some(0.4));
+        // TGI (metrics-exporter-prometheus): no labels, integers without ".0".
+        let tgi = "# HELP tgi_queue_size Current queue size\n# TYPE tgi_queue_size gauge\ntgi_queue_size 4\n\
+# HELP tgi_batch_current_size Current batch size\n# TYPE tgi_batch_current_size gauge\ntgi_batch_current_size 32\n\
+# TYPE tgi_request_queue_duration histogram\ntgi_request_queue_duration_bucket{le=\"0.0001\"} 0\n\
+tgi_request_queue_duration_bucket{le=\"0.00015000000000000001\"} 1\ntgi_request_queue_duration_bucket{le=\"+Inf\"} 5\n\
+tgi_request_queue_duration_sum 0.25\ntgi_request_queue_duration_count 5\n";
+        assert_eq!(read(Metric::TgiQueueSize, tgi), Some(4.0));
+        assert_eq!(read(Metric::TgiBatchSize, tgi), Some(32.0));
+        // Triton (prometheus-cpp, sorted labels) with two models, one of them the
+        // TensorRT-LLM backend with its custom gauges.
+        let triton = "# HELP nv_inference_pending_request_count Instantaneous number of pending requests awaiting execution per-model.\n\
+# TYPE nv_inference_pending_request_count gauge\n\
+nv_inference_pending_request_count{model=\"ensemble\",version=\"1\"} 2\n\
+nv_inference_pending_request_count{model=\"tensorrt_llm\",version=\"1\"} 5\n\
+# HELP nv_trt_llm_request_metrics TRT LLM request metrics\n\
+# TYPE nv_trt_llm_request_metrics gauge\n\
+nv_trt_llm_request_metrics{model=\"tensorrt_llm\",request_type=\"active\",version=\"1\"} 8\n\
+nv_trt_llm_request_metrics{model=\"tensorrt_llm\",request_type=\"max\",version=\"1\"} 512\n\
+nv_trt_llm_request_metrics{model=\"tensorrt_llm\",request_type=\"scheduled\",version=\"1\"} 8\n\
+nv_trt_llm_request_metrics{model=\"tensorrt_llm\",request_type=\"context\",version=\"1\"} 1\n\
+nv_trt_llm_request_metrics{model=\"tensorrt_llm\",request_type=\"waiting\",version=\"1\"} 1\n\
+# HELP nv_trt_llm_kv_cache_block_metrics TRT LLM KV cache block metrics\n\
+# TYPE nv_trt_llm_kv_cache_block_metrics gauge\n\
+nv_trt_llm_kv_cache_block_metrics{kv_cache_block_type=\"max\",model=\"tensorrt_llm\",version=\"1\"} 1200\n\
+nv_trt_llm_kv_cache_block_metrics{kv_cache_block_type=\"used\",model=\"tensorrt_llm\",version=\"1\"} 585\n\
+nv_trt_llm_kv_cache_block_metrics{kv_cache_block_type=\"fraction\",model=\"tensorrt_llm\",version=\"1\"} 0.4875\n";
+        assert_eq!(read(Metric::TritonPendingRequests, triton), Some(7.0));
+        assert_eq!(read(Metric::TrtllmQueueDepth, triton), Some(1.0));
+        assert_eq!(read(Metric::TrtllmKvCacheUsage, triton), Some(0.4875));
+        // trtllm-serve (/prometheus/metrics): its own names, hard-coded labels.
+        let trtllm_serve = "# HELP trtllm_num_requests_waiting Number of queued requests\n\
+# TYPE trtllm_num_requests_waiting gauge\n\
+trtllm_num_requests_waiting{engine_type=\"undefined\",model_name=\"undefined\"} 2.0\n\
+# HELP trtllm_kv_cache_utilization KV cache utilization\n\
+# TYPE trtllm_kv_cache_utilization gauge\n\
+trtllm_kv_cache_utilization{engine_type=\"undefined\",model_name=\"undefined\"} 0.42\n";
+        assert_eq!(read(Metric::TrtllmQueueDepth, trtllm_serve), Some(2.0));
+        assert_eq!(read(Metric::TrtllmKvCacheUsage, trtllm_serve), Some(0.42));
+        // A family the engine does not export is no reading, never 0.
+        assert_eq!(read(Metric::VllmQueueDepth, tgi), None);
+    }
+}
