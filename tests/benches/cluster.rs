@@ -97,7 +97,13 @@ impl SyntheticNode {
     fn answer(&self, uids: &[String]) -> proto::GetPodUsageResponse {
         proto::GetPodUsageResponse {
             node_name: self.name.clone(),
-            snapshot_unix_nanos: 1,
+            snapshot_unix_nanos: i64::try_from(
+                std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .expect("after 1970")
+                    .as_nanos(),
+            )
+            .expect("fits"),
             pods: uids
                 .iter()
                 .map(|u| proto::PodUsage {

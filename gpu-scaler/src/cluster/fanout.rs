@@ -81,6 +81,10 @@ pub struct Fanout {
     flights: Mutex<HashMap<FlightKey, Flight>>,
 }
 
+/// Clock difference between nodes tolerated when a peer's snapshot age is
+/// checked (NTP keeps nodes within milliseconds; this is for a bad day).
+pub const MAX_CLOCK_SKEW: Duration = Duration::from_secs(2);
+
 /// Phases of pods that are over: they use nothing and are not replicas.
 fn finished(pod: &Pod) -> bool {
     matches!(pod.phase.as_deref(), Some("Succeeded" | "Failed"))
@@ -225,7 +229,11 @@ impl Fanout {
             }
         }
         let figures = &figures;
+        // A snapshot older than three polls (plus clock skew between nodes)
+        // is stale, as for the node's own answers.
+        let max_age = self.config.cache_ttl * 3 + MAX_CLOCK_SKEW;
         let asks = by_node.into_iter().map(|(node, uids)| async move {
+            let asked: std::collections::HashSet<String> = uids.iter().cloned().collect();
             let answer = if node == self.config.node_name {
                 self.local.pod_usage(&uids, figures).await
             } else {
@@ -245,7 +253,7 @@ impl Fanout {
             };
             let answer = answer.and_then(|a| {
                 if a.node_name == node {
-                    Ok(a)
+                    super::usage::check_answer(a, &asked, SystemTime::now(), max_age)
                 } else {
                     Err(format!(
                         "the daemon asked answered for node {:?}",
@@ -398,7 +406,13 @@ pub(crate) mod tests {
             let sm = self.sm.lock().expect("lock");
             let mut resp = proto::GetPodUsageResponse {
                 node_name: self.name.clone(),
-                snapshot_unix_nanos: 1_700_000_000_000_000_000,
+                snapshot_unix_nanos: i64::try_from(
+                    SystemTime::now()
+                        .duration_since(UNIX_EPOCH)
+                        .expect("after 1970")
+                        .as_nanos(),
+                )
+                .expect("fits"),
                 ..Default::default()
             };
             for uid in uids {

@@ -21,6 +21,59 @@ use crate::{
     scaler::view::check_fresh,
 };
 
+/// What a peer may say: only the pods it was asked about (the others are
+/// dropped: a peer cannot replace another node's figure), figures that can be
+/// true (finite, utilization 0-100 % per GPU, no negative power), and a
+/// snapshot no older than `max_age`. An answer that breaks a rule makes the
+/// node count as missing, with why.
+pub fn check_answer(
+    mut a: proto::GetPodUsageResponse,
+    asked: &std::collections::HashSet<String>,
+    now: SystemTime,
+    max_age: Duration,
+) -> Result<proto::GetPodUsageResponse, String> {
+    let at = UNIX_EPOCH + Duration::from_nanos(u64::try_from(a.snapshot_unix_nanos).unwrap_or(0));
+    let age = now.duration_since(at).unwrap_or_default();
+    if age > max_age {
+        return Err(format!(
+            "its snapshot is {age:.1?} old (more than {max_age:?})"
+        ));
+    }
+    let before = a.pods.len();
+    let mut seen = std::collections::HashSet::new();
+    a.pods
+        .retain(|p| asked.contains(&p.pod_uid) && seen.insert(p.pod_uid.clone()));
+    if a.pods.len() < before {
+        tracing::debug!(node = %a.node_name, dropped = before - a.pods.len(), "peer answered for pods it was not asked about");
+    }
+    a.unknown_pod_uids.retain(|u| asked.contains(u));
+    let percent = |v: Option<f64>| v.is_none_or(|v| v.is_finite() && (0.0..=100.0).contains(&v));
+    for p in &a.pods {
+        let bad_gpu = p.gpus.iter().find(|g| {
+            !percent(g.sm_util_percent)
+                || !percent(g.mem_util_percent)
+                || g.power_watts.is_some_and(|w| !w.is_finite() || w < 0.0)
+        });
+        if let Some(g) = bad_gpu {
+            return Err(format!(
+                "it reported impossible figures for pod {} on GPU {}: SM {:?} %, memory {:?} %, power {:?} W",
+                p.pod_uid, g.gpu_uuid, g.sm_util_percent, g.mem_util_percent, g.power_watts
+            ));
+        }
+        if let Some(f) = p
+            .figures
+            .iter()
+            .find(|f| f.value.is_some_and(|v| !v.is_finite()))
+        {
+            return Err(format!(
+                "it reported {:?} for an engine figure of pod {}",
+                f.value, p.pod_uid
+            ));
+        }
+    }
+    Ok(a)
+}
+
 /// An engine query as the protocol carries it.
 pub fn figure_request(q: &EngineQuery) -> proto::FigureRequest {
     proto::FigureRequest {
@@ -263,6 +316,62 @@ mod tests {
     use std::collections::BTreeMap;
 
     use super::*;
+
+    #[test]
+    fn peers_say_only_what_they_were_asked_and_what_can_be_true() {
+        let now = SystemTime::now();
+        let nanos = |t: SystemTime| {
+            i64::try_from(t.duration_since(UNIX_EPOCH).expect("after 1970").as_nanos())
+                .expect("fits")
+        };
+        let pod = |uid: &str, sm: f64| proto::PodUsage {
+            pod_uid: uid.into(),
+            gpus: vec![proto::GpuUsage {
+                gpu_uuid: "GPU-0".into(),
+                sm_util_percent: Some(sm),
+                ..Default::default()
+            }],
+            figures: Vec::new(),
+        };
+        let answer = |pods: Vec<proto::PodUsage>, at: SystemTime| proto::GetPodUsageResponse {
+            node_name: "n2".into(),
+            snapshot_unix_nanos: nanos(at),
+            pods,
+            unknown_pod_uids: vec!["elsewhere".into()],
+        };
+        let asked: std::collections::HashSet<String> = ["a".to_owned()].into();
+        let limit = Duration::from_secs(5);
+        // A pod it was not asked about (another node's) is dropped, never merged.
+        let ok = check_answer(
+            answer(vec![pod("a", 40.0), pod("b", 99.0), pod("a", 1.0)], now),
+            &asked,
+            now,
+            limit,
+        )
+        .expect("valid");
+        assert_eq!(ok.pods.len(), 1);
+        assert_eq!(ok.pods[0].gpus[0].sm_util_percent, Some(40.0));
+        assert!(ok.unknown_pod_uids.is_empty());
+        for bad in [f64::NAN, f64::INFINITY, 100.5, -1.0] {
+            let e = check_answer(answer(vec![pod("a", bad)], now), &asked, now, limit)
+                .expect_err("impossible");
+            assert!(e.contains("impossible"), "{e}");
+        }
+        let mut nan_figure = pod("a", 1.0);
+        nan_figure.figures.push(proto::FigureReading {
+            value: Some(f64::NAN),
+            unavailable: String::new(),
+        });
+        assert!(check_answer(answer(vec![nan_figure], now), &asked, now, limit).is_err());
+        let stale = check_answer(
+            answer(vec![pod("a", 1.0)], now - Duration::from_secs(6)),
+            &asked,
+            now,
+            limit,
+        )
+        .expect_err("stale");
+        assert!(stale.contains("old"), "{stale}");
+    }
 
     #[test]
     fn round_trip_is_lossless() {
