@@ -244,7 +244,8 @@ fn quoted(s: &str) -> Result<(&str, &str), &'static str> {
     Err("unterminated quoted string")
 }
 
-fn unescape(raw: &str) -> Cow<'_, str> {
+/// A quoted string's text without its escapes (`\\`, `\"`, `\n`).
+pub(crate) fn unescape(raw: &str) -> Cow<'_, str> {
     if !raw.contains('\\') {
         return Cow::Borrowed(raw);
     }

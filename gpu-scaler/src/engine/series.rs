@@ -120,7 +120,8 @@ impl SeriesSelector {
                     .ok_or_else(|| format!("label {name}: the value must be quoted"))?;
                 let close_q = closing_quote(after)
                     .ok_or_else(|| format!("label {name}: unterminated value"))?;
-                let value = after[..close_q].replace("\\\"", "\"").replace("\\\\", "\\");
+                // The escapes Display writes (and the exposition format uses).
+                let value = super::exposition::unescape(&after[..close_q]).into_owned();
                 matchers.push(Matcher {
                     name: name.to_owned(),
                     negated,
@@ -297,6 +298,19 @@ mod tests {
         ] {
             assert!(SeriesSelector::parse(bad).is_err(), "{bad:?}");
         }
+        // A newline, a quote and a backslash survive the round trip (fuzz).
+        let odd = SeriesSelector {
+            family: "f".into(),
+            matchers: vec![Matcher {
+                name: "t".into(),
+                negated: false,
+                value: "a\nb\"c\\d".into(),
+            }],
+        };
+        assert_eq!(
+            SeriesSelector::parse(&odd.to_string()).expect("parses"),
+            odd
+        );
         let long = format!("a{{{}}}", "b=\"c\",".repeat(17));
         assert!(SeriesSelector::parse(&long).is_err());
     }
