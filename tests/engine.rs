@@ -65,6 +65,8 @@ fn pod_list(pods: &[PodSpec<'_>]) -> String {
 struct Node {
     _serve: ServeProcess,
     grpc: SocketAddr,
+    /// Its /metrics, /v1/snapshot.
+    http: SocketAddr,
 }
 
 fn start_node(name: &str, grpc: SocketAddr, peer: SocketAddr, peers: &str, dir: &Path) -> Node {
@@ -110,11 +112,16 @@ fn start_node(name: &str, grpc: SocketAddr, peer: SocketAddr, peers: &str, dir: 
     Node {
         _serve: serve,
         grpc,
+        http,
     }
 }
 
-/// Asks `node` as KEDA does, on a runtime of its own (the test is sync).
-fn ask(node: &Node, ns: &str, meta: &[(&str, &str)]) -> Result<f64, tonic::Status> {
+/// Runs `call` with a scaler client of `node`, on a runtime of its own (the
+/// tests are sync).
+fn with_client<T>(
+    node: &Node,
+    call: impl AsyncFnOnce(&mut ExternalScalerClient<tonic::transport::Channel>) -> T,
+) -> T {
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -123,8 +130,13 @@ fn ask(node: &Node, ns: &str, meta: &[(&str, &str)]) -> Result<f64, tonic::Statu
         let mut c = ExternalScalerClient::connect(format!("http://{}", node.grpc))
             .await
             .expect("connect");
-        metric_value(&mut c, ns, "so", meta).await
+        call(&mut c).await
     })
+}
+
+/// GetMetrics on `node` as KEDA sends it.
+fn ask(node: &Node, ns: &str, meta: &[(&str, &str)]) -> Result<f64, tonic::Status> {
+    with_client(node, async |c| metric_value(c, ns, "so", meta).await)
 }
 
 /// Waits until every node answers `want` (within `tol`).
@@ -318,14 +330,7 @@ fn engine_figures_summed_across_nodes_and_engine_failures_count_as_missing() {
 
 /// IsActive as KEDA asks it, on `node`.
 fn is_active(node: &Node, ns: &str, meta: &[(&str, &str)]) -> Result<bool, tonic::Status> {
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .expect("runtime");
-    rt.block_on(async {
-        let mut c = ExternalScalerClient::connect(format!("http://{}", node.grpc))
-            .await
-            .expect("connect");
+    with_client(node, async |c| {
         c.is_active(gpu_scaler_tests::scaler::object_ref(ns, "so", meta))
             .await
             .map(|r| r.into_inner().result)
@@ -371,41 +376,8 @@ fn engine_figures_in_metrics_and_snapshot() {
     std::fs::write(dir.path().join("pods.json"), pod_list(&pods)).expect("pods file");
     let g = SocketAddr::new(ip(1), free_port(ip(1)));
     let p = SocketAddr::new(ip(1), free_port(ip(1)));
-    let http = SocketAddr::new(ip(1), free_port(ip(1)));
-    let scenario = dir.path().join("gpu.toml");
-    std::fs::write(
-        &scenario,
-        "[[gpu]]\nmemory_total_mib = 1\nutilization = 0\nmemory_utilization = 0\n",
-    )
-    .expect("scenario");
-    let args: Vec<String> = vec![
-        "--node-name".into(),
-        "node-a".into(),
-        "--attribution".into(),
-        "procfs".into(),
-        "--gpu".into(),
-        "mock".into(),
-        "--gpu-scenario".into(),
-        scenario.to_str().expect("utf-8").into(),
-        "--poll-interval".into(),
-        POLL.into(),
-        "--pods-file".into(),
-        dir.path().join("pods.json").to_str().expect("utf-8").into(),
-        "--listen".into(),
-        g.to_string(),
-        "--metrics-listen".into(),
-        http.to_string(),
-        "--peer-listen".into(),
-        p.to_string(),
-        "--peers".into(),
-        format!("node-a={p}"),
-    ];
-    let mut serve = ServeProcess::spawn("node-a", args, &dir.path().join("serve.log"));
-    serve.wait_ready(http);
-    let node = Node {
-        _serve: serve,
-        grpc: g,
-    };
+    let node = start_node("node-a", g, p, &format!("node-a={p}"), dir.path());
+    let http = node.http;
     let meta: &[(&str, &str)] = &[("podSelector", "app=solo"), ("metric", "vllm_queue_depth")];
     all_answer(&[&node], "ml", meta, 9.0, 0.0);
     let series = format!(
