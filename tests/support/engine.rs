@@ -5,7 +5,7 @@
 
 use std::{
     io::{Read as _, Write as _},
-    net::{SocketAddr, TcpListener},
+    net::{SocketAddr, TcpListener, TcpStream},
     sync::{
         Arc, Mutex,
         atomic::{AtomicBool, AtomicU64, Ordering},
@@ -29,7 +29,53 @@ pub struct FakeEngine {
     state: Arc<Mutex<State>>,
     requests: Arc<AtomicU64>,
     stop: Arc<AtomicBool>,
+    conns: Conns,
     thread: Option<JoinHandle<()>>,
+}
+
+/// Open connections, so `stop` can close kept-alive ones too.
+type Conns = Arc<Mutex<Vec<TcpStream>>>;
+
+/// Answers requests on one connection until the client closes it or the
+/// engine stops. HTTP/1.1 keep-alive, as uvicorn (vLLM, SGLang), axum (TGI)
+/// and Triton's HTTP server do: a scraper that reconnects every poll would
+/// measure connection setup, not reading.
+fn serve(mut s: TcpStream, state: &Mutex<State>, requests: &AtomicU64, stop: &AtomicBool) {
+    let _ = s.set_read_timeout(Some(Duration::from_secs(30)));
+    let mut buf = [0u8; 4096];
+    let mut head = Vec::new();
+    loop {
+        while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+            match s.read(&mut buf) {
+                Ok(0) | Err(_) => return,
+                Ok(n) => head.extend_from_slice(&buf[..n]),
+            }
+        }
+        if stop.load(Ordering::SeqCst) {
+            return;
+        }
+        // GETs only: nothing follows the head but the next request.
+        let end = head
+            .windows(4)
+            .position(|w| w == b"\r\n\r\n")
+            .expect("head end")
+            + 4;
+        head.drain(..end);
+        requests.fetch_add(1, Ordering::SeqCst);
+        let (status, body) = {
+            let st = state.lock().expect("engine state");
+            let t = st.started.elapsed().as_secs_f64();
+            (st.status, (st.body)(t))
+        };
+        let reply = format!(
+            "HTTP/1.1 {status} X\r\ncontent-type: text/plain; version=0.0.4\r\n\
+             content-length: {}\r\n\r\n{body}",
+            body.len()
+        );
+        if s.write_all(reply.as_bytes()).is_err() {
+            return;
+        }
+    }
 }
 
 impl FakeEngine {
@@ -50,41 +96,25 @@ impl FakeEngine {
         }));
         let requests = Arc::new(AtomicU64::new(0));
         let stop = Arc::new(AtomicBool::new(false));
+        let conns: Conns = Arc::default();
         let thread = {
-            let (state, requests, stop) = (state.clone(), requests.clone(), stop.clone());
+            let (state, requests, stop, conns) =
+                (state.clone(), requests.clone(), stop.clone(), conns.clone());
             std::thread::spawn(move || {
                 // Blocking accept (no busy loop, so a hundred engines cost the
                 // machine nothing while idle); `stop` wakes it with a connection.
                 while !stop.load(Ordering::SeqCst) {
                     match listener.accept() {
-                        Ok((mut s, _)) => {
+                        Ok((s, _)) => {
                             if stop.load(Ordering::SeqCst) {
                                 break;
                             }
-                            let _ = s.set_read_timeout(Some(Duration::from_secs(2)));
-                            let mut head = Vec::new();
-                            let mut buf = [0u8; 1024];
-                            while !head.windows(4).any(|w| w == b"\r\n\r\n") {
-                                match s.read(&mut buf) {
-                                    Ok(0) | Err(_) => break,
-                                    Ok(n) => head.extend_from_slice(&buf[..n]),
-                                }
+                            if let Ok(c) = s.try_clone() {
+                                conns.lock().expect("engine conns").push(c);
                             }
-                            if head.is_empty() {
-                                continue;
-                            }
-                            requests.fetch_add(1, Ordering::SeqCst);
-                            let (status, body) = {
-                                let st = state.lock().expect("engine state");
-                                let t = st.started.elapsed().as_secs_f64();
-                                (st.status, (st.body)(t))
-                            };
-                            let _ = write!(
-                                s,
-                                "HTTP/1.1 {status} X\r\ncontent-type: text/plain; version=0.0.4\r\n\
-                                 content-length: {}\r\nconnection: close\r\n\r\n{body}",
-                                body.len()
-                            );
+                            let (state, requests, stop) =
+                                (state.clone(), requests.clone(), stop.clone());
+                            std::thread::spawn(move || serve(s, &state, &requests, &stop));
                         }
                         Err(_) => std::thread::sleep(Duration::from_millis(2)),
                     }
@@ -96,6 +126,7 @@ impl FakeEngine {
             state,
             requests,
             stop,
+            conns,
             thread: Some(thread),
         }
     }
@@ -124,10 +155,14 @@ impl FakeEngine {
         self.requests.load(Ordering::SeqCst)
     }
 
-    /// Stops listening: connections are refused from now on.
+    /// Stops listening and closes open connections: connections are refused
+    /// from now on.
     pub fn stop(&mut self) {
         self.stop.store(true, Ordering::SeqCst);
-        let _ = std::net::TcpStream::connect_timeout(&self.addr, Duration::from_secs(1));
+        let _ = TcpStream::connect_timeout(&self.addr, Duration::from_secs(1));
+        for c in self.conns.lock().expect("engine conns").drain(..) {
+            let _ = c.shutdown(std::net::Shutdown::Both);
+        }
         if let Some(t) = self.thread.take() {
             let _ = t.join();
         }

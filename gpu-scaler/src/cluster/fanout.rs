@@ -65,6 +65,24 @@ impl WorkloadUsage {
     }
 }
 
+/// Whether a fan-out that finished `age` ago, over data of which the oldest
+/// was taken at `sampled_at`, may answer a query at `now`: until `ttl` after
+/// it finished, and no longer than until the oldest data's next poll is due
+/// (`sampled_at + ttl`) — otherwise a result computed just before the nodes'
+/// next poll would hide that poll's data for a whole extra interval (an
+/// engine gauge's change would take two polls to reach KEDA). A result is
+/// always kept for `ttl / 20`, so a burst of queries while a poll is landing
+/// still shares one fan-out.
+fn reusable(age: Duration, sampled_at: SystemTime, now: SystemTime, ttl: Duration) -> bool {
+    if age >= ttl {
+        return false;
+    }
+    if age < ttl / 20 {
+        return true;
+    }
+    now < sampled_at + ttl
+}
+
 type Outcome = std::result::Result<(Instant, Arc<WorkloadUsage>), Arc<Error>>;
 type Flight = Shared<futures::future::BoxFuture<'static, Outcome>>;
 /// (namespace, selector, engine query) of a fan-out.
@@ -144,9 +162,10 @@ impl Fanout {
         let flight = {
             let mut flights = self.flights.lock().expect("flights lock");
             let ttl = self.config.cache_ttl;
+            let now = SystemTime::now();
             let fresh = |f: &Flight| match f.peek() {
                 None => true,
-                Some(Ok((done, _))) => done.elapsed() < ttl,
+                Some(Ok((done, u))) => reusable(done.elapsed(), u.sampled_at, now, ttl),
                 Some(Err(_)) => false,
             };
             flights.retain(|_, f| fresh(f));
@@ -608,6 +627,25 @@ pub(crate) mod tests {
             2,
             "a new fan-out after the TTL"
         );
+    }
+
+    #[test]
+    fn a_cached_fan_out_is_reused_until_newer_data_is_due() {
+        let ttl = Duration::from_secs(1);
+        let now = SystemTime::now();
+        let ms = Duration::from_millis;
+        // Data taken just now: reused for the whole ttl.
+        assert!(reusable(ms(900), now - ms(900), now, ttl));
+        assert!(
+            !reusable(ms(1000), now - ms(1000), now, ttl),
+            "never past ttl"
+        );
+        // Computed just before the nodes' next poll: not reused past it.
+        assert!(reusable(ms(100), now - ms(950), now, ttl));
+        assert!(!reusable(ms(100), now - ms(1050), now, ttl));
+        // ... but a burst right after the fan-out still shares it.
+        assert!(reusable(ms(30), now - ms(3000), now, ttl));
+        assert!(!reusable(ms(60), now - ms(3000), now, ttl));
     }
 
     #[tokio::test]

@@ -272,15 +272,30 @@ impl LocalUsage for SnapshotUsage {
             for f in figures {
                 let readings = match engine_query(f) {
                     Ok(q) => scraper.readings(&pods, &q).await,
-                    Err(why) => vec![Reading::unavailable(why); pods.len()],
+                    Err(why) => crate::engine::scraper::Readings {
+                        values: vec![Reading::unavailable(why); pods.len()],
+                        oldest_read: None,
+                    },
                 };
-                for (p, r) in resp.pods.iter_mut().zip(&readings) {
+                for (p, r) in resp.pods.iter_mut().zip(&readings.values) {
                     p.figures.push(figure_reading(r));
+                }
+                // The answer is as old as its oldest part: engines are read on
+                // their own tick, so an engine read can be older than the GPU
+                // snapshot (the asker's cache keys its reuse on this).
+                if let Some(at) = readings.oldest_read {
+                    resp.snapshot_unix_nanos = resp.snapshot_unix_nanos.min(unix_nanos(at));
                 }
             }
             Ok(resp)
         })
     }
+}
+
+fn unix_nanos(t: SystemTime) -> i64 {
+    t.duration_since(UNIX_EPOCH)
+        .map(|d| i64::try_from(d.as_nanos()).unwrap_or(i64::MAX))
+        .unwrap_or(0)
 }
 
 impl SnapshotUsage {
@@ -295,10 +310,7 @@ impl SnapshotUsage {
         let taken = snap.samples_taken_at.unwrap_or(snap.taken_at);
         let mut resp = proto::GetPodUsageResponse {
             node_name: self.node_name.clone(),
-            snapshot_unix_nanos: taken
-                .duration_since(UNIX_EPOCH)
-                .map(|d| i64::try_from(d.as_nanos()).unwrap_or(i64::MAX))
-                .unwrap_or(0),
+            snapshot_unix_nanos: unix_nanos(taken),
             ..Default::default()
         };
         for uid in uids {

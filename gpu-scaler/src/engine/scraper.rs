@@ -118,6 +118,17 @@ struct Inner {
     counts: Mutex<(u64, u64)>,
 }
 
+/// A query's figures for a list of pods.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Readings {
+    /// One per pod, in the order asked.
+    pub values: Vec<Reading<f64>>,
+    /// When the oldest engine read behind `values` was taken (none read: no
+    /// time). An answer is as old as its oldest part: the fan-out's cache
+    /// reuses it only until newer reads are due.
+    pub oldest_read: Option<SystemTime>,
+}
+
 /// Reads engines; cheap to clone.
 #[derive(Clone)]
 pub struct Scraper {
@@ -216,7 +227,7 @@ impl Scraper {
 
     /// `query`'s figure for each of `pods` (this node's), in order. Registers
     /// what it needs; endpoints never read for these series are read now.
-    pub async fn readings(&self, pods: &[Arc<Pod>], query: &EngineQuery) -> Vec<Reading<f64>> {
+    pub async fn readings(&self, pods: &[Arc<Pod>], query: &EngineQuery) -> Readings {
         let now = Instant::now();
         let key = query.key();
         let selectors = query.rule.selectors();
@@ -288,15 +299,27 @@ impl Scraper {
             self.read(read_now).await;
         }
         let endpoints = self.inner.endpoints.lock().expect("endpoints lock");
-        keys.into_iter()
+        let mut oldest: Option<Instant> = None;
+        let values = keys
+            .into_iter()
             .map(|k| match k {
                 Err(r) => r,
                 Ok(k) => match endpoints.get(&k) {
                     None => Reading::unavailable("the endpoint was forgotten"),
-                    Some(e) => self.reading(e, query),
+                    Some(e) => {
+                        let r = self.reading(e, query);
+                        if let (Reading::Ok(_), Some(cur)) = (&r, &e.cur) {
+                            oldest = Some(oldest.map_or(cur.at, |o| o.min(cur.at)));
+                        }
+                        r
+                    }
                 },
             })
-            .collect()
+            .collect();
+        Readings {
+            values,
+            oldest_read: oldest.map(|at| SystemTime::now() - at.elapsed()),
+        }
     }
 
     fn reading(&self, e: &Endpoint, query: &EngineQuery) -> Reading<f64> {
@@ -349,17 +372,12 @@ impl Scraper {
                 Scrape::new(at, text, &sel)
                     .map_err(|e| format!("{}{}: unparsable metrics: {e}", k.addr, k.path))
             });
-            (k, at, result)
-        });
-        let results = futures::future::join_all(reads).await;
-        let mut failures = 0;
-        let n = results.len() as u64;
-        {
+            // Stored as soon as it is parsed, not when the slowest of the
+            // poll's reads is done: one slow engine must not delay the
+            // freshness of every other pod's figure.
+            let failed = result.is_err();
             let mut endpoints = self.inner.endpoints.lock().expect("endpoints lock");
-            for (k, at, result) in results {
-                let Some(e) = endpoints.get_mut(&k) else {
-                    continue;
-                };
+            if let Some(e) = endpoints.get_mut(&k) {
                 e.attempted = Some(at);
                 match result {
                     Ok(scrape) => {
@@ -368,15 +386,17 @@ impl Scraper {
                         e.error = None;
                     }
                     Err(why) => {
-                        failures += 1;
                         tracing::debug!(pod = %e.pod.name, namespace = %e.pod.namespace, error = %why, "engine read failed");
                         e.error = Some(why.into());
                     }
                 }
             }
-        }
+            failed
+        });
+        let results = futures::future::join_all(reads).await;
+        let failures = results.iter().filter(|f| **f).count() as u64;
         let mut c = self.inner.counts.lock().expect("counts lock");
-        c.0 += n;
+        c.0 += results.len() as u64;
         c.1 += failures;
     }
 

@@ -138,7 +138,7 @@ impl LocalView {
             ));
         };
         let pods: Vec<_> = w.pods.iter().map(|u| u.pod.clone()).collect();
-        let readings = scraper.readings(&pods, query).await;
+        let readings = scraper.readings(&pods, query).await.values;
         let total = w.pods.len();
         let mut kept = Vec::with_capacity(total);
         let mut unreadable = Vec::new();
