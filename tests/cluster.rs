@@ -9,8 +9,8 @@ use gpu_scaler::cluster::{MissingNodePolicy, Stats};
 use gpu_scaler_tests::{
     cluster::{ClusterDaemon, ClusterSettings},
     kube_api::{
-        FakeKube, ResourceType, endpoint_slice, peer_endpoint_slice, running_pod, scaled_object,
-        workload,
+        FakeKube, ResourceType, endpoint_slice, peer_endpoint_slice, running_pod, scaled_job,
+        scaled_object, workload,
     },
     scaler::{device, http_get, metric_value, process},
 };
@@ -222,6 +222,141 @@ async fn four_daemons_answer_the_same_for_a_workload_over_three_nodes() {
     for d in &mut daemons {
         d.stop().await;
     }
+}
+
+/// A ScaledJob without podSelector: KEDA sends its name where a ScaledObject's
+/// goes; the daemon finds no ScaledObject of that name, then the ScaledJob, and
+/// measures its Jobs' pods (`scaledjob.keda.sh/name=<name>`, the label KEDA
+/// puts on their template). A ScaledObject of the same name comes first. A
+/// trigger with `metricType: Value` is refused with KEDA's reason.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn scaled_jobs_without_pod_selector_measure_their_jobs_pods() {
+    let fake = FakeKube::start().await;
+    fake.register(ResourceType::scaled_jobs());
+    let kubeconfig = fake.kubeconfig();
+    let settings = ClusterSettings {
+        kubeconfig: kubeconfig.path.clone(),
+        namespace: "gpu-scaler".into(),
+        service: "gpu-scaler-peers".into(),
+        poll_interval: Duration::from_millis(200),
+        peer_timeout: Duration::from_millis(500),
+        policy: MissingNodePolicy::Average,
+    };
+    let mut daemon = ClusterDaemon::new("gpu-node-1", ip(1), settings).await;
+    let pods = ResourceType::pods();
+    let uid = |n: u32| format!("00000000-0000-4000-8000-0000000001{n:02}");
+    fn job(n: &str) -> [(&str, &str); 2] {
+        [("scaledjob.keda.sh/name", "batch"), ("job-name", n)]
+    }
+    fake.apply(
+        &pods,
+        running_pod("ml", "batch-a-x", &uid(1), &job("batch-a"), "gpu-node-1"),
+    );
+    fake.apply(
+        &pods,
+        running_pod("ml", "batch-b-y", &uid(2), &job("batch-b"), "gpu-node-1"),
+    );
+    // Another ScaledJob's pod and a Deployment's pod of the same namespace.
+    fake.apply(
+        &pods,
+        running_pod(
+            "ml",
+            "other-z",
+            &uid(3),
+            &[("scaledjob.keda.sh/name", "other")],
+            "gpu-node-1",
+        ),
+    );
+    fake.apply(
+        &pods,
+        running_pod("ml", "web-1", &uid(4), &[("app", "web")], "gpu-node-1"),
+    );
+    fake.apply(
+        &ResourceType::endpoint_slices(),
+        peer_endpoint_slice(
+            "gpu-scaler",
+            "gpu-scaler-peers",
+            &daemon.node,
+            daemon.peer_addr,
+        ),
+    );
+    let trigger: &[(&str, &str)] = &[
+        ("scalerAddress", "gpu-scaler.gpu-scaler:6000"),
+        ("targetValue", "50"),
+    ];
+    fake.apply(
+        &ResourceType::scaled_jobs(),
+        scaled_job("ml", "batch", None, trigger),
+    );
+    for (pid, n) in [(11, 1), (12, 2), (13, 3), (14, 4)] {
+        daemon.attributor.assign(pid, &uid(n));
+    }
+    daemon.set_gpus(vec![device(
+        0,
+        60,
+        200.0,
+        vec![
+            process(11, 40, 0, 1024),
+            process(12, 35, 0, 1024),
+            process(13, 5, 0, 1024),
+            process(14, 7, 0, 1024),
+        ],
+    )]);
+    daemon.start().await;
+    let d = &daemon;
+
+    // As KEDA polls a ScaledJob: spec, metrics, active. Its two Jobs' pods.
+    all_answer(&[d], "ml", "batch", trigger, 75.0).await;
+    let mut c = d.client().await;
+    let o = gpu_scaler_tests::scaler::object_ref("ml", "batch", trigger);
+    let spec = c
+        .get_metric_spec(o.clone())
+        .await
+        .expect("spec")
+        .into_inner();
+    assert_eq!(spec.metric_specs[0].target_size_float, 50.0);
+    assert!(c.is_active(o).await.expect("IsActive").into_inner().result);
+
+    // A ScaledObject of the same name is found first (it scales web).
+    fake.apply(
+        &ResourceType::deployments(),
+        workload("ml", "web", 1, &[("app", "web")]),
+    );
+    fake.apply(
+        &ResourceType::scaled_objects(),
+        scaled_object("ml", "web-so", (None, None, "web")),
+    );
+    fake.apply(
+        &ResourceType::scaled_jobs(),
+        scaled_job("ml", "web-so", None, trigger),
+    );
+    all_answer(&[d], "ml", "web-so", trigger, 7.0).await;
+
+    // metricType Value: KEDA would read the target as 0 and make no Job.
+    let value_trigger: &[(&str, &str)] = &[
+        ("scalerAddress", "gpu-scaler.gpu-scaler:6000"),
+        ("targetValue", "40"),
+    ];
+    fake.apply(
+        &ResourceType::scaled_jobs(),
+        scaled_job("ml", "by-value", Some("Value"), value_trigger),
+    );
+    let e = get_metrics(d, "ml", "by-value", value_trigger)
+        .await
+        .expect_err("Value refused");
+    assert_eq!(e.code(), tonic::Code::FailedPrecondition, "{e:?}");
+    assert!(
+        e.message().contains("metricType Value") && e.message().contains("AverageValue"),
+        "{}",
+        e.message()
+    );
+    // Neither exists: the message says both were looked for.
+    let e = get_metrics(d, "ml", "nothing", trigger)
+        .await
+        .expect_err("not found");
+    assert_eq!(e.code(), tonic::Code::FailedPrecondition, "{e:?}");
+    assert!(e.message().contains("nor a ScaledJob"), "{}", e.message());
+    daemon.stop().await;
 }
 
 /// `gpu_scaler_peers{state}` of the daemon's /metrics, as (ready, not_ready);

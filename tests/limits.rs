@@ -33,10 +33,21 @@ async fn an_oversize_selector_is_refused_before_it_is_parsed() {
     );
 
     // Within the decode limit but over the value limit: INVALID_ARGUMENT that
-    // says which limit, without quoting the value back.
+    // says which limit, without quoting the value back. GetMetricSpec answers a
+    // placeholder (it never fails on metadata: KEDA drops its errors); the
+    // calls KEDA reports as events carry the refusal.
     let big = "a,".repeat(10_000);
-    let err = c
+    let spec = c
         .get_metric_spec(object_ref("ml", "so", &[("podSelector", &big)]))
+        .await
+        .expect("a placeholder spec")
+        .into_inner();
+    assert!(
+        spec.metric_specs[0].metric_name.starts_with("gpu-invalid-"),
+        "{spec:?}"
+    );
+    let err = c
+        .is_active(object_ref("ml", "so", &[("podSelector", &big)]))
         .await
         .expect_err("refused");
     assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
@@ -52,8 +63,11 @@ async fn an_oversize_selector_is_refused_before_it_is_parsed() {
         .map(|i| format!("k{i}"))
         .collect::<Vec<_>>()
         .join(",");
+    c.get_metric_spec(object_ref("ml", "so", &[("podSelector", &many)]))
+        .await
+        .expect("a placeholder spec");
     let err = c
-        .get_metric_spec(object_ref("ml", "so", &[("podSelector", &many)]))
+        .is_active(object_ref("ml", "so", &[("podSelector", &many)]))
         .await
         .expect_err("refused");
     assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");

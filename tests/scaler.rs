@@ -370,29 +370,15 @@ async fn bad_metadata_is_invalid_argument_naming_the_key() {
             "targetMemoryUtilization",
         ),
         (
-            &[
-                ("podSelector", "a"),
-                ("targetGpuUtilization", "50"),
-                ("targetMemoryUtilization", "50"),
-            ],
-            "targetMemoryUtilization",
+            &[("podSelector", "a"), ("targetValue", "0.0009")],
+            "targetValue",
         ),
+        (&[("podselector", "a")], "podselector"),
         (
-            &[
-                ("podSelector", "a"),
-                ("metric", "memory_used_mib"),
-                ("targetGpuUtilization", "50"),
-            ],
-            "targetGpuUtilization",
+            &[("podSelector", "a"), ("targetGpuUtilizaton", "50")],
+            "targetGpuUtilizaton",
         ),
-        (
-            &[
-                ("podSelector", "a"),
-                ("targetValue", "10"),
-                ("targetGpuUtilization", "50"),
-            ],
-            "targetGpuUtilization",
-        ),
+        (&[("podSelectorFromEnv", "a,")], "podSelectorFromEnv"),
         (
             &[("podSelector", "a"), ("aggregation", "median")],
             "aggregation",
@@ -414,10 +400,10 @@ async fn bad_metadata_is_invalid_argument_naming_the_key() {
                 r.message()
             );
         };
-        check(
-            "GetMetricSpec",
-            spec(&mut c, &o).await.expect_err("bad metadata"),
-        );
+        // GetMetricSpec answers: KEDA drops its errors (tests/keda.rs).
+        spec(&mut c, &o)
+            .await
+            .expect("GetMetricSpec never fails on metadata");
         check(
             "GetMetrics",
             metrics(&mut c, &o, "").await.expect_err("bad metadata"),
@@ -432,12 +418,9 @@ async fn bad_metadata_is_invalid_argument_naming_the_key() {
                 .await
                 .expect_err("bad metadata"),
         );
-        check(
-            "StreamMetricSpec",
-            c.stream_metric_spec(o.clone())
-                .await
-                .expect_err("bad metadata"),
-        );
+        c.stream_metric_spec(o.clone())
+            .await
+            .expect("StreamMetricSpec never fails on metadata");
     }
     let err = spec(&mut c, &object("", &[("podSelector", "a")]))
         .await
@@ -567,7 +550,8 @@ async fn stale_samples_and_a_down_gpu_source_are_unavailable() {
     let first = tokio::time::timeout(WAIT, st.message())
         .await
         .expect("first event");
-    assert_eq!(first.expect_err("stale stream").code(), Code::Unavailable);
+    // Unknown: the stream ends with status OK (KEDA asks again in 2 s).
+    assert!(matches!(first, Ok(None)), "{first:?}");
     let (code, body) = node.http_get("/readyz").await;
     assert_eq!(code, 503);
     assert!(body.contains("old"), "{body}");

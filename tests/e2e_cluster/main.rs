@@ -560,12 +560,12 @@ fn gpu_scaler_under_real_kubernetes_and_keda() {
             "RBAC: the chart's ServiceAccount was never refused",
             no_rbac_refusals,
         ),
-        // Fails against real KEDA v2.21: see fallback_when_every_daemon_is_lost.
+        // Fails against real KEDA v2.21 (keda#8056): see fallback_when_every_daemon_is_lost.
         (
             "every daemon killed: KEDA's fallback",
             fallback_when_every_daemon_is_lost,
         ),
-        // Fails against real KEDA v2.21: see bad_metadata_is_visible.
+        // Failed against real KEDA v2.21 before issue 12: see bad_metadata_is_visible.
         (
             "bad metadata shows on the ScaledObject",
             bad_metadata_is_visible,
@@ -652,10 +652,11 @@ fn scale_up_and_down(c: &mut Cluster) {
 /// A metadata value gpu-scaler refuses reaches the user through KEDA: an event
 /// on the ScaledObject with gpu-scaler's own message, and no replicas change.
 ///
-/// Fails today (the README promises it): gpu-scaler refuses bad metadata in
-/// GetMetricSpec, and real KEDA v2.21 drops GetMetricSpec errors; the
-/// ScaledObject only says "no metric specs returned from scalers" (Ready=False,
-/// ScaledObjectCheckFailed). Last in the list so it fails after the others ran.
+/// Real KEDA v2.21 drops GetMetricSpec errors (the ScaledObject would only say
+/// "no metric specs returned from scalers", Ready=False), so gpu-scaler answers
+/// GetMetricSpec for refused metadata (issue 12) and the refusal comes from
+/// GetMetrics and IsActive, which KEDA records as events. Failed before issue 12;
+/// last in the list, after the fallback scenario.
 fn bad_metadata_is_visible(c: &mut Cluster) {
     let scaler = c.scaler_address(1);
     c.apply(deployment("ml", "bad", "bad", 1));
@@ -769,9 +770,10 @@ fn scaled_job_creates_jobs(c: &mut Cluster) {
 /// Every daemon killed: GetMetrics fails, and after failureThreshold polls KEDA
 /// serves the ScaledObject's fallback replicas; the daemons back, the real value.
 ///
-/// Fails today: with every daemon gone GetMetricSpec fails too, KEDA v2.21
-/// reports "no metric specs returned from scalers" (Ready=False), never counts a
-/// failure (health numberOfFailures 0, Fallback=False) and the HPA holds the
+/// Fails, on KEDA's side (keda#8056): with every daemon gone GetMetricSpec
+/// cannot be answered, and KEDA v2.21 runs no fallback when GetMetricSpec fails:
+/// it reports "no metric specs returned from scalers" (Ready=False), never counts
+/// a failure (health numberOfFailures 0, Fallback=False) and the HPA holds the
 /// current 2 replicas (FailedGetExternalMetric): safe, but not the fallback.
 fn fallback_when_every_daemon_is_lost(c: &mut Cluster) {
     let scaler = c.scaler_address(1);

@@ -87,6 +87,9 @@ impl ResourceType {
             false,
         )
     }
+    pub fn scaled_jobs() -> Self {
+        Self::new("keda.sh", "v1alpha1", "ScaledJob", "scaledjobs", false)
+    }
     pub fn deployments() -> Self {
         Self::new("apps", "v1", "Deployment", "deployments", true)
     }
@@ -495,6 +498,31 @@ pub fn scaled_object(
         "spec": {"scaleTargetRef": target_ref, "minReplicaCount": 1, "maxReplicaCount": 10,
                  "triggers": [{"type": "external",
                                "metadata": {"scalerAddress": "gpu-scaler.gpu-scaler:6000"}}]}
+    })
+}
+
+/// A ScaledJob with one external trigger of `metadata` (and `metricType`, if
+/// given), as KEDA's CRD has it.
+pub fn scaled_job(
+    namespace: &str,
+    name: &str,
+    metric_type: Option<&str>,
+    metadata: &[(&str, &str)],
+) -> Value {
+    let metadata: serde_json::Map<String, Value> = metadata
+        .iter()
+        .map(|(k, v)| ((*k).into(), json!(v)))
+        .collect();
+    let mut trigger = json!({"type": "external", "metadata": metadata});
+    if let Some(t) = metric_type {
+        trigger["metricType"] = json!(t);
+    }
+    json!({
+        "metadata": {"name": name, "namespace": namespace},
+        "spec": {"jobTargetRef": {"template": {"spec": {"restartPolicy": "Never",
+                     "containers": [{"name": "main", "image": "registry.example/batch:1"}]}}},
+                 "maxReplicaCount": 10,
+                 "triggers": [trigger]}
     })
 }
 

@@ -67,6 +67,7 @@ const CRD_KINDS: &[&str] = &[
     "Certificate",
     "ServiceMonitor",
     "ScaledObject",
+    "ScaledJob",
     "TriggerAuthentication",
     "ClusterTriggerAuthentication",
 ];
@@ -1357,8 +1358,9 @@ fn check_cli(used: &BTreeSet<String>, declared: &BTreeSet<String>, pending: &[&s
     Ok(())
 }
 
-/// Metadata keys the scaler reads (issue 4) and the values it accepts; KEDA's own keys
-/// pass through.
+/// Metadata keys the scaler reads (issues 4 and 12) and the values it accepts; KEDA's own
+/// keys pass through. Each also works as `<key>FromEnv` (KEDA sends the resolved value).
+/// `gpuIndex` and `pollIntervalSeconds` are keda-gpu-scaler's (honoured, and ignored).
 const METADATA_KEYS: &[&str] = &[
     "scalerAddress",
     "podSelector",
@@ -1382,6 +1384,8 @@ const METADATA_KEYS: &[&str] = &[
     "activationEngineMetric",
     "activationMetricsPort",
     "activationMetricsPath",
+    "gpuIndex",
+    "pollIntervalSeconds",
 ];
 /// gpu-scaler/src/figures.rs's table (xtask cannot link the daemon: it runs
 /// before the eBPF toolchain the daemon's build needs is installed).
@@ -1433,6 +1437,7 @@ fn check_examples(tools: &Tools) -> Result<()> {
     ensure!(!files.is_empty(), "no examples in {EXAMPLES}");
     let mut without_selector = 0;
     let mut push = 0;
+    let mut jobs = 0;
     // Validated as one stream: the CRD models take a second to import per run.
     let mut all = String::new();
     for file in &files {
@@ -1441,17 +1446,26 @@ fn check_examples(tools: &Tools) -> Result<()> {
         all.push_str(&format!("---\n# {name}\n{yaml}\n"));
         for object in tools.objects(&yaml)? {
             let what = format!("{name}: {} {}", object["kind"], object["metadata"]["name"]);
-            if object["kind"] != "ScaledObject" {
+            let scaled_job = object["kind"] == "ScaledJob";
+            if object["kind"] != "ScaledObject" && !scaled_job {
                 continue;
             }
             ensure!(
                 object["apiVersion"] == "keda.sh/v1alpha1",
                 "{what}: apiVersion"
             );
-            ensure!(
-                object["spec"]["scaleTargetRef"]["name"].is_string(),
-                "{what}: no scaleTargetRef.name"
-            );
+            if scaled_job {
+                ensure!(
+                    object["spec"]["jobTargetRef"]["template"].is_object(),
+                    "{what}: no jobTargetRef.template"
+                );
+                jobs += 1;
+            } else {
+                ensure!(
+                    object["spec"]["scaleTargetRef"]["name"].is_string(),
+                    "{what}: no scaleTargetRef.name"
+                );
+            }
             let triggers = object["spec"]["triggers"]
                 .as_array()
                 .with_context(|| format!("{what}: no triggers"))?;
@@ -1466,6 +1480,13 @@ fn check_examples(tools: &Tools) -> Result<()> {
             ensure!(!ours.is_empty(), "{what}: no gpu-scaler trigger");
             for t in ours {
                 check_trigger(t).with_context(|| what.clone())?;
+                // KEDA reads only AverageValue targets for Jobs
+                // (pkg/scaling/scaledjob/metrics.go): Value makes none.
+                ensure!(
+                    !scaled_job || t["metricType"].is_null() || t["metricType"] == "AverageValue",
+                    "{what}: a ScaledJob trigger with metricType {}",
+                    t["metricType"]
+                );
                 without_selector += usize::from(t["metadata"].get("podSelector").is_none());
                 push += usize::from(t["type"] == "external-push");
             }
@@ -1477,6 +1498,7 @@ fn check_examples(tools: &Tools) -> Result<()> {
         "no example resolves pods through scaleTargetRef"
     );
     ensure!(push > 0, "no example uses external-push");
+    ensure!(jobs > 0, "no ScaledJob example");
     Ok(())
 }
 
@@ -1502,7 +1524,17 @@ fn check_trigger(trigger: &Value) -> Result<()> {
         address == format!("{RELEASE}.{NAMESPACE}.svc:6000"),
         "scalerAddress {address:?} is not the chart's Service"
     );
-    for (key, value) in metadata {
+    for (sent, value) in metadata {
+        // `xFromEnv` names an environment variable: its value is checked by the
+        // daemon once KEDA has resolved it.
+        if let Some(key) = sent.strip_suffix("FromEnv") {
+            ensure!(
+                METADATA_KEYS.contains(&key),
+                "unknown metadata key {sent:?}"
+            );
+            continue;
+        }
+        let key = sent;
         ensure!(
             METADATA_KEYS.contains(&key.as_str()),
             "unknown metadata key {key:?}"
@@ -1532,8 +1564,9 @@ fn check_trigger(trigger: &Value) -> Result<()> {
             let n: f64 = value
                 .parse()
                 .with_context(|| format!("{key}: {value:?} is not a number"))?;
+            // KEDA sends targets in milli-units: below 0.001 is 0.
             ensure!(
-                n >= 0.0 && (key == "activationThreshold" || n > 0.0),
+                n >= 0.0 && (key == "activationThreshold" || n >= 0.001),
                 "{key}: {value} out of range"
             );
         }
@@ -1780,6 +1813,10 @@ mod tests {
             "profile": "vllm-inference", "targetValue": "75", "aggregation": "sum"},
             "authenticationRef": {"name": "gpu-scaler", "kind": "ClusterTriggerAuthentication"}});
         check_trigger(&good).expect("a good trigger passes");
+        let mut from_env = good.clone();
+        from_env["metadata"]["podSelectorFromEnv"] = json!("SELECTOR");
+        from_env["metadata"]["gpuIndex"] = json!("0");
+        check_trigger(&from_env).expect("FromEnv keys and gpuIndex pass");
         let mut plain = good.clone();
         plain
             .as_object_mut()
@@ -1797,6 +1834,8 @@ mod tests {
             ("targetValue", "eighty"),
             ("activationThreshold", "-1"),
             ("podselector", "app=x"),
+            ("podselectorFromEnv", "SELECTOR"),
+            ("targetValue", "0.0005"),
             ("scalerAddress", "keda-gpu-scaler:6000"),
         ] {
             let mut bad = good.clone();

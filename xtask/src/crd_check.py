@@ -14,6 +14,7 @@ import sys
 
 MODELS = {
     ("keda.sh/v1alpha1", "ScaledObject"): ("cloudcoil.models.keda.v1alpha1", "ScaledObject"),
+    ("keda.sh/v1alpha1", "ScaledJob"): ("cloudcoil.models.keda.v1alpha1", "ScaledJob"),
     ("keda.sh/v1alpha1", "TriggerAuthentication"): ("cloudcoil.models.keda.v1alpha1", "TriggerAuthentication"),
     ("keda.sh/v1alpha1", "ClusterTriggerAuthentication"): (
         "cloudcoil.models.keda.v1alpha1",

@@ -31,8 +31,16 @@ pub use policy::{Latency, MissingNodePolicy, Stats};
 /// Errors of the cluster domain.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    #[error("ScaledObject {namespace}/{name} not found")]
+    #[error("ScaledObject {namespace}/{name} not found (nor a ScaledJob of that name)")]
     ScaledObjectNotFound { namespace: String, name: String },
+    /// KEDA reads only an AverageValue target for a ScaledJob.
+    #[error(
+        "ScaledJob {namespace}/{name}: a trigger with metricType Value cannot scale Jobs: KEDA \
+         reads only the AverageValue target of a ScaledJob's triggers (pkg/scaling/scaledjob/\
+         metrics.go), so it takes the target as 0 and never creates a Job; leave metricType out \
+         (AverageValue)"
+    )]
+    ScaledJobValue { namespace: String, name: String },
     #[error("ScaledObject {namespace}/{name}: {reason}")]
     ScaledObjectInvalid {
         namespace: String,
@@ -85,6 +93,7 @@ impl Error {
     pub fn is_user_error(&self) -> bool {
         match self {
             Self::ScaledObjectNotFound { .. }
+            | Self::ScaledJobValue { .. }
             | Self::ScaledObjectInvalid { .. }
             | Self::TargetNotFound { .. }
             | Self::UnknownKind(_)

@@ -4,9 +4,15 @@
 //! itself uses. This works for Deployments, StatefulSets and every custom
 //! resource with a scale subresource; the resource's plural comes from API
 //! discovery (`/apis/{group}/{version}`), cached per apiVersion and kind.
+//!
+//! KEDA sends a ScaledJob's name in the same field as a ScaledObject's, and
+//! nothing says which it is. So the name is looked up as a ScaledObject first,
+//! then as a ScaledJob. A ScaledJob's pods are those of the Jobs KEDA creates
+//! for it: KEDA labels their pod template `scaledjob.keda.sh/name=<name>`
+//! (kedacore/keda pkg/scaling/executor/scale_jobs.go `generateJobs`).
 
 use std::{
-    collections::HashMap,
+    collections::{BTreeMap, HashMap},
     sync::{Arc, Mutex},
     time::{Duration, Instant},
 };
@@ -42,12 +48,57 @@ impl std::fmt::Display for ScaleTarget {
     }
 }
 
-/// A ScaledObject resolved to the selector of its pods.
+/// The label KEDA puts on the pod template of a ScaledJob's Jobs.
+pub const SCALED_JOB_LABEL: &str = "scaledjob.keda.sh/name";
+
+/// A ScaledObject (or ScaledJob) resolved to the selector of its pods.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Resolved {
+    /// The scale target; for a ScaledJob, the ScaledJob itself.
     pub target: ScaleTarget,
-    /// The scale subresource's `status.selector`, label selector syntax.
+    /// The scale subresource's `status.selector`, label selector syntax; for a
+    /// ScaledJob, [`SCALED_JOB_LABEL`]`=<name>`.
     pub selector: String,
+    /// A ScaledJob's external triggers with `metricType: Value`: their metadata.
+    pub value_triggers: Vec<BTreeMap<String, String>>,
+}
+
+impl Resolved {
+    /// Whether `metadata` (as KEDA sent it) is one of the ScaledJob's triggers
+    /// with `metricType: Value`. KEDA sends `xFromEnv` keys with the resolved
+    /// value (and leaves them out when unresolved), so only the other keys must
+    /// match, and every key sent must be the trigger's.
+    pub fn is_value_trigger(&self, metadata: &HashMap<String, String>) -> bool {
+        self.value_triggers.iter().any(|t| {
+            metadata.keys().all(|k| t.contains_key(k))
+                && t.iter()
+                    .filter(|(k, _)| !k.ends_with("FromEnv"))
+                    .all(|(k, v)| metadata.get(k) == Some(v))
+        })
+    }
+}
+
+/// The metadata of a ScaledJob's `external`/`external-push` triggers whose
+/// `metricType` is `Value`.
+pub fn value_triggers(scaled_job: &serde_json::Value) -> Vec<BTreeMap<String, String>> {
+    let Some(triggers) = scaled_job["spec"]["triggers"].as_array() else {
+        return Vec::new();
+    };
+    triggers
+        .iter()
+        .filter(|t| matches!(t["type"].as_str(), Some("external" | "external-push")))
+        .filter(|t| t["metricType"].as_str() == Some("Value"))
+        .map(|t| {
+            t["metadata"]
+                .as_object()
+                .map(|m| {
+                    m.iter()
+                        .filter_map(|(k, v)| Some((k.clone(), v.as_str()?.to_owned())))
+                        .collect()
+                })
+                .unwrap_or_default()
+        })
+        .collect()
 }
 
 /// How long a failed resolution is remembered (issue 13: failed lookups were not
@@ -117,13 +168,13 @@ impl TargetResolver {
         );
         let scaled_objects: Api<DynamicObject> =
             Api::namespaced_with(self.client.clone(), namespace, &so_res);
-        let so = scaled_objects.get(name).await.map_err(|e| match e {
-            kube::Error::Api(s) if s.code == 404 => Error::ScaledObjectNotFound {
-                namespace: namespace.into(),
-                name: name.into(),
-            },
-            e => Error::Kube(e),
-        })?;
+        let so = match scaled_objects.get(name).await {
+            Ok(so) => so,
+            Err(kube::Error::Api(s)) if s.code == 404 => {
+                return self.resolve_scaled_job(namespace, name).await;
+            }
+            Err(e) => return Err(Error::Kube(e)),
+        };
         let target = scale_target(&so.data).map_err(|reason| Error::ScaledObjectInvalid {
             namespace: namespace.into(),
             name: name.into(),
@@ -156,7 +207,44 @@ impl TargetResolver {
                 target: target.clone(),
             })?;
         tracing::debug!(namespace, scaled_object = name, %target, selector, "resolved scale target");
-        Ok(Resolved { target, selector })
+        Ok(Resolved {
+            target,
+            selector,
+            value_triggers: Vec::new(),
+        })
+    }
+
+    /// `namespace/name` as a ScaledJob: the pods of its Jobs.
+    async fn resolve_scaled_job(&self, namespace: &str, name: &str) -> Result<Resolved> {
+        let sj_res = ApiResource::from_gvk_with_plural(
+            &GroupVersionKind::gvk("keda.sh", "v1alpha1", "ScaledJob"),
+            "scaledjobs",
+        );
+        let scaled_jobs: Api<DynamicObject> =
+            Api::namespaced_with(self.client.clone(), namespace, &sj_res);
+        let sj = scaled_jobs.get(name).await.map_err(|e| match e {
+            kube::Error::Api(s) if s.code == 404 => Error::ScaledObjectNotFound {
+                namespace: namespace.into(),
+                name: name.into(),
+            },
+            e => Error::Kube(e),
+        })?;
+        let selector = format!("{SCALED_JOB_LABEL}={name}");
+        tracing::debug!(
+            namespace,
+            scaled_job = name,
+            selector,
+            "resolved a ScaledJob's pods"
+        );
+        Ok(Resolved {
+            target: ScaleTarget {
+                api_version: "keda.sh/v1alpha1".into(),
+                kind: "ScaledJob".into(),
+                name: name.into(),
+            },
+            selector,
+            value_triggers: value_triggers(&sj.data),
+        })
     }
 
     /// API discovery of the target's kind, cached: the plural and whether it has a
@@ -237,6 +325,46 @@ mod tests {
         .expect("valid");
         assert_eq!(t.api_version, "serving.example.com/v1");
         assert_eq!(t.kind, "InferenceService");
+    }
+
+    #[test]
+    fn scaled_job_value_triggers() {
+        let sj = json!({"spec": {"triggers": [
+            {"type": "external", "metricType": "Value",
+             "metadata": {"scalerAddress": "s:6000", "podSelectorFromEnv": "SEL", "targetValue": "5"}},
+            {"type": "external", "metadata": {"scalerAddress": "s:6000", "targetValue": "6"}},
+            {"type": "prometheus", "metricType": "Value", "metadata": {"query": "up"}},
+        ]}});
+        let v = value_triggers(&sj);
+        assert_eq!(v.len(), 1);
+        let r = Resolved {
+            target: ScaleTarget {
+                api_version: "keda.sh/v1alpha1".into(),
+                kind: "ScaledJob".into(),
+                name: "j".into(),
+            },
+            selector: "scaledjob.keda.sh/name=j".into(),
+            value_triggers: v,
+        };
+        let meta = |pairs: &[(&str, &str)]| -> HashMap<String, String> {
+            pairs
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect()
+        };
+        // KEDA resolved the FromEnv key, or left it out.
+        assert!(r.is_value_trigger(&meta(&[
+            ("scalerAddress", "s:6000"),
+            ("podSelectorFromEnv", "app=q"),
+            ("targetValue", "5"),
+        ])));
+        assert!(r.is_value_trigger(&meta(&[("scalerAddress", "s:6000"), ("targetValue", "5")])));
+        assert!(!r.is_value_trigger(&meta(&[("scalerAddress", "s:6000"), ("targetValue", "6")])));
+        assert!(!r.is_value_trigger(&meta(&[
+            ("scalerAddress", "s:6000"),
+            ("targetValue", "5"),
+            ("metric", "power_draw"),
+        ])));
     }
 
     #[test]

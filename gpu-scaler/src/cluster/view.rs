@@ -1,7 +1,7 @@
 //! The cluster-wide [`WorkloadView`]: the workload's pods on every node, through
 //! the fan-out, with the missing-node policy applied.
 
-use std::sync::Arc;
+use std::{collections::HashMap, sync::Arc};
 
 use tokio_stream::{StreamExt as _, wrappers::WatchStream};
 
@@ -127,6 +127,7 @@ impl WorkloadView for ClusterView {
         &'a self,
         namespace: &'a str,
         name: &'a str,
+        metadata: &'a HashMap<String, String>,
         engine: Option<&'a EngineQuery>,
     ) -> BoxFuture<'a, scaler::Result<Workload>> {
         Box::pin(async move {
@@ -136,6 +137,12 @@ impl WorkloadView for ClusterView {
                 ));
             };
             let resolved = resolver.resolve(namespace, name).await.map_err(to_scaler)?;
+            if resolved.is_value_trigger(metadata) {
+                return Err(to_scaler(Error::ScaledJobValue {
+                    namespace: namespace.into(),
+                    name: name.into(),
+                }));
+            }
             self.answer(namespace, &resolved.selector, engine).await
         })
     }

@@ -49,6 +49,20 @@ impl Error {
         }
     }
 
+    /// Whether the error is about the trigger's metadata (a key's value, or its
+    /// size): GetMetricSpec then still answers (see `service.rs`).
+    pub fn is_metadata(&self) -> bool {
+        matches!(
+            self,
+            Self::Metadata(_)
+                | Self::Limits(
+                    limits::Error::TooManyEntries { .. }
+                        | limits::Error::KeyTooLong { .. }
+                        | limits::Error::ValueTooLong { .. }
+                )
+        )
+    }
+
     /// The gRPC code KEDA sees: bad input is INVALID_ARGUMENT (KEDA shows it on
     /// the ScaledObject and retrying will not help); a source that cannot answer
     /// is UNAVAILABLE (transient; never turned into a number).

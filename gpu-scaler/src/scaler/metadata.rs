@@ -1,11 +1,35 @@
 //! ScaledObject trigger metadata -> a [`Query`]. Every key is documented in the
-//! README's "ScaledObject metadata" section; keep the two in step.
+//! README's "ScaledObject metadata" section; keep the two in step (and the copy
+//! of the vocabulary in xtask/src/chart.rs).
 //!
-//! Unknown keys are ignored: KEDA forwards its own (`scalerAddress`, ...). A known
-//! key with a bad value is an [`Error`] naming the key, the value and what is
-//! allowed.
+//! What KEDA sends (kedacore/keda pkg/scalers/external_scaler.go,
+//! `parseExternalScalerMetadata`): the trigger's `metadata` as written, except
+//! that a key ending in `FromEnv` carries the value of the environment variable
+//! it names (resolved from the scale target's containers; left out when unset or
+//! empty). KEDA adds no key of its own and sends only this trigger's metadata.
+//! So:
+//!
+//! - every key also works as `<key>FromEnv`. With both, the plain key wins unless
+//!   it is empty, as in KEDA's own scalers (pkg/scalers/scalersconfig/typed_config.go,
+//!   `configParamValue`: trigger metadata first, a blank value skipped), and a
+//!   line is logged;
+//! - a key that is a known key in another case, or one or two typos away from
+//!   one, is an [`Error`] naming the key meant: ignoring `podselector` would
+//!   silently measure other pods. Any other key (KEDA's `scalerAddress`, its TLS
+//!   keys, another scaler's) is ignored;
+//! - keda-gpu-scaler's keys mean what they mean there (pkg/scaler/server.go,
+//!   `parseMetadata`): later keys over earlier ones (`targetMemoryUtilization`
+//!   over `targetGpuUtilization` over `targetValue` and the metric, logged when
+//!   they disagree), `gpuIndex` honoured, `pollIntervalSeconds` ignored.
+//!
+//! A known key with a bad value is an [`Error`] naming the key as sent, the
+//! value and what is allowed.
 
-use std::{collections::HashMap, fmt};
+use std::{
+    collections::{BTreeMap, HashMap, HashSet},
+    fmt,
+    sync::Mutex,
+};
 
 use crate::{engine::EngineQuery, pods::Selector};
 
@@ -20,7 +44,9 @@ pub struct Profile {
     pub activation: f64,
 }
 
-/// The `profile` table (README: "Profiles").
+/// The `profile` table (README: "Profiles"): keda-gpu-scaler's profiles
+/// (pkg/profiles/profiles.go `builtinProfiles`), same metric, target and
+/// activation, but for `distributed-training` (see [`UNSUPPORTED_PROFILES`]).
 pub const PROFILES: [Profile; 9] = [
     Profile {
         name: "vllm-inference",
@@ -58,7 +84,6 @@ pub const PROFILES: [Profile; 9] = [
         target: 75.0,
         activation: 5.0,
     },
-    // keda-gpu-scaler's engine profiles, same metric, target and activation.
     Profile {
         name: "vllm-queue-depth",
         metric: Metric::VllmQueueDepth,
@@ -79,8 +104,27 @@ pub const PROFILES: [Profile; 9] = [
     },
 ];
 
+/// Why a per-GPU device counter cannot be a gpu-scaler metric.
+const DEVICE_COUNTER: &str = "a per-GPU device counter in keda-gpu-scaler; NVML does not \
+     report it per process, so gpu-scaler cannot attribute it to pods";
+
+/// keda-gpu-scaler profiles gpu-scaler refuses, and why.
+pub const UNSUPPORTED_PROFILES: [(&str, &str); 1] = [("distributed-training", DEVICE_COUNTER)];
+
+/// keda-gpu-scaler `metricType`s gpu-scaler refuses, and why.
+pub const UNSUPPORTED_METRICS: [(&str, &str); 4] = [
+    ("pcie_tx_kbps", DEVICE_COUNTER),
+    ("pcie_rx_kbps", DEVICE_COUNTER),
+    ("nvlink_tx_mbps", DEVICE_COUNTER),
+    ("nvlink_rx_mbps", DEVICE_COUNTER),
+];
+
 pub const DEFAULT_TARGET: f64 = 80.0;
 pub const DEFAULT_ACTIVATION: f64 = 0.0;
+/// The smallest target KEDA can pass on: it sends targets to the HPA in
+/// milli-units (pkg/scalers/scaler.go `GetMetricTargetMili`), so a smaller one
+/// becomes 0.
+pub const MIN_TARGET: f64 = 0.001;
 
 /// Metadata keys this scaler reads.
 pub mod keys {
@@ -105,6 +149,41 @@ pub mod keys {
     pub const ACTIVATION_ENGINE_METRIC: &str = "activationEngineMetric";
     pub const ACTIVATION_METRICS_PORT: &str = "activationMetricsPort";
     pub const ACTIVATION_METRICS_PATH: &str = "activationMetricsPath";
+    /// keda-gpu-scaler's: one GPU of the pod's node, by NVML index.
+    pub const GPU_INDEX: &str = "gpuIndex";
+    /// keda-gpu-scaler's poll period: accepted and ignored (gpu-scaler polls on
+    /// its own `--poll-interval`).
+    pub const POLL_INTERVAL_SECONDS: &str = "pollIntervalSeconds";
+
+    /// The suffix KEDA resolves from the scale target's environment.
+    pub const FROM_ENV: &str = "FromEnv";
+
+    /// Every key the parser knows (each also as `<key>FromEnv`).
+    pub const ALL: [&str; 23] = [
+        POD_SELECTOR,
+        METRIC,
+        METRIC_TYPE,
+        PROFILE,
+        TARGET_VALUE,
+        ACTIVATION_THRESHOLD,
+        TARGET_GPU_UTILIZATION,
+        TARGET_MEMORY_UTILIZATION,
+        AGGREGATION,
+        METRIC_NAME,
+        METRICS_PORT,
+        METRICS_PATH,
+        VLLM_ENDPOINT,
+        TRITON_ENDPOINT,
+        ENGINE_METRIC,
+        ENGINE_QUANTILE,
+        ACTIVATION_POD_SELECTOR,
+        ACTIVATION_METRIC,
+        ACTIVATION_ENGINE_METRIC,
+        ACTIVATION_METRICS_PORT,
+        ACTIVATION_METRICS_PATH,
+        GPU_INDEX,
+        POLL_INTERVAL_SECONDS,
+    ];
 
     /// The activation query's keys and the key each stands for in it.
     pub const ACTIVATION: [(&str, &str); 5] = [
@@ -116,11 +195,13 @@ pub mod keys {
     ];
 }
 
-/// A known key with a value it cannot take.
+/// A metadata key with a value it cannot take, or a key that looks like a
+/// known one misspelt.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
 #[error("metadata {key}: {value:?} is not allowed: {allowed}")]
 pub struct Error {
-    pub key: &'static str,
+    /// The key as the trigger has it (`podSelectorFromEnv`, a misspelling).
+    pub key: String,
     pub value: String,
     /// What would be accepted (and why this was not, when that helps).
     pub allowed: String,
@@ -140,6 +221,8 @@ pub struct Query {
     pub activation: f64,
     /// `metricName`, if the user chose one.
     pub metric_name: Option<String>,
+    /// `gpuIndex` (GPU figures only): each pod's use of that GPU of its node.
+    pub gpu_index: Option<u32>,
     /// For engine metrics: what is read from each pod's engine, and where.
     pub engine: Option<EngineQuery>,
     /// `activationPodSelector` (+ `activationMetric`, ...): IsActive is this
@@ -156,31 +239,249 @@ fn list<T: fmt::Display>(items: impl IntoIterator<Item = T>) -> String {
         .join(", ")
 }
 
-fn number(key: &'static str, value: &str, allowed: &str, ok: impl Fn(f64) -> bool) -> Result<f64> {
-    let err = || Error {
-        key,
-        value: value.to_owned(),
-        allowed: allowed.to_owned(),
+/// Logs `message` at warn level the first time it is seen, at debug after:
+/// KEDA asks three times per polling interval, and each call parses again.
+fn warn_once(message: String) {
+    static SEEN: Mutex<Option<HashSet<String>>> = Mutex::new(None);
+    let first = {
+        let mut seen = SEEN.lock().unwrap_or_else(|p| p.into_inner());
+        let seen = seen.get_or_insert_with(HashSet::new);
+        // Bounded: metadata comes from callers.
+        if seen.len() >= 1024 {
+            seen.clear();
+        }
+        seen.insert(message.clone())
     };
-    let v: f64 = value.trim().parse().map_err(|_| err())?;
-    if v.is_finite() && ok(v) {
-        Ok(v)
+    if first {
+        tracing::warn!(conflict = %message, "trigger metadata keys disagree");
     } else {
-        Err(err())
+        tracing::debug!(conflict = %message, "trigger metadata keys disagree");
     }
 }
 
-fn metric(key: &'static str, value: &str) -> Result<Metric> {
-    // Under keda-gpu-scaler's key a name means what keda-gpu-scaler means by
-    // it: its vllm_kv_cache_usage is a percentage (pkg/scaler/server.go).
-    if key == keys::METRIC_TYPE && value.trim().eq_ignore_ascii_case("vllm_kv_cache_usage") {
-        return Ok(Metric::VllmKvCachePercent);
+/// Edit distance (Levenshtein) of two ASCII-lowercased strings.
+fn edit_distance(a: &str, b: &str) -> usize {
+    let (a, b) = (a.to_ascii_lowercase(), b.to_ascii_lowercase());
+    let (a, b) = (a.as_bytes(), b.as_bytes());
+    let mut row: Vec<usize> = (0..=b.len()).collect();
+    for (i, ca) in a.iter().enumerate() {
+        let mut diag = row[0];
+        row[0] = i + 1;
+        for (j, cb) in b.iter().enumerate() {
+            let above = row[j + 1];
+            row[j + 1] = (diag + usize::from(ca != cb))
+                .min(row[j] + 1)
+                .min(above + 1);
+            diag = above;
+        }
     }
-    Metric::parse(value).ok_or_else(|| Error {
-        key,
-        value: value.to_owned(),
-        allowed: format!("one of {}", list(Metric::ALL)),
-    })
+    row[b.len()]
+}
+
+/// How many typos a key of `len` characters may carry and still be taken for
+/// that key: one from 6 characters (`metrics` for `metric`), two from 10;
+/// none below (no known key is that short today; a short word is too easily
+/// another scaler's key).
+fn typo_budget(len: usize) -> usize {
+    match len {
+        0..6 => 0,
+        6..10 => 1,
+        _ => 2,
+    }
+}
+
+/// The known key `sent` was probably meant to be, if it is not one: the same
+/// in another case, or within [`typo_budget`] edits. `pollIntervalSeconds` is
+/// never suggested: it is ignored anyway.
+fn meant(sent: &str) -> Option<String> {
+    let mut best: Option<(usize, String)> = None;
+    for key in keys::ALL
+        .iter()
+        .filter(|k| **k != keys::POLL_INTERVAL_SECONDS)
+    {
+        for candidate in [key.to_string(), format!("{key}{}", keys::FROM_ENV)] {
+            if candidate == sent {
+                return None;
+            }
+            // More edits apart than the budget by length alone: skip the
+            // distance (keys may be 256 bytes, and there may be 64 of them).
+            if sent.len().abs_diff(candidate.len()) > typo_budget(key.len()) {
+                continue;
+            }
+            let d = if candidate.eq_ignore_ascii_case(sent) {
+                0
+            } else {
+                edit_distance(&candidate, sent)
+            };
+            if d <= typo_budget(key.len()) && best.as_ref().is_none_or(|(b, _)| d < *b) {
+                best = Some((d, candidate));
+            }
+        }
+    }
+    best.map(|(_, k)| k)
+}
+
+/// One known key's value, and the key it came under.
+#[derive(Clone, Copy, Debug)]
+struct Entry<'a> {
+    sent: &'a str,
+    value: &'a str,
+}
+
+/// The trigger's metadata as the parser reads it: each known key with the value
+/// it was given, directly or as `<key>FromEnv`.
+#[derive(Clone, Debug, Default)]
+pub struct Metadata<'a> {
+    entries: BTreeMap<&'static str, Entry<'a>>,
+    /// For the activation query: a key that is absent is named by its
+    /// `activation*` key in errors.
+    activation: bool,
+}
+
+fn known(key: &str) -> Option<&'static str> {
+    keys::ALL.into_iter().find(|k| *k == key)
+}
+
+impl<'a> Metadata<'a> {
+    /// Reads `meta`: known keys and their `FromEnv` forms; a misspelt known key
+    /// is an error, every other key is ignored.
+    pub fn read(meta: &'a HashMap<String, String>) -> Result<Self> {
+        Self::read_checked(meta, true)
+    }
+
+    fn read_checked(meta: &'a HashMap<String, String>, check_typos: bool) -> Result<Self> {
+        // Sorted, so which of several problems is reported does not depend on
+        // the hash map's order.
+        let mut sorted: Vec<(&'a str, &'a str)> =
+            meta.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+        sorted.sort_unstable();
+        let mut entries: BTreeMap<&'static str, Entry<'a>> = BTreeMap::new();
+        for &(k, v) in &sorted {
+            if let Some(key) = known(k) {
+                entries.insert(key, Entry { sent: k, value: v });
+            }
+        }
+        for &(k, v) in &sorted {
+            if known(k).is_some() {
+                continue;
+            }
+            if let Some(key) = k.strip_suffix(keys::FROM_ENV).and_then(known) {
+                match entries.get(key) {
+                    Some(plain) if !plain.value.trim().is_empty() => {
+                        warn_once(format!(
+                            "{key} and {k} are both set: {key} wins, as in KEDA's own scalers"
+                        ));
+                    }
+                    _ => {
+                        entries.insert(key, Entry { sent: k, value: v });
+                    }
+                }
+                continue;
+            }
+            if check_typos && let Some(meant) = meant(k) {
+                return Err(Error {
+                    key: k.to_owned(),
+                    value: v.to_owned(),
+                    allowed: format!(
+                        "{k} is not a gpu-scaler key; did you mean {meant}? (keys are \
+                         case-sensitive; KEDA sends only this trigger's metadata)"
+                    ),
+                });
+            }
+        }
+        Ok(Self {
+            entries,
+            activation: false,
+        })
+    }
+
+    /// The value of known key `key`, from `key` or `keyFromEnv`.
+    pub fn get(&self, key: &str) -> Option<&'a str> {
+        self.entries.get(key).map(|e| e.value)
+    }
+
+    /// How errors name `key`: as it was sent.
+    fn name(&self, key: &'static str) -> &'a str {
+        match self.entries.get(key) {
+            Some(e) => e.sent,
+            None if self.activation => keys::ACTIVATION
+                .iter()
+                .find(|(_, inner)| *inner == key)
+                .map_or(key, |(outer, _)| outer),
+            None => key,
+        }
+    }
+
+    fn error(&self, key: &'static str, allowed: impl Into<String>) -> Error {
+        Error {
+            key: self.name(key).to_owned(),
+            value: self.get(key).unwrap_or_default().to_owned(),
+            allowed: allowed.into(),
+        }
+    }
+
+    /// `key` as a finite number that `ok` accepts, if it is set.
+    fn number(
+        &self,
+        key: &'static str,
+        allowed: &str,
+        ok: impl Fn(f64) -> bool,
+    ) -> Result<Option<f64>> {
+        let Some(value) = self.get(key) else {
+            return Ok(None);
+        };
+        match value.trim().parse::<f64>() {
+            Ok(v) if v.is_finite() && ok(v) => Ok(Some(v)),
+            _ => Err(self.error(key, allowed)),
+        }
+    }
+
+    /// A target key: a number KEDA can pass on, and `ok`.
+    fn target(
+        &self,
+        key: &'static str,
+        what: &str,
+        ok: impl Fn(f64) -> bool,
+    ) -> Result<Option<f64>> {
+        self.number(
+            key,
+            &format!(
+                "{what}, at least {MIN_TARGET} (KEDA sends targets in milli-units: a smaller \
+                 one becomes 0)"
+            ),
+            |x| x >= MIN_TARGET && ok(x),
+        )
+    }
+
+    fn metric(&self, key: &'static str) -> Result<Option<Metric>> {
+        let Some(value) = self.get(key) else {
+            return Ok(None);
+        };
+        let v = value.trim();
+        // Under keda-gpu-scaler's key a name means what keda-gpu-scaler means by
+        // it: its vllm_kv_cache_usage is a percentage (pkg/scaler/server.go).
+        if key == keys::METRIC_TYPE && v.eq_ignore_ascii_case("vllm_kv_cache_usage") {
+            return Ok(Some(Metric::VllmKvCachePercent));
+        }
+        if let Some(m) = Metric::parse(v) {
+            return Ok(Some(m));
+        }
+        let all = format!("one of {}", list(Metric::ALL));
+        let why = if let Some((_, why)) = UNSUPPORTED_METRICS
+            .iter()
+            .find(|(name, _)| name.eq_ignore_ascii_case(v))
+        {
+            format!("{all}; {v} is {why}")
+        } else if v.eq_ignore_ascii_case("Value") || v.eq_ignore_ascii_case("AverageValue") {
+            format!(
+                "{all}; {v} is the trigger's own metricType field (next to metadata, not in it); \
+                 in metadata, metricType is keda-gpu-scaler's name for metric"
+            )
+        } else {
+            all
+        };
+        Err(self.error(key, why))
+    }
 }
 
 /// Parses a trigger's metadata; `podSelector` is required.
@@ -191,7 +492,7 @@ pub fn parse(meta: &HashMap<String, String>) -> Result<Query> {
 /// The error for a missing `podSelector` where nothing else can find the pods.
 pub fn pod_selector_required() -> Error {
     Error {
-        key: keys::POD_SELECTOR,
+        key: keys::POD_SELECTOR.to_owned(),
         value: String::new(),
         allowed: "a Kubernetes label selector such as app=vllm,tier in (gpu,edge),!canary \
                   (required without access to the Kubernetes API, which would find the pods \
@@ -204,30 +505,65 @@ pub fn pod_selector_required() -> Error {
 /// `podSelector` gives `selector: None` (the pods then come from the
 /// ScaledObject's scale target).
 pub fn parse_with(meta: &HashMap<String, String>, selector_optional: bool) -> Result<Query> {
-    let get = |k: &str| meta.get(k).map(String::as_str);
+    parse_metadata(&Metadata::read(meta)?, selector_optional)
+}
 
-    let selector = match get(keys::POD_SELECTOR) {
+/// The target GetMetricSpec announces for metadata that [`parse_with`]
+/// refuses: what the target keys give where they can be read (the last key
+/// that reads wins, as in keda-gpu-scaler), else `None`. GetMetricSpec never
+/// fails on metadata: KEDA drops its errors (the user would see only "no metric
+/// specs returned"), while GetMetrics and IsActive show the refusal as events.
+pub fn readable_target(meta: &HashMap<String, String>) -> Option<f64> {
+    let m = Metadata::read_checked(meta, false).ok()?;
+    let mut target = m.get(keys::PROFILE).and_then(|v| {
+        PROFILES
+            .iter()
+            .find(|p| p.name.eq_ignore_ascii_case(v.trim()))
+            .map(|p| p.target)
+    });
+    let percent = |x: f64| x <= 100.0;
+    for (key, ok) in [
+        (keys::TARGET_VALUE, None),
+        (keys::TARGET_GPU_UTILIZATION, Some(percent)),
+        (keys::TARGET_MEMORY_UTILIZATION, Some(percent)),
+    ] {
+        if let Ok(Some(t)) = m.target(key, "", |x| ok.is_none_or(|f| f(x))) {
+            target = Some(t);
+        }
+    }
+    target
+}
+
+fn parse_metadata(m: &Metadata<'_>, selector_optional: bool) -> Result<Query> {
+    let selector = match m.get(keys::POD_SELECTOR) {
         None if selector_optional => None,
+        None if m.activation => return Err(m.error(keys::POD_SELECTOR, "a label selector")),
         None => return Err(pod_selector_required()),
-        Some(selector_text) => Some(Selector::parse(selector_text).map_err(|e| Error {
-            key: keys::POD_SELECTOR,
-            value: selector_text.to_owned(),
-            allowed: format!(
-                "a Kubernetes label selector such as app=vllm,tier in (gpu,edge),!canary ({e})"
-            ),
+        Some(selector_text) => Some(Selector::parse(selector_text).map_err(|e| {
+            m.error(
+                keys::POD_SELECTOR,
+                format!(
+                    "a Kubernetes label selector such as app=vllm,tier in (gpu,edge),!canary ({e})"
+                ),
+            )
         })?),
     };
 
-    let profile = match get(keys::PROFILE) {
+    let profile = match m.get(keys::PROFILE) {
         None => None,
         Some(v) => Some(
             PROFILES
                 .iter()
                 .find(|p| p.name.eq_ignore_ascii_case(v.trim()))
-                .ok_or_else(|| Error {
-                    key: keys::PROFILE,
-                    value: v.to_owned(),
-                    allowed: format!("one of {}", list(PROFILES.iter().map(|p| p.name))),
+                .ok_or_else(|| {
+                    let all = format!("one of {}", list(PROFILES.iter().map(|p| p.name)));
+                    let why = UNSUPPORTED_PROFILES
+                        .iter()
+                        .find(|(name, _)| name.eq_ignore_ascii_case(v.trim()))
+                        .map_or(all.clone(), |(name, why)| {
+                            format!("{all}; keda-gpu-scaler's {name} scales on {why}")
+                        });
+                    m.error(keys::PROFILE, why)
                 })?,
         ),
     };
@@ -235,107 +571,89 @@ pub fn parse_with(meta: &HashMap<String, String>, selector_optional: bool) -> Re
     let mut target = profile.map(|p| p.target);
     let mut activation = profile.map(|p| p.activation);
 
-    let explicit_metric = match (get(keys::METRIC), get(keys::METRIC_TYPE)) {
-        (Some(m), Some(t)) => {
-            let (m1, m2) = (metric(keys::METRIC, m)?, metric(keys::METRIC_TYPE, t)?);
-            if m1 != m2 {
-                return Err(Error {
-                    key: keys::METRIC_TYPE,
-                    value: t.to_owned(),
-                    allowed: format!(
-                        "the same metric as {} ({m1}): metricType is an alias of metric; set one of them",
-                        keys::METRIC
-                    ),
-                });
-            }
-            Some(m1)
+    let explicit_metric = match (m.metric(keys::METRIC)?, m.metric(keys::METRIC_TYPE)?) {
+        (Some(m1), Some(m2)) if m1 != m2 => {
+            return Err(m.error(
+                keys::METRIC_TYPE,
+                format!(
+                    "the same metric as {} ({m1}): metricType is an alias of metric; set one of them",
+                    m.name(keys::METRIC)
+                ),
+            ));
         }
-        (Some(m), None) => Some(metric(keys::METRIC, m)?),
-        (None, Some(t)) => Some(metric(keys::METRIC_TYPE, t)?),
-        (None, None) => None,
+        (Some(m1), _) => Some(m1),
+        (None, m2) => m2,
     };
-    if explicit_metric.is_some() {
-        chosen_metric = explicit_metric;
+    // Which key set the metric and the target, for the conflict log.
+    let mut metric_from: Option<&str> = None;
+    if let Some(em) = explicit_metric {
+        chosen_metric = Some(em);
+        metric_from = Some(if m.get(keys::METRIC).is_some() {
+            m.name(keys::METRIC)
+        } else {
+            m.name(keys::METRIC_TYPE)
+        });
     }
-
-    let explicit_target = match get(keys::TARGET_VALUE) {
-        Some(v) => Some(number(
-            keys::TARGET_VALUE,
-            v,
-            "a number greater than 0",
-            |x| x > 0.0,
-        )?),
-        None => None,
-    };
-    if explicit_target.is_some() {
-        target = explicit_target;
+    let mut target_from: Option<&str> = None;
+    if let Some(t) = m.target(keys::TARGET_VALUE, "a number greater than 0", |_| true)? {
+        target = Some(t);
+        target_from = Some(m.name(keys::TARGET_VALUE));
     }
-    if let Some(v) = get(keys::ACTIVATION_THRESHOLD) {
-        activation = Some(number(
+    activation = m
+        .number(
             keys::ACTIVATION_THRESHOLD,
-            v,
             "a number greater than or equal to 0",
             |x| x >= 0.0,
-        )?);
-    }
+        )?
+        .or(activation);
 
-    // Shorthands set metric and target together, so they cannot be combined with
-    // a different metric or an explicit target. targetMemoryUtilization means
-    // VRAM used % (memory_used_percent), as in keda-gpu-scaler, whose
-    // ScaledObjects this keeps working; it is not the memory-controller %.
+    // keda-gpu-scaler's shorthands set the metric and the target together, and
+    // apply after targetValue and the metric in its parser, so they win over
+    // them (and the memory one over the GPU one). targetMemoryUtilization means
+    // VRAM used % (memory_used_percent), as there; not the memory-controller %.
     let shorthands = [
         (keys::TARGET_GPU_UTILIZATION, Metric::GpuUtilization),
         (keys::TARGET_MEMORY_UTILIZATION, Metric::MemoryUsedPercent),
     ];
-    let mut shorthand_used: Option<&'static str> = None;
-    for (key, m) in shorthands {
-        let Some(v) = get(key) else { continue };
-        let t = number(key, v, "a percentage greater than 0 and at most 100", |x| {
-            x > 0.0 && x <= 100.0
-        })?;
-        if let Some(other) = shorthand_used {
-            return Err(Error {
-                key,
-                value: v.to_owned(),
-                allowed: format!(
-                    "not together with {other}: each sets the metric; use one trigger per metric"
-                ),
-            });
-        }
-        if let Some(em) = explicit_metric
-            && em != m
+    for (key, shorthand_metric) in shorthands {
+        let Some(t) = m.target(key, "a percentage greater than 0 and at most 100", |x| {
+            x <= 100.0
+        })?
+        else {
+            continue;
+        };
+        let sent = m.name(key);
+        if let (Some(from), Some(prev)) = (metric_from, chosen_metric)
+            && prev != shorthand_metric
         {
-            return Err(Error {
-                key,
-                value: v.to_owned(),
-                allowed: format!("only with metric {m} (it sets the metric), but metric is {em}"),
-            });
+            warn_once(format!(
+                "{sent} sets metric {shorthand_metric}, over {from}'s {prev} (later keys win, as in keda-gpu-scaler)"
+            ));
         }
-        if explicit_target.is_some() {
-            return Err(Error {
-                key,
-                value: v.to_owned(),
-                allowed: format!(
-                    "not together with {}: both set the target",
-                    keys::TARGET_VALUE
-                ),
-            });
+        if let (Some(from), Some(prev)) = (target_from, target)
+            && prev != t
+        {
+            warn_once(format!(
+                "{sent} sets the target {t}, over {from}'s {prev} (later keys win, as in keda-gpu-scaler)"
+            ));
         }
-        shorthand_used = Some(key);
-        chosen_metric = Some(m);
+        chosen_metric = Some(shorthand_metric);
+        metric_from = Some(sent);
         target = Some(t);
+        target_from = Some(sent);
     }
 
     let metric = chosen_metric.unwrap_or(Metric::GpuUtilization);
-    let aggregation = match get(keys::AGGREGATION) {
-        Some(v) => Aggregation::parse(v).ok_or_else(|| Error {
-            key: keys::AGGREGATION,
-            value: v.to_owned(),
-            allowed: format!("one of {}", list(Aggregation::ALL)),
+    let aggregation = match m.get(keys::AGGREGATION) {
+        Some(v) => Aggregation::parse(v).ok_or_else(|| {
+            m.error(
+                keys::AGGREGATION,
+                format!("one of {}", list(Aggregation::ALL)),
+            )
         })?,
         None => Aggregation::default_for(metric),
     };
-    let metric_name = match get(keys::METRIC_NAME) {
+    let metric_name = match m.get(keys::METRIC_NAME) {
         None => None,
         Some(v) => {
             let ok = !v.is_empty()
@@ -344,18 +662,17 @@ pub fn parse_with(meta: &HashMap<String, String>, selector_optional: bool) -> Re
                     .all(|c| c.is_ascii_alphanumeric() || matches!(c, b'-' | b'_' | b'.'))
                 && v.as_bytes()[0].is_ascii_alphanumeric();
             if !ok {
-                return Err(Error {
-                    key: keys::METRIC_NAME,
-                    value: v.to_owned(),
-                    allowed: "1-200 characters: letters, digits, '-', '_' or '.', starting with a letter or digit"
-                        .into(),
-                });
+                return Err(m.error(
+                    keys::METRIC_NAME,
+                    "1-200 characters: letters, digits, '-', '_' or '.', starting with a letter or digit",
+                ));
             }
             Some(v.to_owned())
         }
     };
-    let engine = engine_query(metric, &get)?;
-    let activation_query = activation_query(meta, metric)?;
+    let gpu_index = gpu_index(m, metric)?;
+    let engine = engine_query(metric, m)?;
+    let activation_query = activation_query(m, metric)?;
     Ok(Query {
         selector,
         metric,
@@ -363,50 +680,81 @@ pub fn parse_with(meta: &HashMap<String, String>, selector_optional: bool) -> Re
         target: target.unwrap_or(DEFAULT_TARGET),
         activation: activation.unwrap_or(DEFAULT_ACTIVATION),
         metric_name,
+        gpu_index,
         engine,
         activation_query,
     })
 }
 
+/// keda-gpu-scaler's `gpuIndex`: -1 (its default) is every GPU; an index
+/// keeps each pod's use of that GPU of its node. Like keda-gpu-scaler, it only
+/// applies to GPU figures (pkg/scaler/server.go: "only used for NVML metrics").
+fn gpu_index(m: &Metadata<'_>, metric: Metric) -> Result<Option<u32>> {
+    let Some(v) = m.get(keys::GPU_INDEX) else {
+        return Ok(None);
+    };
+    let index: i64 = v.trim().parse().map_err(|_| {
+        m.error(
+            keys::GPU_INDEX,
+            "an integer: an NVML GPU index of the pod's node (0, 1, ...), or -1 for all its GPUs",
+        )
+    })?;
+    let index = match index {
+        -1 => None,
+        i => Some(u32::try_from(i).map_err(|_| {
+            m.error(
+                keys::GPU_INDEX,
+                "an NVML GPU index of the pod's node (0, 1, ...), or -1 for all its GPUs",
+            )
+        })?),
+    };
+    if index.is_some() && metric.is_engine() {
+        tracing::debug!(%metric, "gpuIndex ignored: it applies to GPU figures only, as in keda-gpu-scaler");
+        return Ok(None);
+    }
+    Ok(index)
+}
+
 /// The activation query, from the `activation*` keys: parsed by the same rules
 /// as the trigger's own keys, its errors naming the `activation*` key.
-fn activation_query(meta: &HashMap<String, String>, metric: Metric) -> Result<Option<Box<Query>>> {
-    let get = |k: &str| meta.get(k);
-    if get(keys::ACTIVATION_POD_SELECTOR).is_none() {
-        if let Some((key, _)) = keys::ACTIVATION[1..].iter().find(|(k, _)| get(k).is_some()) {
-            return Err(Error {
-                key,
-                value: get(key).cloned().unwrap_or_default(),
-                allowed: format!("only with {}", keys::ACTIVATION_POD_SELECTOR),
-            });
+fn activation_query(m: &Metadata<'_>, metric: Metric) -> Result<Option<Box<Query>>> {
+    if m.get(keys::ACTIVATION_POD_SELECTOR).is_none() {
+        if let Some((key, _)) = keys::ACTIVATION[1..]
+            .iter()
+            .find(|(k, _)| m.get(k).is_some())
+        {
+            return Err(m.error(key, format!("only with {}", keys::ACTIVATION_POD_SELECTOR)));
         }
         return Ok(None);
     }
-    let mut sub: HashMap<String, String> = keys::ACTIVATION
-        .iter()
-        .filter_map(|(outer, inner)| get(outer).map(|v| ((*inner).to_owned(), v.clone())))
-        .collect();
-    sub.entry(keys::METRIC.to_owned())
-        .or_insert_with(|| metric.as_str().to_owned());
-    parse(&sub).map(|q| Some(Box::new(q))).map_err(|e| {
-        let key = keys::ACTIVATION
-            .iter()
-            .find(|(_, inner)| *inner == e.key)
-            .map_or(keys::ACTIVATION_POD_SELECTOR, |(outer, _)| outer);
-        Error { key, ..e }
-    })
+    let mut sub = Metadata {
+        entries: BTreeMap::new(),
+        activation: true,
+    };
+    for (outer, inner) in keys::ACTIVATION {
+        if let Some(e) = m.entries.get(outer) {
+            sub.entries.insert(inner, *e);
+        }
+    }
+    sub.entries.entry(keys::METRIC).or_insert(Entry {
+        sent: keys::ACTIVATION_METRIC,
+        value: metric.as_str(),
+    });
+    parse_metadata(&sub, false).map(|q| Some(Box::new(q)))
 }
 
 /// The port and path of keda-gpu-scaler's `vllmEndpoint`/`tritonEndpoint`
 /// URL. Its host is never contacted: every selected pod is read at its own IP.
-fn endpoint_url(key: &'static str, value: &str) -> Result<(Option<u16>, Option<String>)> {
-    let err = |why: &str| Error {
-        key,
-        value: value.to_owned(),
-        allowed: format!(
-            "an http:// URL such as http://vllm:8000/metrics ({why}); only its port and path are \
-             used: gpu-scaler reads every selected pod at its own IP, never this host"
-        ),
+fn endpoint_url(m: &Metadata<'_>, key: &'static str) -> Result<(Option<u16>, Option<String>)> {
+    let value = m.get(key).unwrap_or_default();
+    let err = |why: &str| {
+        m.error(
+            key,
+            format!(
+                "an http:// URL such as http://vllm:8000/metrics ({why}); only its port and path \
+                 are used: gpu-scaler reads every selected pod at its own IP, never this host"
+            ),
+        )
     };
     let uri: http::Uri = value.trim().parse().map_err(|_| err("not a URL"))?;
     match uri.scheme_str() {
@@ -430,10 +778,7 @@ fn endpoint_url(key: &'static str, value: &str) -> Result<(Option<u16>, Option<S
 /// For an engine metric, what each pod's engine is read for; engine keys with
 /// a GPU metric are an error (keda-gpu-scaler's endpoint URLs are ignored with
 /// GPU metrics, as it ignores them).
-fn engine_query<'m>(
-    metric: Metric,
-    get: &impl Fn(&str) -> Option<&'m str>,
-) -> Result<Option<EngineQuery>> {
+fn engine_query(metric: Metric, m: &Metadata<'_>) -> Result<Option<EngineQuery>> {
     let engine_only = [
         keys::METRICS_PORT,
         keys::METRICS_PATH,
@@ -441,15 +786,14 @@ fn engine_query<'m>(
         keys::ENGINE_QUANTILE,
     ];
     if !metric.is_engine() {
-        if let Some(key) = engine_only.into_iter().find(|k| get(k).is_some()) {
-            return Err(Error {
+        if let Some(key) = engine_only.into_iter().find(|k| m.get(k).is_some()) {
+            return Err(m.error(
                 key,
-                value: get(key).unwrap_or_default().to_owned(),
-                allowed: format!(
+                format!(
                     "only with an engine metric ({}); metric is {metric}",
                     list(Metric::ALL.into_iter().filter(|m| m.is_engine()))
                 ),
-            });
+            ));
         }
         return Ok(None);
     }
@@ -462,46 +806,39 @@ fn engine_query<'m>(
         _ => None,
     };
     if let Some(key) = url_key
-        && let Some(url) = get(key)
+        && m.get(key).is_some()
     {
-        (port, path) = endpoint_url(key, url)?;
+        (port, path) = endpoint_url(m, key)?;
     }
-    if let Some(v) = get(keys::METRICS_PORT) {
+    if let Some(v) = m.get(keys::METRICS_PORT) {
         port = Some(
             v.trim()
                 .parse::<u16>()
                 .ok()
                 .filter(|p| *p > 0)
-                .ok_or_else(|| Error {
-                    key: keys::METRICS_PORT,
-                    value: v.to_owned(),
-                    allowed: "a port from 1 to 65535".into(),
-                })?,
+                .ok_or_else(|| m.error(keys::METRICS_PORT, "a port from 1 to 65535"))?,
         );
     }
-    if let Some(v) = get(keys::METRICS_PATH) {
+    if let Some(v) = m.get(keys::METRICS_PATH) {
         path = Some(v.trim().to_owned());
     }
-    let quantile = match get(keys::ENGINE_QUANTILE) {
-        None => None,
-        Some(v) => Some(number(
-            keys::ENGINE_QUANTILE,
-            v,
-            "a quantile between 0 and 1, exclusive (e.g. 0.95)",
-            |q| q > 0.0 && q < 1.0,
-        )?),
-    };
-    let engine_metric = get(keys::ENGINE_METRIC);
+    let quantile = m.number(
+        keys::ENGINE_QUANTILE,
+        "a quantile between 0 and 1, exclusive (e.g. 0.95)",
+        |q| q > 0.0 && q < 1.0,
+    )?;
+    let engine_metric = m.get(keys::ENGINE_METRIC);
     EngineQuery::new(metric, engine_metric, quantile, port, path.as_deref())
         .map(Some)
         .map_err(|e| {
-            let value = match e.key {
+            let key = known(e.key).unwrap_or(keys::ENGINE_METRIC);
+            let value = match key {
                 keys::METRICS_PATH => path.clone().unwrap_or_default(),
                 keys::METRICS_PORT => port.map(|p| p.to_string()).unwrap_or_default(),
-                k => get(k).unwrap_or_default().to_owned(),
+                k => m.get(k).unwrap_or_default().to_owned(),
             };
             Error {
-                key: e.key,
+                key: m.name(key).to_owned(),
                 value,
                 allowed: e.why,
             }
@@ -649,6 +986,226 @@ mod tests {
         assert_eq!(
             ok(&[("podSelector", "a"), ("targetValue", "0.5")]).target,
             0.5
+        );
+    }
+
+    /// keda-gpu-scaler's parser applies keys in order, each over the earlier
+    /// ones (pkg/scaler/server.go `parseMetadata`): the same combinations give
+    /// the same metric and target here.
+    #[test]
+    fn keda_gpu_scaler_later_keys_win() {
+        let cases: &[(Pairs, Metric, f64)] = &[
+            (
+                &[("targetValue", "10"), ("targetGpuUtilization", "50")],
+                Metric::GpuUtilization,
+                50.0,
+            ),
+            (
+                &[
+                    ("metricType", "memory_used_mib"),
+                    ("targetGpuUtilization", "50"),
+                ],
+                Metric::GpuUtilization,
+                50.0,
+            ),
+            (
+                &[
+                    ("metric", "vllm_queue_depth"),
+                    ("targetMemoryUtilization", "40"),
+                ],
+                Metric::MemoryUsedPercent,
+                40.0,
+            ),
+            (
+                &[
+                    ("targetGpuUtilization", "50"),
+                    ("targetMemoryUtilization", "60"),
+                ],
+                Metric::MemoryUsedPercent,
+                60.0,
+            ),
+            (
+                &[
+                    ("profile", "vllm-queue-depth"),
+                    ("targetValue", "3"),
+                    ("targetGpuUtilization", "70"),
+                ],
+                Metric::GpuUtilization,
+                70.0,
+            ),
+            (
+                &[("profile", "ollama"), ("metricType", "gpu_utilization")],
+                Metric::GpuUtilization,
+                70.0,
+            ),
+            (
+                &[("metricType", "gpu_utilization"), ("targetValue", "75")],
+                Metric::GpuUtilization,
+                75.0,
+            ),
+        ];
+        for (pairs, metric, target) in cases {
+            let mut all = vec![("podSelector", "a")];
+            all.extend_from_slice(pairs);
+            let q = ok(&all);
+            assert_eq!((q.metric, q.target), (*metric, *target), "{pairs:?}");
+        }
+        // pollIntervalSeconds is ignored, whatever it says (keda-gpu-scaler
+        // panics on 0).
+        for v in ["10", "0", "-5", "soon"] {
+            ok(&[("podSelector", "a"), ("pollIntervalSeconds", v)]);
+        }
+    }
+
+    #[test]
+    fn gpu_index() {
+        assert_eq!(ok(&[("podSelector", "a")]).gpu_index, None);
+        assert_eq!(
+            ok(&[("podSelector", "a"), ("gpuIndex", "-1")]).gpu_index,
+            None
+        );
+        assert_eq!(
+            ok(&[("podSelector", "a"), ("gpuIndex", " 2 ")]).gpu_index,
+            Some(2)
+        );
+        // Engine figures are not per GPU: ignored, as keda-gpu-scaler does.
+        assert_eq!(
+            ok(&[
+                ("podSelector", "a"),
+                ("metric", "vllm_queue_depth"),
+                ("gpuIndex", "0")
+            ])
+            .gpu_index,
+            None
+        );
+    }
+
+    /// KEDA resolves `xFromEnv` from the scale target's environment and sends
+    /// the value under the key `xFromEnv` (pkg/scalers/external_scaler.go).
+    #[test]
+    fn every_key_also_from_env() {
+        let q = ok(&[
+            ("podSelectorFromEnv", "app=vllm"),
+            ("metricFromEnv", "power_draw"),
+            ("targetValueFromEnv", "12"),
+            ("activationThresholdFromEnv", "2"),
+            ("aggregationFromEnv", "max"),
+            ("gpuIndexFromEnv", "1"),
+        ]);
+        assert_eq!(
+            q.selector.map(|s| s.to_string()).as_deref(),
+            Some("app=vllm")
+        );
+        assert_eq!(
+            (q.metric, q.target, q.activation, q.aggregation, q.gpu_index),
+            (Metric::PowerDraw, 12.0, 2.0, Aggregation::Max, Some(1))
+        );
+        for key in keys::ALL {
+            let from_env = format!("{key}FromEnv");
+            let m = meta(&[(from_env.as_str(), "x")]);
+            assert_eq!(
+                Metadata::read(&m).expect("known").get(key),
+                Some("x"),
+                "{from_env}"
+            );
+        }
+        // Both: the plain key wins, unless it is blank (KEDA's typed config
+        // skips blank values).
+        let q = ok(&[
+            ("podSelector", "app=plain"),
+            ("podSelectorFromEnv", "app=env"),
+        ]);
+        assert_eq!(
+            q.selector.map(|s| s.to_string()).as_deref(),
+            Some("app=plain")
+        );
+        let q = ok(&[("podSelector", " "), ("podSelectorFromEnv", "app=env")]);
+        assert_eq!(
+            q.selector.map(|s| s.to_string()).as_deref(),
+            Some("app=env")
+        );
+        // Errors name the key as sent.
+        let e =
+            parse(&meta(&[("podSelector", "a"), ("targetValueFromEnv", "-1")])).expect_err("bad");
+        assert_eq!(e.key, "targetValueFromEnv");
+        assert!(
+            e.to_string()
+                .starts_with("metadata targetValueFromEnv: \"-1\""),
+            "{e}"
+        );
+        let e = parse(&meta(&[
+            ("podSelector", "a"),
+            ("activationPodSelectorFromEnv", "r"),
+            ("activationMetric", "engine"),
+        ]))
+        .expect_err("no engine metric");
+        assert_eq!(e.key, "activationEngineMetric");
+    }
+
+    #[test]
+    fn misspelt_keys_are_refused_and_other_scalers_keys_ignored() {
+        for (sent, meant) in [
+            ("podselector", "podSelector"),
+            ("PodSelector", "podSelector"),
+            ("podSelecter", "podSelector"),
+            ("podSelectr", "podSelector"),
+            ("targetvalue", "targetValue"),
+            ("activationTreshold", "activationThreshold"),
+            ("targetGPUUtilization", "targetGpuUtilization"),
+            ("metricname", "metricName"),
+            ("metricsport", "metricsPort"),
+            ("profil", "profile"),
+            ("Metric", "metric"),
+            ("metrics", "metric"),
+            ("gpuindex", "gpuIndex"),
+            ("podSelectorFromenv", "podSelectorFromEnv"),
+        ] {
+            let e = parse(&meta(&[("podSelector", "a"), (sent, "v")])).expect_err(sent);
+            assert_eq!(e.key, sent);
+            assert!(
+                e.allowed.contains(&format!("did you mean {meant}?")),
+                "{sent}: {e}"
+            );
+        }
+        // Keys KEDA and other scalers use, and words too short to be typos.
+        ok(&[
+            ("podSelector", "a"),
+            ("scalerAddress", "gpu-scaler:6000"),
+            ("scalerAddressFromEnv", "x"),
+            ("tlsCertFile", "/c"),
+            ("caCert", "pem"),
+            ("unsafeSsl", "true"),
+            ("enableTLS", "true"),
+            ("query", "sum(up)"),
+            ("threshold", "5"),
+            ("pollIntervalSecond", "5"),
+            ("somethingFromEnv", "x"),
+        ]);
+        assert_eq!(edit_distance("kitten", "sitting"), 3);
+        assert_eq!(edit_distance("abc", "ABC"), 0);
+        assert_eq!(edit_distance("", "abc"), 3);
+    }
+
+    #[test]
+    fn readable_target_for_refused_metadata() {
+        let t = |pairs: &[(&str, &str)]| readable_target(&meta(pairs));
+        assert_eq!(t(&[("metric", "tensor_cores")]), None);
+        assert_eq!(
+            t(&[("metric", "tensor_cores"), ("targetValue", "7")]),
+            Some(7.0)
+        );
+        assert_eq!(
+            t(&[("profile", "ollama"), ("aggregation", "median")]),
+            Some(70.0)
+        );
+        assert_eq!(
+            t(&[("targetValue", "abc"), ("targetGpuUtilization", "60")]),
+            Some(60.0)
+        );
+        assert_eq!(t(&[("targetValue", "0.0001")]), None);
+        assert_eq!(
+            t(&[("podselector", "a"), ("targetValueFromEnv", "9")]),
+            Some(9.0)
         );
     }
 
@@ -872,31 +1429,64 @@ mod tests {
                 "percentage",
             ),
             (
-                &[
-                    ("podSelector", "a"),
-                    ("targetGpuUtilization", "50"),
-                    ("targetMemoryUtilization", "50"),
-                ],
-                "targetMemoryUtilization",
-                "not together with targetGpuUtilization",
+                &[("podSelector", "a"), ("targetValue", "0.0009")],
+                "targetValue",
+                "at least 0.001",
             ),
             (
-                &[
-                    ("podSelector", "a"),
-                    ("metric", "memory_used_mib"),
-                    ("targetGpuUtilization", "50"),
-                ],
+                &[("podSelector", "a"), ("targetGpuUtilization", "0.0001")],
                 "targetGpuUtilization",
-                "only with metric gpu_utilization",
+                "milli-units",
             ),
             (
-                &[
-                    ("podSelector", "a"),
-                    ("targetValue", "10"),
-                    ("targetGpuUtilization", "50"),
-                ],
-                "targetGpuUtilization",
-                "both set the target",
+                &[("podSelector", "a"), ("metricType", "nvlink_tx_mbps")],
+                "metricType",
+                "per-GPU device counter",
+            ),
+            (
+                &[("podSelector", "a"), ("metricType", "Value")],
+                "metricType",
+                "trigger's own metricType field",
+            ),
+            (
+                &[("podSelector", "a"), ("profile", "distributed-training")],
+                "profile",
+                "per-GPU device counter",
+            ),
+            (
+                &[("podSelector", "a"), ("gpuIndex", "-2")],
+                "gpuIndex",
+                "-1 for all its GPUs",
+            ),
+            (
+                &[("podSelector", "a"), ("gpuIndex", "first")],
+                "gpuIndex",
+                "an integer",
+            ),
+            (
+                &[("podselector", "a")],
+                "podselector",
+                "did you mean podSelector?",
+            ),
+            (
+                &[("podSelector", "a"), ("targetValeu", "5")],
+                "targetValeu",
+                "did you mean targetValue?",
+            ),
+            (
+                &[("podSelector", "a"), ("metricsPth", "/m")],
+                "metricsPth",
+                "did you mean metricsPath?",
+            ),
+            (
+                &[("podSelectorFromEnv", "app in x")],
+                "podSelectorFromEnv",
+                "label selector",
+            ),
+            (
+                &[("podSelector", "a"), ("targetValueFromENV", "5")],
+                "targetValueFromENV",
+                "did you mean targetValueFromEnv?",
             ),
             (
                 &[("podSelector", "a"), ("aggregation", "median")],

@@ -28,13 +28,51 @@ pub fn metric_name(query: &Query) -> String {
         // The ScaledObject's own scale target: KEDA scopes names per ScaledObject.
         None => "scaleTargetRef".to_owned(),
     };
-    let canonical = format!("{}|{}|{}", query.metric, query.aggregation, pods);
+    let mut canonical = format!("{}|{}|{}", query.metric, query.aggregation, pods);
+    // Only when set, so the names of queries without it stay what they were.
+    if let Some(i) = query.gpu_index {
+        canonical.push_str(&format!("|gpu{i}"));
+    }
     format!(
         "gpu-{}-{}-{:08x}",
         query.metric.as_str().replace('_', "-"),
         query.aggregation,
         fnv1a(canonical.as_bytes()) as u32
     )
+}
+
+/// The name GetMetricSpec announces for metadata the parser refuses (it never
+/// fails on metadata: KEDA would drop the error, see `service.rs`): the
+/// `metricName` if it is a valid one, else `gpu-invalid-<hash>` over the whole
+/// metadata, so it is stable across calls and daemons and changes when the
+/// metadata is edited. No GetMetrics ever answers to it: they carry the
+/// refusal.
+pub fn refused_metric_name(meta: &std::collections::HashMap<String, String>) -> String {
+    if let Some(name) = meta.get(super::metadata::keys::METRIC_NAME) {
+        let m: std::collections::HashMap<String, String> =
+            [(super::metadata::keys::METRIC_NAME.to_owned(), name.clone())]
+                .into_iter()
+                .chain([(
+                    super::metadata::keys::POD_SELECTOR.to_owned(),
+                    "a".to_owned(),
+                )])
+                .collect();
+        if let Ok(q) = super::metadata::parse(&m)
+            && let Some(n) = q.metric_name
+        {
+            return n;
+        }
+    }
+    let mut pairs: Vec<(&String, &String)> = meta.iter().collect();
+    pairs.sort();
+    let mut canonical = Vec::new();
+    for (k, v) in pairs {
+        canonical.extend_from_slice(k.as_bytes());
+        canonical.push(0);
+        canonical.extend_from_slice(v.as_bytes());
+        canonical.push(0);
+    }
+    format!("gpu-invalid-{:08x}", fnv1a(&canonical) as u32)
 }
 
 /// Strips KEDA's `s<index>-` prefix, if there is one.
@@ -100,6 +138,41 @@ mod tests {
         assert_eq!(
             metric_name(&query(&[("podSelector", "a"), ("metricName", "Mine")])),
             "Mine"
+        );
+    }
+
+    #[test]
+    fn gpu_index_and_refused_names() {
+        let all = metric_name(&query(&[("podSelector", "a")]));
+        assert_eq!(
+            all,
+            metric_name(&query(&[("podSelector", "a"), ("gpuIndex", "-1")]))
+        );
+        let one = metric_name(&query(&[("podSelector", "a"), ("gpuIndex", "1")]));
+        assert_ne!(all, one);
+        let meta = |pairs: &[(&str, &str)]| -> HashMap<String, String> {
+            pairs
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect()
+        };
+        let bad = meta(&[("metric", "tensor_cores"), ("scalerAddress", "x:6000")]);
+        let name = refused_metric_name(&bad);
+        assert!(name.starts_with("gpu-invalid-"), "{name}");
+        assert_eq!(name, refused_metric_name(&bad.clone()), "stable");
+        assert_ne!(
+            name,
+            refused_metric_name(&meta(&[
+                ("metric", "tensor_core"),
+                ("scalerAddress", "x:6000")
+            ]))
+        );
+        assert_eq!(
+            refused_metric_name(&meta(&[("metric", "tensor_cores"), ("metricName", "mine")])),
+            "mine"
+        );
+        assert!(
+            refused_metric_name(&meta(&[("metricName", "has space")])).starts_with("gpu-invalid-")
         );
     }
 

@@ -85,11 +85,15 @@ fn as_int(v: f64) -> i64 {
 }
 
 fn spec(query: &Query) -> MetricSpec {
+    spec_of(naming::metric_name(query), query.target)
+}
+
+fn spec_of(metric_name: String, target: f64) -> MetricSpec {
     MetricSpec {
-        metric_name: naming::metric_name(query),
+        metric_name,
         // A target rounding to 0 would divide by zero in KEDA's int path.
-        target_size: as_int(query.target).max(1),
-        target_size_float: query.target,
+        target_size: as_int(target).max(1),
+        target_size_float: target,
     }
 }
 
@@ -123,6 +127,38 @@ impl ScalerService {
         )?)
     }
 
+    /// The spec of ScaledObject `r`. It never fails on metadata: KEDA drops
+    /// GetMetricSpec errors (kedacore/keda pkg/scalers/external_scaler.go
+    /// `GetMetricSpecForScaling` logs and returns no spec), so the user would see
+    /// only "no metric specs returned" on the ScaledObject, and with several
+    /// triggers one failing spec fails every HPA metric of it (keda#5914).
+    /// Refused metadata gets a stable name and the target the keys give (else
+    /// the default, [`metadata::DEFAULT_TARGET`]); GetMetrics and IsActive then
+    /// carry the refusal, which KEDA shows as events on the ScaledObject, and
+    /// KEDA's fallback (it needs a spec) can apply.
+    fn spec_for(&self, r: &ScaledObjectRef) -> Result<MetricSpec> {
+        match self.query(r) {
+            Ok(query) => Ok(spec(&query)),
+            Err(err) if err.is_metadata() => {
+                tracing::debug!(
+                    namespace = %r.namespace,
+                    scaled_object = %r.name,
+                    error = %err,
+                    "GetMetricSpec answers a placeholder for refused metadata"
+                );
+                let target = match err {
+                    Error::Metadata(_) => metadata::readable_target(&r.scaler_metadata),
+                    _ => None,
+                };
+                Ok(spec_of(
+                    naming::refused_metric_name(&r.scaler_metadata),
+                    target.unwrap_or(metadata::DEFAULT_TARGET),
+                ))
+            }
+            Err(err) => Err(err),
+        }
+    }
+
     /// The value of ScaledObject `r` for its already parsed query.
     pub async fn value(&self, r: &ScaledObjectRef, query: &Query) -> Result<f64> {
         let engine = query.engine.as_ref();
@@ -130,7 +166,7 @@ impl ScalerService {
             Some(selector) => self.view.workload(&r.namespace, selector, engine).await?,
             None => {
                 self.view
-                    .scale_target_workload(&r.namespace, &r.name, engine)
+                    .scale_target_workload(&r.namespace, &r.name, &r.scaler_metadata, engine)
                     .await?
             }
         };
@@ -166,6 +202,10 @@ impl ExternalScaler for ScalerService {
         request: Request<ScaledObjectRef>,
     ) -> Result<Response<Self::StreamIsActiveStream>, Status> {
         let r = request.into_inner();
+        // Refused metadata fails the call itself: KEDA logs it and backs off
+        // (retrying cannot help until the ScaledObject is edited, and an edit
+        // starts a new push scaler with a fresh backoff). IsActive and
+        // GetMetrics, which KEDA still polls, show it as events.
         let query = self.query(&r)?;
         // The stream is a state machine polled by hyper's body, not a task
         // feeding a channel: KEDA keeps one open per ScaledObject, and a tokio
@@ -181,7 +221,6 @@ impl ExternalScaler for ScalerService {
             query,
             recheck,
             last: None,
-            done: false,
         };
         Ok(Response::new(Box::pin(futures::stream::unfold(
             state,
@@ -193,9 +232,9 @@ impl ExternalScaler for ScalerService {
         &self,
         request: Request<ScaledObjectRef>,
     ) -> Result<Response<GetMetricSpecResponse>, Status> {
-        let query = self.query(request.get_ref())?;
+        let spec = self.spec_for(request.get_ref())?;
         Ok(Response::new(GetMetricSpecResponse {
-            metric_specs: vec![spec(&query)],
+            metric_specs: vec![spec],
         }))
     }
 
@@ -230,9 +269,10 @@ impl ExternalScaler for ScalerService {
         &self,
         request: Request<ScaledObjectRef>,
     ) -> Result<Response<Self::StreamMetricSpecStream>, Status> {
-        let query = self.query(request.get_ref())?;
+        // KEDA (v2.21+) takes the HPA's spec from this stream too: the same
+        // rule as GetMetricSpec.
         let first = GetMetricSpecResponse {
-            metric_specs: vec![spec(&query)],
+            metric_specs: vec![self.spec_for(request.get_ref())?],
         };
         let open = StreamGuard::open(self.streams.clone(), StreamKind::MetricSpec);
         let shutdown = self.shutdown.clone();
@@ -260,21 +300,28 @@ struct IsActiveState {
     updates: Updates,
     recheck: tokio::time::Interval,
     last: Option<bool>,
-    /// An error was sent: the stream ends after it.
-    done: bool,
 }
 
 impl IsActiveState {
-    /// Waits until the answer differs from the last one sent (or fails), re-checking
-    /// on new data and every `recheck`; `None` ends the stream with status OK.
+    /// Waits until the answer differs from the last one sent, re-checking on new
+    /// data and every `recheck`; `None` ends the stream, always with status OK.
+    ///
+    /// KEDA reconnects 2 s after a stream ends, and only an end with status OK
+    /// resets that backoff; any other end doubles it, up to 60 s
+    /// (kedacore/keda pkg/scalers/external_scaler.go `runStreamIsActive`). An
+    /// answer that cannot be given (samples stale, a node that did not answer)
+    /// therefore ends the stream with OK and the reason logged: KEDA asks again
+    /// in 2 s, rather than waking a workload from zero up to a minute late once
+    /// the answer is back. A stream that carried on would leave KEDA trusting a
+    /// state nobody can vouch for.
     async fn next(mut self) -> Option<(Result<IsActiveResponse, Status>, Self)> {
-        if self.done {
-            return None;
-        }
         loop {
             if self.last.is_some() {
                 tokio::select! {
-                    _ = self.this.shutdown.cancelled() => return None,
+                    _ = self.this.shutdown.cancelled() => {
+                        tracing::debug!(namespace = %self.r.namespace, scaled_object = %self.r.name, "StreamIsActive ends (status OK): shutting down");
+                        return None;
+                    }
                     u = self.updates.next() => { u?; }
                     _ = self.recheck.tick() => {}
                 }
@@ -289,12 +336,15 @@ impl IsActiveState {
                     return Some((Ok(IsActiveResponse { result: active }), self));
                 }
                 Ok(_) => {}
-                // KEDA reconnects with backoff; a stream that carried on would
-                // leave it trusting a state nobody can vouch for.
                 Err(err) => {
-                    tracing::debug!(error = %err, namespace = %self.r.namespace, "StreamIsActive ends with an error");
-                    self.done = true;
-                    return Some((Err(err.into()), self));
+                    tracing::warn!(
+                        error = %err,
+                        code = ?err.code(),
+                        namespace = %self.r.namespace,
+                        scaled_object = %self.r.name,
+                        "StreamIsActive ends (status OK, KEDA asks again in 2 s): the answer is unknown"
+                    );
+                    return None;
                 }
             }
         }

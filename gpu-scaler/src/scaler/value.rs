@@ -29,39 +29,51 @@ fn get<T: Copy>(r: &Reading<T>, what: &str, pod: &PodUsage, gpu: &GpuUsage) -> R
 
 /// One pod's value of a GPU `metric`. A pod with no GPU process is 0.
 pub fn pod_value(metric: Metric, pod: &PodUsage) -> Result<f64> {
+    pod_value_on(metric, None, pod)
+}
+
+/// One pod's value of a GPU `metric` over its GPUs, or only over the GPU of
+/// its node with NVML index `gpu_index` (keda-gpu-scaler's `gpuIndex`); a pod
+/// with no process there is 0.
+pub fn pod_value_on(metric: Metric, gpu_index: Option<u32>, pod: &PodUsage) -> Result<f64> {
     if metric.is_engine() {
         // Engine figures come from the pod's engine, never from its GPUs.
         return Err(Error::ReadingUnavailable(format!(
             "{metric} is read from the pod's engine, not its GPUs"
         )));
     }
-    if pod.gpus.is_empty() {
+    let gpus: Vec<&GpuUsage> = pod
+        .gpus
+        .iter()
+        .filter(|g| gpu_index.is_none_or(|i| g.gpu_index == i))
+        .collect();
+    if gpus.is_empty() {
         return Ok(0.0);
     }
-    let n = pod.gpus.len() as f64;
+    let n = gpus.len() as f64;
     let mut acc = 0.0;
     match metric {
         Metric::GpuUtilization => {
-            for g in &pod.gpus {
+            for g in &gpus {
                 acc += get(&g.sm_util, "SM utilization", pod, g)?;
             }
             Ok(acc / n)
         }
         Metric::MemoryUtilization => {
-            for g in &pod.gpus {
+            for g in &gpus {
                 acc += get(&g.mem_util, "memory-controller utilization", pod, g)?;
             }
             Ok(acc / n)
         }
         Metric::MemoryUsedMib => {
-            for g in &pod.gpus {
+            for g in &gpus {
                 acc += get(&g.memory_used_mib, "memory used", pod, g)? as f64;
             }
             Ok(acc)
         }
         Metric::MemoryUsedPercent => {
             let mut total = 0.0;
-            for g in &pod.gpus {
+            for g in &gpus {
                 acc += get(&g.memory_used_mib, "memory used", pod, g)? as f64;
                 total += get(&g.memory_total_mib, "memory size", pod, g)? as f64;
             }
@@ -74,20 +86,38 @@ pub fn pod_value(metric: Metric, pod: &PodUsage) -> Result<f64> {
             Ok(100.0 * acc / total)
         }
         Metric::PowerDraw => {
-            for g in &pod.gpus {
+            for g in &gpus {
                 acc += get(&g.power_w, "attributed power", pod, g)?;
             }
             Ok(acc)
         }
         Metric::Temperature => {
             let mut hottest = f64::MIN;
-            for g in &pod.gpus {
+            for g in &gpus {
                 hottest = hottest.max(f64::from(get(&g.temperature_c, "temperature", pod, g)?));
             }
             Ok(hottest)
         }
         engine => unreachable!("{engine} returned above"),
     }
+}
+
+/// Whether the HPA counts `pod` as a replica: Running and Ready, as its
+/// replica calculator's ready-pod count (kubernetes pkg/controller/podautoscaler
+/// replica_calculator.go `getReadyPodsCount`).
+pub fn counts_as_ready(pod: &crate::pods::Pod) -> bool {
+    pod.phase.as_deref() == Some("Running") && pod.ready
+}
+
+/// Whether `aggregation` leaves pods that are not ready out. `avg` is the
+/// per-replica figure of a `metricType: Value` trigger, and for it the HPA
+/// multiplies the value by the ready pods (desired = ceil(ready * value /
+/// target)): a pod still loading its model counted as 0 would pull the average
+/// down and under-scale while replicas start. KEDA does not tell the scaler the
+/// trigger's metricType, so this holds for `avg` whatever it is (with
+/// AverageValue, `avg` is the wrong aggregation anyway: use `sum`).
+fn ready_pods_only(aggregation: Aggregation) -> bool {
+    aggregation == Aggregation::Avg
 }
 
 /// Aggregates per-pod values; no pods is 0 (nothing runs, nothing is used).
@@ -128,13 +158,30 @@ pub fn workload_value_counting_missing(
 ) -> Result<f64> {
     let values = pods
         .iter()
-        .map(|p| pod_value(query.metric, p))
+        .filter(|p| !ready_pods_only(query.aggregation) || counts_as_ready(&p.pod))
+        .map(|p| {
+            let v = pod_value_on(query.metric, query.gpu_index, p)?;
+            finite(query, v, &p.pod)
+        })
         .collect::<Result<Vec<_>>>()?;
     Ok(aggregate_counting_missing(
         query.aggregation,
         values,
         missing,
     ))
+}
+
+/// `v` if it is a number KEDA can use: KEDA turns NaN into 0, and one pod's
+/// NaN can hide behind `max` or `min`, so every pod's value is checked.
+fn finite(query: &Query, v: f64, pod: &crate::pods::Pod) -> Result<f64> {
+    if v.is_finite() {
+        Ok(v)
+    } else {
+        Err(Error::ReadingUnavailable(format!(
+            "the {} of pod {}/{} is {v}, not a number KEDA can use",
+            query.metric, pod.namespace, pod.name
+        )))
+    }
 }
 
 /// Aggregates `values` with `missing` more, each the mean of `values`.
@@ -156,7 +203,27 @@ fn aggregate_counting_missing(
 /// pods' usage, engine figures from their engines' readings.
 pub fn value(query: &Query, workload: &Workload) -> Result<f64> {
     let v = if query.engine.is_some() {
-        aggregate_counting_missing(query.aggregation, workload.engine.clone(), workload.missing)
+        // `engine` holds one figure per pod of `pods`, in order (both views
+        // keep them together); pods not ready read 0 there.
+        let values =
+            if ready_pods_only(query.aggregation) && workload.engine.len() == workload.pods.len() {
+                workload
+                    .pods
+                    .iter()
+                    .zip(&workload.engine)
+                    .filter(|(p, _)| counts_as_ready(&p.pod))
+                    .map(|(p, v)| finite(query, *v, &p.pod))
+                    .collect::<Result<Vec<_>>>()?
+            } else {
+                if let Some(v) = workload.engine.iter().find(|v| !v.is_finite()) {
+                    return Err(Error::ReadingUnavailable(format!(
+                        "a pod's {} is {v}, not a number KEDA can use",
+                        query.metric
+                    )));
+                }
+                workload.engine.clone()
+            };
+        aggregate_counting_missing(query.aggregation, values, workload.missing)
     } else {
         workload_value_counting_missing(query, &workload.pods, workload.missing)?
     };
@@ -207,7 +274,7 @@ mod tests {
                 name: "p".into(),
                 labels: BTreeMap::new(),
                 node_name: None,
-                phase: None,
+                phase: Some("Running".into()),
                 ready: true,
                 ip: None,
                 annotations: Default::default(),
@@ -306,6 +373,100 @@ mod tests {
             workload_value_counting_missing(&q("sum"), &pods, 0).expect("none"),
             40.0
         );
+    }
+
+    fn query(pairs: &[(&str, &str)]) -> Query {
+        crate::scaler::metadata::parse(
+            &pairs
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+        )
+        .expect("query")
+    }
+
+    #[test]
+    fn gpu_index_keeps_that_gpu_of_each_pod() {
+        let p = Arc::new(pod(vec![
+            gpu(0, 60.0, 10.0, 1024, 4096, 70, 100.0),
+            gpu(1, 20.0, 30.0, 2048, 4096, 80, 50.0),
+        ]));
+        let v = |pairs: &[(&str, &str)]| {
+            workload_value(&query(pairs), std::slice::from_ref(&p)).expect("value")
+        };
+        assert_eq!(v(&[("podSelector", "a")]), 40.0);
+        assert_eq!(v(&[("podSelector", "a"), ("gpuIndex", "-1")]), 40.0);
+        assert_eq!(v(&[("podSelector", "a"), ("gpuIndex", "0")]), 60.0);
+        assert_eq!(v(&[("podSelector", "a"), ("gpuIndex", "1")]), 20.0);
+        assert_eq!(
+            v(&[
+                ("podSelector", "a"),
+                ("gpuIndex", "1"),
+                ("metric", "memory_used_mib")
+            ]),
+            2048.0
+        );
+        // A GPU the pod does not use: it uses nothing there.
+        assert_eq!(v(&[("podSelector", "a"), ("gpuIndex", "7")]), 0.0);
+    }
+
+    #[test]
+    fn avg_leaves_pods_that_are_not_ready_out() {
+        let with = |sm: f64, phase: &str, ready: bool| {
+            let mut p = pod(vec![gpu(0, sm, 0.0, 1, 1, 0, 0.0)]);
+            let mut meta = (*p.pod).clone();
+            meta.phase = Some(phase.into());
+            meta.ready = ready;
+            p.pod = Arc::new(meta);
+            Arc::new(p)
+        };
+        let pods = [
+            with(60.0, "Running", true),
+            with(40.0, "Running", true),
+            with(0.0, "Running", false),
+            with(0.0, "Pending", false),
+        ];
+        let avg = query(&[("podSelector", "a"), ("aggregation", "avg")]);
+        assert_eq!(workload_value(&avg, &pods).expect("avg"), 50.0);
+        // sum (AverageValue) counts every pod: the HPA divides the total itself.
+        let sum = query(&[("podSelector", "a")]);
+        assert_eq!(workload_value(&sum, &pods).expect("sum"), 100.0);
+        // Engine figures: the pods not ready read 0 and are left out of avg.
+        let q = query(&[
+            ("podSelector", "a"),
+            ("metric", "vllm_queue_depth"),
+            ("aggregation", "avg"),
+        ]);
+        let w = Workload {
+            pods: pods.to_vec(),
+            sampled_at: std::time::SystemTime::now(),
+            missing: 0,
+            engine: vec![4.0, 2.0, 0.0, 0.0],
+        };
+        assert_eq!(value(&q, &w).expect("engine avg"), 3.0);
+        // No ready pod: nothing is measured, 0.
+        assert_eq!(workload_value(&avg, &pods[2..]).expect("none ready"), 0.0);
+    }
+
+    #[test]
+    fn a_nan_hidden_behind_max_is_still_refused() {
+        let q = query(&[
+            ("podSelector", "a"),
+            ("metric", "vllm_queue_depth"),
+            ("aggregation", "min"),
+        ]);
+        let w = Workload {
+            pods: Vec::new(),
+            sampled_at: std::time::SystemTime::now(),
+            missing: 0,
+            engine: vec![1.0, f64::NAN],
+        };
+        let e = value(&q, &w).expect_err("NaN");
+        assert!(matches!(e, Error::ReadingUnavailable(_)), "{e}");
+        let p = Arc::new(pod(vec![gpu(0, f64::NAN, 0.0, 1, 1, 0, 0.0)]));
+        let q = query(&[("podSelector", "a"), ("aggregation", "max")]);
+        let e = workload_value(&q, &[p, Arc::new(pod(vec![]))]).expect_err("NaN");
+        assert!(e.to_string().contains("not a number"), "{e}");
     }
 
     #[test]

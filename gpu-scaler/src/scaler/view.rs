@@ -67,14 +67,17 @@ pub trait WorkloadView: Send + Sync + 'static {
     }
 
     /// The pods of ScaledObject `name` in `namespace`, which has no
-    /// `podSelector`: those its scale target's scale subresource selects.
+    /// `podSelector`: those its scale target's scale subresource selects (or,
+    /// for a ScaledJob of that name, its Jobs' pods). `metadata` is the
+    /// trigger's, as KEDA sent it.
     fn scale_target_workload<'a>(
         &'a self,
         namespace: &'a str,
         name: &'a str,
+        metadata: &'a std::collections::HashMap<String, String>,
         engine: Option<&'a EngineQuery>,
     ) -> BoxFuture<'a, Result<Workload>> {
-        let _ = (namespace, name, engine);
+        let _ = (namespace, name, metadata, engine);
         Box::pin(async { Err(Error::Metadata(super::metadata::pod_selector_required())) })
     }
 }
