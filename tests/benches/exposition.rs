@@ -12,17 +12,24 @@ use gpu_scaler::engine::{
 };
 use gpu_scaler_tests::engine::vllm_exposition_sized;
 
-/// Median seconds of `iters` runs of `f`.
-fn median(iters: usize, mut f: impl FnMut()) -> f64 {
-    let mut t: Vec<f64> = (0..iters)
-        .map(|_| {
+/// Median seconds of each of `fs` over `iters` rounds, interleaved: every
+/// round runs each once, so a burst of load on a shared machine slows them
+/// alike and the ratios hold.
+fn medians(iters: usize, fs: &mut [&mut dyn FnMut()]) -> Vec<f64> {
+    let mut t: Vec<Vec<f64>> = vec![Vec::with_capacity(iters); fs.len()];
+    for _ in 0..iters {
+        for (f, t) in fs.iter_mut().zip(&mut t) {
             let start = Instant::now();
             f();
-            start.elapsed().as_secs_f64()
+            t.push(start.elapsed().as_secs_f64());
+        }
+    }
+    t.into_iter()
+        .map(|mut t| {
+            t.sort_by(f64::total_cmp);
+            t[t.len() / 2]
         })
-        .collect();
-    t.sort_by(f64::total_cmp);
-    t[t.len() / 2]
+        .collect()
 }
 
 fn main() {
@@ -35,54 +42,51 @@ fn main() {
     let waiting = SeriesSelector::family("vllm:num_requests_waiting");
     let kv = SeriesSelector::family("vllm:kv_cache_usage_perc");
 
-    let mut rows: Vec<(&str, f64)> = Vec::new();
-    rows.push((
+    let names = [
         "gpu-scaler parse, every sample and label",
-        median(iters, || {
-            let mut n = 0usize;
-            exposition::parse(&text, &All, |e| {
-                if let Event::Sample(s) = e {
-                    n += s.labels().count();
-                }
-            })
-            .expect("parses");
-            black_box(n);
-        }),
-    ));
-    rows.push((
         "gpu-scaler extract (vLLM queue + KV families)",
-        median(iters, || {
-            black_box(extract(&text, &[&waiting, &kv]).expect("parses"));
-        }),
-    ));
-    rows.push((
         "naive line split (name, value; no labels)",
-        median(iters, || {
-            let mut sum = 0.0;
-            for line in text.lines() {
-                if line.starts_with('#') || line.is_empty() {
-                    continue;
-                }
-                let mut it = line.rsplitn(2, ' ');
-                if let Some(v) = it.next().and_then(|v| v.parse::<f64>().ok()) {
-                    sum += v;
-                }
-            }
-            black_box(sum);
-        }),
-    ));
-    rows.push((
         "prometheus-parse 0.2 (Scrape::parse)",
-        median(iters.min(50), || {
-            let lines = text.lines().map(|l| Ok(l.to_owned()));
-            black_box(prometheus_parse::Scrape::parse(lines).expect("parses"));
-        }),
-    ));
+    ];
+    let mut full = || {
+        let mut n = 0usize;
+        exposition::parse(&text, &All, |e| {
+            if let Event::Sample(s) = e {
+                n += s.labels().count();
+            }
+        })
+        .expect("parses");
+        black_box(n);
+    };
+    let mut filtered = || {
+        black_box(extract(&text, &[&waiting, &kv]).expect("parses"));
+    };
+    let mut naive = || {
+        let mut sum = 0.0;
+        for line in text.lines() {
+            if line.starts_with('#') || line.is_empty() {
+                continue;
+            }
+            let mut it = line.rsplitn(2, ' ');
+            if let Some(v) = it.next().and_then(|v| v.parse::<f64>().ok()) {
+                sum += v;
+            }
+        }
+        black_box(sum);
+    };
+    let mut crate_parse = || {
+        let lines = text.lines().map(|l| Ok(l.to_owned()));
+        black_box(prometheus_parse::Scrape::parse(lines).expect("parses"));
+    };
+    let times = medians(
+        iters,
+        &mut [&mut full, &mut filtered, &mut naive, &mut crate_parse],
+    );
+    let rows: Vec<(&str, f64)> = names.into_iter().zip(times).collect();
     println!(
-        "exposition: {} bytes ({} lines), median of {iters} runs (prometheus-parse: {})",
+        "exposition: {} bytes ({} lines), median of {iters} interleaved rounds",
         text.len(),
         text.lines().count(),
-        iters.min(50)
     );
     let base = rows[0].1;
     for (what, secs) in &rows {
