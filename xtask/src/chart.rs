@@ -1392,6 +1392,10 @@ const METRICS: &[&str] = &[
     "memory_used_percent",
     "power_draw",
     "temperature",
+    "pcie_tx_kbps",
+    "pcie_rx_kbps",
+    "nvlink_tx_mbps",
+    "nvlink_rx_mbps",
     "vllm_queue_depth",
     "vllm_running",
     "vllm_kv_cache_usage",
@@ -1418,6 +1422,7 @@ const PROFILES: &[&str] = &[
     "vllm-queue-depth",
     "triton-queue-wait",
     "triton-request-rate",
+    "distributed-training",
 ];
 const AGGREGATIONS: &[&str] = &["sum", "avg", "max", "min", "p95", "p99"];
 

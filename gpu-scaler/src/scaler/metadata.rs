@@ -21,7 +21,7 @@ pub struct Profile {
 }
 
 /// The `profile` table (README: "Profiles").
-pub const PROFILES: [Profile; 9] = [
+pub const PROFILES: [Profile; 10] = [
     Profile {
         name: "vllm-inference",
         metric: Metric::MemoryUsedPercent,
@@ -76,6 +76,14 @@ pub const PROFILES: [Profile; 9] = [
         metric: Metric::TritonRequestRate,
         target: 50.0,
         activation: 1.0,
+    },
+    // keda-gpu-scaler's, for data-parallel training whose gradients cross
+    // NVLink: MB/s sent.
+    Profile {
+        name: "distributed-training",
+        metric: Metric::NvlinkTxMbps,
+        target: 50000.0,
+        activation: 5000.0,
     },
 ];
 
