@@ -725,4 +725,43 @@ mod tests {
         let err = View::from_json(&json!({"hello": 1}), SortKey::Sm, now).expect_err("shape");
         assert!(err.to_string().contains("gpus"), "{err}");
     }
+
+    #[test]
+    fn energy_per_pod_and_idle_holders() {
+        let now = SystemTime::now();
+        let mut snap = snapshot(now);
+        snap["accounts"] = json!({
+            "pod_energy": [
+                {"pod_uid": "a", "namespace": "ml", "pod": "big", "container": "server", "gpu": 0, "joules": 1500.0},
+                {"pod_uid": "a", "namespace": "ml", "pod": "big", "container": "POD", "gpu": 0, "joules": 100.0},
+                {"pod_uid": "b", "namespace": "ml", "pod": "small", "container": "", "gpu": 0, "joules": 0.0}
+            ],
+            "unattributed_energy": [], "device_energy": [],
+            "holders": [
+                {"pod_uid": "b", "namespace": "ml", "pod": "small", "gpu": 0, "memory_used_mib": 8000,
+                 "sm_percent": 0.0, "idle_s": 4000.0, "idle": true},
+                {"pod_uid": "a", "namespace": "ml", "pod": "big", "gpu": 0, "memory_used_mib": 20000,
+                 "sm_percent": 60.0, "idle_s": 0.0, "idle": false}
+            ],
+            "idle_sm_percent": 1.0, "idle_after_s": 600.0
+        });
+        let v = View::from_json(&snap, SortKey::Sm, now).expect("view");
+        let energy: Vec<Option<f64>> = v.pods.iter().map(|p| p.energy_j).collect();
+        assert_eq!(energy, [Some(1600.0), Some(0.0), None], "big, small, mig (none booked)");
+        let t = v.render_table();
+        assert!(t.contains("ENERGY J") && t.contains("1600"), "{t}");
+        assert!(t.contains("1 idle GPU holder(s)"), "{t}");
+        let idle = v.render_idle();
+        assert!(idle.contains("<= 1 % SM for 10m"), "{idle}");
+        assert!(idle.contains("ml/small") && idle.contains("1h 6m 40s"), "{idle}");
+        assert!(!idle.contains("ml/big"), "busy holders are not idle: {idle}");
+        let j: Value = serde_json::from_str(&v.idle_json().expect("json")).expect("parses");
+        assert_eq!(j["idle"].as_array().map(Vec::len), Some(1));
+        assert_eq!(j["idle"][0]["pod"], "small");
+        assert_eq!(j["idle_after_s"], 600.0);
+        // A daemon without a ledger: no energy, no holders, nothing invented.
+        let old = View::from_json(&snapshot(now), SortKey::Sm, now).expect("view");
+        assert!(old.pods.iter().all(|p| p.energy_j.is_none()));
+        assert!(old.render_idle().contains("no idle GPU holder"));
+    }
 }

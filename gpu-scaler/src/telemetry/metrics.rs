@@ -1220,4 +1220,67 @@ mod tests {
             "{out}"
         );
     }
+
+    #[test]
+    fn energy_counters_add_up_and_idle_holders_have_a_gauge() {
+        use crate::{
+            accounting::{Config, Ledger},
+            gpu::{DeviceCounters, EnergyPass},
+            pods::PodSet,
+            sampler::{
+                join,
+                tests::{device, pod, proc, status, table},
+            },
+        };
+        let mut ledger = Ledger::new(Config {
+            idle_sm_percent: 1.0,
+            idle_after: Duration::from_secs(60),
+        });
+        let pods = PodSet::from_pods([pod("a"), pod("b")], None, "t");
+        let pass = |mj: u64, at: u64| {
+            // a (pids 10, 11) 30 + 10, b (20) idle with memory, host (30) 60.
+            let mut d = device(
+                0,
+                100.0,
+                vec![proc(10, 30, 0, 1), proc(11, 10, 0, 1), proc(20, 0, 0, 512), proc(30, 60, 0, 1)],
+            );
+            d.counters = DeviceCounters {
+                energy_mj: Reading::Ok(mj),
+                energy_pass: Reading::Ok(EnergyPass {
+                    joules: 250.0,
+                    seconds: 1.0,
+                }),
+                ..DeviceCounters::default()
+            };
+            let mut st = status(vec![d]);
+            if let Some(s) = st.last_good.as_mut() {
+                std::sync::Arc::make_mut(s).taken_at =
+                    SystemTime::UNIX_EPOCH + Duration::from_secs(at);
+            }
+            join(&st, &pods, &table(), SystemTime::UNIX_EPOCH)
+        };
+        let mut first = pass(7_000_000, 100);
+        ledger.record(&mut first);
+        let mut snap = pass(8_000_000, 190);
+        ledger.record(&mut snap);
+        let text = render(&snap, &Sources::node(&Metrics::default()), SystemTime::now());
+        for line in [
+            "gpu_scaler_device_energy_joules_total{gpu=\"0\",uuid=\"GPU-0\"} 8000.0",
+            "gpu_scaler_device_power_average_watts{gpu=\"0\",uuid=\"GPU-0\"} 250.0",
+            "gpu_scaler_pod_energy_joules_total{namespace=\"ml\",pod=\"a\",container=\"\",gpu=\"0\"} 400.0",
+            "gpu_scaler_unattributed_energy_joules_total{gpu=\"0\",reason=\"no_pod\"} 600.0",
+            "gpu_scaler_unattributed_energy_joules_total{gpu=\"0\",reason=\"unsplit\"} 0.0",
+            "gpu_scaler_pod_gpu_idle_seconds{namespace=\"ml\",pod=\"b\",gpu=\"0\"} 90.0",
+            "gpu_scaler_pod_gpu_idle_seconds{namespace=\"ml\",pod=\"a\",gpu=\"0\"} 0.0",
+            "# TYPE gpu_scaler_pod_energy_joules counter",
+        ] {
+            assert!(text.contains(line), "{line} missing from\n{text}");
+        }
+        // b used no SM: no share of the energy (the host's 60 % is not b's).
+        assert!(
+            text.contains("pod=\"b\",container=\"\",gpu=\"0\"} 0.0")
+                || !text.contains("gpu_scaler_pod_energy_joules_total{namespace=\"ml\",pod=\"b\""),
+            "{text}"
+        );
+    }
 }
