@@ -66,7 +66,8 @@ pub enum Unattributed {
     /// The board had no process: its idle draw.
     NoProcess,
     /// It could not be split: SM shares unknown (MPS, missing samples), MIG
-    /// with pods that share the board, or the process list unreadable.
+    /// with pods that share the board, or the process list unreadable (a
+    /// board whose processes cannot be listed is not known to be idle).
     Unsplit,
 }
 
@@ -249,7 +250,7 @@ impl Ledger {
         // Whatever the split did not give away: rounding leaves at most a few
         // ulps either side, never a negative booking (counters only grow).
         let rest = (joules - booked - no_pod).max(0.0);
-        let rest_reason = if split.processes == 0 {
+        let rest_reason = if split.processes == 0 && split.processes_listed {
             Unattributed::NoProcess
         } else {
             Unattributed::Unsplit
@@ -476,12 +477,24 @@ mod tests {
         let mut snap = pass(101_000, 6, vec![], &["a", "b"]);
         ledger.record(&mut snap);
         assert_eq!(unattributed(&snap.accounts, Unattributed::NoProcess), 100.0);
+        // One whose process list cannot be read is not known to be idle.
+        let mut unlisted = pass(111_000, 6, vec![], &["a", "b"]);
+        unlisted.energy[0].processes_listed = false;
+        ledger.record(&mut unlisted);
+        assert_eq!(
+            unattributed(&unlisted.accounts, Unattributed::NoProcess),
+            100.0
+        );
+        assert_eq!(
+            unattributed(&unlisted.accounts, Unattributed::Unsplit),
+            10.0
+        );
         // Shares that cannot be split (an MPS client beside another pod).
         let mut mps = busy();
         mps[0].sm_util = Reading::unavailable("MPS client");
-        let mut snap = pass(151_000, 7, mps, &["a", "b"]);
+        let mut snap = pass(161_000, 7, mps, &["a", "b"]);
         ledger.record(&mut snap);
-        assert_eq!(unattributed(&snap.accounts, Unattributed::Unsplit), 50.0);
+        assert_eq!(unattributed(&snap.accounts, Unattributed::Unsplit), 60.0);
         assert_eq!(joules(&snap.accounts, "a"), 360.0);
         balanced(&snap.accounts);
         let names: Vec<_> = snap
@@ -493,7 +506,7 @@ mod tests {
         assert_eq!(names, [("ml", "a", 0), ("ml", "b", 0)]);
         // A pod gone from the node is forgotten; its energy stays booked in
         // the device total.
-        let mut snap = pass(151_000, 8, busy(), &["b"]);
+        let mut snap = pass(161_000, 8, busy(), &["b"]);
         ledger.record(&mut snap);
         assert_eq!(joules(&snap.accounts, "a"), 0.0);
         assert!(snap.accounts.pod_energy.iter().all(|e| e.pod_uid == "b"));

@@ -97,6 +97,9 @@ pub struct EnergySplit {
     pub counter_mj: Reading<u64>,
     /// Processes on the board (its instances' on MIG).
     pub processes: usize,
+    /// Whether every process list of the board could be read (else
+    /// `processes` may be short, and what the split leaves is not idle draw).
+    pub processes_listed: bool,
     pub pods: Vec<EnergyShare>,
     /// Processes of no known pod.
     pub no_pod: f64,
@@ -678,6 +681,7 @@ pub fn join(
                     uuid: whole.uuid.clone(),
                     counter_mj: whole.counters.energy_mj.clone(),
                     processes: procs.len(),
+                    processes_listed: readable,
                     pods: Vec::new(),
                     no_pod: 0.0,
                 },

@@ -747,14 +747,24 @@ mod tests {
         });
         let v = View::from_json(&snap, SortKey::Sm, now).expect("view");
         let energy: Vec<Option<f64>> = v.pods.iter().map(|p| p.energy_j).collect();
-        assert_eq!(energy, [Some(1600.0), Some(0.0), None], "big, small, mig (none booked)");
+        assert_eq!(
+            energy,
+            [Some(1600.0), Some(0.0), None],
+            "big, small, mig (none booked)"
+        );
         let t = v.render_table();
         assert!(t.contains("ENERGY J") && t.contains("1600"), "{t}");
         assert!(t.contains("1 idle GPU holder(s)"), "{t}");
         let idle = v.render_idle();
         assert!(idle.contains("<= 1 % SM for 10m"), "{idle}");
-        assert!(idle.contains("ml/small") && idle.contains("1h 6m 40s"), "{idle}");
-        assert!(!idle.contains("ml/big"), "busy holders are not idle: {idle}");
+        assert!(
+            idle.contains("ml/small") && idle.contains("1h 6m 40s"),
+            "{idle}"
+        );
+        assert!(
+            !idle.contains("ml/big"),
+            "busy holders are not idle: {idle}"
+        );
         let j: Value = serde_json::from_str(&v.idle_json().expect("json")).expect("parses");
         assert_eq!(j["idle"].as_array().map(Vec::len), Some(1));
         assert_eq!(j["idle"][0]["pod"], "small");

@@ -132,11 +132,17 @@ struct Reading {
 fn read(text: &str) -> Reading {
     let mut r = Reading::default();
     for (l, v) in series(text, "gpu_scaler_device_energy_joules_total") {
-        *r.device.entry(label(l, "gpu").unwrap_or("?").into()).or_default() += v;
+        *r.device
+            .entry(label(l, "gpu").unwrap_or("?").into())
+            .or_default() += v;
     }
     for (l, v) in series(text, "gpu_scaler_pod_energy_joules_total") {
-        *r.pods.entry(label(l, "gpu").unwrap_or("?").into()).or_default() += v;
-        *r.per_pod.entry(label(l, "pod").unwrap_or("?").into()).or_default() += v;
+        *r.pods
+            .entry(label(l, "gpu").unwrap_or("?").into())
+            .or_default() += v;
+        *r.per_pod
+            .entry(label(l, "pod").unwrap_or("?").into())
+            .or_default() += v;
     }
     for (l, v) in series(text, "gpu_scaler_unattributed_energy_joules_total") {
         let key = (
@@ -235,8 +241,8 @@ async fn main() {
     let mut worst: f64 = 0.0;
     for (gpu, d1) in &end.device {
         let d = d1 - start.device.get(gpu).copied().unwrap_or(0.0);
-        let pods = end.pods.get(gpu).copied().unwrap_or(0.0)
-            - start.pods.get(gpu).copied().unwrap_or(0.0);
+        let pods =
+            end.pods.get(gpu).copied().unwrap_or(0.0) - start.pods.get(gpu).copied().unwrap_or(0.0);
         let un = |reason: &str| {
             let k = (gpu.clone(), reason.to_owned());
             end.unattributed.get(&k).copied().unwrap_or(0.0)
@@ -251,7 +257,10 @@ async fn main() {
             100.0 * err
         );
     }
-    println!("largest |sum - device| / device: {:.4} % (target: within 1 %)", 100.0 * worst);
+    println!(
+        "largest |sum - device| / device: {:.4} % (target: within 1 %)",
+        100.0 * worst
+    );
     for (p, j) in &end.per_pod {
         let j = j - start.per_pod.get(p).copied().unwrap_or(0.0);
         println!("  pod ml/{p}: {j:.1} J");

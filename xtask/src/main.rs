@@ -175,7 +175,13 @@ fn main() -> Result<()> {
         } => {
             let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
             run(Command::new(cargo)
-                .args(["bench", "--package", "gpu-scaler-tests", "--bench", "energy"])
+                .args([
+                    "bench",
+                    "--package",
+                    "gpu-scaler-tests",
+                    "--bench",
+                    "energy",
+                ])
                 .env("GPU_SCALER_BENCH_SECS", secs.to_string()))
         }
         Task::Bench { what: Bench::Join } => {

@@ -1242,7 +1242,12 @@ mod tests {
             let mut d = device(
                 0,
                 100.0,
-                vec![proc(10, 30, 0, 1), proc(11, 10, 0, 1), proc(20, 0, 0, 512), proc(30, 60, 0, 1)],
+                vec![
+                    proc(10, 30, 0, 1),
+                    proc(11, 10, 0, 1),
+                    proc(20, 0, 0, 512),
+                    proc(30, 60, 0, 1),
+                ],
             );
             d.counters = DeviceCounters {
                 energy_mj: Reading::Ok(mj),
@@ -1263,7 +1268,11 @@ mod tests {
         ledger.record(&mut first);
         let mut snap = pass(8_000_000, 190);
         ledger.record(&mut snap);
-        let text = render(&snap, &Sources::node(&Metrics::default()), SystemTime::now());
+        let text = render(
+            &snap,
+            &Sources::node(&Metrics::default()),
+            SystemTime::now(),
+        );
         for line in [
             "gpu_scaler_device_energy_joules_total{gpu=\"0\",uuid=\"GPU-0\"} 8000.0",
             "gpu_scaler_device_power_average_watts{gpu=\"0\",uuid=\"GPU-0\"} 250.0",
