@@ -725,7 +725,7 @@ pub fn join(
                 continue;
             };
             let role = RoleRef::of(&usage.pod, id);
-            let i = match parts.iter().position(|p| role.is(&p.usage.role)) {
+            let k = match parts.iter().position(|p| role.is(&p.usage.role)) {
                 Some(i) => i,
                 None => {
                     parts.push(Part {
@@ -739,7 +739,7 @@ pub fn join(
                     parts.len() - 1
                 }
             };
-            let part = &mut parts[i];
+            let part = &mut parts[k];
             if let Some(cid) = id.container_id.as_ref().filter(|_| !id.is_conmon)
                 && !part.usage.container_ids.contains(cid)
             {
