@@ -235,7 +235,7 @@ async fn main() {
         "energy split over {elapsed:.1} s at a {POLL:?} poll (fake libnvidia-ml.so, load changes every 10 s)"
     );
     println!(
-        "{:>4} {:>12} {:>12} {:>12} {:>12} {:>12} {:>12} {:>10}",
+        "{:>4} {:>12} {:>12} {:>12} {:>12} {:>12} {:>12} {:>11}",
         "GPU", "device J", "pods J", "no_pod J", "no_proc J", "unsplit J", "sum J", "error"
     );
     let mut worst: f64 = 0.0;
@@ -253,14 +253,11 @@ async fn main() {
         let err = (sum - d) / d;
         worst = worst.max(err.abs());
         println!(
-            "{gpu:>4} {d:>12.1} {pods:>12.1} {no_pod:>12.1} {no_proc:>12.1} {unsplit:>12.1} {sum:>12.1} {:>9.4}%",
-            100.0 * err
+            "{gpu:>4} {d:>12.1} {pods:>12.1} {no_pod:>12.1} {no_proc:>12.1} {unsplit:>12.1} {sum:>12.1} {:>11.1e}",
+            err
         );
     }
-    println!(
-        "largest |sum - device| / device: {:.4} % (target: within 1 %)",
-        100.0 * worst
-    );
+    println!("largest |sum - device| / device: {worst:.1e} (target: within 1 %, 1e-2)");
     for (p, j) in &end.per_pod {
         let j = j - start.per_pod.get(p).copied().unwrap_or(0.0);
         println!("  pod ml/{p}: {j:.1} J");
