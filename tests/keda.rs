@@ -173,11 +173,6 @@ async fn get_metric_spec_never_fails_on_metadata_and_the_others_carry_the_refusa
             80.0,
         ),
         (
-            &[("podSelector", "app=gpu"), ("metricType", "pcie_tx_kbps")],
-            "per-GPU device counter",
-            80.0,
-        ),
-        (
             &[("podSelector", "app=gpu"), ("gpuIndex", "-3")],
             "metadata gpuIndex: \"-3\"",
             80.0,

@@ -342,8 +342,10 @@ fn a_gpu_lost_mid_run_is_unavailable_and_recovers() {
 
     fake.set_scenario(TWO_GPUS);
     let after = poll(&mut src);
+    // The energy counter kept counting meanwhile.
     assert_eq!(
-        after.devices, before.devices,
+        steady(after.devices),
+        steady(before.devices),
         "recovered to the same figures"
     );
 }
@@ -658,8 +660,10 @@ fn a_driver_reload_is_recovered_by_initialising_nvml_again() {
         assert!(reason(&d.sm_util).contains("fell off the bus"), "{d:?}");
     }
     let after = poll(&mut src);
+    // The reloaded driver's energy counter started again.
     assert_eq!(
-        after.devices, before.devices,
+        steady(after.devices),
+        steady(before.devices),
         "re-initialised: the same figures as before the reload"
     );
 }
@@ -865,11 +869,12 @@ fn the_poller_survives_a_missing_library_and_recovers_by_itself() {
     );
 }
 
-/// The devices with the energy counter blanked: a counter synthesized from
+/// The devices with the energy counter blanked: a counter that grows with
 /// the clock differs between two passes taken moments apart.
 fn steady(mut devices: Vec<GpuDevice>) -> Vec<GpuDevice> {
     for d in &mut devices {
         d.counters.energy_mj = Reading::unavailable("clock");
+        d.counters.energy_pass = Reading::unavailable("clock");
     }
     devices
 }
@@ -1059,5 +1064,343 @@ async fn keda_is_told_which_driver_to_upgrade() {
         "{}",
         err.message()
     );
+    node.stop().await;
+}
+
+#[test]
+fn the_energy_counter_grows_with_the_power_drawn_and_gives_its_mean() {
+    // A bursty board: 250 W +- 100 W every 370 ms; the instantaneous reading
+    // swings, the counter integrates.
+    let fake =
+        FakeNvml::new("[[gpu]]\nenergy_mj = 1000000\npower_w = 250.0\npower_ripple_w = 100.0\n");
+    let mut src = source(&fake);
+    let first = poll(&mut src);
+    let c = &first.devices[0].counters;
+    assert_eq!(
+        c.energy_mj,
+        Reading::Ok(1_000_000),
+        "its value when first read"
+    );
+    assert!(reason(&c.energy_pass).contains("second pass"));
+    let mut instants = Vec::new();
+    let mut means = Vec::new();
+    let started = Instant::now();
+    let mut last = 1_000_000;
+    while started.elapsed() < Duration::from_millis(1500) {
+        std::thread::sleep(Duration::from_millis(370));
+        let snap = poll(&mut src);
+        let d = &snap.devices[0];
+        let e = d.counters.energy_mj.ok().expect("a counter");
+        assert!(e > last, "the counter only grows: {last} -> {e}");
+        last = e;
+        instants.push(d.power_w.ok().expect("an instant"));
+        means.push(d.counters.energy_pass.ok().expect("an increase").watts());
+    }
+    // Over a whole ripple period the mean is the mean draw (give or take the
+    // poll's own jitter); the instants are anywhere in 150-350 W.
+    for w in &means {
+        assert!((w - 250.0).abs() < 40.0, "mean power {w} W ({means:?})");
+    }
+    assert!(
+        instants.iter().all(|w| (150.0..=350.0).contains(w)),
+        "{instants:?}"
+    );
+    // A new power changes the slope, never the value.
+    fake.set_scenario("[[gpu]]\nenergy_mj = 1000000\npower_w = 10.0\n");
+    let after = poll(&mut src);
+    let e = after.devices[0].counters.energy_mj.ok().expect("a counter");
+    assert!(e >= last, "{last} -> {e}");
+}
+
+/// Two pods on the first GPU by SM 60:20, a pod alone on the second, a GPU
+/// moving data while no process uses SM, MPS, and MIG.
+const COUNTERS: &str = r#"
+[[gpu]]
+uuid = "GPU-shared"
+utilization = 80
+memory_total_mib = 81920
+power_w = 400.0
+pcie_tx_kbps = 1200
+pcie_rx_kbps = 2400
+nvlink_tx_mbps = 8000.0
+nvlink_rx_mbps = 4000.0
+
+[[gpu.process]]
+pid = 11
+sm_util = 60
+used_memory_mib = 1000
+
+[[gpu.process]]
+pid = 12
+sm_util = 20
+used_memory_mib = 1000
+
+[[gpu]]
+uuid = "GPU-owned"
+utilization = 0
+memory_total_mib = 81920
+power_w = 100.0
+pcie_tx_kbps = 700
+pcie_rx_kbps = 0
+nvlink_tx_mbps = 60000.0
+nvlink_rx_mbps = 0.0
+
+[[gpu.process]]
+pid = 13
+used_memory_mib = 1000
+"#;
+
+/// A daemon on the fake with pods a (pids 11, 13) and b (12), and GetMetrics
+/// for pod `a` alone (`podSelector` on its name label).
+async fn counters_node(scenario: &str) -> Node {
+    let fake = FakeNvml::new(scenario);
+    let node = serve(&fake, &[11, 13], &[12]).await;
+    // The library must outlive the daemon's use of it.
+    std::mem::forget(fake);
+    node
+}
+
+/// GetMetrics for `meta` once it answers with a number or a settled error:
+/// throughputs need two passes (NVLink rates), the energy counter too.
+async fn settled(node: &Node, meta: &[(&str, &str)]) -> Result<f64, tonic::Status> {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let r = get(node, meta).await;
+        let young = r
+            .as_ref()
+            .err()
+            .is_some_and(|s| s.message().contains("second pass"));
+        if !young || Instant::now() > deadline {
+            return r;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test]
+async fn keda_sees_pcie_and_nvlink_per_pod_by_sm_share_and_whole_for_an_owner() {
+    let node = counters_node(COUNTERS).await;
+    // Pod a: 60/80 of the shared GPU's traffic, all of the GPU it owns alone
+    // (whose SM utilization is unknown there: no sample, and the scenario
+    // gives the device none; it owns the GPU, so all of the traffic is its own).
+    let pcie_tx = settled(&node, &[("metric", "pcie_tx_kbps")])
+        .await
+        .expect("pcie tx");
+    assert_eq!(pcie_tx, 1200.0 + 700.0, "the workload's total (a and b)");
+    let rx = settled(&node, &[("metricType", "pcie_rx_kbps")])
+        .await
+        .expect("pcie rx");
+    assert_eq!(rx, 2400.0, "keda-gpu-scaler's metricType name");
+    let a_tx = settled(&node, &[("aggregation", "max"), ("metric", "pcie_tx_kbps")])
+        .await
+        .expect("max over pods");
+    assert_eq!(
+        a_tx,
+        1200.0 * 60.0 / 80.0 + 700.0,
+        "pod a: its share + the owned GPU"
+    );
+    let b_tx = settled(&node, &[("aggregation", "min"), ("metric", "pcie_tx_kbps")])
+        .await
+        .expect("min over pods");
+    assert_eq!(b_tx, 1200.0 * 20.0 / 80.0, "pod b: its SM share");
+    // NVLink: the counters' rate between passes (KiB granularity), split alike.
+    let nv = settled(
+        &node,
+        &[("aggregation", "max"), ("metricType", "nvlink_tx_mbps")],
+    )
+    .await
+    .expect("nvlink tx");
+    let expected = 8000.0 * 0.75 + 60000.0;
+    assert!(
+        (nv - expected).abs() / expected < 0.01,
+        "{nv} vs {expected}"
+    );
+    // keda-gpu-scaler's distributed-training profile: NVLink TX, summed.
+    let dt = settled(&node, &[("profile", "distributed-training")])
+        .await
+        .expect("profile");
+    let expected = 8000.0 + 60000.0;
+    assert!(
+        (dt - expected).abs() / expected < 0.01,
+        "{dt} vs {expected}"
+    );
+    node.stop().await;
+}
+
+#[tokio::test]
+async fn keda_sees_counters_it_cannot_split_as_unavailable_never_zero() {
+    // Busy moving data while no process used SM, two pods: whose is unknown.
+    let node = counters_node(
+        "[[gpu]]\nutilization = 0\nmemory_utilization = 0\nmemory_total_mib = 1000\npower_w = 50.0\npcie_tx_kbps = 900\npcie_rx_kbps = 0\n\
+         [[gpu.process]]\npid = 11\nused_memory_mib = 10\n[[gpu.process]]\npid = 12\nused_memory_mib = 10\n",
+    )
+    .await;
+    let err = settled(&node, &[("metric", "pcie_tx_kbps")])
+        .await
+        .expect_err("no split of traffic nobody's SM explains");
+    assert_eq!(err.code(), tonic::Code::Unavailable, "{err:?}");
+    assert!(
+        err.message().contains("none of its 2 processes used SM"),
+        "{}",
+        err.message()
+    );
+    // Nothing moved: 0 is what the driver said.
+    assert_eq!(
+        settled(&node, &[("metric", "pcie_rx_kbps")])
+            .await
+            .expect("rx"),
+        0.0
+    );
+    // No NVLink on this GPU: unavailable, not 0.
+    let err = settled(&node, &[("metric", "nvlink_rx_mbps")])
+        .await
+        .expect_err("no NVLink");
+    assert_eq!(err.code(), tonic::Code::Unavailable, "{err:?}");
+    node.stop().await;
+
+    // MPS: the clients' SM shares are the server's secret.
+    let node = counters_node(&MPS.replacen(
+        "[[gpu]]\n",
+        "[[gpu]]\npcie_tx_kbps = 100\npcie_rx_kbps = 100\n",
+        1,
+    ))
+    .await;
+    node.attributor.assign_host(900);
+    let err = settled(&node, &[("metric", "pcie_tx_kbps")])
+        .await
+        .expect_err("MPS");
+    assert_eq!(err.code(), tonic::Code::Unavailable, "{err:?}");
+    assert!(err.message().contains("MPS"), "{}", err.message());
+    node.stop().await;
+
+    // MIG: the counters are the whole GPU's; pods share it.
+    let node = counters_node(&mig_scenario("pcie_tx_kbps = 100\npcie_rx_kbps = 100")).await;
+    let err = settled(&node, &[("metric", "pcie_tx_kbps")])
+        .await
+        .expect_err("MIG");
+    assert_eq!(err.code(), tonic::Code::Unavailable, "{err:?}");
+    assert!(
+        err.message().contains("whole GPU only"),
+        "{}",
+        err.message()
+    );
+    node.stop().await;
+}
+
+#[tokio::test]
+async fn keda_sees_power_from_the_energy_counter() {
+    // 300 W steady on the counter; the instantaneous reading is what the
+    // scenario says at one instant (power_w): the same here, so the mean
+    // from the counter must match it.
+    let node = counters_node(
+        "[[gpu]]\nutilization = 50\nmemory_total_mib = 1000\npower_w = 300.0\n\
+         [[gpu.process]]\npid = 11\nsm_util = 30\nused_memory_mib = 10\n\
+         [[gpu.process]]\npid = 12\nsm_util = 10\nused_memory_mib = 10\n",
+    )
+    .await;
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let snap = loop {
+        let snap = node.snapshots().borrow().clone();
+        if snap.gpus.first().and_then(|g| g.power_source)
+            == Some(gpu_scaler::sampler::PowerSource::EnergyCounter)
+        {
+            break snap;
+        }
+        assert!(Instant::now() < deadline, "the counter's mean never came");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    // Pod a has 3/4 of the counter's mean, exactly.
+    let mean = snap.gpus[0].power_attributed_w.ok().expect("a mean");
+    let a = snap.pods["ua"].gpus[0].power_w.ok().expect("a's power");
+    assert!((a - mean * 0.75).abs() < 1e-9, "{a} of {mean}");
+    // And that mean is the 300 W the board draws (the fake integrates it
+    // exactly; each read is timed a few µs after the counter's own time, more
+    // when this busy machine preempts the poller between the two).
+    assert!((mean - 300.0).abs() < 15.0, "{mean}");
+    let w = get(&node, &[("metric", "power_draw"), ("aggregation", "max")])
+        .await
+        .expect("power");
+    assert!((w - 225.0).abs() < 225.0 * 0.05, "{w}");
+    node.stop().await;
+}
+
+/// Parses `family{labels} value` lines of an exposition into (labels, value)
+/// for `family`.
+fn series(text: &str, family: &str) -> Vec<(String, f64)> {
+    text.lines()
+        .filter_map(|l| {
+            let rest = l.strip_prefix(family)?;
+            let (labels, value) = match rest.strip_prefix('{') {
+                Some(r) => {
+                    let (labels, v) = r.split_once("} ")?;
+                    (labels.to_owned(), v)
+                }
+                None => (String::new(), rest.strip_prefix(' ')?),
+            };
+            Some((labels, value.split(' ').next()?.parse().ok()?))
+        })
+        .collect()
+}
+
+#[tokio::test]
+async fn energy_split_over_pods_and_unattributed_adds_up_to_the_device_counter() {
+    // Pods a and b by SM 30:10, a host process 10; the load and power change
+    // mid-window, and for a while nobody runs (the board's idle draw).
+    let load = |w: f64, a: u32, b: u32, host: u32| {
+        format!(
+            "[[gpu]]\nutilization = {}\nmemory_total_mib = 1000\npower_w = {w}\npower_ripple_w = 40.0\n\
+             [[gpu.process]]\npid = 11\nsm_util = {a}\nused_memory_mib = 10\n\
+             [[gpu.process]]\npid = 12\nsm_util = {b}\nused_memory_mib = 10\n\
+             [[gpu.process]]\npid = 30\nsm_util = {host}\nused_memory_mib = 10\n",
+            a + b + host
+        )
+    };
+    let fake = FakeNvml::new(&load(300.0, 30, 10, 10));
+    let node = serve(&fake, &[11], &[12]).await;
+    node.attributor.assign_host(30);
+    let scrape = || async {
+        let (status, text) = node.http_get("/metrics").await;
+        assert_eq!(status, 200);
+        let sum = |family: &str| series(&text, family).iter().map(|s| s.1).sum::<f64>();
+        (
+            sum("gpu_scaler_device_energy_joules_total"),
+            sum("gpu_scaler_pod_energy_joules_total"),
+            sum("gpu_scaler_unattributed_energy_joules_total"),
+            series(&text, "gpu_scaler_pod_energy_joules_total"),
+        )
+    };
+    // Wait for the ledger's first booking, then measure a window.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let start = loop {
+        let s = scrape().await;
+        if s.1 > 0.0 {
+            break s;
+        }
+        assert!(Instant::now() < deadline, "no energy booked");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    fake.set_scenario(&load(450.0, 60, 20, 0));
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    fake.set_scenario("[[gpu]]\nutilization = 0\nmemory_total_mib = 1000\npower_w = 60.0\n");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let end = scrape().await;
+    let device = end.0 - start.0;
+    let booked = (end.1 - start.1) + (end.2 - start.2);
+    assert!(device > 100.0, "the board drew {device} J");
+    assert!(
+        (booked - device).abs() <= device * 0.01,
+        "pods + unattributed = {booked} J, the device counter rose {device} J"
+    );
+    // Each pod's energy is its share: a thrice b's throughout.
+    let of = |s: &[(String, f64)], pod: &str| {
+        s.iter()
+            .filter(|(l, _)| l.contains(&format!("pod=\"{pod}\"")))
+            .map(|(_, v)| v)
+            .sum::<f64>()
+    };
+    let a = of(&end.3, "a") - of(&start.3, "a");
+    let b = of(&end.3, "b") - of(&start.3, "b");
+    assert!((a / b - 3.0).abs() < 0.01, "a {a} J, b {b} J");
     node.stop().await;
 }

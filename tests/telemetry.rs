@@ -642,10 +642,12 @@ async fn metrics_split_pod_series_by_container_for_real_processes() {
             Some(want_mib * MIB),
             "{what}"
         );
-        assert_eq!(
-            series(&s, "gpu_scaler_pod_power_watts", pod, container, gpu),
-            Some(want_w),
-            "{what}"
+        // The power split is the energy counter's mean over the last pass: a
+        // counter in whole mJ, so within 1 mJ per pass of the scenario's draw.
+        let w = series(&s, "gpu_scaler_pod_power_watts", pod, container, gpu);
+        assert!(
+            w.is_some_and(|w| (w - want_w).abs() < 0.05),
+            "{what}: {w:?} W, not {want_w}"
         );
         assert_eq!(
             series(&s, "gpu_scaler_pod_processes", pod, container, gpu),

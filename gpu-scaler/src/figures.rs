@@ -22,6 +22,10 @@ pub enum Metric {
     MemoryUsedPercent,
     PowerDraw,
     Temperature,
+    PcieTxKbps,
+    PcieRxKbps,
+    NvlinkTxMbps,
+    NvlinkRxMbps,
     VllmQueueDepth,
     VllmRunning,
     VllmKvCacheUsage,
@@ -131,7 +135,7 @@ macro_rules! fig {
 }
 
 /// Every figure, in the order docs list them.
-pub const FIGURES: [Figure; 21] = [
+pub const FIGURES: [Figure; 25] = [
     fig!(
         GpuUtilization,
         "gpu_utilization",
@@ -175,7 +179,7 @@ pub const FIGURES: [Figure; 21] = [
         "watts",
         Sum,
         Source::Gpu,
-        "Watts: each GPU's power split over its processes by SM share (equally when no process has SM samples)"
+        "Watts: each GPU's power (the energy counter's mean over the last pass; the instantaneous reading where the GPU has no counter) split over its processes by SM share (equally when none used SM; all of it for a pod that owns the GPU)"
     ),
     fig!(
         Temperature,
@@ -185,6 +189,42 @@ pub const FIGURES: [Figure; 21] = [
         Max,
         Source::Gpu,
         "°C of the hottest GPU it uses"
+    ),
+    fig!(
+        PcieTxKbps,
+        "pcie_tx_kbps",
+        [],
+        "KB/s",
+        Sum,
+        Source::Gpu,
+        "PCIe KB/s sent by each GPU it uses, split over the GPU's processes by SM share (all of it for a pod that owns the GPU), summed over GPUs; unavailable where the split is unknown (MPS, MIG instances shared with others) or the GPU moved data while none of its processes used SM"
+    ),
+    fig!(
+        PcieRxKbps,
+        "pcie_rx_kbps",
+        [],
+        "KB/s",
+        Sum,
+        Source::Gpu,
+        "PCIe KB/s received, likewise"
+    ),
+    fig!(
+        NvlinkTxMbps,
+        "nvlink_tx_mbps",
+        [],
+        "MB/s",
+        Sum,
+        Source::Gpu,
+        "NVLink MB/s sent over all links (the counter's rate over the last pass), split likewise"
+    ),
+    fig!(
+        NvlinkRxMbps,
+        "nvlink_rx_mbps",
+        [],
+        "MB/s",
+        Sum,
+        Source::Gpu,
+        "NVLink MB/s received, likewise"
     ),
     fig!(
         VllmQueueDepth,
@@ -324,8 +364,8 @@ pub const FIGURES: [Figure; 21] = [
 ];
 
 impl Metric {
-    pub const ALL: [Metric; 21] = {
-        let mut all = [Metric::Engine; 21];
+    pub const ALL: [Metric; 25] = {
+        let mut all = [Metric::Engine; 25];
         let mut i = 0;
         while i < FIGURES.len() {
             all[i] = FIGURES[i].metric;
@@ -424,6 +464,10 @@ impl Metric {
             | Self::MemoryUsedPercent
             | Self::PowerDraw
             | Self::Temperature
+            | Self::PcieTxKbps
+            | Self::PcieRxKbps
+            | Self::NvlinkTxMbps
+            | Self::NvlinkRxMbps
             | Self::Engine => return None,
         })
     }
@@ -466,6 +510,33 @@ mod tests {
             Aggregation::default_for(Metric::VllmKvCacheUsage),
             Aggregation::Sum
         );
+    }
+
+    /// xtask keeps its own copy of the figure names and profiles (it cannot
+    /// link the daemon): it must list exactly these.
+    #[test]
+    fn xtasks_copy_of_the_names_is_whole() {
+        let chart = include_str!("../../xtask/src/chart.rs");
+        let list = |name: &str| -> Vec<String> {
+            let start = chart
+                .find(&format!("const {name}: &[&str] = &["))
+                .unwrap_or_else(|| panic!("xtask/src/chart.rs has no {name}"));
+            let body = &chart[start..];
+            let body = &body[body.find('[').expect("a list") + 1..];
+            let body = &body[body.find('[').expect("a list") + 1..body.find("];").expect("closed")];
+            body.split('"')
+                .skip(1)
+                .step_by(2)
+                .map(str::to_owned)
+                .collect()
+        };
+        let names: Vec<String> = FIGURES.iter().map(|f| f.name.to_owned()).collect();
+        assert_eq!(list("METRICS"), names, "xtask/src/chart.rs METRICS");
+        let profiles: Vec<String> = crate::scaler::metadata::PROFILES
+            .iter()
+            .map(|p| p.name.to_owned())
+            .collect();
+        assert_eq!(list("PROFILES"), profiles, "xtask/src/chart.rs PROFILES");
     }
 
     /// Each engine figure on an exposition in its engine's exact format

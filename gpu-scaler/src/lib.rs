@@ -5,6 +5,7 @@
 //! which joins `attribution`, `gpu` and `pods`; nothing outside `attribution`
 //! touches eBPF maps and nothing outside `gpu` touches NVML.
 
+pub mod accounting;
 pub mod attribution;
 pub mod cli;
 pub mod cluster;

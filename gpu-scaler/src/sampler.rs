@@ -11,6 +11,7 @@ use serde::Serialize;
 use tokio::sync::watch;
 
 use crate::{
+    accounting::{Accounts, Ledger},
     attribution::{Attributor, Backend, Owner, PodIdentity},
     gpu::{DeviceCounters, GpuDevice, GpuProcess, GpuStatus, MigInstance, Reading},
     pods::{ContainerKind, Pod, PodSet, PodsReceiver},
@@ -28,6 +29,12 @@ pub struct GpuSummary {
     pub memory_total_mib: Reading<u64>,
     pub temperature_c: Reading<u32>,
     pub power_w: Reading<f64>,
+    /// The power split over its processes for `power_draw`: the energy
+    /// counter's mean over the last pass, or `power_w` where there is no
+    /// counter (and on the first pass).
+    pub power_attributed_w: Reading<f64>,
+    /// Which of the two `power_attributed_w` is; `None` when it is unavailable.
+    pub power_source: Option<PowerSource>,
     pub mig_enabled: bool,
     /// Set when this entry is one MIG instance of a GPU (see
     /// [`GpuDevice::mig_instance`]).
@@ -57,6 +64,54 @@ pub struct GpuUsage {
     pub temperature_c: Reading<u32>,
     /// The share of the device's power attributed to these processes.
     pub power_w: Reading<f64>,
+    /// Their share of the GPU's PCIe throughput, KB/s, by SM share (all of it
+    /// for a pod that owns the GPU).
+    pub pcie_tx_kbps: Reading<f64>,
+    pub pcie_rx_kbps: Reading<f64>,
+    /// Their share of the GPU's NVLink throughput, MB/s, likewise.
+    pub nvlink_tx_mbps: Reading<f64>,
+    pub nvlink_rx_mbps: Reading<f64>,
+}
+
+/// Where a GPU's attributed power comes from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum PowerSource {
+    /// The total-energy counter's increase over the last pass.
+    EnergyCounter,
+    /// `nvmlDeviceGetPowerUsage`: one instant.
+    Instantaneous,
+}
+
+/// How one pass splits a GPU board's energy counter: the fractions of its
+/// increase each pod (and container) and the processes of no pod get. The
+/// ledger ([`crate::accounting`]) applies them to the increase since the
+/// counter reading it accounted last, so no energy is lost or counted twice
+/// whatever passes it did not see.
+#[derive(Clone, Debug, PartialEq)]
+pub struct EnergySplit {
+    pub gpu_index: u32,
+    /// The board's UUID (a MIG GPU's, not an instance's).
+    pub uuid: String,
+    /// The counter, mJ, as this pass read it.
+    pub counter_mj: Reading<u64>,
+    /// Processes on the board (its instances' on MIG).
+    pub processes: usize,
+    /// Whether every process list of the board could be read (else
+    /// `processes` may be short, and what the split leaves is not idle draw).
+    pub processes_listed: bool,
+    pub pods: Vec<EnergyShare>,
+    /// Processes of no known pod.
+    pub no_pod: f64,
+}
+
+/// One part of a pod's share of a board's energy.
+#[derive(Clone, Debug, PartialEq)]
+pub struct EnergyShare {
+    pub pod_uid: String,
+    /// The `container` label ([`ContainerRole::label`]).
+    pub container: String,
+    pub fraction: f64,
 }
 
 /// One local pod and its GPU use (empty `gpus` when it runs no GPU process).
@@ -170,6 +225,12 @@ pub struct NodeSnapshot {
     pub unowned: Vec<UnownedUsage>,
     /// Why the pod source's newest refresh failed, if it did.
     pub pods_error: Option<Arc<str>>,
+    /// How this pass splits each board's energy (for the ledger).
+    #[serde(skip)]
+    pub energy: Vec<EnergySplit>,
+    /// Energy per pod and idle GPU holders, accumulated over the passes so far
+    /// (empty until the sampler's ledger has seen a snapshot).
+    pub accounts: Arc<Accounts>,
 }
 
 fn values_only<S: serde::Serializer>(
@@ -204,44 +265,147 @@ fn sum_readings<T: Copy + std::ops::Add<Output = T>>(
     });
 }
 
-/// Each process's share of the device's power: by SM share, equally when the
-/// processes have no SM samples (all zero). Unavailable when the device power or
-/// any process's SM figure is (MIG): splitting by a guess would be a guess.
-fn power_shares(dev: &GpuDevice) -> Vec<Reading<f64>> {
-    let n = dev.processes.len();
-    let power = match &dev.power_w {
-        Reading::Ok(p) => *p,
-        Reading::Unavailable(r) => {
-            return vec![Reading::Unavailable(format!("GPU {} power: {r}", dev.index).into()); n];
+/// The power `power_draw` splits, and where it comes from: the energy
+/// counter's mean over the last pass where the GPU has the counter (steadier
+/// than one instant), else `nvmlDeviceGetPowerUsage`.
+fn attributable_power(dev: &GpuDevice) -> (Reading<f64>, Option<PowerSource>) {
+    match (&dev.counters.energy_pass, &dev.power_w) {
+        (Reading::Ok(p), _) if p.seconds > 0.0 => {
+            (Reading::Ok(p.watts()), Some(PowerSource::EnergyCounter))
         }
-    };
+        (_, Reading::Ok(w)) => (Reading::Ok(*w), Some(PowerSource::Instantaneous)),
+        (_, Reading::Unavailable(r)) => (Reading::Unavailable(r.clone()), None),
+    }
+}
+
+/// The device figures split over a GPU's processes, by index into a
+/// [`Shares`] array.
+const POWER: usize = 0;
+/// The share of the energy counter's increase (a fraction: the ledger knows
+/// the increase).
+const ENERGY: usize = 1;
+const PCIE_TX: usize = 2;
+const PCIE_RX: usize = 3;
+const NVLINK_TX: usize = 4;
+const NVLINK_RX: usize = 5;
+const SPLIT: usize = 6;
+
+/// One process's (or one owner's) part of each split figure.
+type Shares = [Reading<f64>; SPLIT];
+
+/// How a split figure is shared when no process used SM.
+#[derive(Clone, Copy, PartialEq)]
+enum WhenIdle {
+    /// Equally: the idle draw of a GPU is the cost of holding it.
+    Equally,
+    /// Unknown unless it is 0: data moved by copy engines is nobody's SM time.
+    Unknown,
+}
+
+/// Name and idle rule of each split figure, in [`Shares`] order.
+const SPLIT_FIGURES: [(&str, WhenIdle); SPLIT] = [
+    ("power", WhenIdle::Equally),
+    ("energy", WhenIdle::Equally),
+    ("PCIe TX throughput", WhenIdle::Unknown),
+    ("PCIe RX throughput", WhenIdle::Unknown),
+    ("NVLink TX throughput", WhenIdle::Unknown),
+    ("NVLink RX throughput", WhenIdle::Unknown),
+];
+
+fn as_f64<T: Copy + Into<f64>>(r: &Reading<T>) -> Reading<f64> {
+    match r {
+        Reading::Ok(v) => Reading::Ok((*v).into()),
+        Reading::Unavailable(e) => Reading::Unavailable(e.clone()),
+    }
+}
+
+/// The whole-GPU value of each split figure (energy: 1, the whole increase).
+fn whole_figures(dev: &GpuDevice) -> Shares {
+    let c = &dev.counters;
+    [
+        attributable_power(dev).0,
+        match &c.energy_mj {
+            Reading::Ok(_) => Reading::Ok(1.0),
+            Reading::Unavailable(r) => Reading::Unavailable(r.clone()),
+        },
+        as_f64(&c.pcie_tx_kbps),
+        as_f64(&c.pcie_rx_kbps),
+        c.nvlink_tx_mbps.clone(),
+        c.nvlink_rx_mbps.clone(),
+    ]
+}
+
+/// Each process's part of each split figure of the GPU whose figures are
+/// `whole` (a MIG GPU's: its instances' processes share the board), by SM
+/// share. Unavailable, with the reason, where the figure or a process's SM
+/// utilization is (MPS, missing samples), on MIG (NVML has no per-process
+/// utilization there), and for a throughput moved while no process used SM.
+/// A pod that owns every process of the GPU gets the whole figure anyway
+/// ([`join`]).
+fn shares(whole: &GpuDevice, procs: &[&GpuProcess]) -> Vec<Shares> {
+    let n = procs.len();
     let mut sm = Vec::with_capacity(n);
-    for p in &dev.processes {
+    let mut sm_unknown = None;
+    for p in procs {
         match &p.sm_util {
             Reading::Ok(v) => sm.push(f64::from(*v)),
             Reading::Unavailable(r) => {
-                let reason: Arc<str> = format!(
-                    "GPU {} power cannot be split: per-process SM utilization is unavailable ({r})",
-                    dev.index
-                )
-                .into();
-                return vec![Reading::Unavailable(reason); n];
+                sm_unknown = Some(r.clone());
+                break;
             }
         }
     }
     let total: f64 = sm.iter().sum();
-    sm.into_iter()
-        .map(|s| {
-            Reading::Ok(if total > 0.0 {
-                power * s / total
-            } else {
-                power / n as f64
-            })
-        })
-        .collect()
+    let figures = whole_figures(whole);
+    let mut out: Vec<Shares> = vec![std::array::from_fn(|_| Reading::Ok(0.0)); n];
+    for (q, (figure, (name, when_idle))) in figures.iter().zip(SPLIT_FIGURES).enumerate() {
+        let column: Vec<Reading<f64>> = match figure {
+            Reading::Unavailable(r) => {
+                let r: Arc<str> = format!("GPU {} {name}: {r}", whole.index).into();
+                vec![Reading::Unavailable(r); n]
+            }
+            Reading::Ok(_) if whole.mig_enabled => {
+                let r: Arc<str> = format!(
+                    "MIG: NVML reports the {name} of GPU {} for the whole GPU only, and no per-process utilization to split it by",
+                    whole.index
+                )
+                .into();
+                vec![Reading::Unavailable(r); n]
+            }
+            Reading::Ok(_) if sm_unknown.is_some() => {
+                let r: Arc<str> = format!(
+                    "GPU {} {name} cannot be split: per-process SM utilization is unavailable ({})",
+                    whole.index,
+                    sm_unknown.as_deref().unwrap_or_default()
+                )
+                .into();
+                vec![Reading::Unavailable(r); n]
+            }
+            Reading::Ok(v) if total > 0.0 => {
+                sm.iter().map(|s| Reading::Ok(v * s / total)).collect()
+            }
+            Reading::Ok(v) if *v == 0.0 => vec![Reading::Ok(0.0); n],
+            Reading::Ok(v) => match when_idle {
+                WhenIdle::Equally => vec![Reading::Ok(v / n as f64); n],
+                WhenIdle::Unknown => {
+                    let r: Arc<str> = format!(
+                        "GPU {} {name} is {v:.1} while none of its {n} processes used SM: whose it is cannot be told",
+                        whole.index
+                    )
+                    .into();
+                    vec![Reading::Unavailable(r); n]
+                }
+            },
+        };
+        for (share, value) in out.iter_mut().zip(column) {
+            share[q] = value;
+        }
+    }
+    out
 }
 
 fn summary(dev: &GpuDevice) -> GpuSummary {
+    let (power_attributed_w, power_source) = attributable_power(dev);
     GpuSummary {
         index: dev.index,
         uuid: dev.uuid.clone(),
@@ -252,6 +416,8 @@ fn summary(dev: &GpuDevice) -> GpuSummary {
         memory_total_mib: dev.memory_total_mib.clone(),
         temperature_c: dev.temperature_c.clone(),
         power_w: dev.power_w.clone(),
+        power_attributed_w,
+        power_source,
         mig_enabled: dev.mig_enabled,
         mig_instance: dev.mig_instance.clone(),
         counters: dev.counters.clone(),
@@ -265,7 +431,7 @@ struct Acc {
     sm: Option<Reading<f64>>,
     mem: Option<Reading<f64>>,
     used: Option<Reading<u64>>,
-    power: Option<Reading<f64>>,
+    split: [Option<Reading<f64>>; SPLIT],
 }
 
 impl Acc {
@@ -275,39 +441,61 @@ impl Acc {
             sm: None,
             mem: None,
             used: None,
-            power: None,
+            split: Default::default(),
         }
     }
 
-    fn add(&mut self, proc: &GpuProcess, power_share: Reading<f64>) {
+    fn add(&mut self, proc: &GpuProcess, shares: &Shares) {
         self.pids.push(proc.pid);
         sum_readings(&mut self.sm, as_f64(&proc.sm_util));
         sum_readings(&mut self.mem, as_f64(&proc.mem_util));
         sum_readings(&mut self.used, proc.used_memory_mib.clone());
-        sum_readings(&mut self.power, power_share);
+        for (acc, share) in self.split.iter_mut().zip(shares) {
+            sum_readings(acc, share.clone());
+        }
     }
 
-    fn finish(self, dev: &GpuDevice) -> GpuUsage {
+    /// The owner's usage, and its share of the energy counter's increase.
+    fn finish(self, dev: &GpuDevice) -> (GpuUsage, Reading<f64>) {
         let zero = || Reading::Ok(0.0);
-        GpuUsage {
-            gpu_index: dev.index,
-            gpu_uuid: dev.uuid.clone(),
-            pids: self.pids,
-            sm_util: self.sm.unwrap_or_else(zero),
-            mem_util: self.mem.unwrap_or_else(zero),
-            memory_used_mib: self.used.unwrap_or(Reading::Ok(0)),
-            memory_total_mib: dev.memory_total_mib.clone(),
-            temperature_c: dev.temperature_c.clone(),
-            power_w: self.power.unwrap_or_else(zero),
-        }
+        let [power, energy, pcie_tx, pcie_rx, nvlink_tx, nvlink_rx] =
+            self.split.map(|s| s.unwrap_or_else(zero));
+        (
+            GpuUsage {
+                gpu_index: dev.index,
+                gpu_uuid: dev.uuid.clone(),
+                pids: self.pids,
+                sm_util: self.sm.unwrap_or_else(zero),
+                mem_util: self.mem.unwrap_or_else(zero),
+                memory_used_mib: self.used.unwrap_or(Reading::Ok(0)),
+                memory_total_mib: dev.memory_total_mib.clone(),
+                temperature_c: dev.temperature_c.clone(),
+                power_w: power,
+                pcie_tx_kbps: pcie_tx,
+                pcie_rx_kbps: pcie_rx,
+                nvlink_tx_mbps: nvlink_tx,
+                nvlink_rx_mbps: nvlink_rx,
+            },
+            energy,
+        )
     }
 }
 
-fn as_f64(r: &Reading<u32>) -> Reading<f64> {
-    match r {
-        Reading::Ok(v) => Reading::Ok(f64::from(*v)),
+/// Gives a pod that owns every process of a GPU its `1 / entries` of the
+/// whole-GPU figures `whole` (a MIG GPU the pod uses through several instances
+/// is several entries): exact, whatever the SM shares say.
+fn own_whole(usage: &mut GpuUsage, energy: &mut Reading<f64>, whole: &Shares, entries: usize) {
+    let k = entries.max(1) as f64;
+    let part = |r: &Reading<f64>| match r {
+        Reading::Ok(v) => Reading::Ok(v / k),
         Reading::Unavailable(e) => Reading::Unavailable(e.clone()),
-    }
+    };
+    usage.power_w = part(&whole[POWER]);
+    *energy = part(&whole[ENERGY]);
+    usage.pcie_tx_kbps = part(&whole[PCIE_TX]);
+    usage.pcie_rx_kbps = part(&whole[PCIE_RX]);
+    usage.nvlink_tx_mbps = part(&whole[NVLINK_TX]);
+    usage.nvlink_rx_mbps = part(&whole[NVLINK_RX]);
 }
 
 /// A part of a pod as one process's identity names it, borrowed from the pod
@@ -377,6 +565,18 @@ struct PodWork {
     parts: Vec<Part>,
 }
 
+/// What one GPU board (a GPU, or a MIG GPU with its instances) is shared by
+/// during the join.
+struct Board {
+    /// Its figures, whole.
+    whole: Shares,
+    /// The local pod that owns every process on it, if one does.
+    sole: Option<String>,
+    /// Its devices that have processes (1, or a MIG GPU's busy instances).
+    entries: usize,
+    split: EnergySplit,
+}
+
 /// The join itself, for one GPU status and one pod set.
 pub fn join(
     gpu: &GpuStatus,
@@ -412,12 +612,91 @@ pub fn join(
     let mut unowned = Vec::new();
     let mut gpus = Vec::new();
     let devices = gpu.last_good.as_ref().map_or(&[][..], |s| &s.devices[..]);
-    for dev in devices {
+
+    // Every process's owner, resolved once: the shares of a board depend on
+    // who owns all of its processes.
+    let owners: Vec<Vec<Option<Owner>>> = devices
+        .iter()
+        .map(|d| {
+            d.processes
+                .iter()
+                .map(|p| attributor.resolve(p.pid).map(|a| a.owner))
+                .collect()
+        })
+        .collect();
+    // The device whose board figures each device's processes share: itself,
+    // or a MIG instance's parent (power, energy, PCIe and NVLink are the
+    // board's).
+    let whole_of: Vec<usize> = devices
+        .iter()
+        .enumerate()
+        .map(|(i, d)| match &d.mig_instance {
+            Some(m) => devices
+                .iter()
+                .position(|p| p.mig_instance.is_none() && p.uuid == m.parent_uuid)
+                .unwrap_or(i),
+            None => i,
+        })
+        .collect();
+    let mut shares_of: Vec<Vec<Shares>> = vec![Vec::new(); devices.len()];
+    let mut boards: BTreeMap<usize, Board> = BTreeMap::new();
+    for (w, whole) in devices.iter().enumerate() {
+        if whole_of[w] != w {
+            continue;
+        }
+        let members: Vec<usize> = (0..devices.len()).filter(|i| whole_of[*i] == w).collect();
+        let procs: Vec<&GpuProcess> = members
+            .iter()
+            .flat_map(|i| &devices[*i].processes)
+            .collect();
+        let mut sh = shares(whole, &procs).into_iter();
+        for i in &members {
+            shares_of[*i] = sh.by_ref().take(devices[*i].processes.len()).collect();
+        }
+        let readable = members
+            .iter()
+            .all(|i| devices[*i].processes_error.is_none());
+        let mut uids = members.iter().flat_map(|i| &owners[*i]).map(|o| match o {
+            Some(Owner::Pod(id)) if work.contains_key(id.pod_uid.as_str()) => {
+                Some(id.pod_uid.as_str())
+            }
+            _ => None,
+        });
+        let first = uids.next().flatten();
+        let sole = match first {
+            Some(uid) if readable && uids.all(|u| u == Some(uid)) => Some(uid.to_owned()),
+            _ => None,
+        };
+        boards.insert(
+            w,
+            Board {
+                whole: whole_figures(whole),
+                sole,
+                entries: members
+                    .iter()
+                    .filter(|i| !devices[**i].processes.is_empty())
+                    .count(),
+                split: EnergySplit {
+                    gpu_index: whole.index,
+                    uuid: whole.uuid.clone(),
+                    counter_mj: whole.counters.energy_mj.clone(),
+                    processes: procs.len(),
+                    processes_listed: readable,
+                    pods: Vec::new(),
+                    no_pod: 0.0,
+                },
+            },
+        );
+    }
+
+    for (i, dev) in devices.iter().enumerate() {
         gpus.push(summary(dev));
-        let shares = power_shares(dev);
+        let board = boards
+            .get_mut(&whole_of[i])
+            .expect("every device's board was made above");
         let mut by_owner: BTreeMap<Key, Acc> = BTreeMap::new();
-        for (proc, share) in dev.processes.iter().zip(shares) {
-            let id = match attributor.resolve(proc.pid).map(|a| a.owner) {
+        for ((proc, owner), share) in dev.processes.iter().zip(&owners[i]).zip(&shares_of[i]) {
+            let id = match owner {
                 Some(Owner::Pod(id)) => id,
                 other => {
                     let key = if other.is_some() {
@@ -440,13 +719,13 @@ pub fn join(
             }) = work.get_mut(id.pod_uid.as_str())
             else {
                 by_owner
-                    .entry(Key::UnknownPod(id.pod_uid))
+                    .entry(Key::UnknownPod(id.pod_uid.clone()))
                     .or_insert_with(Acc::new)
                     .add(proc, share);
                 continue;
             };
-            let role = RoleRef::of(&usage.pod, &id);
-            let i = match parts.iter().position(|p| role.is(&p.usage.role)) {
+            let role = RoleRef::of(&usage.pod, id);
+            let k = match parts.iter().position(|p| role.is(&p.usage.role)) {
                 Some(i) => i,
                 None => {
                     parts.push(Part {
@@ -460,25 +739,57 @@ pub fn join(
                     parts.len() - 1
                 }
             };
-            let part = &mut parts[i];
-            if let Some(cid) = id.container_id.filter(|_| !id.is_conmon)
-                && !part.usage.container_ids.contains(&cid)
+            let part = &mut parts[k];
+            if let Some(cid) = id.container_id.as_ref().filter(|_| !id.is_conmon)
+                && !part.usage.container_ids.contains(cid)
             {
-                part.usage.container_ids.push(cid);
+                part.usage.container_ids.push(cid.clone());
             }
-            part.acc
-                .get_or_insert_with(Acc::new)
-                .add(proc, share.clone());
+            part.acc.get_or_insert_with(Acc::new).add(proc, share);
             total.get_or_insert_with(Acc::new).add(proc, share);
         }
-        for w in work.values_mut() {
-            if let Some(acc) = w.total.take() {
-                w.usage.gpus.push(acc.finish(dev));
-                for part in &mut w.parts {
-                    if let Some(acc) = part.acc.take() {
-                        part.usage.gpus.push(acc.finish(dev));
-                    }
+        for (uid, w) in work.iter_mut() {
+            let Some(acc) = w.total.take() else {
+                continue;
+            };
+            let sole = board.sole.as_deref() == Some(*uid);
+            let (mut usage, mut energy) = acc.finish(dev);
+            if sole {
+                own_whole(&mut usage, &mut energy, &board.whole, board.entries);
+            }
+            w.usage.gpus.push(usage);
+            let here = w.parts.iter().filter(|p| p.acc.is_some()).count();
+            let mut booked = 0.0;
+            for part in &mut w.parts {
+                let Some(acc) = part.acc.take() else {
+                    continue;
+                };
+                let (mut u, mut e) = acc.finish(dev);
+                if sole && here == 1 {
+                    own_whole(&mut u, &mut e, &board.whole, board.entries);
                 }
+                part.usage.gpus.push(u);
+                if let (Reading::Ok(_), Reading::Ok(f)) = (&energy, e) {
+                    booked += f;
+                    board.split.pods.push(EnergyShare {
+                        pod_uid: (*uid).to_owned(),
+                        container: part.usage.role.label().to_owned(),
+                        fraction: f,
+                    });
+                }
+            }
+            // The pod's share that its containers' shares do not explain
+            // (it owns the GPU, its containers' SM shares are unknown) is the
+            // pod's all the same: under container "", whose container cannot
+            // be told.
+            if let Reading::Ok(f) = energy
+                && f - booked > 1e-12
+            {
+                board.split.pods.push(EnergyShare {
+                    pod_uid: (*uid).to_owned(),
+                    container: String::new(),
+                    fraction: f - booked,
+                });
             }
         }
         for (key, acc) in by_owner {
@@ -487,10 +798,11 @@ pub fn join(
                 Key::UnknownPid => Unowned::UnknownPid,
                 Key::UnknownPod(pod_uid) => Unowned::UnknownPod { pod_uid },
             };
-            unowned.push(UnownedUsage {
-                why,
-                usage: acc.finish(dev),
-            });
+            let (usage, energy) = acc.finish(dev);
+            if let Reading::Ok(f) = energy {
+                board.split.no_pod += f;
+            }
+            unowned.push(UnownedUsage { why, usage });
         }
     }
     let gpu_error = match (&gpu.error, &gpu.last_good) {
@@ -516,6 +828,8 @@ pub fn join(
             .collect(),
         unowned,
         pods_error: pods.error.clone(),
+        energy: boards.into_values().map(|b| b.split).collect(),
+        accounts: Arc::default(),
     }
 }
 
@@ -545,22 +859,36 @@ pub fn start(
     gpu: watch::Receiver<Arc<GpuStatus>>,
     pods: PodsReceiver,
 ) -> SnapshotReceiver {
-    start_observed(attributor, gpu, pods, Arc::new(Unobserved))
+    start_with(attributor, gpu, pods, crate::accounting::Config::default())
 }
 
-/// As [`start`], telling `observer` about every join and failed input.
+/// As [`start`], with the ledger's settings (idle GPU holders).
+pub fn start_with(
+    attributor: Arc<dyn Attributor>,
+    gpu: watch::Receiver<Arc<GpuStatus>>,
+    pods: PodsReceiver,
+    accounting: crate::accounting::Config,
+) -> SnapshotReceiver {
+    start_observed(attributor, gpu, pods, Arc::new(Unobserved), accounting)
+}
+
+/// As [`start_with`], telling `observer` about every join and failed input.
 pub fn start_observed(
     attributor: Arc<dyn Attributor>,
     mut gpu: watch::Receiver<Arc<GpuStatus>>,
     mut pods: PodsReceiver,
     observer: Arc<dyn Observer>,
+    accounting: crate::accounting::Config,
 ) -> SnapshotReceiver {
-    let first = join(
+    // The ledger lives on the join task: it sees every snapshot, once, in order.
+    let mut ledger = Ledger::new(accounting);
+    let mut first = join(
         &gpu.borrow_and_update(),
         &pods.borrow_and_update(),
         attributor.as_ref(),
         SystemTime::now(),
     );
+    ledger.record(&mut first);
     let (tx, rx) = watch::channel(Arc::new(first));
     tokio::spawn(async move {
         loop {
@@ -578,7 +906,8 @@ pub fn start_observed(
                 observer.pods_failed();
             }
             let started = std::time::Instant::now();
-            let snap = join(&status, &set, attributor.as_ref(), SystemTime::now());
+            let mut snap = join(&status, &set, attributor.as_ref(), SystemTime::now());
+            ledger.record(&mut snap);
             observer.joined(started.elapsed());
             tracing::trace!(
                 pods = snap.pods.len(),
@@ -614,7 +943,7 @@ pub(crate) mod tests {
         }
     }
 
-    fn owned_by(uid: Option<&str>) -> Attribution {
+    pub(crate) fn owned_by(uid: Option<&str>) -> Attribution {
         Attribution {
             cgroup_id: None,
             cgroup_path: "/x".into(),
@@ -632,7 +961,7 @@ pub(crate) mod tests {
         }
     }
 
-    fn proc(pid: u32, sm: u32, mem: u32, used: u64) -> GpuProcess {
+    pub(crate) fn proc(pid: u32, sm: u32, mem: u32, used: u64) -> GpuProcess {
         GpuProcess {
             pid,
             kind: ProcessKind::Compute,
@@ -643,7 +972,7 @@ pub(crate) mod tests {
         }
     }
 
-    fn device(index: u32, power: f64, processes: Vec<GpuProcess>) -> GpuDevice {
+    pub(crate) fn device(index: u32, power: f64, processes: Vec<GpuProcess>) -> GpuDevice {
         GpuDevice {
             index,
             uuid: format!("GPU-{index}"),
@@ -663,7 +992,7 @@ pub(crate) mod tests {
         }
     }
 
-    fn pod(uid: &str) -> Pod {
+    pub(crate) fn pod(uid: &str) -> Pod {
         Pod {
             uid: uid.into(),
             namespace: "ml".into(),
@@ -678,7 +1007,7 @@ pub(crate) mod tests {
         }
     }
 
-    fn status(devices: Vec<GpuDevice>) -> GpuStatus {
+    pub(crate) fn status(devices: Vec<GpuDevice>) -> GpuStatus {
         GpuStatus {
             last_good: Some(Arc::new(GpuSnapshot {
                 taken_at: SystemTime::UNIX_EPOCH,
@@ -689,7 +1018,7 @@ pub(crate) mod tests {
         }
     }
 
-    fn table() -> Table {
+    pub(crate) fn table() -> Table {
         Table(HashMap::from([
             (10, owned_by(Some("a"))),
             (11, owned_by(Some("a"))),
@@ -770,7 +1099,12 @@ pub(crate) mod tests {
         let pods = PodSet::from_pods([pod("a")], None, "t");
         let mut p = proc(10, 0, 0, 100);
         p.sm_util = Reading::unavailable("MIG");
-        let mut dev = device(0, 200.0, vec![p, proc(11, 50, 0, 1)]);
+        // Pid 40 is in a pod this node does not list: `a` shares the GPU.
+        let mut dev = device(
+            0,
+            200.0,
+            vec![p.clone(), proc(11, 50, 0, 1), proc(40, 5, 0, 1)],
+        );
         dev.temperature_c = Reading::unavailable("sensor");
         let snap = join(&status(vec![dev]), &pods, &table(), SystemTime::UNIX_EPOCH);
         let u = &snap.pods["a"].gpus[0];
@@ -778,6 +1112,10 @@ pub(crate) mod tests {
         assert!(matches!(&u.power_w, Reading::Unavailable(r) if r.contains("cannot be split")));
         assert!(matches!(&u.temperature_c, Reading::Unavailable(_)));
         assert_eq!(u.memory_used_mib, Reading::Ok(101));
+        // Alone on the GPU, `a` has all of its power whatever its SM shares.
+        let dev = device(0, 200.0, vec![p, proc(11, 50, 0, 1)]);
+        let snap = join(&status(vec![dev]), &pods, &table(), SystemTime::UNIX_EPOCH);
+        assert_eq!(snap.pods["a"].gpus[0].power_w, Reading::Ok(200.0));
 
         let mut dev = device(0, 0.0, vec![proc(10, 5, 0, 1)]);
         dev.power_w = Reading::unavailable("not supported");
@@ -1053,5 +1391,287 @@ pub(crate) mod tests {
             .expect("snapshot published")
             .expect("sampler alive");
         assert_eq!(snaps.borrow().pods["a"].gpus[0].sm_util, Reading::Ok(7.0));
+    }
+
+    fn with_counters(mut d: GpuDevice, pcie: (u32, u32), nvlink: (f64, f64)) -> GpuDevice {
+        d.counters = DeviceCounters {
+            pcie_tx_kbps: Reading::Ok(pcie.0),
+            pcie_rx_kbps: Reading::Ok(pcie.1),
+            nvlink_tx_mbps: Reading::Ok(nvlink.0),
+            nvlink_rx_mbps: Reading::Ok(nvlink.1),
+            energy_mj: Reading::Ok(1_000_000),
+            energy_pass: Reading::unavailable("first pass"),
+        };
+        d
+    }
+
+    fn unknown_sm(pid: u32, why: &str) -> GpuProcess {
+        GpuProcess {
+            sm_util: Reading::unavailable(why),
+            ..proc(pid, 0, 0, 100)
+        }
+    }
+
+    fn because<'r>(r: &'r Reading<f64>, what: &str) -> &'r str {
+        match r {
+            Reading::Unavailable(why) => why,
+            Reading::Ok(v) => panic!("{what}: expected unavailable, got {v}"),
+        }
+    }
+
+    #[test]
+    fn throughputs_split_by_sm_share_whole_for_a_pod_that_owns_the_gpu_never_guessed() {
+        let pods = PodSet::from_pods([pod("a"), pod("b")], None, "t");
+        let st = status(vec![
+            // Shared by SM: a 30 + 10, b 60.
+            with_counters(
+                device(
+                    0,
+                    100.0,
+                    vec![proc(10, 30, 0, 1), proc(11, 10, 0, 1), proc(20, 60, 0, 1)],
+                ),
+                (1000, 2000),
+                (3000.0, 4000.0),
+            ),
+            // a alone, its SM unknown (an MPS client): all of it is a's.
+            with_counters(
+                device(1, 100.0, vec![unknown_sm(10, "MPS client")]),
+                (500, 0),
+                (70.0, 0.0),
+            ),
+            // Busy moving data while nobody used SM: whose is unknown; what is
+            // 0 is 0; power is shared equally (idle draw).
+            with_counters(
+                device(2, 100.0, vec![proc(10, 0, 0, 1), proc(20, 0, 0, 1)]),
+                (500, 0),
+                (0.0, 0.0),
+            ),
+            // Shared, one SM share unknown: nobody's share is known.
+            with_counters(
+                device(
+                    3,
+                    100.0,
+                    vec![unknown_sm(10, "MPS client"), proc(20, 20, 0, 1)],
+                ),
+                (500, 600),
+                (1.0, 2.0),
+            ),
+        ]);
+        let snap = join(&st, &pods, &table(), SystemTime::UNIX_EPOCH);
+        let on = |uid: &str, gpu: u32| {
+            snap.pods[uid]
+                .gpus
+                .iter()
+                .find(|g| g.gpu_index == gpu)
+                .cloned()
+                .expect("uses the GPU")
+        };
+        let (a0, b0) = (on("a", 0), on("b", 0));
+        assert_eq!(
+            (
+                a0.pcie_tx_kbps,
+                a0.pcie_rx_kbps,
+                a0.nvlink_tx_mbps,
+                a0.nvlink_rx_mbps
+            ),
+            (
+                Reading::Ok(400.0),
+                Reading::Ok(800.0),
+                Reading::Ok(1200.0),
+                Reading::Ok(1600.0)
+            )
+        );
+        assert_eq!(
+            (b0.pcie_tx_kbps, b0.nvlink_rx_mbps),
+            (Reading::Ok(600.0), Reading::Ok(2400.0))
+        );
+        let a1 = on("a", 1);
+        assert_eq!(
+            (a1.pcie_tx_kbps, a1.nvlink_tx_mbps, a1.power_w),
+            (Reading::Ok(500.0), Reading::Ok(70.0), Reading::Ok(100.0)),
+            "exact for the pod that owns the GPU"
+        );
+        let (a2, b2) = (on("a", 2), on("b", 2));
+        assert!(
+            because(&a2.pcie_tx_kbps, "busy, no SM").contains("none of its 2 processes used SM")
+        );
+        assert!(because(&b2.pcie_tx_kbps, "busy, no SM").contains("GPU 2 PCIe TX"));
+        assert_eq!(
+            (a2.pcie_rx_kbps, b2.nvlink_tx_mbps),
+            (Reading::Ok(0.0), Reading::Ok(0.0))
+        );
+        assert_eq!(
+            (a2.power_w, b2.power_w),
+            (Reading::Ok(50.0), Reading::Ok(50.0))
+        );
+        let b3 = on("b", 3);
+        for r in [
+            &b3.pcie_tx_kbps,
+            &b3.pcie_rx_kbps,
+            &b3.nvlink_tx_mbps,
+            &b3.power_w,
+        ] {
+            assert!(
+                because(r, "MPS").contains("cannot be split")
+                    && because(r, "MPS").contains("MPS client")
+            );
+        }
+        // A GPU without the counter: unavailable with NVML's reason.
+        let st = status(vec![device(
+            0,
+            100.0,
+            vec![proc(10, 30, 0, 1), proc(20, 10, 0, 1)],
+        )]);
+        let snap = join(&st, &pods, &table(), SystemTime::UNIX_EPOCH);
+        assert!(because(&snap.pods["a"].gpus[0].nvlink_tx_mbps, "no counter").contains("not read"));
+    }
+
+    #[test]
+    fn power_is_the_energy_counters_mean_where_there_is_one() {
+        let pods = PodSet::from_pods([pod("a"), pod("b")], None, "t");
+        let mut dev = device(0, 999.0, vec![proc(10, 30, 0, 1), proc(20, 10, 0, 1)]);
+        dev.counters.energy_pass = Reading::Ok(crate::gpu::EnergyPass {
+            joules: 150.0,
+            seconds: 0.5,
+        });
+        let snap = join(
+            &status(vec![dev.clone()]),
+            &pods,
+            &table(),
+            SystemTime::UNIX_EPOCH,
+        );
+        assert_eq!(snap.gpus[0].power_attributed_w, Reading::Ok(300.0));
+        assert_eq!(snap.gpus[0].power_source, Some(PowerSource::EnergyCounter));
+        assert_eq!(
+            snap.gpus[0].power_w,
+            Reading::Ok(999.0),
+            "the instant is still shown"
+        );
+        assert_eq!(snap.pods["a"].gpus[0].power_w, Reading::Ok(225.0));
+        assert_eq!(snap.pods["b"].gpus[0].power_w, Reading::Ok(75.0));
+        dev.counters.energy_pass = Reading::unavailable("no counter");
+        let snap = join(&status(vec![dev]), &pods, &table(), SystemTime::UNIX_EPOCH);
+        assert_eq!(snap.gpus[0].power_source, Some(PowerSource::Instantaneous));
+        assert_eq!(snap.pods["a"].gpus[0].power_w, Reading::Ok(999.0 * 0.75));
+    }
+
+    /// A MIG GPU (parent with the board's counters, no processes) and its
+    /// instances with their processes.
+    fn mig(owners: [u32; 2]) -> Vec<GpuDevice> {
+        let mut parent = with_counters(device(0, 300.0, vec![]), (900, 90), (0.0, 0.0));
+        parent.mig_enabled = true;
+        parent.uuid = "GPU-parent".into();
+        let instance = |gi: u32, pid: u32| {
+            let r: Arc<str> = "MIG instance: NVML reports this for the whole GPU 0 only".into();
+            let mut d = device(0, 0.0, vec![unknown_sm(pid, "MIG: no GPM")]);
+            d.uuid = format!("MIG-{gi}");
+            d.mig_enabled = true;
+            d.power_w = Reading::Unavailable(r.clone());
+            d.counters = DeviceCounters {
+                pcie_tx_kbps: Reading::Unavailable(r.clone()),
+                pcie_rx_kbps: Reading::Unavailable(r.clone()),
+                nvlink_tx_mbps: Reading::Unavailable(r.clone()),
+                nvlink_rx_mbps: Reading::Unavailable(r.clone()),
+                energy_mj: Reading::Unavailable(r.clone()),
+                energy_pass: Reading::Unavailable(r),
+            };
+            d.mig_instance = Some(MigInstance {
+                parent_uuid: "GPU-parent".into(),
+                gpu_instance_id: gi,
+                compute_instance_id: 0,
+            });
+            d
+        };
+        vec![parent, instance(1, owners[0]), instance(2, owners[1])]
+    }
+
+    #[test]
+    fn mig_counters_are_the_whole_gpus_only_a_pod_owning_it_has_them() {
+        let pods = PodSet::from_pods([pod("a"), pod("b")], None, "t");
+        let snap = join(
+            &status(mig([10, 20])),
+            &pods,
+            &table(),
+            SystemTime::UNIX_EPOCH,
+        );
+        for uid in ["a", "b"] {
+            let g = &snap.pods[uid].gpus[0];
+            for r in [&g.power_w, &g.pcie_tx_kbps, &g.nvlink_rx_mbps] {
+                assert!(because(r, "MIG").contains("whole GPU only"), "{uid}");
+            }
+        }
+        assert!(
+            snap.energy[0].pods.is_empty(),
+            "no split of a shared MIG board"
+        );
+        // One pod on both instances owns the board: each entry has half, the
+        // pod the whole.
+        let snap = join(
+            &status(mig([10, 11])),
+            &pods,
+            &table(),
+            SystemTime::UNIX_EPOCH,
+        );
+        let a = &snap.pods["a"].gpus;
+        assert_eq!(a.len(), 2);
+        assert!(a.iter().all(|g| g.pcie_tx_kbps == Reading::Ok(450.0)));
+        assert_eq!(
+            crate::scaler::value::pod_value(crate::figures::Metric::PcieTxKbps, &snap.pods["a"])
+                .expect("the pod owns the GPU"),
+            900.0
+        );
+        let power: f64 = a.iter().filter_map(|g| g.power_w.ok()).sum();
+        assert_eq!(power, 300.0);
+        let f: f64 = snap.energy[0].pods.iter().map(|s| s.fraction).sum();
+        assert_eq!(
+            (snap.energy.len(), snap.energy[0].uuid.as_str(), f),
+            (1, "GPU-parent", 1.0)
+        );
+    }
+
+    #[test]
+    fn energy_splits_are_fractions_of_each_board() {
+        let pods = PodSet::from_pods(
+            [
+                with_containers("a", &[("server", "c-server", ContainerKind::App)]),
+                pod("b"),
+            ],
+            None,
+            "t",
+        );
+        let mut t = table();
+        t.0.insert(10, in_container("a", Some("c-server"), false));
+        let st = status(vec![
+            with_counters(
+                device(
+                    0,
+                    100.0,
+                    vec![proc(10, 30, 0, 1), proc(20, 50, 0, 1), proc(30, 20, 0, 1)],
+                ),
+                (0, 0),
+                (0.0, 0.0),
+            ),
+            with_counters(device(1, 100.0, vec![]), (0, 0), (0.0, 0.0)),
+            // a owns GPU 2 with two containers whose shares are unknown: the
+            // pod's share is booked under container "".
+            with_counters(
+                device(2, 100.0, vec![unknown_sm(10, "MPS"), unknown_sm(11, "MPS")]),
+                (0, 0),
+                (0.0, 0.0),
+            ),
+        ]);
+        let snap = join(&st, &pods, &t, SystemTime::UNIX_EPOCH);
+        let shares = |i: usize| {
+            snap.energy[i]
+                .pods
+                .iter()
+                .map(|s| (s.pod_uid.as_str(), s.container.as_str(), s.fraction))
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(shares(0), [("a", "server", 0.3), ("b", "", 0.5)]);
+        assert_eq!(snap.energy[0].no_pod, 0.2, "the host process's share");
+        assert_eq!((snap.energy[1].processes, shares(1).len()), (0, 0));
+        assert_eq!(shares(2), [("a", "", 1.0)]);
+        assert_eq!(snap.energy[2].counter_mj, Reading::Ok(1_000_000));
     }
 }

@@ -63,6 +63,9 @@ pub struct PodRow {
     pub sm_percent: Option<f64>,
     pub memory_used_mib: Option<u64>,
     pub power_w: Option<f64>,
+    /// Energy booked to it since it appeared (the daemon's ledger), J; `None`
+    /// while none was.
+    pub energy_j: Option<f64>,
     pub processes: usize,
     /// The parts of the pod its GPU processes run in: container names,
     /// `(sandbox)`, `(no container)`, or `?` when the daemon could not tell.
@@ -84,6 +87,20 @@ pub struct DeviceRow {
     pub pods: usize,
     /// Processes on it that belong to no known pod.
     pub unattributed_processes: usize,
+}
+
+/// A pod holding memory on a GPU, and how long it has sat idle there.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct HolderRow {
+    pub namespace: String,
+    pub pod: String,
+    pub gpu: u32,
+    pub memory_used_mib: u64,
+    pub sm_percent: f64,
+    /// Seconds at or below the idle SM threshold (0 while busy).
+    pub idle_s: f64,
+    /// Idle for the daemon's `--idle-after` or longer.
+    pub idle: bool,
 }
 
 /// One pod's engine as the daemon reads it.
@@ -113,6 +130,11 @@ pub struct View {
     pub pods: Vec<PodRow>,
     /// Engines a live query reads (queue, running, KV cache...).
     pub engines: Vec<EngineRow>,
+    /// Pods holding GPU memory whose SM utilization is known, most idle first.
+    pub holders: Vec<HolderRow>,
+    /// The daemon's idle settings (`None` from a daemon without them).
+    pub idle_sm_percent: Option<f64>,
+    pub idle_after_s: Option<f64>,
 }
 
 fn shape(what: &str) -> Error {
@@ -195,6 +217,7 @@ impl View {
                 sm_percent: Some(0.0),
                 memory_used_mib: Some(0),
                 power_w: Some(0.0),
+                energy_j: None,
                 processes: 0,
                 // A daemon from before the split sends none.
                 containers: p
@@ -252,6 +275,48 @@ impl View {
                 d.unattributed_processes += n;
             }
         }
+        let accounts = snap.get("accounts");
+        for e in accounts
+            .and_then(|a| a.get("pod_energy"))
+            .and_then(Value::as_array)
+            .into_iter()
+            .flatten()
+        {
+            let uid = e.get("pod_uid").and_then(Value::as_str);
+            let j = e.get("joules").and_then(Value::as_f64);
+            if let Some(row) = pods.iter_mut().find(|p| Some(p.uid.as_str()) == uid) {
+                row.energy_j = Some(row.energy_j.unwrap_or(0.0) + j.unwrap_or(0.0));
+            }
+        }
+        let mut holders = Vec::new();
+        for h in accounts
+            .and_then(|a| a.get("holders"))
+            .and_then(Value::as_array)
+            .into_iter()
+            .flatten()
+        {
+            holders.push(HolderRow {
+                namespace: str_of(h, "namespace")?,
+                pod: str_of(h, "pod")?,
+                gpu: h
+                    .get("gpu")
+                    .and_then(Value::as_u64)
+                    .and_then(|i| u32::try_from(i).ok())
+                    .ok_or_else(|| shape("a holder without gpu"))?,
+                memory_used_mib: h
+                    .get("memory_used_mib")
+                    .and_then(Value::as_u64)
+                    .unwrap_or(0),
+                sm_percent: h.get("sm_percent").and_then(Value::as_f64).unwrap_or(0.0),
+                idle_s: h.get("idle_s").and_then(Value::as_f64).unwrap_or(0.0),
+                idle: h.get("idle").and_then(Value::as_bool).unwrap_or(false),
+            });
+        }
+        holders.sort_by(|a, b| {
+            b.idle_s
+                .total_cmp(&a.idle_s)
+                .then_with(|| (&a.namespace, &a.pod, a.gpu).cmp(&(&b.namespace, &b.pod, b.gpu)))
+        });
         // Only a daemon's /v1/snapshot has engines (a local view reads none).
         let mut engines = Vec::new();
         for e in snap
@@ -293,6 +358,13 @@ impl View {
             sort,
             devices,
             pods,
+            holders,
+            idle_sm_percent: accounts
+                .and_then(|a| a.get("idle_sm_percent"))
+                .and_then(Value::as_f64),
+            idle_after_s: accounts
+                .and_then(|a| a.get("idle_after_s"))
+                .and_then(Value::as_f64),
         };
         view.sort_by(sort);
         Ok(view)
@@ -331,6 +403,58 @@ impl View {
         let mut s = serde_json::to_string_pretty(self)?;
         s.push('\n');
         Ok(s)
+    }
+
+    /// Only the idle GPU holders, as JSON (`top --idle --json`).
+    pub fn idle_json(&self) -> Result<String> {
+        let idle: Vec<&HolderRow> = self.holders.iter().filter(|h| h.idle).collect();
+        let mut s = serde_json::to_string_pretty(&serde_json::json!({
+            "node": self.node,
+            "idle_sm_percent": self.idle_sm_percent,
+            "idle_after_s": self.idle_after_s,
+            "idle": idle,
+        }))?;
+        s.push('\n');
+        Ok(s)
+    }
+
+    /// Only the idle GPU holders, as a table (`top --idle`): the GPUs a
+    /// platform team would reclaim first.
+    pub fn render_idle(&self) -> String {
+        let mut out = String::new();
+        let _ = writeln!(
+            out,
+            "node {}  idle GPU holders: memory held at <= {} % SM for {} or more",
+            self.node.as_deref().unwrap_or("(unnamed)"),
+            opt(self.idle_sm_percent, |v| format!("{v}")),
+            opt(self.idle_after_s, |v| humantime::format_duration(
+                std::time::Duration::from_secs_f64(v.max(0.0))
+            )
+            .to_string()),
+        );
+        let _ = writeln!(
+            out,
+            "\n{:<44} {:>4} {:>11} {:>6} {:>12}",
+            "NAMESPACE/POD", "GPU", "MEMORY MiB", "SM%", "IDLE FOR"
+        );
+        let mut any = false;
+        for h in self.holders.iter().filter(|h| h.idle) {
+            any = true;
+            let _ = writeln!(
+                out,
+                "{:<44} {:>4} {:>11} {:>6} {:>12}",
+                truncate(&format!("{}/{}", h.namespace, h.pod), 44),
+                h.gpu,
+                h.memory_used_mib,
+                format!("{:.0}", h.sm_percent),
+                humantime::format_duration(std::time::Duration::from_secs(h.idle_s as u64))
+                    .to_string(),
+            );
+        }
+        if !any {
+            out.push_str("  no idle GPU holder\n");
+        }
+        out
     }
 
     /// The view as a table for a terminal.
@@ -381,8 +505,8 @@ impl View {
         }
         let _ = writeln!(
             out,
-            "\n{:<44} {:<10} {:>6} {:>11} {:>8} {:>5}  CONTAINERS",
-            "NAMESPACE/POD", "GPUS", "SM%", "MEMORY MiB", "POWER W", "PROCS"
+            "\n{:<44} {:<10} {:>6} {:>11} {:>8} {:>10} {:>5}  CONTAINERS",
+            "NAMESPACE/POD", "GPUS", "SM%", "MEMORY MiB", "POWER W", "ENERGY J", "PROCS"
         );
         for p in &self.pods {
             let gpus = p
@@ -393,18 +517,26 @@ impl View {
                 .join(",");
             let _ = writeln!(
                 out,
-                "{:<44} {:<10} {:>6} {:>11} {:>8} {:>5}  {}",
+                "{:<44} {:<10} {:>6} {:>11} {:>8} {:>10} {:>5}  {}",
                 truncate(&format!("{}/{}", p.namespace, p.pod), 44),
                 truncate(&gpus, 10),
                 opt(p.sm_percent, |v| format!("{v:.0}")),
                 opt(p.memory_used_mib, |v| v.to_string()),
                 opt(p.power_w, |v| format!("{v:.1}")),
+                opt(p.energy_j, |v| format!("{v:.0}")),
                 p.processes,
                 truncate(&p.containers.join(","), 32),
             );
         }
         if self.pods.is_empty() {
             out.push_str("  no pod runs on a GPU\n");
+        }
+        let idle = self.holders.iter().filter(|h| h.idle).count();
+        if idle > 0 {
+            let _ = writeln!(
+                out,
+                "\n{idle} idle GPU holder(s): see `gpu-scaler top --idle`"
+            );
         }
         if !self.engines.is_empty() {
             let _ = writeln!(out, "\n{:<44} {:<28} FIGURES", "NAMESPACE/POD", "ENGINE");
@@ -592,5 +724,54 @@ mod tests {
         let now = SystemTime::now();
         let err = View::from_json(&json!({"hello": 1}), SortKey::Sm, now).expect_err("shape");
         assert!(err.to_string().contains("gpus"), "{err}");
+    }
+
+    #[test]
+    fn energy_per_pod_and_idle_holders() {
+        let now = SystemTime::now();
+        let mut snap = snapshot(now);
+        snap["accounts"] = json!({
+            "pod_energy": [
+                {"pod_uid": "a", "namespace": "ml", "pod": "big", "container": "server", "gpu": 0, "joules": 1500.0},
+                {"pod_uid": "a", "namespace": "ml", "pod": "big", "container": "POD", "gpu": 0, "joules": 100.0},
+                {"pod_uid": "b", "namespace": "ml", "pod": "small", "container": "", "gpu": 0, "joules": 0.0}
+            ],
+            "unattributed_energy": [], "device_energy": [],
+            "holders": [
+                {"pod_uid": "b", "namespace": "ml", "pod": "small", "gpu": 0, "memory_used_mib": 8000,
+                 "sm_percent": 0.0, "idle_s": 4000.0, "idle": true},
+                {"pod_uid": "a", "namespace": "ml", "pod": "big", "gpu": 0, "memory_used_mib": 20000,
+                 "sm_percent": 60.0, "idle_s": 0.0, "idle": false}
+            ],
+            "idle_sm_percent": 1.0, "idle_after_s": 600.0
+        });
+        let v = View::from_json(&snap, SortKey::Sm, now).expect("view");
+        let energy: Vec<Option<f64>> = v.pods.iter().map(|p| p.energy_j).collect();
+        assert_eq!(
+            energy,
+            [Some(1600.0), Some(0.0), None],
+            "big, small, mig (none booked)"
+        );
+        let t = v.render_table();
+        assert!(t.contains("ENERGY J") && t.contains("1600"), "{t}");
+        assert!(t.contains("1 idle GPU holder(s)"), "{t}");
+        let idle = v.render_idle();
+        assert!(idle.contains("<= 1 % SM for 10m"), "{idle}");
+        assert!(
+            idle.contains("ml/small") && idle.contains("1h 6m 40s"),
+            "{idle}"
+        );
+        assert!(
+            !idle.contains("ml/big"),
+            "busy holders are not idle: {idle}"
+        );
+        let j: Value = serde_json::from_str(&v.idle_json().expect("json")).expect("parses");
+        assert_eq!(j["idle"].as_array().map(Vec::len), Some(1));
+        assert_eq!(j["idle"][0]["pod"], "small");
+        assert_eq!(j["idle_after_s"], 600.0);
+        // A daemon without a ledger: no energy, no holders, nothing invented.
+        let old = View::from_json(&snapshot(now), SortKey::Sm, now).expect("view");
+        assert!(old.pods.iter().all(|p| p.energy_j.is_none()));
+        assert!(old.render_idle().contains("no idle GPU holder"));
     }
 }

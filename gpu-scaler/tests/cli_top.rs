@@ -118,6 +118,7 @@ async fn top_once_json_of_a_running_daemon() {
             tls: None,
             snapshot: gpu_scaler::daemon::http::SnapshotAccess::Auto,
             problems: Vec::new(),
+            accounting: Default::default(),
         },
         shutdown.clone(),
     )

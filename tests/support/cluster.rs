@@ -156,6 +156,7 @@ impl ClusterDaemon {
                 tls: None,
                 snapshot: gpu_scaler::daemon::http::SnapshotAccess::Auto,
                 problems: Vec::new(),
+                accounting: Default::default(),
             },
             Some(parts),
             token.clone(),

@@ -231,6 +231,7 @@ impl Node {
                 tls,
                 snapshot: gpu_scaler::daemon::http::SnapshotAccess::Auto,
                 problems: Vec::new(),
+                accounting: Default::default(),
             },
             shutdown.clone(),
         )

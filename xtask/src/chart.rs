@@ -1396,6 +1396,10 @@ const METRICS: &[&str] = &[
     "memory_used_percent",
     "power_draw",
     "temperature",
+    "pcie_tx_kbps",
+    "pcie_rx_kbps",
+    "nvlink_tx_mbps",
+    "nvlink_rx_mbps",
     "vllm_queue_depth",
     "vllm_running",
     "vllm_kv_cache_usage",
@@ -1422,6 +1426,7 @@ const PROFILES: &[&str] = &[
     "vllm-queue-depth",
     "triton-queue-wait",
     "triton-request-rate",
+    "distributed-training",
 ];
 const AGGREGATIONS: &[&str] = &["sum", "avg", "max", "min", "p95", "p99"];
 

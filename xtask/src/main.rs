@@ -93,6 +93,13 @@ enum Bench {
         #[arg(long, default_value_t = 30)]
         cpu_secs: u64,
     },
+    /// The energy split against the device counter: pods + unattributed per GPU
+    /// over a window (fake NVML, rippling power, changing load).
+    Energy {
+        /// Seconds measured.
+        #[arg(long, default_value_t = 60)]
+        secs: u64,
+    },
     /// The KEDA-facing gRPC scaler: GetMetrics latency and throughput at 1, 64
     /// and 512 clients, memory with 10,000 StreamIsActive streams, freshness.
     Scaler,
@@ -162,6 +169,20 @@ fn main() -> Result<()> {
                 cargo(&["bench", "--package", "gpu-scaler-tests", "--bench", bench])?;
             }
             Ok(())
+        }
+        Task::Bench {
+            what: Bench::Energy { secs },
+        } => {
+            let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+            run(Command::new(cargo)
+                .args([
+                    "bench",
+                    "--package",
+                    "gpu-scaler-tests",
+                    "--bench",
+                    "energy",
+                ])
+                .env("GPU_SCALER_BENCH_SECS", secs.to_string()))
         }
         Task::Bench { what: Bench::Join } => {
             toolchain::ensure()?;

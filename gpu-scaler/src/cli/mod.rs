@@ -1,6 +1,7 @@
 //! The `gpu-scaler` command line: argument types and dispatch. `main.rs` parses
 //! and calls [`run`]; each subcommand lives in its own module.
 
+pub mod accounting;
 pub mod gpu_source;
 pub mod gpus;
 pub mod local_attribution;

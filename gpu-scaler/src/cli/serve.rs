@@ -85,6 +85,9 @@ pub struct ServeArgs {
     #[arg(long, env = "GPU_SCALER_SNAPSHOT", value_enum, default_value_t)]
     pub snapshot: daemon::http::SnapshotAccess,
 
+    #[command(flatten)]
+    pub accounting: super::accounting::AccountingArgs,
+
     /// Address of the node-to-node protocol (other daemons ask this one for its
     /// pods' usage).
     #[arg(long, env = "GPU_SCALER_PEER_LISTEN", default_value = "0.0.0.0:6001")]
@@ -183,6 +186,7 @@ pub async fn run(args: ServeArgs) -> super::Result<()> {
                 client_names: args.tls_client_names,
             }),
         snapshot: args.snapshot,
+        accounting: args.accounting.config(),
     };
     let shutdown = CancellationToken::new();
     tokio::spawn(cancel_on_signal(shutdown.clone()));

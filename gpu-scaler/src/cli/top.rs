@@ -40,6 +40,15 @@ pub struct TopArgs {
     #[arg(long)]
     pub json: bool,
 
+    /// List only the idle GPU holders: pods holding GPU memory at no more
+    /// than --idle-sm-percent SM for --idle-after or longer (a daemon's own
+    /// settings with --address).
+    #[arg(long)]
+    pub idle: bool,
+
+    #[command(flatten)]
+    pub accounting: super::accounting::AccountingArgs,
+
     /// Refresh interval of the live view.
     #[arg(long, default_value = "1s", value_parser = humantime::parse_duration)]
     pub interval: Duration,
@@ -114,7 +123,7 @@ async fn local(args: &TopArgs) -> super::Result<Source> {
             (rx, Some(tx))
         }
     };
-    let mut snapshots = sampler::start(attributor, gpu, pods);
+    let mut snapshots = sampler::start_with(attributor, gpu, pods, args.accounting.config());
     // The first view waits for the GPU source's first pass (or its error).
     let first = tokio::time::timeout(
         Duration::from_secs(10),
@@ -203,11 +212,17 @@ pub async fn run(args: TopArgs) -> super::Result<()> {
 
 async fn once(source: &mut Source, args: &TopArgs) -> super::Result<String> {
     let view = source.view(args.sort).await?;
-    if args.json {
-        view.to_json().map_err(|e| super::Error::Rpc(e.to_string()))
-    } else {
-        Ok(view.render_table())
-    }
+    render(&view, args).map_err(|e| super::Error::Rpc(e.to_string()))
+}
+
+/// One frame of the view as `args` asks for it.
+fn render(view: &View, args: &TopArgs) -> crate::top::Result<String> {
+    Ok(match (args.idle, args.json) {
+        (true, true) => view.idle_json()?,
+        (true, false) => view.render_idle(),
+        (false, true) => view.to_json()?,
+        (false, false) => view.render_table(),
+    })
 }
 
 /// What `top --once` prints for `args` (`--once` implied): the command's
@@ -228,10 +243,7 @@ async fn live(source: &mut Source, args: &TopArgs) -> super::Result<()> {
     let mut keys_rx = keys.as_ref().map(|k| k.rx.resubscribe());
     loop {
         let frame = match source.view(sort).await {
-            Ok(v) if args.json => v
-                .to_json()
-                .unwrap_or_else(|e| format!("serializing the view: {e}\n")),
-            Ok(v) => v.render_table(),
+            Ok(v) => render(&v, args).unwrap_or_else(|e| format!("serializing the view: {e}\n")),
             Err(e) => format!("{e}\n"),
         };
         let mut out = std::io::stdout().lock();

@@ -48,16 +48,29 @@ pub fn check_answer(
     }
     a.unknown_pod_uids.retain(|u| asked.contains(u));
     let percent = |v: Option<f64>| v.is_none_or(|v| v.is_finite() && (0.0..=100.0).contains(&v));
+    let rate = |v: Option<f64>| v.is_none_or(|v| v.is_finite() && v >= 0.0);
     for p in &a.pods {
         let bad_gpu = p.gpus.iter().find(|g| {
             !percent(g.sm_util_percent)
                 || !percent(g.mem_util_percent)
-                || g.power_watts.is_some_and(|w| !w.is_finite() || w < 0.0)
+                || !rate(g.power_watts)
+                || !rate(g.pcie_tx_kbps)
+                || !rate(g.pcie_rx_kbps)
+                || !rate(g.nvlink_tx_mbps)
+                || !rate(g.nvlink_rx_mbps)
         });
         if let Some(g) = bad_gpu {
             return Err(format!(
-                "it reported impossible figures for pod {} on GPU {}: SM {:?} %, memory {:?} %, power {:?} W",
-                p.pod_uid, g.gpu_uuid, g.sm_util_percent, g.mem_util_percent, g.power_watts
+                "it reported impossible figures for pod {} on GPU {}: SM {:?} %, memory {:?} %, power {:?} W, PCIe {:?}/{:?} KB/s, NVLink {:?}/{:?} MB/s",
+                p.pod_uid,
+                g.gpu_uuid,
+                g.sm_util_percent,
+                g.mem_util_percent,
+                g.power_watts,
+                g.pcie_tx_kbps,
+                g.pcie_rx_kbps,
+                g.nvlink_tx_mbps,
+                g.nvlink_rx_mbps
             ));
         }
         if let Some(f) = p
@@ -175,6 +188,10 @@ pub fn to_proto(usage: &PodUsage) -> proto::PodUsage {
                         "gpu_temperature_celsius",
                         &mut unavailable,
                     ),
+                    pcie_tx_kbps: put(&g.pcie_tx_kbps, "pcie_tx_kbps", &mut unavailable),
+                    pcie_rx_kbps: put(&g.pcie_rx_kbps, "pcie_rx_kbps", &mut unavailable),
+                    nvlink_tx_mbps: put(&g.nvlink_tx_mbps, "nvlink_tx_mbps", &mut unavailable),
+                    nvlink_rx_mbps: put(&g.nvlink_rx_mbps, "nvlink_rx_mbps", &mut unavailable),
                     unavailable,
                 }
             })
@@ -214,6 +231,10 @@ pub fn from_proto(pod: Arc<Pod>, usage: &proto::PodUsage) -> PodUsage {
                 memory_total_mib: get(g.gpu_memory_total_mib, "gpu_memory_total_mib", g),
                 temperature_c: get(g.gpu_temperature_celsius, "gpu_temperature_celsius", g),
                 power_w: get(g.power_watts, "power_watts", g),
+                pcie_tx_kbps: get(g.pcie_tx_kbps, "pcie_tx_kbps", g),
+                pcie_rx_kbps: get(g.pcie_rx_kbps, "pcie_rx_kbps", g),
+                nvlink_tx_mbps: get(g.nvlink_tx_mbps, "nvlink_tx_mbps", g),
+                nvlink_rx_mbps: get(g.nvlink_rx_mbps, "nvlink_rx_mbps", g),
             })
             .collect(),
     }
@@ -364,6 +385,11 @@ mod tests {
         assert_eq!(ok.pods.len(), 1);
         assert_eq!(ok.pods[0].gpus[0].sm_util_percent, Some(40.0));
         assert!(ok.unknown_pod_uids.is_empty());
+        let mut negative_traffic = pod("a", 1.0);
+        negative_traffic.gpus[0].nvlink_tx_mbps = Some(-5.0);
+        let e = check_answer(answer(vec![negative_traffic], now), &asked, now, limit)
+            .expect_err("negative throughput");
+        assert!(e.contains("NVLink"), "{e}");
         for bad in [f64::NAN, f64::INFINITY, 100.5, -1.0] {
             let e = check_answer(answer(vec![pod("a", bad)], now), &asked, now, limit)
                 .expect_err("impossible");
@@ -412,11 +438,31 @@ mod tests {
                 memory_total_mib: Reading::Ok(81_920),
                 temperature_c: Reading::Ok(71),
                 power_w: Reading::Ok(123.456_789),
+                pcie_tx_kbps: Reading::Ok(1234.5),
+                pcie_rx_kbps: Reading::unavailable("MPS: the split is unknown"),
+                nvlink_tx_mbps: Reading::Ok(0.0),
+                nvlink_rx_mbps: Reading::Ok(f64::MAX),
             }],
         };
         let wire = to_proto(&usage);
         let bytes = prost::Message::encode_to_vec(&wire);
         let decoded: proto::PodUsage = prost::Message::decode(bytes.as_slice()).expect("decodes");
-        assert_eq!(from_proto(pod, &decoded), usage);
+        assert_eq!(from_proto(pod.clone(), &decoded), usage);
+
+        // A node from before the throughput fields: its pods' throughputs are
+        // unavailable, never 0.
+        let mut old = wire.clone();
+        for g in &mut old.gpus {
+            g.pcie_tx_kbps = None;
+            g.unavailable.remove("pcie_rx_kbps");
+        }
+        let back = from_proto(pod, &old);
+        assert!(
+            back.gpus[0]
+                .pcie_tx_kbps
+                .reason()
+                .is_some_and(|r| r.contains("not reported")),
+            "{back:?}"
+        );
     }
 }

@@ -100,6 +100,8 @@ pub struct Config {
     pub snapshot: http::SnapshotAccess,
     /// Peers, Kubernetes access and the missing-node policy.
     pub cluster: crate::cluster::Config,
+    /// The energy and idle-holder ledger.
+    pub accounting: crate::accounting::Config,
 }
 
 /// The daemon's inputs, already started.
@@ -121,6 +123,8 @@ pub struct Settings {
     /// long as the daemon runs, so KEDA's Service never routes to it and an
     /// empty pod set is never read as "no GPU use" (issue 13).
     pub problems: Vec<String>,
+    /// The energy and idle-holder ledger.
+    pub accounting: crate::accounting::Config,
 }
 
 /// A started daemon.
@@ -225,6 +229,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<()> {
             tls,
             snapshot: config.snapshot,
             problems,
+            accounting: config.accounting,
         },
         cluster,
         metrics,
@@ -415,8 +420,13 @@ pub fn start_instrumented(
     );
     tokio::spawn(scraper.clone().run(shutdown.clone()));
     let engines = scraper.subscribe();
-    let snapshots =
-        sampler::start_observed(inputs.attributor, inputs.gpu, inputs.pods, metrics.clone());
+    let snapshots = sampler::start_observed(
+        inputs.attributor,
+        inputs.gpu,
+        inputs.pods,
+        metrics.clone(),
+        settings.accounting,
+    );
     let local_policy = cluster
         .as_ref()
         .map_or(crate::cluster::MissingNodePolicy::default(), |p| p.policy);
@@ -560,6 +570,8 @@ mod tests {
             pods: BTreeMap::new(),
             unowned: Vec::new(),
             pods_error: None,
+            energy: Vec::new(),
+            accounts: Default::default(),
         }
     }
 

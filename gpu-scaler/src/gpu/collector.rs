@@ -97,8 +97,9 @@ pub(crate) trait DriverDevice {
     /// Cumulative NVLink (TX, RX) KiB over all links and the counters'
     /// timestamp in µs.
     fn nvlink_kib(&self) -> NvResult<(u64, u64, u64)>;
-    /// Total energy since the driver loaded, mJ.
-    fn energy_mj(&self) -> NvResult<u64>;
+    /// Total energy since the driver loaded, mJ, and when it was read, µs on
+    /// the pass clock.
+    fn energy_mj(&self) -> NvResult<(u64, u64)>;
     /// Handles of the MIG instances of this GPU (MIG mode only).
     fn mig_instances(&self) -> NvResult<Vec<Box<dyn DriverDevice + '_>>>;
     /// (GPU instance id, compute instance id) of a MIG instance handle.
@@ -175,6 +176,8 @@ struct DeviceState {
     held: HashMap<u32, Held>,
     /// Previous NVLink counters (TX KiB, RX KiB, at µs).
     nvlink: Option<(u64, u64, u64)>,
+    /// Previous total-energy counter (mJ, read at µs).
+    energy: Option<(u64, u64)>,
 }
 
 /// State kept between passes.
@@ -395,7 +398,7 @@ impl Collector {
             ),
             mig_enabled: matches!(mig, Ok(true)),
             mig_instance: None,
-            counters: self.counters(&identity.uuid, dev),
+            counters: self.counters(&identity.uuid, dev, now_us),
             processes: Vec::new(),
             processes_error: None,
         };
@@ -537,13 +540,14 @@ impl Collector {
                 nvlink_tx_mbps: whole(&whole_gpu),
                 nvlink_rx_mbps: whole(&whole_gpu),
                 energy_mj: whole(&whole_gpu),
+                energy_pass: whole(&whole_gpu),
             },
             processes,
             processes_error: error,
         }
     }
 
-    fn counters(&mut self, uuid: &str, dev: &dyn DriverDevice) -> DeviceCounters {
+    fn counters(&mut self, uuid: &str, dev: &dyn DriverDevice, now_us: u64) -> DeviceCounters {
         let (pcie_tx_kbps, pcie_rx_kbps) = pair("nvmlDeviceGetPcieThroughput", dev.pcie_kbps());
         let (nvlink_tx_mbps, nvlink_rx_mbps) = match dev.nvlink_kib() {
             Err(e) => pair::<f64>("nvmlDeviceGetFieldValues(NVLINK_THROUGHPUT_DATA)", Err(e)),
@@ -572,12 +576,26 @@ impl Collector {
                 }
             }
         };
+        let energy = dev.energy_mj();
+        let energy_pass = match &energy {
+            Err(_) => Reading::unavailable("no total-energy counter (see energy_mj)"),
+            Ok((mj, at)) => {
+                // A read without a time of its own is timed by the pass.
+                let at = if *at == 0 { now_us } else { *at };
+                let state = self.state.entry(uuid.to_owned()).or_default();
+                energy_pass(state.energy.replace((*mj, at)), (*mj, at))
+            }
+        };
         DeviceCounters {
             pcie_tx_kbps,
             pcie_rx_kbps,
             nvlink_tx_mbps,
             nvlink_rx_mbps,
-            energy_mj: reading("nvmlDeviceGetTotalEnergyConsumption", dev.energy_mj()),
+            energy_mj: reading(
+                "nvmlDeviceGetTotalEnergyConsumption",
+                energy.map(|(mj, _)| mj),
+            ),
+            energy_pass,
         }
     }
 
@@ -734,6 +752,24 @@ impl Collector {
             state.last_seen = newest;
         }
         Ok((by_pid, call))
+    }
+}
+
+/// The energy counter's increase from `prev` to `now` ((mJ, µs) each).
+fn energy_pass(prev: Option<(u64, u64)>, (mj, at): (u64, u64)) -> Reading<super::EnergyPass> {
+    match prev {
+        None => Reading::unavailable("energy counter: needs a second pass"),
+        // The counter counts since the driver loaded: a reload restarts it.
+        Some((pmj, _)) if mj < pmj => {
+            Reading::unavailable("energy counter: it went backwards (driver reloaded?)")
+        }
+        Some((_, pat)) if at <= pat => Reading::unavailable(
+            "energy counter: no time passed since the previous read (clock stepped back?)",
+        ),
+        Some((pmj, pat)) => Reading::Ok(super::EnergyPass {
+            joules: (mj - pmj) as f64 / 1000.0,
+            seconds: (at - pat) as f64 / 1e6,
+        }),
     }
 }
 
@@ -961,6 +997,7 @@ fn lost_device(id: &Identity, reason: &str) -> GpuDevice {
             nvlink_tx_mbps: Reading::Unavailable(r.clone()),
             nvlink_rx_mbps: Reading::Unavailable(r.clone()),
             energy_mj: Reading::Unavailable(r.clone()),
+            energy_pass: Reading::Unavailable(r.clone()),
         },
         processes: Vec::new(),
         processes_error: Some(r),
@@ -1140,7 +1177,7 @@ mod tests {
         fn nvlink_kib(&self) -> NvResult<(u64, u64, u64)> {
             Err(NvmlError::NotSupported)
         }
-        fn energy_mj(&self) -> NvResult<u64> {
+        fn energy_mj(&self) -> NvResult<(u64, u64)> {
             Err(NvmlError::NotSupported)
         }
         fn mig_instances(&self) -> NvResult<Vec<Box<dyn DriverDevice + '_>>> {
@@ -1193,5 +1230,19 @@ mod tests {
             Reading::Ok(70),
             "held: younger than 3 intervals"
         );
+    }
+
+    #[test]
+    fn energy_pass_is_the_counter_increase_over_the_pass_clock() {
+        let first = energy_pass(None, (5_000, 10 * S));
+        assert!(first.reason().is_some_and(|r| r.contains("second pass")));
+        let p = energy_pass(Some((5_000, 10 * S)), (5_000 + 420_500, 11 * S))
+            .ok()
+            .expect("an increase");
+        assert_eq!((p.joules, p.seconds, p.watts()), (420.5, 1.0, 420.5));
+        let reset = energy_pass(Some((5_000, 10 * S)), (10, 11 * S));
+        assert!(reset.reason().is_some_and(|r| r.contains("backwards")));
+        let stalled = energy_pass(Some((5_000, 10 * S)), (6_000, 10 * S));
+        assert!(stalled.reason().is_some_and(|r| r.contains("no time")));
     }
 }

@@ -17,7 +17,7 @@ use nvml_wrapper::{
 use super::{
     Error, GpuSnapshot, GpuSource, ProcessKind, Result,
     collector::{Collector, Driver, DriverDevice, NvResult, Samples},
-    scenario::{self, Answer, Gpu, MigInstance, ParseError, Scenario, Session},
+    scenario::{self, Answer, EnergyMeters, Gpu, MigInstance, ParseError, Scenario, Session},
 };
 
 /// Serves a scenario file. A file that does not parse is an error for every
@@ -32,6 +32,8 @@ pub struct MockSource {
     /// source initialises again.
     generation: Option<u32>,
     session: RefCell<Session>,
+    /// The energy counters, which outlive NVML sessions as a driver's do.
+    meters: RefCell<EnergyMeters>,
 }
 
 impl MockSource {
@@ -42,6 +44,7 @@ impl MockSource {
             collector: Collector::default(),
             generation: None,
             session: RefCell::new(Session::default()),
+            meters: RefCell::new(EnergyMeters::default()),
         }
     }
 
@@ -106,6 +109,7 @@ impl GpuSource for MockSource {
                         now_us: now,
                         stale: self.generation != Some(scenario.driver_reloads),
                         session: &self.session,
+                        meters: &self.meters,
                     },
                     now,
                 )
@@ -136,6 +140,7 @@ struct ScenarioDriver<'a> {
     /// The driver was reloaded since the mock initialised: handles are lost.
     stale: bool,
     session: &'a RefCell<Session>,
+    meters: &'a RefCell<EnergyMeters>,
 }
 
 impl Driver for ScenarioDriver<'_> {
@@ -223,7 +228,7 @@ impl DriverDevice for ScenarioDevice<'_> {
     }
 
     fn power_mw(&self) -> NvResult<u32> {
-        nv(self.gpu.power_mw())
+        nv(self.gpu.power_mw(self.driver.now_us))
     }
 
     fn power_limit_mw(&self) -> NvResult<u32> {
@@ -306,8 +311,15 @@ impl DriverDevice for ScenarioDevice<'_> {
         nv(self.gpu.nvlink_kib(now)).map(|(tx, rx)| (tx, rx, now))
     }
 
-    fn energy_mj(&self) -> NvResult<u64> {
-        nv(self.gpu.energy_mj(self.driver.now_us))
+    fn energy_mj(&self) -> NvResult<(u64, u64)> {
+        let now = self.driver.now_us;
+        nv(self.gpu.energy_mj(
+            self.index,
+            now,
+            self.driver.scenario.driver_reloads,
+            &mut self.driver.meters.borrow_mut(),
+        ))
+        .map(|mj| (mj, now))
     }
 
     fn mig_instances(&self) -> NvResult<Vec<Box<dyn DriverDevice + '_>>> {

@@ -134,6 +134,29 @@ pub struct DeviceCounters {
     pub nvlink_rx_mbps: Reading<f64>,
     /// `nvmlDeviceGetTotalEnergyConsumption`: mJ since the driver was loaded.
     pub energy_mj: Reading<u64>,
+    /// The energy counter's increase since the previous pass: unavailable on
+    /// the first pass, after the counter went backwards (driver reloaded) and
+    /// where the device has no counter.
+    pub energy_pass: Reading<EnergyPass>,
+}
+
+/// What the total-energy counter says about the time since the previous pass.
+#[derive(Clone, Copy, Debug, PartialEq, Serialize)]
+pub struct EnergyPass {
+    /// Increase of the counter, joules.
+    pub joules: f64,
+    /// Between the two reads, seconds (the pass clock: the wall-clock
+    /// microseconds NVML stamps samples with).
+    pub seconds: f64,
+}
+
+impl EnergyPass {
+    /// The mean power over the interval: what the board drew on average, where
+    /// `nvmlDeviceGetPowerUsage` is one instant (and on GA100 and older, a
+    /// 1 s average that lags).
+    pub fn watts(&self) -> f64 {
+        self.joules / self.seconds
+    }
 }
 
 impl Default for DeviceCounters {
@@ -145,7 +168,8 @@ impl Default for DeviceCounters {
             pcie_rx_kbps: Reading::Unavailable(r.clone()),
             nvlink_tx_mbps: Reading::Unavailable(r.clone()),
             nvlink_rx_mbps: Reading::Unavailable(r.clone()),
-            energy_mj: Reading::Unavailable(r),
+            energy_mj: Reading::Unavailable(r.clone()),
+            energy_pass: Reading::Unavailable(r),
         }
     }
 }

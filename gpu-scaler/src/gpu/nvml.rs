@@ -362,8 +362,15 @@ impl DriverDevice for NvmlDevice<'_> {
         Ok((out[0].0, out[1].0, out[0].1.max(out[1].1)))
     }
 
-    fn energy_mj(&self) -> NvResult<u64> {
-        self.dev.total_energy_consumption()
+    fn energy_mj(&self) -> NvResult<(u64, u64)> {
+        let mj = self.dev.total_energy_consumption()?;
+        // Timed at the read, not at the pass's start: the mean power divides
+        // by the time between two reads, and later GPUs of a pass are read
+        // later.
+        let at = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| u64::try_from(d.as_micros()).unwrap_or(u64::MAX));
+        Ok((mj, at))
     }
 
     fn mig_instances(&self) -> NvResult<Vec<Box<dyn DriverDevice + '_>>> {

@@ -121,9 +121,22 @@ pub struct Gpu {
     /// growing at this rate.
     pub nvlink_tx_mbps: Option<f64>,
     pub nvlink_rx_mbps: Option<f64>,
-    /// `nvmlDeviceGetTotalEnergyConsumption`, mJ. Default: a counter growing at
-    /// `power_w` (W x ms since the epoch); neither: not supported.
+    /// `nvmlDeviceGetTotalEnergyConsumption`: the counter's value (mJ) when it
+    /// is first read (default 0). From then on it grows as a board's does, by
+    /// the power drawn (`power_w`, with its ripple) integrated over time, at
+    /// whatever power the scenario says at the moment (a new `power_w` changes
+    /// its slope, never its value); a driver reload (`driver_reloads` grows)
+    /// restarts it. Without `power_w` it stays at `energy_mj`; with neither
+    /// the GPU has no counter (NOT_SUPPORTED).
     pub energy_mj: Option<u64>,
+    /// Amplitude of a sine ripple on the power drawn, W: the board draws
+    /// `power_w + power_ripple_w * sin(2 pi t / power_ripple_period_ms)`, and
+    /// `nvmlDeviceGetPowerUsage` reports that instant's draw, as real boards
+    /// do under a bursty load; the energy counter integrates it exactly.
+    pub power_ripple_w: Option<Watts>,
+    /// Period of the ripple, ms (default 370: faster than a poll, and not a
+    /// divisor of one).
+    pub power_ripple_period_ms: Option<u64>,
     /// Test-only: return every process-utilization sample whatever `lastSeen`
     /// says, as some drivers do, so the reader's own filtering is exercised.
     #[serde(default)]
@@ -424,12 +437,47 @@ impl Gpu {
         self.temperature_c.ok_or(NvmlErrorKind::NotSupported)
     }
 
-    /// Milliwatts, as NVML reports them.
-    pub fn power_mw(&self) -> Answer<u32> {
+    /// Milliwatts, as NVML reports them: the draw at the instant `now_us`.
+    pub fn power_mw(&self, now_us: u64) -> Answer<u32> {
         self.check(self.errors.power)?;
-        self.power_w
-            .map(milliwatts)
+        self.power_at(now_us)
+            .map(|w| milliwatts(Watts(w)))
             .ok_or(NvmlErrorKind::NotSupported)
+    }
+
+    fn ripple_period_us(&self) -> u64 {
+        self.power_ripple_period_ms.unwrap_or(370).max(1) * 1000
+    }
+
+    /// The power drawn at `now_us`, W (never below 0).
+    pub fn power_at(&self, now_us: u64) -> Option<f64> {
+        let w = self.power_w?.0;
+        let Some(Watts(a)) = self.power_ripple_w else {
+            return Some(w);
+        };
+        let period = self.ripple_period_us();
+        let phase = (now_us % period) as f64 / period as f64;
+        Some((w + a * (std::f64::consts::TAU * phase).sin()).max(0.0))
+    }
+
+    /// The energy drawn from `from_us` to `to_us`, mJ: the integral of
+    /// [`Gpu::power_at`] (a ripple larger than `power_w` is clipped at 0 W by
+    /// `power_at` but not here: keep `power_ripple_w <= power_w`).
+    fn energy_between_mj(&self, from_us: u64, to_us: u64) -> f64 {
+        let Some(w) = self.power_w else {
+            return 0.0;
+        };
+        let dt_s = to_us.saturating_sub(from_us) as f64 / 1e6;
+        let mut joules = w.0 * dt_s;
+        if let Some(Watts(a)) = self.power_ripple_w {
+            let period = self.ripple_period_us();
+            let cos =
+                |t: u64| (std::f64::consts::TAU * ((t % period) as f64 / period as f64)).cos();
+            // The integral of a sin(2 pi t / T) is -a T / (2 pi) cos(2 pi t / T).
+            joules += a * (period as f64 / 1e6) / std::f64::consts::TAU
+                * (cos(from_us) - cos(to_us.max(from_us)));
+        }
+        joules * 1000.0
     }
 
     pub fn power_limit_mw(&self) -> Answer<u32> {
@@ -655,16 +703,42 @@ impl Gpu {
         }
     }
 
-    /// The total-energy counter in mJ at `now_us`.
-    pub fn energy_mj(&self, now_us: u64) -> Answer<u64> {
+    /// The total-energy counter of GPU `index` in mJ at `now_us`, as `meters`
+    /// has integrated it so far.
+    pub fn energy_mj(
+        &self,
+        index: u32,
+        now_us: u64,
+        reloads: u32,
+        meters: &mut EnergyMeters,
+    ) -> Answer<u64> {
         self.check(self.errors.energy)?;
-        if let Some(mj) = self.energy_mj {
-            return Ok(mj);
+        if self.energy_mj.is_none() && self.power_w.is_none() {
+            return Err(NvmlErrorKind::NotSupported);
         }
-        let w = self.power_w.ok_or(NvmlErrorKind::NotSupported)?;
-        // W x ms = mJ.
-        Ok((w.0 * (now_us / 1000) as f64) as u64)
+        if meters.reloads != reloads {
+            // The driver was reloaded: every counter starts again.
+            meters.reloads = reloads;
+            meters.gpus.clear();
+        }
+        let start = self.energy_mj.unwrap_or(0) as f64;
+        let (at, mj) = meters.gpus.entry(index).or_insert((now_us, start));
+        if now_us > *at {
+            *mj += self.energy_between_mj(*at, now_us);
+            *at = now_us;
+        }
+        Ok(*mj as u64)
     }
+}
+
+/// The total-energy counters of a fake driver, integrated between reads. They
+/// outlive NVML sessions (a counter counts since the driver loaded, not since
+/// a caller initialised NVML) and restart when the driver is reloaded.
+#[derive(Clone, Debug, Default)]
+pub struct EnergyMeters {
+    reloads: u32,
+    /// Per GPU index: (µs of the last read, mJ then).
+    gpus: std::collections::HashMap<u32, (u64, f64)>,
 }
 
 /// What a fake driver remembers between calls for one initialised session:
@@ -750,7 +824,7 @@ used_memory_mib = 30000
         );
         assert_eq!(g.utilization(), Ok((85, 40)));
         assert_eq!(g.memory(), Ok((30000 * MIB, 81559 * MIB)));
-        assert_eq!(g.power_mw(), Ok(420_000));
+        assert_eq!(g.power_mw(0), Ok(420_000));
         assert_eq!(g.power_limit_mw(), Ok(700_000));
         assert_eq!(g.temperature(), Ok(62));
         assert_eq!(g.mig_enabled(), Ok(false));
@@ -803,7 +877,7 @@ used_memory_mib = 30000
         // Figures the file does not give are "not supported", never zero.
         assert_eq!(s.gpu[0].utilization(), Err(NvmlErrorKind::NotSupported));
         assert_eq!(s.gpu[0].memory(), Err(NvmlErrorKind::NotSupported));
-        assert_eq!(s.gpu[0].power_mw(), Err(NvmlErrorKind::NotSupported));
+        assert_eq!(s.gpu[0].power_mw(0), Err(NvmlErrorKind::NotSupported));
         assert_eq!(
             s.gpu[0].process_samples(0, 1, 0),
             Err(NvmlErrorKind::NotFound)
@@ -975,13 +1049,51 @@ used_memory_mib = 30000
         let (b, rx) = g.nvlink_kib(2_000_000).expect("nvlink");
         assert_eq!(b - a, 1_000_000, "1024 MB/s for 1 s is 10^6 KiB");
         assert_eq!(rx, 0);
-        let e1 = g.energy_mj(1_000_000).expect("energy");
-        let e2 = g.energy_mj(3_000_000).expect("energy");
-        assert_eq!(e2 - e1, 400_000, "200 W for 2 s is 400 J");
+        let mut meters = EnergyMeters::default();
+        let e1 = g.energy_mj(0, 1_000_000, 0, &mut meters).expect("energy");
+        let e2 = g.energy_mj(0, 3_000_000, 0, &mut meters).expect("energy");
+        assert_eq!((e1, e2), (0, 400_000), "200 W for 2 s is 400 J");
         assert_eq!(g.pcie_kbps(), Ok((5, 6)));
         assert_eq!(
-            Scenario::parse("[[gpu]]\n").expect("parses").gpu[0].energy_mj(1),
+            Scenario::parse("[[gpu]]\n").expect("parses").gpu[0].energy_mj(0, 1, 0, &mut meters),
             Err(NvmlErrorKind::NotSupported)
         );
+    }
+
+    #[test]
+    fn the_energy_counter_integrates_the_power_drawn() {
+        let s = |text: &str| Scenario::parse(text).expect("parses").gpu.remove(0);
+        let steady = s("[[gpu]]\npower_w = 300.0\nenergy_mj = 1000\n");
+        let mut meters = EnergyMeters::default();
+        assert_eq!(steady.energy_mj(0, 5_000_000, 0, &mut meters), Ok(1000));
+        assert_eq!(steady.energy_mj(0, 6_000_000, 0, &mut meters), Ok(301_000));
+        // A new power changes the slope, never the value.
+        let lower = s("[[gpu]]\npower_w = 100.0\nenergy_mj = 1000\n");
+        assert_eq!(lower.energy_mj(0, 7_000_000, 0, &mut meters), Ok(401_000));
+        // A driver reload starts it again.
+        assert_eq!(lower.energy_mj(0, 8_000_000, 1, &mut meters), Ok(1000));
+        // With a ripple the instants vary and the counter averages them: over
+        // whole periods the ripple adds nothing.
+        let rippled =
+            s("[[gpu]]\npower_w = 200.0\npower_ripple_w = 50.0\npower_ripple_period_ms = 400\n");
+        let mut meters = EnergyMeters::default();
+        let start = 10_000_000;
+        let e0 = rippled.energy_mj(0, start, 0, &mut meters).expect("energy");
+        let e1 = rippled
+            .energy_mj(0, start + 4_000_000, 0, &mut meters)
+            .expect("energy");
+        assert_eq!(e1 - e0, 800_000, "4 s at a mean of 200 W");
+        let instants: Vec<f64> = (0..4)
+            .map(|i| rippled.power_at(start + 100_000 * i).expect("power"))
+            .collect();
+        assert_eq!(instants, [200.0, 250.0, 200.0, 150.0]);
+        // A quarter period: 200 W x 0.1 s + 50 W x 0.4 s / 2 pi.
+        let mut meters = EnergyMeters::default();
+        rippled.energy_mj(0, start, 0, &mut meters).expect("energy");
+        let q = rippled
+            .energy_mj(0, start + 100_000, 0, &mut meters)
+            .expect("energy");
+        let expected = 20_000.0 + 50.0 * 0.4 / std::f64::consts::TAU * 1000.0;
+        assert!((q as f64 - expected).abs() <= 1.0, "{q} vs {expected}");
     }
 }

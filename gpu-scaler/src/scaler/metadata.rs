@@ -46,8 +46,8 @@ pub struct Profile {
 
 /// The `profile` table (README: "Profiles"): keda-gpu-scaler's profiles
 /// (pkg/profiles/profiles.go `builtinProfiles`), same metric, target and
-/// activation, but for `distributed-training` (see [`UNSUPPORTED_PROFILES`]).
-pub const PROFILES: [Profile; 9] = [
+/// activation, and gpu-scaler's own.
+pub const PROFILES: [Profile; 10] = [
     Profile {
         name: "vllm-inference",
         metric: Metric::MemoryUsedPercent,
@@ -102,21 +102,14 @@ pub const PROFILES: [Profile; 9] = [
         target: 50.0,
         activation: 1.0,
     },
-];
-
-/// Why a per-GPU device counter cannot be a gpu-scaler metric.
-const DEVICE_COUNTER: &str = "a per-GPU device counter in keda-gpu-scaler; NVML does not \
-     report it per process, so gpu-scaler cannot attribute it to pods";
-
-/// keda-gpu-scaler profiles gpu-scaler refuses, and why.
-pub const UNSUPPORTED_PROFILES: [(&str, &str); 1] = [("distributed-training", DEVICE_COUNTER)];
-
-/// keda-gpu-scaler `metricType`s gpu-scaler refuses, and why.
-pub const UNSUPPORTED_METRICS: [(&str, &str); 4] = [
-    ("pcie_tx_kbps", DEVICE_COUNTER),
-    ("pcie_rx_kbps", DEVICE_COUNTER),
-    ("nvlink_tx_mbps", DEVICE_COUNTER),
-    ("nvlink_rx_mbps", DEVICE_COUNTER),
+    // keda-gpu-scaler's, for data-parallel training whose gradients cross
+    // NVLink: MB/s sent.
+    Profile {
+        name: "distributed-training",
+        metric: Metric::NvlinkTxMbps,
+        target: 50000.0,
+        activation: 5000.0,
+    },
 ];
 
 pub const DEFAULT_TARGET: f64 = 80.0;
@@ -467,12 +460,7 @@ impl<'a> Metadata<'a> {
             return Ok(Some(m));
         }
         let all = format!("one of {}", list(Metric::ALL));
-        let why = if let Some((_, why)) = UNSUPPORTED_METRICS
-            .iter()
-            .find(|(name, _)| name.eq_ignore_ascii_case(v))
-        {
-            format!("{all}; {v} is {why}")
-        } else if v.eq_ignore_ascii_case("Value") || v.eq_ignore_ascii_case("AverageValue") {
+        let why = if v.eq_ignore_ascii_case("Value") || v.eq_ignore_ascii_case("AverageValue") {
             format!(
                 "{all}; {v} is the trigger's own metricType field (next to metadata, not in it); \
                  in metadata, metricType is keda-gpu-scaler's name for metric"
@@ -557,13 +545,7 @@ fn parse_metadata(m: &Metadata<'_>, selector_optional: bool) -> Result<Query> {
                 .find(|p| p.name.eq_ignore_ascii_case(v.trim()))
                 .ok_or_else(|| {
                     let all = format!("one of {}", list(PROFILES.iter().map(|p| p.name)));
-                    let why = UNSUPPORTED_PROFILES
-                        .iter()
-                        .find(|(name, _)| name.eq_ignore_ascii_case(v.trim()))
-                        .map_or(all.clone(), |(name, why)| {
-                            format!("{all}; keda-gpu-scaler's {name} scales on {why}")
-                        });
-                    m.error(keys::PROFILE, why)
+                    m.error(keys::PROFILE, all)
                 })?,
         ),
     };
@@ -1439,19 +1421,9 @@ mod tests {
                 "milli-units",
             ),
             (
-                &[("podSelector", "a"), ("metricType", "nvlink_tx_mbps")],
-                "metricType",
-                "per-GPU device counter",
-            ),
-            (
                 &[("podSelector", "a"), ("metricType", "Value")],
                 "metricType",
                 "trigger's own metricType field",
-            ),
-            (
-                &[("podSelector", "a"), ("profile", "distributed-training")],
-                "profile",
-                "per-GPU device counter",
             ),
             (
                 &[("podSelector", "a"), ("gpuIndex", "-2")],

@@ -91,6 +91,18 @@ pub fn pod_value_on(metric: Metric, gpu_index: Option<u32>, pod: &PodUsage) -> R
             }
             Ok(acc)
         }
+        Metric::PcieTxKbps | Metric::PcieRxKbps | Metric::NvlinkTxMbps | Metric::NvlinkRxMbps => {
+            for g in &pod.gpus {
+                let (r, what) = match metric {
+                    Metric::PcieTxKbps => (&g.pcie_tx_kbps, "attributed PCIe TX throughput"),
+                    Metric::PcieRxKbps => (&g.pcie_rx_kbps, "attributed PCIe RX throughput"),
+                    Metric::NvlinkTxMbps => (&g.nvlink_tx_mbps, "attributed NVLink TX throughput"),
+                    _ => (&g.nvlink_rx_mbps, "attributed NVLink RX throughput"),
+                };
+                acc += get(r, what, pod, g)?;
+            }
+            Ok(acc)
+        }
         Metric::Temperature => {
             let mut hottest = f64::MIN;
             for g in &gpus {
@@ -263,6 +275,10 @@ mod tests {
             memory_total_mib: Reading::Ok(total),
             temperature_c: Reading::Ok(temp),
             power_w: Reading::Ok(power),
+            pcie_tx_kbps: Reading::Ok(power * 10.0),
+            pcie_rx_kbps: Reading::Ok(power * 20.0),
+            nvlink_tx_mbps: Reading::Ok(power * 100.0),
+            nvlink_rx_mbps: Reading::Ok(power * 200.0),
         }
     }
 
@@ -297,6 +313,11 @@ mod tests {
         assert_eq!(pod_value(Metric::MemoryUsedPercent, &p).expect("ok"), 12.5);
         assert_eq!(pod_value(Metric::PowerDraw, &p).expect("ok"), 150.0);
         assert_eq!(pod_value(Metric::Temperature, &p).expect("ok"), 80.0);
+        // Throughputs add up over the GPUs, as the pod's total traffic.
+        assert_eq!(pod_value(Metric::PcieTxKbps, &p).expect("ok"), 1500.0);
+        assert_eq!(pod_value(Metric::PcieRxKbps, &p).expect("ok"), 3000.0);
+        assert_eq!(pod_value(Metric::NvlinkTxMbps, &p).expect("ok"), 15000.0);
+        assert_eq!(pod_value(Metric::NvlinkRxMbps, &p).expect("ok"), 30000.0);
         for m in Metric::ALL.into_iter().filter(|m| !m.is_engine()) {
             assert_eq!(
                 pod_value(m, &pod(vec![])).expect("ok"),
@@ -319,6 +340,13 @@ mod tests {
         assert_eq!(
             pod_value(Metric::MemoryUsedMib, &p).expect("memory still known"),
             1024.0
+        );
+        let mut g = gpu(0, 60.0, 10.0, 1024, 4096, 70, 100.0);
+        g.nvlink_tx_mbps = Reading::unavailable("MPS: no split");
+        let err = pod_value(Metric::NvlinkTxMbps, &pod(vec![g])).expect_err("unavailable");
+        assert!(
+            err.to_string().contains("NVLink TX") && err.to_string().contains("MPS"),
+            "{err}"
         );
         let mut g = gpu(0, 1.0, 1.0, 1, 0, 1, 1.0);
         g.memory_total_mib = Reading::Ok(0);

@@ -37,6 +37,9 @@ type Labels = Vec<(&'static str, String)>;
 /// A float gauge family.
 type GaugeFamily = Family<Labels, Gauge<f64, AtomicU64>>;
 
+/// A float counter family, filled at scrape time from accumulated values.
+type CounterFamily = Family<Labels, Counter<f64, AtomicU64>>;
+
 /// The content type of [`render`]'s output.
 pub const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
 
@@ -213,6 +216,7 @@ pub fn render(snap: &NodeSnapshot, sources: &Sources<'_>, now: SystemTime) -> St
     devices(&mut r, snap);
     pods(&mut r, snap);
     unattributed(&mut r, snap);
+    accounts(&mut r, snap);
     sampling(&mut r, snap, sources, now);
     if let Some(stats) = &sources.attribution {
         attribution(&mut r, snap, stats);
@@ -319,6 +323,8 @@ fn devices(r: &mut Registry, snap: &NodeSnapshot) {
     let used = GaugeFamily::default();
     let total = GaugeFamily::default();
     let power = GaugeFamily::default();
+    let power_avg = GaugeFamily::default();
+    let energy: CounterFamily = Family::default();
     let temp = GaugeFamily::default();
     for g in &snap.gpus {
         let labels: Labels = vec![("gpu", g.index.to_string()), ("uuid", g.uuid.clone())];
@@ -339,6 +345,13 @@ fn devices(r: &mut Registry, snap: &NodeSnapshot) {
         set_reading(&total, &labels, &mib_reading(&g.memory_total_mib), MIB);
         set_reading(&power, &labels, &g.power_w, 1.0);
         set_reading(&temp, &labels, &g.temperature_c, 1.0);
+        if let Reading::Ok(p) = &g.counters.energy_pass {
+            set(&power_avg, labels.clone(), p.watts());
+        }
+        if let Reading::Ok(mj) = &g.counters.energy_mj {
+            // Exact below 2^53 mJ (285 years at 1 kW).
+            energy.get_or_create(&labels).inc_by(*mj as f64 / 1000.0);
+        }
     }
     r.register(
         "gpu_scaler_device_up",
@@ -371,6 +384,16 @@ fn devices(r: &mut Registry, snap: &NodeSnapshot) {
         total,
     );
     r.register("gpu_scaler_device_power_watts", "Board power draw", power);
+    r.register(
+        "gpu_scaler_device_power_average_watts",
+        "Mean board power over the last sampling pass, from the total-energy counter",
+        power_avg,
+    );
+    r.register(
+        "gpu_scaler_device_energy_joules",
+        "The driver's total-energy counter (since the driver loaded)",
+        energy,
+    );
     r.register(
         "gpu_scaler_device_temperature_celsius",
         "Core temperature",
@@ -535,6 +558,59 @@ fn unattributed(r: &mut Registry, snap: &NodeSnapshot) {
         "gpu_scaler_unattributed_processes",
         "Processes on the GPU attributed to no pod",
         procs,
+    );
+}
+
+/// What the sampler's ledger accumulated: energy per pod and unattributed
+/// (per GPU board they add up to its counter's increase), idle GPU holders.
+fn accounts(r: &mut Registry, snap: &NodeSnapshot) {
+    let a = &snap.accounts;
+    let pod_energy: CounterFamily = Family::default();
+    for e in &a.pod_energy {
+        pod_energy
+            .get_or_create(&vec![
+                ("namespace", e.namespace.clone()),
+                ("pod", e.pod.clone()),
+                ("container", e.container.clone()),
+                ("gpu", e.gpu.to_string()),
+            ])
+            .inc_by(e.joules);
+    }
+    let unattributed: CounterFamily = Family::default();
+    for e in &a.unattributed_energy {
+        unattributed
+            .get_or_create(&vec![
+                ("gpu", e.gpu.to_string()),
+                ("reason", e.reason.as_str().to_owned()),
+            ])
+            .inc_by(e.joules);
+    }
+    let idle = GaugeFamily::default();
+    for h in &a.holders {
+        set(
+            &idle,
+            vec![
+                ("namespace", h.namespace.clone()),
+                ("pod", h.pod.clone()),
+                ("gpu", h.gpu.to_string()),
+            ],
+            h.idle_s,
+        );
+    }
+    r.register(
+        "gpu_scaler_pod_energy_joules",
+        "Energy of the container's processes on the GPU since the pod appeared: each pass's increase of the GPU's energy counter split by SM share",
+        pod_energy,
+    );
+    r.register(
+        "gpu_scaler_unattributed_energy_joules",
+        "Energy of the GPU booked to no pod, by reason (no_pod, no_process, unsplit)",
+        unattributed,
+    );
+    r.register(
+        "gpu_scaler_pod_gpu_idle_seconds",
+        "How long the pod has held memory on the GPU at no more than the idle SM threshold (0 while busy)",
+        idle,
     );
 }
 
@@ -805,6 +881,8 @@ mod tests {
             pods: BTreeMap::new(),
             unowned: Vec::new(),
             pods_error: None,
+            energy: Vec::new(),
+            accounts: Default::default(),
         }
     }
 
@@ -946,6 +1024,10 @@ mod tests {
             memory_total_mib: Reading::Ok(80_000),
             temperature_c: Reading::Ok(50),
             power_w: Reading::Ok(power),
+            pcie_tx_kbps: Reading::Ok(0.0),
+            pcie_rx_kbps: Reading::Ok(0.0),
+            nvlink_tx_mbps: Reading::Ok(0.0),
+            nvlink_rx_mbps: Reading::Ok(0.0),
         }
     }
 
@@ -1136,6 +1218,78 @@ mod tests {
         assert!(
             out.contains("gpu_scaler_engine_read_failures_total 1"),
             "{out}"
+        );
+    }
+
+    #[test]
+    fn energy_counters_add_up_and_idle_holders_have_a_gauge() {
+        use crate::{
+            accounting::{Config, Ledger},
+            gpu::{DeviceCounters, EnergyPass},
+            pods::PodSet,
+            sampler::{
+                join,
+                tests::{device, pod, proc, status, table},
+            },
+        };
+        let mut ledger = Ledger::new(Config {
+            idle_sm_percent: 1.0,
+            idle_after: Duration::from_secs(60),
+        });
+        let pods = PodSet::from_pods([pod("a"), pod("b")], None, "t");
+        let pass = |mj: u64, at: u64| {
+            // a (pids 10, 11) 30 + 10, b (20) idle with memory, host (30) 60.
+            let mut d = device(
+                0,
+                100.0,
+                vec![
+                    proc(10, 30, 0, 1),
+                    proc(11, 10, 0, 1),
+                    proc(20, 0, 0, 512),
+                    proc(30, 60, 0, 1),
+                ],
+            );
+            d.counters = DeviceCounters {
+                energy_mj: Reading::Ok(mj),
+                energy_pass: Reading::Ok(EnergyPass {
+                    joules: 250.0,
+                    seconds: 1.0,
+                }),
+                ..DeviceCounters::default()
+            };
+            let mut st = status(vec![d]);
+            if let Some(s) = st.last_good.as_mut() {
+                std::sync::Arc::make_mut(s).taken_at =
+                    SystemTime::UNIX_EPOCH + Duration::from_secs(at);
+            }
+            join(&st, &pods, &table(), SystemTime::UNIX_EPOCH)
+        };
+        let mut first = pass(7_000_000, 100);
+        ledger.record(&mut first);
+        let mut snap = pass(8_000_000, 190);
+        ledger.record(&mut snap);
+        let text = render(
+            &snap,
+            &Sources::node(&Metrics::default()),
+            SystemTime::now(),
+        );
+        for line in [
+            "gpu_scaler_device_energy_joules_total{gpu=\"0\",uuid=\"GPU-0\"} 8000.0",
+            "gpu_scaler_device_power_average_watts{gpu=\"0\",uuid=\"GPU-0\"} 250.0",
+            "gpu_scaler_pod_energy_joules_total{namespace=\"ml\",pod=\"a\",container=\"\",gpu=\"0\"} 400.0",
+            "gpu_scaler_unattributed_energy_joules_total{gpu=\"0\",reason=\"no_pod\"} 600.0",
+            "gpu_scaler_unattributed_energy_joules_total{gpu=\"0\",reason=\"unsplit\"} 0.0",
+            "gpu_scaler_pod_gpu_idle_seconds{namespace=\"ml\",pod=\"b\",gpu=\"0\"} 90.0",
+            "gpu_scaler_pod_gpu_idle_seconds{namespace=\"ml\",pod=\"a\",gpu=\"0\"} 0.0",
+            "# TYPE gpu_scaler_pod_energy_joules counter",
+        ] {
+            assert!(text.contains(line), "{line} missing from\n{text}");
+        }
+        // b used no SM: no share of the energy (the host's 60 % is not b's).
+        assert!(
+            text.contains("pod=\"b\",container=\"\",gpu=\"0\"} 0.0")
+                || !text.contains("gpu_scaler_pod_energy_joules_total{namespace=\"ml\",pod=\"b\""),
+            "{text}"
         );
     }
 }

@@ -58,7 +58,8 @@ use nvml_wrapper_sys::bindings::{
     nvmlUtilization_t, nvmlValueType_enum_NVML_VALUE_TYPE_UNSIGNED_LONG_LONG as VALUE_U64,
 };
 use scenario::{
-    Answer, Gpu, MigInstance, ProcessInfoLayout, ProcessKind, ProcessOut, Scenario, Session,
+    Answer, EnergyMeters, Gpu, MigInstance, ProcessInfoLayout, ProcessKind, ProcessOut, Scenario,
+    Session,
 };
 
 /// Environment variable naming the scenario file.
@@ -83,6 +84,9 @@ struct State {
     /// initialised (inits 0 -> 1): handles from then on are lost once it grows.
     generation: u32,
     session: Option<Session>,
+    /// The energy counters: they count since the driver loaded, so they
+    /// outlive sessions (and restart when `driver_reloads` grows).
+    meters: Option<EnergyMeters>,
 }
 
 static STATE: Mutex<State> = Mutex::new(State {
@@ -90,6 +94,7 @@ static STATE: Mutex<State> = Mutex::new(State {
     loaded: None,
     generation: 0,
     session: None,
+    meters: None,
 });
 
 /// One GPM sample: what `nvmlGpmMigSampleGet` recorded.
@@ -200,14 +205,27 @@ fn with_device(
     device: nvmlDevice_t,
     f: impl FnOnce(&Target<'_>, &mut Session) -> Result<(), nvmlReturn_t>,
 ) -> nvmlReturn_t {
+    with_device_metered(device, |t, session, _| f(t, session))
+}
+
+/// As [`with_device`], with the energy counters and the scenario's
+/// `driver_reloads`.
+fn with_device_metered(
+    device: nvmlDevice_t,
+    f: impl FnOnce(&Target<'_>, &mut Session, (&mut EnergyMeters, u32)) -> Result<(), nvmlReturn_t>,
+) -> nvmlReturn_t {
     let mut st = state();
     if st.inits == 0 {
         return UNINITIALIZED;
     }
     let generation = st.generation;
     let State {
-        loaded, session, ..
+        loaded,
+        session,
+        meters,
+        ..
     } = &mut *st;
+    let meters = meters.get_or_insert_with(EnergyMeters::default);
     let (Some(loaded), Some(session)) = (loaded.as_ref(), session.as_mut()) else {
         return UNINITIALIZED;
     };
@@ -230,7 +248,7 @@ fn with_device(
             index: u32::try_from(index).map_err(|_| INVALID_ARGUMENT)?,
             instance,
         };
-        f(&target, session)
+        f(&target, session, (meters, loaded.scenario.driver_reloads))
     })();
     ret(r)
 }
@@ -513,7 +531,7 @@ pub unsafe extern "C" fn nvmlDeviceGetPowerUsage(
     device: nvmlDevice_t,
     power: *mut c_uint,
 ) -> nvmlReturn_t {
-    with_gpu(device, |gpu, _| put(power, code(gpu.power_mw())?))
+    with_gpu(device, |gpu, _| put(power, code(gpu.power_mw(now_us()))?))
 }
 
 #[unsafe(no_mangle)]
@@ -822,7 +840,16 @@ pub unsafe extern "C" fn nvmlDeviceGetTotalEnergyConsumption(
     device: nvmlDevice_t,
     energy: *mut c_ulonglong,
 ) -> nvmlReturn_t {
-    with_gpu(device, |gpu, _| put(energy, code(gpu.energy_mj(now_us()))?))
+    with_device_metered(device, |t, _, (meters, reloads)| {
+        if t.instance.is_some() {
+            // Like the real driver: the counter is the whole board's.
+            return Err(NOT_SUPPORTED);
+        }
+        put(
+            energy,
+            code(t.gpu.energy_mj(t.index, now_us(), reloads, meters))?,
+        )
+    })
 }
 
 /// MIG slots per GPU, as an A100 or H100 has.
