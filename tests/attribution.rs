@@ -12,8 +12,8 @@ use std::{
 };
 
 use gpu_scaler::attribution::{
-    Attribution, Attributor, Owner, PodIdentity, QosClass, RingBufferSize, Runtime,
-    ebpf::{EbpfAttributor, PID_MAP_CAPACITY, WatchKind},
+    Attribution, Attributor, Backend, Owner, PodIdentity, QosClass, RingBufferSize, Runtime,
+    ebpf::{EbpfAttributor, PID_MAP_CAPACITY, WatchKind, resolve_from_proc},
     procfs::ProcfsAttributor,
     tracefs,
 };
@@ -255,7 +255,19 @@ async fn every_kubelet_layout_resolves_to_its_pod_and_container() {
     }
     for ((cg, owner), child) in cases.iter().zip(&children) {
         check(&engine, child.0.id(), cg, owner);
+        // What a GPU process the probe has not reported resolves to: the
+        // same owner, read from /proc on the spot, marked as procfs's.
+        let now = resolve_from_proc(engine.mount(), child.0.id())
+            .unwrap_or_else(|| panic!("pid {} resolves from /proc", child.0.id()));
+        assert_eq!(&now.owner, owner, "{}", cg.path);
+        assert_eq!(&*now.cgroup_path, &*cg.path);
+        assert_eq!(now.backend, Backend::Procfs);
     }
+    assert_eq!(
+        resolve_from_proc(engine.mount(), u32::MAX),
+        None,
+        "no such process"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -1008,9 +1008,48 @@ async fn keda_sees_a_busy_gpu_without_samples_as_unavailable_not_zero() {
 }
 
 #[tokio::test]
+async fn an_unattributed_gpu_process_makes_pods_without_processes_unavailable_not_zero() {
+    let fake = FakeNvml::new(
+        "[[gpu]]\nutilization = 60\nmemory_utilization = 10\nmemory_total_mib = 1000\npower_w = 100.0\n\
+         [[gpu.process]]\npid = 21\nsm_util = 30\nused_memory_mib = 100\n\
+         [[gpu.process]]\npid = 22\nsm_util = 30\nused_memory_mib = 100\n",
+    );
+    // 21 is pod a's; 22 is no one's the attributor knows (the probe missed
+    // it and /proc has no such pid): it may be pod b's.
+    let node = serve(&fake, &[21], &[]).await;
+    let err = get(&node, &[("metric", "memory_used_mib")])
+        .await
+        .expect_err("pod b may own pid 22: not 0");
+    assert_eq!(err.code(), tonic::Code::Unavailable, "{err:?}");
+    assert!(
+        err.message().contains("[22]") && err.message().contains("could not be attributed"),
+        "{}",
+        err.message()
+    );
+    // Once attributed (a host job), pod b's 0 is the truth.
+    node.attributor.assign_host(22);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        match get(&node, &[("metric", "memory_used_mib")]).await {
+            Ok(v) => {
+                assert_eq!(v, 100.0, "pod a's 100 MiB + pod b's 0");
+                break;
+            }
+            Err(e) => assert!(Instant::now() < deadline, "still {e:?}"),
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    node.stop().await;
+}
+
+#[tokio::test]
 async fn keda_sees_memory_used_percent_against_the_mig_instance() {
     let fake = FakeNvml::new(&mig_scenario(""));
     let node = serve(&fake, &[11], &[]).await;
+    // The big instance's processes are a host job's: unattributed, they
+    // could be pod b's, and b would read unavailable rather than 0.
+    node.attributor.assign_host(12);
+    node.attributor.assign_host(13);
     let percent = get(&node, &[("metric", "memory_used_percent")])
         .await
         .expect("the instance's memory is known");
@@ -1029,6 +1068,8 @@ async fn keda_sees_memory_used_percent_against_the_mig_instance() {
     // With GPM the instance's only process has the instance's SM activity.
     let fake = FakeNvml::new(&mig_scenario("gpm = true"));
     let node = serve(&fake, &[11], &[]).await;
+    node.attributor.assign_host(12);
+    node.attributor.assign_host(13);
     let deadline = Instant::now() + Duration::from_secs(20);
     let sm = loop {
         match get(&node, &[("metric", "gpu_utilization")]).await {

@@ -610,6 +610,7 @@ pub fn join(
         })
         .collect();
     let mut unowned = Vec::new();
+    let mut unresolved: Vec<(&GpuDevice, Vec<u32>)> = Vec::new();
     let mut gpus = Vec::new();
     let devices = gpu.last_good.as_ref().map_or(&[][..], |s| &s.devices[..]);
 
@@ -802,7 +803,47 @@ pub fn join(
             if let Reading::Ok(f) = energy {
                 board.split.no_pod += f;
             }
+            if why == Unowned::UnknownPid {
+                unresolved.push((dev, usage.pids.clone()));
+            }
             unowned.push(UnownedUsage { why, usage });
+        }
+    }
+    // A GPU process no one could attribute (not in the probe's table, and
+    // /proc/<pid>/cgroup unreadable: it is exiting, or the daemon does not
+    // share the host's pid namespace) may be any local pod's. A pod that
+    // shows no GPU process would read 0, and a 0 scales a workload away:
+    // its GPU figures are UNAVAILABLE with the reason instead, until the
+    // process is attributed or gone. Pods with attributed processes keep
+    // their figures.
+    if !unresolved.is_empty() {
+        for w in work.values_mut() {
+            if !w.usage.gpus.is_empty() {
+                continue;
+            }
+            for (dev, pids) in &unresolved {
+                let why: Arc<str> = format!(
+                    "GPU {} runs processes {pids:?} that could not be attributed to a pod yet (not reported by the probe, /proc unreadable); this pod may own them",
+                    dev.index
+                )
+                .into();
+                let na = || Reading::Unavailable(why.clone());
+                w.usage.gpus.push(GpuUsage {
+                    gpu_index: dev.index,
+                    gpu_uuid: dev.uuid.clone(),
+                    pids: Vec::new(),
+                    sm_util: na(),
+                    mem_util: na(),
+                    memory_used_mib: Reading::Unavailable(why.clone()),
+                    memory_total_mib: dev.memory_total_mib.clone(),
+                    temperature_c: dev.temperature_c.clone(),
+                    power_w: na(),
+                    pcie_tx_kbps: na(),
+                    pcie_rx_kbps: na(),
+                    nvlink_tx_mbps: na(),
+                    nvlink_rx_mbps: na(),
+                });
+            }
         }
     }
     let gpu_error = match (&gpu.error, &gpu.last_good) {
@@ -1055,7 +1096,16 @@ pub(crate) mod tests {
         let snap = join(&st, &pods, &table(), SystemTime::UNIX_EPOCH);
         assert!(snap.gpu_error.is_none());
         assert_eq!(snap.pods.len(), 3);
-        assert!(snap.pods["idle"].gpus.is_empty());
+        // Pid 99 on GPU 1 is no one's the attributor knows: "idle" shows no
+        // process, so it may be its; its figures are unavailable, not 0.
+        let idle = &snap.pods["idle"].gpus;
+        assert_eq!(idle.len(), 1, "{idle:?}");
+        assert_eq!(idle[0].gpu_index, 1);
+        assert!(idle[0].pids.is_empty());
+        let why = idle[0].sm_util.reason().expect("unavailable");
+        assert!(why.contains("[99]") && why.contains("GPU 1"), "{why}");
+        assert!(idle[0].memory_used_mib.reason().is_some());
+        assert!(idle[0].power_w.reason().is_some());
 
         let a = &snap.pods["a"].gpus;
         assert_eq!(a.len(), 1);

@@ -206,6 +206,8 @@ pub struct EbpfStats {
     pub events: EventCounts,
     /// Resynchronisations from /proc after the probe reported lost events.
     pub resyncs: u64,
+    /// GPU processes the tracker did not know, resolved from /proc on the spot.
+    pub proc_lookups: u64,
     /// Entries in the kernel's pid -> cgroup map as last counted (every few
     /// seconds); `None` before the first count.
     pub pid_map_entries: Option<u64>,
@@ -507,13 +509,44 @@ impl Drop for EbpfAttributor {
     }
 }
 
+/// `pid`'s owner read from /proc/<pid>/cgroup now (`None`: no such process),
+/// for a pid the tracker does not know; marked as procfs's answer.
+pub fn resolve_from_proc(mount: &Cgroup2Mount, pid: u32) -> Option<Attribution> {
+    let path = procfs::read_cgroup(pid)?;
+    let info = CgroupInfo::new(mount.id_of(&path).unwrap_or(0), &path);
+    Some(Attribution {
+        cgroup_id: (info.id != 0).then_some(info.id),
+        cgroup_path: info.path.clone(),
+        owner: info.owner.clone(),
+        backend: Backend::Procfs,
+    })
+}
+
 impl Attributor for EbpfAttributor {
     fn resolve(&self, pid: u32) -> Option<Attribution> {
-        self.shared
+        let known = self
+            .shared
             .tracker
             .read()
             .expect("tracker poisoned")
-            .resolve(pid, Instant::now())
+            .resolve(pid, Instant::now());
+        if known.is_some() {
+            return known;
+        }
+        // Not known to the tracker: a process whose events were lost (the
+        // resync that follows is still to come) or that the probe has not
+        // reported yet. The sampler asks only for the processes NVML lists,
+        // a handful per GPU, so one read of /proc/<pid>/cgroup here is cheap;
+        // without it the process's pod would read 0 (and be scaled away)
+        // until the next resync. The answer is procfs's, and marked so.
+        let found = resolve_from_proc(&self.mount, pid)?;
+        self.shared
+            .counters
+            .lock()
+            .expect("counters poisoned")
+            .proc_lookups += 1;
+        tracing::debug!(pid, cgroup = %found.cgroup_path, "pid unknown to the probe, resolved from /proc");
+        Some(found)
     }
 
     fn backend(&self) -> Backend {

@@ -730,6 +730,12 @@ fn ebpf(r: &mut Registry, e: &crate::attribution::EbpfStats) {
         "Resynchronisations from /proc after the probe lost events",
         e.resyncs,
     );
+    counter(
+        r,
+        "gpu_scaler_ebpf_proc_lookups",
+        "GPU processes the probe had not reported, resolved from /proc on the spot",
+        e.proc_lookups,
+    );
     let entries = GaugeFamily::default();
     if let Some(n) = e.pid_map_entries {
         set(&entries, vec![("map", "PID_CGROUP".to_owned())], n as f64);
@@ -975,6 +981,7 @@ mod tests {
                     cgroup_rmdir: 16,
                 },
                 resyncs: 2,
+                proc_lookups: 3,
                 pid_map_entries,
                 pid_map_capacity: 65536,
                 ring_buffer_bytes: 4096,
@@ -1001,6 +1008,7 @@ mod tests {
             "gpu_scaler_ebpf_events_total{event=\"cgroup_mkdir\"} 15",
             "gpu_scaler_ebpf_events_total{event=\"cgroup_rmdir\"} 16",
             "gpu_scaler_ebpf_resyncs_total 2",
+            "gpu_scaler_ebpf_proc_lookups_total 3",
             "gpu_scaler_ebpf_map_entries{map=\"PID_CGROUP\"} 321",
             "gpu_scaler_ebpf_map_capacity{map=\"PID_CGROUP\"} 65536",
             "gpu_scaler_ebpf_map_capacity{map=\"EVENTS\"} 4096",
