@@ -1,6 +1,6 @@
 //! Builds the eBPF object (unless `GPU_SCALER_NO_EBPF=1`) and the protobuf code.
 
-use std::{env, path::PathBuf};
+use std::{env, fs, path::PathBuf, process::Command};
 
 use anyhow::{Context as _, anyhow};
 
@@ -11,7 +11,14 @@ const NO_EBPF: &str = "GPU_SCALER_NO_EBPF";
 /// The nightly that builds the probe, shared with `cargo xtask setup`.
 const NIGHTLY: &str = include_str!("../gpu-scaler-ebpf/nightly-toolchain").trim_ascii();
 
+/// Set on the build script's own child (see [`build_ebpf_quietly`]): that run only
+/// builds the probe.
+const EBPF_CHILD: &str = "GPU_SCALER_BUILD_SCRIPT_EBPF_CHILD";
+
 fn main() -> anyhow::Result<()> {
+    if env::var_os(EBPF_CHILD).is_some() {
+        return build_ebpf(&env::var(EBPF_CHILD)?);
+    }
     println!("cargo::rustc-check-cfg=cfg(gpu_scaler_no_ebpf)");
     println!("cargo:rerun-if-env-changed={NO_EBPF}");
     println!("cargo:rerun-if-changed=../gpu-scaler-ebpf/nightly-toolchain");
@@ -28,22 +35,7 @@ fn main() -> anyhow::Result<()> {
         let ebpf_dir = ebpf_dir
             .to_str()
             .ok_or_else(|| anyhow!("non-UTF-8 path {}", ebpf_dir.display()))?;
-        aya_build::build_ebpf(
-            [aya_build::Package {
-                name: "gpu-scaler-ebpf",
-                root_dir: ebpf_dir,
-                ..Default::default()
-            }],
-            // Pinned: bpf-linker must link the LLVM major version rustc uses
-            // (see xtask/src/toolchain.rs).
-            aya_build::Toolchain::Custom(NIGHTLY),
-        )
-        .with_context(|| {
-            format!(
-                "building the eBPF probe failed; run `cargo xtask setup` to install the \
-                 toolchain, or set {NO_EBPF}=1 to build without it"
-            )
-        })?;
+        build_ebpf_quietly(ebpf_dir)?;
     }
 
     // Protobuf: protox parses in pure Rust so no protoc is needed anywhere.
@@ -63,5 +55,56 @@ fn main() -> anyhow::Result<()> {
         .build_server(true)
         .compile_fds(fds)
         .context("generating gRPC code")?;
+    Ok(())
+}
+
+fn build_ebpf(ebpf_dir: &str) -> anyhow::Result<()> {
+    aya_build::build_ebpf(
+        [aya_build::Package {
+            name: "gpu-scaler-ebpf",
+            root_dir: ebpf_dir,
+            ..Default::default()
+        }],
+        // Pinned: bpf-linker must link the LLVM major version rustc uses
+        // (see xtask/src/toolchain.rs).
+        aya_build::Toolchain::Custom(NIGHTLY),
+    )
+}
+
+/// Builds the probe in a child run of this build script and keeps its output
+/// unless the build fails. aya-build turns every line the nested cargo prints
+/// (`Compiling core ...` for each crate of the BPF target's std build) into a
+/// `cargo:warning`, which cargo shows for a workspace member: a first build read
+/// as if something were wrong. It has no switch for that, and it prints from its
+/// own threads, so the output is captured at the process boundary. The full log
+/// stays in OUT_DIR/ebpf-build.log either way.
+fn build_ebpf_quietly(ebpf_dir: &str) -> anyhow::Result<()> {
+    let exe = env::current_exe().context("locating the build script")?;
+    let out = Command::new(&exe)
+        .env(EBPF_CHILD, ebpf_dir)
+        .output()
+        .with_context(|| format!("running {} to build the eBPF probe", exe.display()))?;
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let log = PathBuf::from(env::var("OUT_DIR")?).join("ebpf-build.log");
+    // Best effort: the log is for reading later, the build does not need it.
+    let _ = fs::write(&log, format!("{stdout}{stderr}"));
+    for line in stdout.lines() {
+        // Directives (rerun-if-changed, ...) always; aya-build's warnings only
+        // when they explain a failure.
+        let warning = line.starts_with("cargo:warning=") || line.starts_with("cargo::warning=");
+        if !warning || !out.status.success() {
+            println!("{line}");
+        }
+    }
+    if !out.status.success() {
+        eprint!("{stderr}");
+        anyhow::bail!(
+            "building the eBPF probe failed ({}; log: {}); run `cargo xtask setup` to install \
+             the toolchain, or set {NO_EBPF}=1 to build without it",
+            out.status,
+            log.display()
+        );
+    }
     Ok(())
 }

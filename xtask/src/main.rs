@@ -79,6 +79,14 @@ enum Task {
     /// (Internal) the child of the chart's capability check.
     #[command(hide = true)]
     ProbePrivileges,
+    /// (Internal) a demo vLLM replica: serves its engine's /metrics.
+    #[command(hide = true)]
+    DemoPod {
+        #[arg(long)]
+        listen: std::net::SocketAddr,
+        #[arg(long)]
+        figures: std::path::PathBuf,
+    },
 }
 
 #[derive(Subcommand)]
@@ -153,9 +161,19 @@ fn main() -> Result<()> {
     match args.task {
         Task::Setup => toolchain::ensure(),
         Task::Run(args) => {
+            if let Some(binary) = args.binary.clone() {
+                return demo::run(&binary, args);
+            }
             toolchain::ensure()?;
+            let release = std::path::Path::new("target/release/gpu-scaler");
+            if !release.exists() {
+                eprintln!(
+                    "xtask: building gpu-scaler (release, with its eBPF probe): a few minutes \
+                     the first time (about 6 on 2 cores), seconds after that"
+                );
+            }
             cargo(&["build", "--release", "--package", "gpu-scaler"])?;
-            demo::run(std::path::Path::new("target/release/gpu-scaler"), args)
+            demo::run(release, args)
         }
         Task::Bench {
             what: Bench::Gpu { passes, cpu_secs },
@@ -265,6 +283,7 @@ fn main() -> Result<()> {
         Task::Manifests => chart::manifests(),
         Task::Chart => chart::check(),
         Task::ProbePrivileges => privileges::child(),
+        Task::DemoPod { listen, figures } => demo::serve_engine(listen, &figures),
     }
 }
 

@@ -37,7 +37,10 @@ fn ensure_nightly() -> Result<()> {
         l.strip_prefix(NIGHTLY)
             .is_some_and(|rest| rest.is_empty() || rest.starts_with(['-', ' ']))
     }) {
-        eprintln!("xtask: installing the {NIGHTLY} toolchain");
+        eprintln!(
+            "xtask: installing the {NIGHTLY} toolchain (builds the eBPF probe; \
+             a minute or two)"
+        );
         super::run(Command::new("rustup").args([
             "toolchain",
             "install",
@@ -54,7 +57,9 @@ fn ensure_nightly() -> Result<()> {
         NIGHTLY,
     ]))?;
     if !components.lines().any(|l| l.starts_with("rust-src")) {
-        eprintln!("xtask: adding rust-src to {NIGHTLY}");
+        eprintln!(
+            "xtask: adding rust-src to {NIGHTLY} (the probe builds core from it; under a minute)"
+        );
         super::run(Command::new("rustup").args([
             "component",
             "add",
@@ -82,7 +87,10 @@ fn ensure_debian_packages() -> Result<()> {
             missing.join(" ")
         );
     }
-    eprintln!("xtask: installing {missing:?}");
+    eprintln!(
+        "xtask: installing {missing:?} from Debian (LLVM 22 for bpf-linker; \
+         a minute or two)"
+    );
     super::run(Command::new("apt-get").arg("update").arg("-qq"))?;
     super::run(
         Command::new("apt-get")
@@ -99,7 +107,8 @@ fn ensure_bpf_linker() -> Result<()> {
         return Ok(());
     }
     eprintln!(
-        "xtask: building bpf-linker {BPF_LINKER_VERSION} against LLVM 22 (a few minutes, once)"
+        "xtask: building bpf-linker {BPF_LINKER_VERSION} against LLVM 22 (links the eBPF \
+         probe; about 3-5 minutes on 2 cores, once)"
     );
     let path = format!("{LLVM_BIN}:{}", std::env::var("PATH").unwrap_or_default());
     super::run(
