@@ -122,7 +122,11 @@ pub fn render(tick: &Tick, fleet: &Fleet, args: &RunArgs, history: &[u32]) {
                  (tolerance 0.10)   HPA recommends: {}",
                 q.get("active").map_or("?".into(), Value::to_string),
                 tick.recommended
-                    .map_or("?".into(), |r| format!("{r} (ceil({value:.1} / {target}))")),
+                    .map_or("?".into(), |r| if (ratio - 1.0).abs() <= 0.1 {
+                        format!("{r} (within tolerance: stays)")
+                    } else {
+                        format!("{r} (ceil({value:.1} / {target}), within min/max)")
+                    }),
             );
         }
         Err(e) => {
