@@ -99,13 +99,43 @@ pub struct Sample<'a> {
     pub name: &'a str,
     /// The text between the braces, already checked to be well formed.
     labels: &'a str,
+    /// Where its labels are in `labels`, as the check found them.
+    spans: Spans,
     pub value: f64,
+}
+
+/// Most labels whose places a sample keeps; a sample with more is walked
+/// again when its labels are read (engines' samples have 2 to 5).
+const SPANS: usize = 8;
+
+/// The labels' places in a checked label block, recorded by the check so that
+/// reading them does not walk the block a second time (that walk was a third
+/// of a full parse). `n == OVERFLOW`: not recorded, walk the block.
+#[derive(Clone, Copy, Debug, PartialEq)]
+struct Spans {
+    n: u8,
+    /// Per label: name start and end, raw value start and end.
+    at: [[u16; 4]; SPANS],
+}
+
+const OVERFLOW: u8 = u8::MAX;
+
+impl Spans {
+    const EMPTY: Self = Self {
+        n: 0,
+        at: [[0; 4]; SPANS],
+    };
 }
 
 impl<'a> Sample<'a> {
     /// The sample's labels as (name, value), values unescaped.
     pub fn labels(&self) -> Labels<'a> {
-        Labels { rest: self.labels }
+        Labels {
+            rest: self.labels,
+            block: self.labels,
+            spans: self.spans,
+            i: 0,
+        }
     }
 
     /// The value of label `name`, unescaped.
@@ -118,14 +148,23 @@ impl<'a> Sample<'a> {
 #[derive(Clone, Debug)]
 pub struct Labels<'a> {
     rest: &'a str,
+    block: &'a str,
+    spans: Spans,
+    i: usize,
 }
 
 impl<'a> Iterator for Labels<'a> {
     type Item = (&'a str, Cow<'a, str>);
 
     fn next(&mut self) -> Option<Self::Item> {
+        if self.spans.n != OVERFLOW {
+            let [ns, ne, vs, ve] = *self.spans.at[..usize::from(self.spans.n)].get(self.i)?;
+            self.i += 1;
+            let at = |a: u16, b: u16| self.block.get(usize::from(a)..usize::from(b));
+            return Some((at(ns, ne)?, unescape(at(vs, ve)?)));
+        }
         // The block was validated by `label_block`: walk it without checking
-        // again (the second walk of every label was a third of a full parse).
+        // again.
         let s = self.rest.trim_start_matches([' ', ',']);
         if s.is_empty() {
             return None;
@@ -293,20 +332,32 @@ pub(crate) fn unescape(raw: &str) -> Cow<'_, str> {
     Cow::Owned(out)
 }
 
-/// Checks a label block after its `{`; returns the block (without braces) and
-/// the rest after `}`. A quoted metric name inside the braces (Prometheus 3's
-/// `{"name", a="b"}`) is returned separately.
-fn label_block(s: &str) -> Result<(Option<&str>, &str, &str), &'static str> {
+/// Checks a label block after its `{`; returns the block (without braces), the
+/// labels' places in it, and the rest after `}`. A quoted metric name inside
+/// the braces (Prometheus 3's `{"name", a="b"}`) is returned separately.
+#[allow(clippy::type_complexity)]
+fn label_block(s: &str) -> Result<(Option<&str>, &str, Spans, &str), &'static str> {
     let mut rest = s;
     let mut quoted_name = None;
     let start = s;
     let mut first = true;
     let mut block_start = 0;
+    let mut spans = Spans::EMPTY;
+    // Offsets into `s`; made relative to the block at the end.
+    let offset = |part: &str| part.as_ptr() as usize - start.as_ptr() as usize;
     loop {
         rest = rest.trim_start_matches(' ');
         if let Some(after) = rest.strip_prefix('}') {
             let used = start.len() - rest.len();
-            return Ok((quoted_name, &start[block_start..used], after));
+            if spans.n != OVERFLOW {
+                for at in &mut spans.at[..usize::from(spans.n)] {
+                    for x in at.iter_mut() {
+                        // block_start <= every offset: a quoted name comes first.
+                        *x -= block_start as u16;
+                    }
+                }
+            }
+            return Ok((quoted_name, &start[block_start..used], spans, after));
         }
         if first && rest.starts_with('"') {
             // `{"name"` followed by `,` or `}` is a quoted metric name.
@@ -321,7 +372,24 @@ fn label_block(s: &str) -> Result<(Option<&str>, &str, &str), &'static str> {
             }
         }
         first = false;
-        let (_, _, after) = one_label(rest)?;
+        let (name, raw, after) = one_label(rest)?;
+        if usize::from(spans.n) < SPANS {
+            let (ns, vs) = (offset(name), offset(raw));
+            let ve = vs + raw.len();
+            if let (Ok(ns), Ok(ne), Ok(vs), Ok(ve)) = (
+                u16::try_from(ns),
+                u16::try_from(ns + name.len()),
+                u16::try_from(vs),
+                u16::try_from(ve),
+            ) {
+                spans.at[usize::from(spans.n)] = [ns, ne, vs, ve];
+                spans.n += 1;
+            } else {
+                spans.n = OVERFLOW;
+            }
+        } else {
+            spans.n = OVERFLOW;
+        }
         rest = after.trim_start_matches(' ');
         if let Some(after) = rest.strip_prefix(',') {
             rest = after;
@@ -334,6 +402,9 @@ fn label_block(s: &str) -> Result<(Option<&str>, &str, &str), &'static str> {
 /// A sample value: a float, `+Inf`, `-Inf` or `NaN` (any case, as Go's
 /// ParseFloat and the formats allow).
 fn value(s: &str) -> Option<f64> {
+    if let Some(v) = whole_number(s.as_bytes()) {
+        return Some(v);
+    }
     match s {
         "+Inf" | "Inf" | "+inf" | "inf" => return Some(f64::INFINITY),
         "-Inf" | "-inf" => return Some(f64::NEG_INFINITY),
@@ -350,6 +421,30 @@ fn value(s: &str) -> Option<f64> {
         return None;
     }
     s.parse().ok()
+}
+
+/// The value of `digits` or `digits.0...` up to 2^53 (counters, bucket
+/// counts, gauges like `3.0`: most of an exposition's values), exact, without
+/// the general float parser; `None` for anything else (the caller parses it).
+fn whole_number(b: &[u8]) -> Option<f64> {
+    let int_end = b
+        .iter()
+        .position(|c| !c.is_ascii_digit())
+        .unwrap_or(b.len());
+    if int_end == 0 || int_end > 15 {
+        return None;
+    }
+    match &b[int_end..] {
+        [] => {}
+        [b'.', zeros @ ..] if zeros.iter().all(|c| *c == b'0') => {}
+        _ => return None,
+    }
+    let mut n: u64 = 0;
+    for c in &b[..int_end] {
+        n = n * 10 + u64::from(c - b'0');
+    }
+    // < 10^15 < 2^53: every such integer is an f64 exactly.
+    Some(n as f64)
 }
 
 /// Walks `text`, calling `each` for every `# TYPE` line and every wanted sample.
@@ -408,8 +503,8 @@ pub fn parse<'a>(
         if !name.is_empty() && !wanted.wants(name) {
             continue;
         }
-        let (name, labels, rest) = if let Some(block) = rest.strip_prefix('{') {
-            let (quoted_name, labels, rest) = label_block(block)
+        let (name, labels, spans, rest) = if let Some(block) = rest.strip_prefix('{') {
+            let (quoted_name, labels, spans, rest) = label_block(block)
                 .map_err(|w| err(line_no, format!("{w}: {:?}", truncate(line))))?;
             let name = match (name, quoted_name) {
                 ("", Some(q)) => {
@@ -422,9 +517,9 @@ pub fn parse<'a>(
                 (n, None) => n,
                 (_, Some(_)) => return Err(err(line_no, "two metric names")),
             };
-            (name, labels, rest)
+            (name, labels, spans, rest)
         } else {
-            (name, "", rest)
+            (name, "", Spans::EMPTY, rest)
         };
         if !rest.starts_with([' ', '\t']) {
             return Err(err(
@@ -439,6 +534,7 @@ pub fn parse<'a>(
         each(Event::Sample(Sample {
             name,
             labels,
+            spans,
             value,
         }));
     }
@@ -456,6 +552,63 @@ fn truncate(s: &str) -> &str {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn labels_read_from_recorded_places_and_past_them_alike() {
+        // 2 labels (recorded), a quoted metric and label name, an escaped
+        // value, and 10 labels (more than are recorded: walked again).
+        let many: String = (0..10)
+            .map(|i| format!("l{i}=\"v{i}\""))
+            .collect::<Vec<_>>()
+            .join(", ");
+        let text = format!(
+            "a{{x=\"1\",y = \"two\"}} 1\n{{\"b.c\", \"k.1\"=\"q\\\"q\", z=\"\"}} 2\nd{{{many}}} 3\n"
+        );
+        let (_, samples) = all(&text);
+        assert_eq!(
+            samples[0].1,
+            [("x".into(), "1".into()), ("y".into(), "two".into())]
+        );
+        assert_eq!(samples[1].0, "b.c");
+        assert_eq!(
+            samples[1].1,
+            [("k.1".into(), "q\"q".into()), ("z".into(), String::new())]
+        );
+        let want: Vec<(String, String)> = (0..10)
+            .map(|i| (format!("l{i}"), format!("v{i}")))
+            .collect();
+        assert_eq!(samples[2].1, want);
+    }
+
+    #[test]
+    fn whole_numbers_read_exactly_as_the_float_parser_reads_them() {
+        for v in [
+            "0",
+            "7",
+            "12.0",
+            "12.",
+            "1234567890123.000",
+            "999999999999999",
+        ] {
+            assert_eq!(whole_number(v.as_bytes()), v.parse::<f64>().ok(), "{v}");
+        }
+        for v in [
+            "",
+            "1.5",
+            "1e3",
+            "-1",
+            "+1",
+            "1.0e2",
+            "1234567890123456",
+            ".5",
+            "1_0",
+        ] {
+            assert_eq!(whole_number(v.as_bytes()), None, "{v}");
+        }
+        assert_eq!(value("1.5"), Some(1.5));
+        assert_eq!(value("-3"), Some(-3.0));
+        assert_eq!(value("1e3"), Some(1000.0));
+    }
 
     type Owned = (
         Vec<(String, Kind)>,
