@@ -84,8 +84,13 @@ fn check_user_space(
     cg: &Cgroup,
     expected: &Owner,
 ) -> Attribution {
+    // The tracker's own answer: a pid it does not know yet is read from
+    // /proc on the spot (backend procfs), which would end the wait before the
+    // probe's events are applied.
     let got = wait_for(SETTLE, || {
-        engine.resolve(pid).filter(|a| *a.cgroup_path == *cg.path)
+        engine
+            .resolve(pid)
+            .filter(|a| *a.cgroup_path == *cg.path && a.backend == Backend::Ebpf)
     })
     .unwrap_or_else(|| {
         panic!(
@@ -222,6 +227,11 @@ async fn probe_loads_and_attaches_on_this_kernel() {
     );
     // Seeded from /proc: this test process resolves, as the host's.
     let me = engine.resolve(std::process::id()).expect("own pid seeded");
+    assert_eq!(
+        me.backend,
+        Backend::Ebpf,
+        "the tracker's seed, not the on-the-spot /proc lookup"
+    );
     let procfs = ProcfsAttributor::new(Duration::from_secs(1))
         .resolve(std::process::id())
         .expect("own pid via procfs");
@@ -658,7 +668,7 @@ async fn check_async(engine: &EbpfAttributor, pid: u32, cg: &Cgroup, expected: &
     let deadline = Instant::now() + SETTLE;
     let got = loop {
         match engine.resolve(pid) {
-            Some(a) if *a.cgroup_path == *cg.path => break a,
+            Some(a) if *a.cgroup_path == *cg.path && a.backend == Backend::Ebpf => break a,
             last if Instant::now() >= deadline => {
                 panic!("pid {pid} never resolved to {}; last: {last:?}", cg.path)
             }
