@@ -1014,9 +1014,10 @@ async fn an_unattributed_gpu_process_makes_pods_without_processes_unavailable_no
          [[gpu.process]]\npid = 21\nsm_util = 30\nused_memory_mib = 100\n\
          [[gpu.process]]\npid = 22\nsm_util = 30\nused_memory_mib = 100\n",
     );
-    // 21 is pod a's; 22 is no one's the attributor knows (the probe missed
-    // it and /proc has no such pid): it may be pod b's.
+    // 21 is pod a's; 22 is a live process no one can attribute: it may be
+    // pod b's.
     let node = serve(&fake, &[21], &[]).await;
+    node.attributor.alive_unknown(22);
     let err = get(&node, &[("metric", "memory_used_mib")])
         .await
         .expect_err("pod b may own pid 22: not 0");

@@ -804,14 +804,22 @@ pub fn join(
                 board.split.no_pod += f;
             }
             if why == Unowned::UnknownPid {
-                unresolved.push((dev, usage.pids.clone()));
+                let alive: Vec<u32> = usage
+                    .pids
+                    .iter()
+                    .copied()
+                    .filter(|pid| attributor.unresolved_alive(*pid))
+                    .collect();
+                if !alive.is_empty() {
+                    unresolved.push((dev, alive));
+                }
             }
             unowned.push(UnownedUsage { why, usage });
         }
     }
-    // A GPU process no one could attribute (not in the probe's table, and
-    // /proc/<pid>/cgroup unreadable: it is exiting, or the daemon does not
-    // share the host's pid namespace) may be any local pod's. A pod that
+    // A live GPU process no one could attribute (not in the probe's table,
+    // and /proc/<pid>/cgroup unreadable or not a cgroup v2 path) may be any
+    // local pod's; a gone one (NVML lags exits) is no one's. A pod that
     // shows no GPU process would read 0, and a 0 scales a workload away:
     // its GPU figures are UNAVAILABLE with the reason instead, until the
     // process is attributed or gone. Pods with attributed processes keep
@@ -823,7 +831,7 @@ pub fn join(
             }
             for (dev, pids) in &unresolved {
                 let why: Arc<str> = format!(
-                    "GPU {} runs processes {pids:?} that could not be attributed to a pod yet (not reported by the probe, /proc unreadable); this pod may own them",
+                    "GPU {} runs processes {pids:?} that could not be attributed to a pod yet (live, but not reported by the probe and /proc/<pid>/cgroup names no cgroup v2 path); this pod may own them",
                     dev.index
                 )
                 .into();
@@ -972,12 +980,16 @@ pub(crate) mod tests {
         gpu::{GpuProcess, GpuSnapshot, ProcessKind},
     };
 
-    /// A hand-written attributor: a fixed pid -> owner table.
+    /// A hand-written attributor: a fixed pid -> owner table; pids not in
+    /// it are gone.
     pub struct Table(pub HashMap<u32, Attribution>);
 
     impl Attributor for Table {
         fn resolve(&self, pid: u32) -> Option<Attribution> {
             self.0.get(&pid).cloned()
+        }
+        fn unresolved_alive(&self, _: u32) -> bool {
+            false
         }
         fn backend(&self) -> Backend {
             Backend::Procfs
@@ -1069,6 +1081,47 @@ pub(crate) mod tests {
         ]))
     }
 
+    /// [`Table`], but every pid it does not know is alive.
+    struct AliveUnknowns(Table);
+
+    impl Attributor for AliveUnknowns {
+        fn resolve(&self, pid: u32) -> Option<Attribution> {
+            self.0.resolve(pid)
+        }
+        fn unresolved_alive(&self, _: u32) -> bool {
+            true
+        }
+        fn backend(&self) -> Backend {
+            Backend::Procfs
+        }
+    }
+
+    #[test]
+    fn a_live_unattributed_process_makes_pods_without_processes_unavailable() {
+        let pods = PodSet::from_pods([pod("a"), pod("idle")], Some("n1".into()), "t");
+        let st = status(vec![
+            device(0, 300.0, vec![proc(10, 30, 10, 1000)]),
+            device(1, 100.0, vec![proc(99, 20, 0, 7)]),
+        ]);
+        let snap = join(&st, &pods, &AliveUnknowns(table()), SystemTime::UNIX_EPOCH);
+        // "idle" shows no process, so live pid 99 may be its: not 0.
+        let idle = &snap.pods["idle"].gpus;
+        assert_eq!(idle.len(), 1, "{idle:?}");
+        assert_eq!(idle[0].gpu_index, 1);
+        assert!(idle[0].pids.is_empty());
+        let why = idle[0].sm_util.reason().expect("unavailable");
+        assert!(why.contains("[99]") && why.contains("GPU 1"), "{why}");
+        assert!(idle[0].memory_used_mib.reason().is_some());
+        assert!(idle[0].power_w.reason().is_some());
+        // "a" has its own process: its figures stand.
+        let a = &snap.pods["a"].gpus;
+        assert_eq!(a.len(), 1);
+        assert_eq!(a[0].sm_util, Reading::Ok(30.0));
+        // The same pid gone: no one's, "idle" uses no GPU.
+        let snap = join(&st, &pods, &table(), SystemTime::UNIX_EPOCH);
+        assert!(snap.pods["idle"].gpus.is_empty());
+    }
+
     #[test]
     fn joins_pods_gpus_and_power() {
         let pods = PodSet::from_pods([pod("a"), pod("b"), pod("idle")], Some("n1".into()), "t");
@@ -1096,16 +1149,8 @@ pub(crate) mod tests {
         let snap = join(&st, &pods, &table(), SystemTime::UNIX_EPOCH);
         assert!(snap.gpu_error.is_none());
         assert_eq!(snap.pods.len(), 3);
-        // Pid 99 on GPU 1 is no one's the attributor knows: "idle" shows no
-        // process, so it may be its; its figures are unavailable, not 0.
-        let idle = &snap.pods["idle"].gpus;
-        assert_eq!(idle.len(), 1, "{idle:?}");
-        assert_eq!(idle[0].gpu_index, 1);
-        assert!(idle[0].pids.is_empty());
-        let why = idle[0].sm_util.reason().expect("unavailable");
-        assert!(why.contains("[99]") && why.contains("GPU 1"), "{why}");
-        assert!(idle[0].memory_used_mib.reason().is_some());
-        assert!(idle[0].power_w.reason().is_some());
+        // Pid 99 is gone (the table does not know it): no one's.
+        assert!(snap.pods["idle"].gpus.is_empty());
 
         let a = &snap.pods["a"].gpus;
         assert_eq!(a.len(), 1);

@@ -27,10 +27,12 @@ use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tonic::transport::Channel;
 
-/// An `Attributor` answering from a table the test edits.
+/// An `Attributor` answering from a table the test edits; a pid not in it is
+/// gone, unless [`TableAttributor::alive_unknown`] says it lives.
 #[derive(Default)]
 pub struct TableAttributor {
     table: RwLock<HashMap<u32, Attribution>>,
+    alive: RwLock<std::collections::HashSet<u32>>,
 }
 
 impl TableAttributor {
@@ -58,6 +60,11 @@ impl TableAttributor {
             .insert(pid, attribution);
     }
 
+    /// Makes `pid` a live process no one can attribute (not in the table).
+    pub fn alive_unknown(&self, pid: u32) {
+        self.alive.write().expect("attributor lock").insert(pid);
+    }
+
     /// Makes `pid` a host process (no pod).
     pub fn assign_host(&self, pid: u32) {
         let attribution = Attribution {
@@ -80,6 +87,9 @@ impl Attributor for TableAttributor {
             .expect("attributor lock")
             .get(&pid)
             .cloned()
+    }
+    fn unresolved_alive(&self, pid: u32) -> bool {
+        self.alive.read().expect("attributor lock").contains(&pid)
     }
     fn backend(&self) -> Backend {
         Backend::Procfs

@@ -107,6 +107,15 @@ pub trait Attributor: Send + Sync + 'static {
     /// longer ago than the grace period).
     fn resolve(&self, pid: u32) -> Option<Attribution>;
 
+    /// Whether `pid`, which [`Attributor::resolve`] does not know, is a live
+    /// process: its GPU use may then be any pod's. A pid that is gone is no
+    /// one's: NVML goes on listing a process for a while after it exits, and
+    /// after the exit grace period those samples count for no pod. Called only
+    /// for the few GPU processes no one could attribute.
+    fn unresolved_alive(&self, pid: u32) -> bool {
+        std::path::Path::new(&format!("/proc/{pid}")).exists()
+    }
+
     fn backend(&self) -> Backend;
 
     /// Table sizes and loss counters, for diagnostics and benchmarks.
