@@ -168,22 +168,29 @@ async fn get(
     if status != http::StatusCode::OK {
         return Err(format!("{addr}{path} answered {status}"));
     }
-    if let Some(len) = resp
+    let declared = resp
         .headers()
         .get(http::header::CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.parse::<usize>().ok())
+        .and_then(|v| v.parse::<usize>().ok());
+    if let Some(len) = declared
         && len > limit
     {
         return Err(format!(
             "{addr}{path}: body of {len} bytes is over the {limit}-byte limit"
         ));
     }
-    let body = Limited::new(resp.into_body(), limit)
-        .collect()
-        .await
-        .map_err(|e| format!("{addr}{path}: reading the body: {e}"))?;
-    Ok(body.to_bytes())
+    // Frames straight into one buffer of the declared size: collecting them
+    // and then joining copied every body twice and allocated it twice.
+    let mut body = Limited::new(resp.into_body(), limit);
+    let mut buf = Vec::with_capacity(declared.unwrap_or(0));
+    while let Some(frame) = body.frame().await {
+        let frame = frame.map_err(|e| format!("{addr}{path}: reading the body: {e}"))?;
+        if let Ok(data) = frame.into_data() {
+            buf.extend_from_slice(&data);
+        }
+    }
+    Ok(Bytes::from(buf))
 }
 
 fn error_chain(e: &dyn std::error::Error) -> String {
@@ -366,7 +373,9 @@ impl Scraper {
             });
             let at = Instant::now();
             let result = r.and_then(|body| {
-                let text = std::str::from_utf8(&body)
+                // SIMD validation: a 100 KB body checked with std's was 2 % of
+                // the daemon's time with 100 engines.
+                let text = simdutf8::basic::from_utf8(&body)
                     .map_err(|e| format!("{}{}: not UTF-8 text: {e}", k.addr, k.path))?;
                 let sel: Vec<&SeriesSelector> = wanted.iter().collect();
                 Scrape::new(at, text, &sel)
