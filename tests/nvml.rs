@@ -918,14 +918,7 @@ fn mock_and_nvml_answer_alike_for_one_scenario() {
 /// A daemon reading the fake NVML every 50 ms, with pods `a` (uid `ua`) and
 /// `b` (`ub`) labelled app=x in namespace ml, owning `pids_a` and `pids_b`.
 async fn serve(fake: &FakeNvml, pids_a: &[u32], pids_b: &[u32]) -> Node {
-    let poll = Duration::from_millis(50);
-    let gpu = gpu::start(gpu::Config {
-        source: gpu::SourceKind::Nvml,
-        nvml_lib: Some(fake.lib_path().to_path_buf()),
-        scenario: None,
-        poll_interval: poll,
-    });
-    let node = Node::start_with_sources(poll, None, None, Some(gpu)).await;
+    let node = Node::start_with_nvml(Duration::from_millis(50), fake.lib_path()).await;
     node.set_pods(vec![
         pod("ml", "a", "ua", &[("app", "x")]),
         pod("ml", "b", "ub", &[("app", "x")]),

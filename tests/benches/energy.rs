@@ -22,7 +22,6 @@ use std::{
     time::{Duration, Instant},
 };
 
-use gpu_scaler::gpu;
 use gpu_scaler_tests::{
     fake_nvml::FakeNvml,
     scaler::{Node, pod},
@@ -168,13 +167,7 @@ async fn main() {
         .and_then(|s| s.parse().ok())
         .unwrap_or(60);
     let fake = FakeNvml::new(&scenario(0));
-    let gpu = gpu::start(gpu::Config {
-        source: gpu::SourceKind::Nvml,
-        nvml_lib: Some(fake.lib_path().to_path_buf()),
-        scenario: None,
-        poll_interval: POLL,
-    });
-    let node = Node::start_with_sources(POLL, None, None, Some(gpu)).await;
+    let node = Node::start_with_nvml(POLL, fake.lib_path()).await;
     node.set_pods(vec![
         pod("ml", "a", "ua", &[("app", "x")]),
         pod("ml", "b", "ub", &[("app", "x")]),

@@ -189,6 +189,18 @@ impl Node {
         Self::start_with_sources(poll_interval, tls, pods, None).await
     }
 
+    /// As [`Node::start`], with GPU passes from the real NVML code loading
+    /// `nvml_lib` (the fake libnvidia-ml.so) every `poll_interval`.
+    pub async fn start_with_nvml(poll_interval: Duration, nvml_lib: &std::path::Path) -> Node {
+        let gpu = gpu_scaler::gpu::start(gpu_scaler::gpu::Config {
+            source: gpu_scaler::gpu::SourceKind::Nvml,
+            nvml_lib: Some(nvml_lib.to_path_buf()),
+            scenario: None,
+            poll_interval,
+        });
+        Self::start_with_sources(poll_interval, None, None, Some(gpu)).await
+    }
+
     /// As [`Node::start`], with pods and/or GPU passes from real sources (the
     /// pods file; `gpu_scaler::gpu::start`, e.g. the mock scenario source)
     /// instead of [`Node::set_pods`] / [`Node::set_gpus`], which then have no
