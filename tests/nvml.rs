@@ -8,9 +8,12 @@ use std::{
     time::{Duration, Instant},
 };
 
-use gpu_scaler::gpu::{
-    self, GpuDevice, GpuProcess, GpuSnapshot, GpuSource, GpuStatus, ProcessKind, Reading,
-    nvml::NvmlSource,
+use gpu_scaler::{
+    gpu::{
+        self, GpuDevice, GpuProcess, GpuSnapshot, GpuSource, GpuStatus, ProcessKind,
+        nvml::NvmlSource,
+    },
+    snapshot::Reading,
 };
 use gpu_scaler_tests::{
     fake_nvml::FakeNvml,
@@ -1337,7 +1340,7 @@ async fn keda_sees_power_from_the_energy_counter() {
     let snap = loop {
         let snap = node.snapshots().borrow().clone();
         if snap.gpus.first().and_then(|g| g.power_source)
-            == Some(gpu_scaler::sampler::PowerSource::EnergyCounter)
+            == Some(gpu_scaler::snapshot::PowerSource::EnergyCounter)
         {
             break snap;
         }

@@ -4,7 +4,6 @@
 use std::{collections::HashMap, time::Duration};
 
 use gpu_scaler::{
-    gpu::Reading,
     scaler::{
         hpa::{self, Policy, TargetType},
         proto::{
@@ -13,6 +12,7 @@ use gpu_scaler::{
         },
         server::Tls,
     },
+    snapshot::Reading,
 };
 use gpu_scaler_tests::scaler::{Node, device, pod, process};
 use tonic::{Code, Status, transport::Channel};

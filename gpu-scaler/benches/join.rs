@@ -14,9 +14,10 @@ use std::{
 
 use gpu_scaler::{
     attribution::{Attribution, Attributor, Backend, Owner, PodIdentity, QosClass, Runtime},
-    gpu::{GpuDevice, GpuProcess, GpuSnapshot, GpuStatus, ProcessKind, Reading},
+    gpu::{GpuDevice, GpuProcess, GpuSnapshot, GpuStatus, ProcessKind},
+    join,
     pods::{PodSet, file},
-    sampler,
+    snapshot::Reading,
     telemetry::metrics::{self, Metrics, Sources},
 };
 
@@ -159,7 +160,7 @@ fn main() {
     let mut bytes = 0;
     for _ in 0..iters {
         let t = Instant::now();
-        let snap = sampler::join(&status, &pods, &table, SystemTime::now());
+        let snap = join::join(&status, &pods, &table, SystemTime::now());
         join_t.push(t.elapsed());
         let t = Instant::now();
         let out = metrics::render(&snap, &Sources::node(&metrics), SystemTime::now());
@@ -172,7 +173,7 @@ fn main() {
         PODS as usize * CONTAINERS.len()
     );
     println!(
-        "  join (sampler::join)        median {:>8.1} µs",
+        "  join (join::join)        median {:>8.1} µs",
         median(join_t).as_secs_f64() * 1e6
     );
     println!(

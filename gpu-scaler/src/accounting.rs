@@ -31,8 +31,8 @@ use std::{
 use serde::Serialize;
 
 use crate::{
-    gpu::Reading,
-    sampler::{EnergySplit, NodeSnapshot, PodUsage},
+    snapshot::Reading,
+    snapshot::{EnergySplit, NodeSnapshot, PodUsage},
 };
 
 /// At most this SM utilization counts as idle, percent.
@@ -380,11 +380,11 @@ mod tests {
     use super::*;
     use crate::{
         gpu::{DeviceCounters, GpuDevice, GpuProcess},
-        pods::PodSet,
-        sampler::{
+        join::{
             join,
             tests::{device, pod, proc, status, table},
         },
+        pods::PodSet,
     };
 
     /// GPU 0 at `mj` on its counter with processes of a (pids 10, 11), b (20)

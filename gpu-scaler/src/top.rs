@@ -8,10 +8,10 @@
 
 use std::{fmt::Write as _, time::SystemTime};
 
-use serde::Serialize;
+use serde::{Deserialize as _, Serialize};
 use serde_json::Value;
 
-use crate::sampler::NodeSnapshot;
+use crate::snapshot::{NodeSnapshot, Reading};
 
 /// Errors building a view.
 #[derive(Debug, thiserror::Error)]
@@ -137,99 +137,203 @@ pub struct View {
     pub idle_after_s: Option<f64>,
 }
 
-fn shape(what: &str) -> Error {
-    Error::Shape(what.to_owned())
+/// The node snapshot as the daemon serves it (`/v1/snapshot`: a
+/// [`NodeSnapshot`] with the engines beside it), the parts `top` shows. A part
+/// a daemon of another version does not send is `None` or empty, never zero.
+mod served {
+    use std::{collections::BTreeMap, time::SystemTime};
+
+    use serde::Deserialize;
+
+    use crate::snapshot::Reading;
+
+    /// A figure some daemons do not send.
+    pub type Figure<T> = Option<Reading<T>>;
+
+    #[derive(Deserialize)]
+    pub struct Node {
+        pub samples_taken_at: Option<SystemTime>,
+        pub gpu_error: Option<String>,
+        pub node_name: Option<String>,
+        pub attribution: Option<String>,
+        pub gpus: Vec<Gpu>,
+        pub pods: Vec<PodEntry>,
+        pub unowned: Vec<Unowned>,
+        pub accounts: Option<Accounts>,
+        /// Only a daemon's /v1/snapshot has engines (a local view reads none).
+        #[serde(default)]
+        pub engines: Vec<Engine>,
+    }
+
+    #[derive(Deserialize)]
+    pub struct Gpu {
+        pub index: u32,
+        pub uuid: String,
+        pub name: String,
+        #[serde(default)]
+        pub sm_util: Figure<f64>,
+        #[serde(default)]
+        pub memory_used_mib: Figure<u64>,
+        #[serde(default)]
+        pub memory_total_mib: Figure<u64>,
+        #[serde(default)]
+        pub power_w: Figure<f64>,
+        #[serde(default)]
+        pub temperature_c: Figure<u64>,
+    }
+
+    #[derive(Deserialize)]
+    pub struct PodEntry {
+        pub pod: Pod,
+        pub gpus: Vec<Usage>,
+        /// A daemon from before the split sends none.
+        #[serde(default)]
+        pub containers: Vec<Container>,
+    }
+
+    #[derive(Deserialize)]
+    pub struct Pod {
+        pub uid: String,
+        pub namespace: String,
+        pub name: String,
+    }
+
+    #[derive(Deserialize)]
+    pub struct Usage {
+        pub gpu_index: u32,
+        #[serde(default)]
+        pub pids: Vec<u32>,
+        #[serde(default)]
+        pub sm_util: Figure<f64>,
+        #[serde(default)]
+        pub memory_used_mib: Figure<u64>,
+        #[serde(default)]
+        pub power_w: Figure<f64>,
+    }
+
+    /// A `ContainerUsage`: its role, and its name for a container.
+    #[derive(Deserialize)]
+    pub struct Container {
+        pub role: Option<String>,
+        pub name: Option<String>,
+    }
+
+    #[derive(Deserialize)]
+    pub struct Unowned {
+        pub usage: Usage,
+    }
+
+    #[derive(Deserialize)]
+    pub struct Accounts {
+        #[serde(default)]
+        pub pod_energy: Vec<PodEnergy>,
+        #[serde(default)]
+        pub holders: Vec<Holder>,
+        pub idle_sm_percent: Option<f64>,
+        pub idle_after_s: Option<f64>,
+    }
+
+    #[derive(Deserialize)]
+    pub struct PodEnergy {
+        pub pod_uid: String,
+        pub joules: f64,
+    }
+
+    #[derive(Deserialize)]
+    pub struct Holder {
+        pub namespace: String,
+        pub pod: String,
+        pub gpu: u32,
+        pub memory_used_mib: u64,
+        pub sm_percent: f64,
+        pub idle_s: f64,
+        pub idle: bool,
+    }
+
+    #[derive(Deserialize)]
+    pub struct Engine {
+        pub namespace: String,
+        pub pod: String,
+        pub endpoint: String,
+        pub path: String,
+        pub error: Option<String>,
+        #[serde(default)]
+        pub figures: BTreeMap<String, Reading<f64>>,
+    }
 }
 
-/// A `Reading` as serialized (`{"ok": v}` or `{"unavailable": why}`).
-fn reading(v: &Value) -> Option<&Value> {
-    v.get("ok")
+/// The figure of a reading some daemons do not send; `None` when it is
+/// missing or was not read.
+fn figure<T: Copy>(r: &served::Figure<T>) -> Option<T> {
+    r.as_ref().and_then(Reading::ok)
 }
 
-fn reading_f64(v: &Value) -> Option<f64> {
-    reading(v).and_then(Value::as_f64)
-}
-
-fn reading_u64(v: &Value) -> Option<u64> {
-    reading(v).and_then(Value::as_u64)
-}
-
-fn str_of(v: &Value, key: &str) -> Result<String> {
-    v.get(key)
-        .and_then(Value::as_str)
-        .map(str::to_owned)
-        .ok_or_else(|| shape(&format!("no string {key:?}")))
-}
-
-fn array<'a>(v: &'a Value, key: &str) -> Result<&'a Vec<Value>> {
-    v.get(key)
-        .and_then(Value::as_array)
-        .ok_or_else(|| shape(&format!("no list {key:?}")))
-}
-
-fn add<T: std::ops::Add<Output = T>>(acc: Option<T>, next: Option<T>) -> Option<T> {
-    acc.zip(next).map(|(a, b)| a + b)
+/// Sums a figure over usages: `None` as soon as one is unknown.
+fn total<T: Copy + std::ops::Add<Output = T>>(
+    usages: &[served::Usage],
+    f: impl Fn(&served::Usage) -> &served::Figure<T>,
+) -> Option<T> {
+    let mut sum = None;
+    for u in usages {
+        let r = f(u)
+            .clone()
+            .unwrap_or_else(|| Reading::unavailable("not sent"));
+        Reading::accumulate(&mut sum, &r);
+    }
+    sum.and_then(|s| s.ok())
 }
 
 impl View {
     /// The view of a snapshot as the daemon serializes it, at `now`.
     pub fn from_json(snap: &Value, sort: SortKey, now: SystemTime) -> Result<Self> {
-        let samples_age_ms = match snap.get("samples_taken_at") {
-            None | Some(Value::Null) => None,
-            Some(t) => {
-                let t: SystemTime = serde_json::from_value(t.clone())?;
-                Some(now.duration_since(t).unwrap_or_default().as_millis())
-            }
-        };
-        let mut devices = Vec::new();
-        for g in array(snap, "gpus")? {
-            devices.push(DeviceRow {
-                index: g
-                    .get("index")
-                    .and_then(Value::as_u64)
-                    .and_then(|i| u32::try_from(i).ok())
-                    .ok_or_else(|| shape("a GPU without an index"))?,
-                uuid: str_of(g, "uuid")?,
-                name: str_of(g, "name")?,
-                sm_percent: g.get("sm_util").and_then(reading_f64),
-                memory_used_mib: g.get("memory_used_mib").and_then(reading_u64),
-                memory_total_mib: g.get("memory_total_mib").and_then(reading_u64),
-                power_w: g.get("power_w").and_then(reading_f64),
-                temperature_c: g.get("temperature_c").and_then(reading_u64),
+        let snap = served::Node::deserialize(snap).map_err(|e| Error::Shape(e.to_string()))?;
+        let samples_age_ms = snap
+            .samples_taken_at
+            .map(|t| now.duration_since(t).unwrap_or_default().as_millis());
+        let mut devices: Vec<DeviceRow> = snap
+            .gpus
+            .iter()
+            .map(|g| DeviceRow {
+                index: g.index,
+                uuid: g.uuid.clone(),
+                name: g.name.clone(),
+                sm_percent: figure(&g.sm_util),
+                memory_used_mib: figure(&g.memory_used_mib),
+                memory_total_mib: figure(&g.memory_total_mib),
+                power_w: figure(&g.power_w),
+                temperature_c: figure(&g.temperature_c),
                 pods: 0,
                 unattributed_processes: 0,
-            });
-        }
+            })
+            .collect();
         let mut pods = Vec::new();
-        for p in array(snap, "pods")? {
-            let pod = p
-                .get("pod")
-                .ok_or_else(|| shape("a pod entry without pod"))?;
-            let usages = array(p, "gpus")?;
-            if usages.is_empty() {
+        for p in &snap.pods {
+            if p.gpus.is_empty() {
                 continue;
             }
-            let mut row = PodRow {
-                namespace: str_of(pod, "namespace")?,
-                pod: str_of(pod, "name")?,
-                uid: str_of(pod, "uid")?,
-                gpus: Vec::new(),
-                sm_percent: Some(0.0),
-                memory_used_mib: Some(0),
-                power_w: Some(0.0),
+            let mut gpus: Vec<u32> = p.gpus.iter().map(|u| u.gpu_index).collect();
+            for u in &p.gpus {
+                if let Some(d) = devices.iter_mut().find(|d| d.index == u.gpu_index) {
+                    d.pods += 1;
+                }
+            }
+            gpus.sort_unstable();
+            pods.push(PodRow {
+                namespace: p.pod.namespace.clone(),
+                pod: p.pod.name.clone(),
+                uid: p.pod.uid.clone(),
+                gpus,
+                sm_percent: total(&p.gpus, |u| &u.sm_util),
+                memory_used_mib: total(&p.gpus, |u| &u.memory_used_mib),
+                power_w: total(&p.gpus, |u| &u.power_w),
                 energy_j: None,
-                processes: 0,
-                // A daemon from before the split sends none.
+                processes: p.gpus.iter().map(|u| u.pids.len()).sum(),
                 containers: p
-                    .get("containers")
-                    .and_then(Value::as_array)
-                    .map_or(&[][..], Vec::as_slice)
+                    .containers
                     .iter()
                     .map(|c| {
-                        match c.get("role").and_then(Value::as_str) {
-                            Some("container") => {
-                                c.get("name").and_then(Value::as_str).unwrap_or("?")
-                            }
+                        match c.role.as_deref() {
+                            Some("container") => c.name.as_deref().unwrap_or("?"),
                             Some("sandbox") => "(sandbox)",
                             Some("pod_cgroup") => "(no container)",
                             _ => "?",
@@ -237,134 +341,60 @@ impl View {
                         .to_owned()
                     })
                     .collect(),
-            };
-            for u in usages {
-                let index = u
-                    .get("gpu_index")
-                    .and_then(Value::as_u64)
-                    .and_then(|i| u32::try_from(i).ok())
-                    .ok_or_else(|| shape("a usage without gpu_index"))?;
-                row.gpus.push(index);
-                row.sm_percent = add(row.sm_percent, u.get("sm_util").and_then(reading_f64));
-                row.memory_used_mib = add(
-                    row.memory_used_mib,
-                    u.get("memory_used_mib").and_then(reading_u64),
-                );
-                row.power_w = add(row.power_w, u.get("power_w").and_then(reading_f64));
-                row.processes += u.get("pids").and_then(Value::as_array).map_or(0, Vec::len);
-                if let Some(d) = devices.iter_mut().find(|d| d.index == index) {
-                    d.pods += 1;
-                }
-            }
-            row.gpus.sort_unstable();
-            pods.push(row);
-        }
-        for u in array(snap, "unowned")? {
-            let usage = u
-                .get("usage")
-                .ok_or_else(|| shape("unowned without usage"))?;
-            let index = usage.get("gpu_index").and_then(Value::as_u64);
-            let n = usage
-                .get("pids")
-                .and_then(Value::as_array)
-                .map_or(0, Vec::len);
-            if let Some(d) = devices
-                .iter_mut()
-                .find(|d| Some(u64::from(d.index)) == index)
-            {
-                d.unattributed_processes += n;
-            }
-        }
-        let accounts = snap.get("accounts");
-        for e in accounts
-            .and_then(|a| a.get("pod_energy"))
-            .and_then(Value::as_array)
-            .into_iter()
-            .flatten()
-        {
-            let uid = e.get("pod_uid").and_then(Value::as_str);
-            let j = e.get("joules").and_then(Value::as_f64);
-            if let Some(row) = pods.iter_mut().find(|p| Some(p.uid.as_str()) == uid) {
-                row.energy_j = Some(row.energy_j.unwrap_or(0.0) + j.unwrap_or(0.0));
-            }
-        }
-        let mut holders = Vec::new();
-        for h in accounts
-            .and_then(|a| a.get("holders"))
-            .and_then(Value::as_array)
-            .into_iter()
-            .flatten()
-        {
-            holders.push(HolderRow {
-                namespace: str_of(h, "namespace")?,
-                pod: str_of(h, "pod")?,
-                gpu: h
-                    .get("gpu")
-                    .and_then(Value::as_u64)
-                    .and_then(|i| u32::try_from(i).ok())
-                    .ok_or_else(|| shape("a holder without gpu"))?,
-                memory_used_mib: h
-                    .get("memory_used_mib")
-                    .and_then(Value::as_u64)
-                    .unwrap_or(0),
-                sm_percent: h.get("sm_percent").and_then(Value::as_f64).unwrap_or(0.0),
-                idle_s: h.get("idle_s").and_then(Value::as_f64).unwrap_or(0.0),
-                idle: h.get("idle").and_then(Value::as_bool).unwrap_or(false),
             });
         }
+        for u in &snap.unowned {
+            if let Some(d) = devices.iter_mut().find(|d| d.index == u.usage.gpu_index) {
+                d.unattributed_processes += u.usage.pids.len();
+            }
+        }
+        let accounts = snap.accounts.as_ref();
+        for e in accounts.map_or(&[][..], |a| &a.pod_energy) {
+            if let Some(row) = pods.iter_mut().find(|p| p.uid == e.pod_uid) {
+                row.energy_j = Some(row.energy_j.unwrap_or(0.0) + e.joules);
+            }
+        }
+        let mut holders: Vec<HolderRow> = accounts
+            .map_or(&[][..], |a| &a.holders)
+            .iter()
+            .map(|h| HolderRow {
+                namespace: h.namespace.clone(),
+                pod: h.pod.clone(),
+                gpu: h.gpu,
+                memory_used_mib: h.memory_used_mib,
+                sm_percent: h.sm_percent,
+                idle_s: h.idle_s,
+                idle: h.idle,
+            })
+            .collect();
         holders.sort_by(|a, b| {
             b.idle_s
                 .total_cmp(&a.idle_s)
                 .then_with(|| (&a.namespace, &a.pod, a.gpu).cmp(&(&b.namespace, &b.pod, b.gpu)))
         });
-        // Only a daemon's /v1/snapshot has engines (a local view reads none).
-        let mut engines = Vec::new();
-        for e in snap
-            .get("engines")
-            .and_then(Value::as_array)
-            .into_iter()
-            .flatten()
-        {
-            engines.push(EngineRow {
-                namespace: str_of(e, "namespace")?,
-                pod: str_of(e, "pod")?,
-                endpoint: format!("{}{}", str_of(e, "endpoint")?, str_of(e, "path")?),
-                error: e.get("error").and_then(Value::as_str).map(Into::into),
-                figures: e
-                    .get("figures")
-                    .and_then(Value::as_object)
-                    .into_iter()
-                    .flatten()
-                    .map(|(k, v)| (k.clone(), reading_f64(v)))
-                    .collect(),
-            });
-        }
+        let engines = snap
+            .engines
+            .iter()
+            .map(|e| EngineRow {
+                namespace: e.namespace.clone(),
+                pod: e.pod.clone(),
+                endpoint: format!("{}{}", e.endpoint, e.path),
+                error: e.error.clone(),
+                figures: e.figures.iter().map(|(k, v)| (k.clone(), v.ok())).collect(),
+            })
+            .collect();
         let mut view = View {
             engines,
-            node: snap
-                .get("node_name")
-                .and_then(Value::as_str)
-                .map(Into::into),
-            attribution: snap
-                .get("attribution")
-                .and_then(Value::as_str)
-                .unwrap_or("unknown")
-                .to_owned(),
+            node: snap.node_name,
+            attribution: snap.attribution.unwrap_or_else(|| "unknown".to_owned()),
             samples_age_ms,
-            gpu_error: snap
-                .get("gpu_error")
-                .and_then(Value::as_str)
-                .map(Into::into),
+            gpu_error: snap.gpu_error,
             sort,
             devices,
             pods,
             holders,
-            idle_sm_percent: accounts
-                .and_then(|a| a.get("idle_sm_percent"))
-                .and_then(Value::as_f64),
-            idle_after_s: accounts
-                .and_then(|a| a.get("idle_after_s"))
-                .and_then(Value::as_f64),
+            idle_sm_percent: accounts.and_then(|a| a.idle_sm_percent),
+            idle_after_s: accounts.and_then(|a| a.idle_after_s),
         };
         view.sort_by(sort);
         Ok(view)

@@ -11,8 +11,9 @@ use std::{
 use gpu_scaler::{
     attribution::{Attribution, Attributor, Backend, Owner, PodIdentity, QosClass},
     daemon::{self, Inputs, Settings},
-    gpu::{GpuDevice, GpuProcess, GpuSnapshot, GpuStatus, ProcessKind, Reading},
+    gpu::{GpuDevice, GpuProcess, GpuSnapshot, GpuStatus, ProcessKind},
     pods::{Pod, PodSet},
+    snapshot::Reading,
 };
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;

@@ -16,12 +16,13 @@ use std::{
 use gpu_scaler::{
     attribution::{Attribution, Attributor, Backend, Owner, PodIdentity, QosClass},
     daemon::{self, Inputs, Settings},
-    gpu::{GpuDevice, GpuProcess, GpuSnapshot, GpuStatus, ProcessKind, Reading},
+    gpu::{GpuDevice, GpuProcess, GpuSnapshot, GpuStatus, ProcessKind},
     pods::{Pod, PodSet, PodsReceiver, PodsSender},
     scaler::{
         proto::{GetMetricsRequest, ScaledObjectRef, external_scaler_client::ExternalScalerClient},
         server::Tls,
     },
+    snapshot::Reading,
 };
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
@@ -319,7 +320,7 @@ impl Node {
     }
 
     /// The daemon's node snapshots.
-    pub fn snapshots(&self) -> gpu_scaler::sampler::SnapshotReceiver {
+    pub fn snapshots(&self) -> gpu_scaler::snapshot::SnapshotReceiver {
         self.running.as_ref().expect("running").snapshots.clone()
     }
 

@@ -4,7 +4,8 @@ use std::{fmt::Write as _, sync::Arc, time::Duration};
 
 use crate::{
     attribution::{self, Attribution, Attributor, Owner},
-    gpu::{self, GpuDevice, GpuSnapshot, ProcessKind, Reading},
+    gpu::{self, GpuDevice, GpuSnapshot, ProcessKind},
+    snapshot::Reading,
 };
 
 #[derive(Debug, clap::Args)]

@@ -9,8 +9,9 @@ use std::{
 
 use crate::{
     attribution::{self, Attribution, Owner, ebpf::EbpfAttributor, procfs},
+    join::container_role,
     pods::{self, Pod},
-    sampler::{ContainerRole, container_role},
+    snapshot::ContainerRole,
 };
 
 #[derive(Debug, clap::Args)]

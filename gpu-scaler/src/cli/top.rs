@@ -15,9 +15,9 @@ use tokio::{
 };
 
 use crate::{
-    attribution, gpu,
+    attribution, gpu, join,
     pods::{self, PodSet},
-    sampler::{self, SnapshotReceiver},
+    snapshot::SnapshotReceiver,
     top::{SortKey, View},
 };
 
@@ -123,7 +123,7 @@ async fn local(args: &TopArgs) -> super::Result<Source> {
             (rx, Some(tx))
         }
     };
-    let mut snapshots = sampler::start_with(attributor, gpu, pods, args.accounting.config());
+    let mut snapshots = join::start_with(attributor, gpu, pods, args.accounting.config());
     // The first view waits for the GPU source's first pass (or its error).
     let first = tokio::time::timeout(
         Duration::from_secs(10),

@@ -346,7 +346,9 @@ impl Fanout {
                         gpus: Vec::new(),
                         figures: figures
                             .iter()
-                            .map(|_| super::usage::figure_reading(&crate::gpu::Reading::Ok(0.0)))
+                            .map(|_| {
+                                super::usage::figure_reading(&crate::snapshot::Reading::Ok(0.0))
+                            })
                             .collect(),
                     })
                 } else {

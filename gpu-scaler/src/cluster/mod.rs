@@ -149,7 +149,7 @@ pub struct Started {
 /// Starts the peer server and the cluster view over this node's snapshots.
 pub fn start(
     parts: Parts,
-    snapshots: crate::sampler::SnapshotReceiver,
+    snapshots: crate::snapshot::SnapshotReceiver,
     poll_interval: std::time::Duration,
     scraper: Option<crate::engine::Scraper>,
     shutdown: tokio_util::sync::CancellationToken,

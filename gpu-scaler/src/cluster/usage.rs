@@ -1,7 +1,7 @@
 //! Per-pod usage between the sampler's snapshot and the peer protocol.
 //!
 //! Every daemon turns every node's figures, its own included, into
-//! `sampler::PodUsage` through [`from_proto`], after they went through
+//! `snapshot::PodUsage` through [`from_proto`], after they went through
 //! [`to_proto`]: the same conversion for all, so the value computed from them is
 //! the same whichever daemon KEDA asks. The conversion is lossless (f64, u64 and
 //! u32 travel unchanged; an unreadable figure travels as its reason).
@@ -15,10 +15,8 @@ use super::peer::{LocalUsage, proto};
 use crate::{
     engine::{EngineQuery, Scraper},
     figures::Metric,
-    gpu::Reading,
     pods::Pod,
-    sampler::{GpuUsage, PodUsage, SnapshotReceiver},
-    scaler::view::check_fresh,
+    snapshot::{GpuUsage, PodUsage, Reading, SnapshotReceiver, check_fresh},
 };
 
 /// What a peer may say: only the pods it was asked about (the others are
@@ -322,7 +320,7 @@ fn unix_nanos(t: SystemTime) -> i64 {
 impl SnapshotUsage {
     fn gpu_usage(
         &self,
-        snap: &crate::sampler::NodeSnapshot,
+        snap: &crate::snapshot::NodeSnapshot,
         uids: &[String],
     ) -> Result<proto::GetPodUsageResponse, String> {
         // A stale snapshot or a GPU source that is down is an error, as for

@@ -9,11 +9,11 @@ use super::{Error, Fanout, target::TargetResolver, usage::from_proto};
 use crate::{
     engine::EngineQuery,
     pods::Selector,
-    sampler::SnapshotReceiver,
     scaler::{
         self,
         view::{BoxFuture, Updates, Workload, WorkloadView},
     },
+    snapshot::SnapshotReceiver,
 };
 
 /// Answers for the whole cluster from any daemon.

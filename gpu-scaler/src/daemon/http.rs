@@ -56,7 +56,7 @@ impl SnapshotAccess {
 
 use crate::{
     gpu::GpuStatus,
-    sampler::SnapshotReceiver,
+    snapshot::SnapshotReceiver,
     telemetry::metrics::{self, Metrics},
 };
 

@@ -20,9 +20,10 @@ use tokio_util::sync::CancellationToken;
 use crate::{
     attribution::{self, Attributor},
     gpu::{self, GpuStatus},
+    join,
     pods::{self, PodSet, PodsReceiver},
-    sampler::{self, NodeSnapshot, SnapshotReceiver},
     scaler::{LocalView, ScalerService, server},
+    snapshot::{NodeSnapshot, SnapshotReceiver},
     telemetry::metrics::Metrics,
 };
 
@@ -315,7 +316,7 @@ pub fn readiness(
     if let Some(e) = &gpu.error {
         reasons.push(format!("GPU source: {e}"));
     }
-    if let Err(e) = crate::scaler::view::check_fresh(snap, poll_interval, now) {
+    if let Err(e) = crate::snapshot::check_fresh(snap, poll_interval, now) {
         reasons.push(format!("snapshot: {e}"));
     }
     reasons
@@ -420,7 +421,7 @@ pub fn start_instrumented(
     );
     tokio::spawn(scraper.clone().run(shutdown.clone()));
     let engines = scraper.subscribe();
-    let snapshots = sampler::start_observed(
+    let snapshots = join::start_observed(
         inputs.attributor,
         inputs.gpu,
         inputs.pods,

@@ -15,7 +15,7 @@ use super::{
     exposition::Kind,
     series::{Buckets, Extract, SeriesSelector},
 };
-use crate::gpu::Reading;
+use crate::snapshot::Reading;
 
 /// A pod's figure from its scrapes.
 #[derive(Clone, Debug, PartialEq)]

@@ -26,8 +26,8 @@ use tokio::sync::watch;
 
 use super::{EngineQuery, rule::Scrape, series::SeriesSelector};
 use crate::{
-    gpu::Reading,
     pods::{Pod, PodsReceiver},
+    snapshot::Reading,
 };
 
 /// Scraping settings.

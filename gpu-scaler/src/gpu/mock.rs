@@ -363,7 +363,10 @@ mod tests {
     use std::{path::Path, sync::Arc, time::Duration};
 
     use super::*;
-    use crate::gpu::{self, GpuStatus, Reading};
+    use crate::{
+        gpu::{self, GpuStatus},
+        snapshot::Reading,
+    };
 
     fn scenario(util: u32) -> String {
         format!(

@@ -16,36 +16,7 @@ use std::{sync::Arc, time::SystemTime};
 
 use serde::Serialize;
 
-/// A figure that was read, or the reason it could not be.
-#[derive(Clone, Debug, PartialEq, Serialize)]
-#[serde(rename_all = "snake_case")]
-pub enum Reading<T> {
-    Ok(T),
-    Unavailable(Arc<str>),
-}
-
-impl<T: Copy> Reading<T> {
-    pub fn ok(&self) -> Option<T> {
-        match self {
-            Self::Ok(v) => Some(*v),
-            Self::Unavailable(_) => None,
-        }
-    }
-}
-
-impl<T> Reading<T> {
-    pub fn unavailable(reason: impl Into<Arc<str>>) -> Self {
-        Self::Unavailable(reason.into())
-    }
-
-    /// Why the figure could not be read; `None` when it was.
-    pub fn reason(&self) -> Option<&str> {
-        match self {
-            Self::Ok(_) => None,
-            Self::Unavailable(r) => Some(r),
-        }
-    }
-}
+use crate::snapshot::Reading;
 
 /// How a process uses a GPU.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize)]

@@ -3,6 +3,7 @@
 use std::{sync::Arc, time::Duration};
 
 use super::{limits, metadata};
+use crate::snapshot::Unfit;
 
 /// Why a scaler request cannot be answered with a number.
 #[derive(Debug, thiserror::Error)]
@@ -78,6 +79,16 @@ impl Error {
             | Self::GpuDown(_)
             | Self::ReadingUnavailable(_)
             | Self::Unavailable(_) => tonic::Code::Unavailable,
+        }
+    }
+}
+
+impl From<Unfit> for Error {
+    fn from(unfit: Unfit) -> Self {
+        match unfit {
+            Unfit::GpuDown(why) => Self::GpuDown(why),
+            Unfit::Stale { age, limit } => Self::stale(age, limit),
+            e @ Unfit::ProcessList { .. } => Self::ReadingUnavailable(e.to_string()),
         }
     }
 }

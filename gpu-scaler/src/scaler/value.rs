@@ -7,8 +7,8 @@
 use std::sync::Arc;
 
 use crate::{
-    gpu::Reading,
-    sampler::{GpuUsage, PodUsage},
+    snapshot::Reading,
+    snapshot::{GpuUsage, PodUsage},
 };
 
 use super::{

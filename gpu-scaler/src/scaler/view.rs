@@ -17,7 +17,7 @@ use super::{Error, Result};
 use crate::{
     engine::{EngineQuery, Scraper},
     pods::Selector,
-    sampler::{NodeSnapshot, PodUsage, SnapshotReceiver},
+    snapshot::{NodeSnapshot, PodUsage, SnapshotReceiver, check_fresh},
 };
 
 pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
@@ -82,34 +82,6 @@ pub trait WorkloadView: Send + Sync + 'static {
     }
 }
 
-/// How old GPU samples may be: three poll intervals.
-pub fn staleness_limit(poll_interval: Duration) -> Duration {
-    poll_interval * 3
-}
-
-/// Checks that a snapshot may be answered from at `now`.
-pub fn check_fresh(snap: &NodeSnapshot, poll_interval: Duration, now: SystemTime) -> Result<()> {
-    if let Some(err) = &snap.gpu_error {
-        return Err(Error::GpuDown(err.clone()));
-    }
-    let limit = staleness_limit(poll_interval);
-    let age = snap
-        .samples_age(now)
-        .ok_or_else(|| Error::GpuDown("no GPU sample yet".into()))?;
-    if age > limit {
-        return Err(Error::stale(age, limit));
-    }
-    if let Some(g) = snap.gpus.iter().find(|g| g.processes_error.is_some()) {
-        return Err(Error::ReadingUnavailable(format!(
-            "the process list of GPU {} ({}) could not be read: {}",
-            g.index,
-            g.uuid,
-            g.processes_error.as_deref().unwrap_or_default()
-        )));
-    }
-    Ok(())
-}
-
 /// This node's pods, from its own snapshots.
 #[derive(Clone)]
 pub struct LocalView {
@@ -147,11 +119,11 @@ impl LocalView {
         let mut unreadable = Vec::new();
         for (u, r) in std::mem::take(&mut w.pods).into_iter().zip(readings) {
             match r {
-                crate::gpu::Reading::Ok(v) => {
+                crate::snapshot::Reading::Ok(v) => {
                     kept.push(u);
                     w.engine.push(v);
                 }
-                crate::gpu::Reading::Unavailable(why) => {
+                crate::snapshot::Reading::Unavailable(why) => {
                     unreadable.push(format!("{}: {why}", u.pod.name));
                 }
             }

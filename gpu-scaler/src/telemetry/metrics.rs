@@ -26,9 +26,9 @@ use prometheus_client::{
 use crate::{
     attribution::{Backend, Stats as AttributionStats},
     cluster::{Latency, Stats},
-    gpu::Reading,
-    sampler::{GpuUsage, NodeSnapshot},
     scaler::service::OpenStreams,
+    snapshot::Reading,
+    snapshot::{GpuUsage, NodeSnapshot},
 };
 
 /// Label set of one series: (name, value) pairs.
@@ -105,7 +105,7 @@ impl Metrics {
     }
 }
 
-impl crate::sampler::Observer for Metrics {
+impl crate::join::Observer for Metrics {
     fn joined(&self, took: Duration) {
         Metrics::joined(self, took);
     }
@@ -169,14 +169,6 @@ fn set_reading<T: Copy + Into<f64>>(
 ) {
     if let Reading::Ok(v) = reading {
         set(family, labels.clone(), (*v).into() * scale);
-    }
-}
-
-fn mib_reading(r: &Reading<u64>) -> Reading<f64> {
-    match r {
-        // Exact below 2^53 MiB.
-        Reading::Ok(v) => Reading::Ok(*v as f64),
-        Reading::Unavailable(e) => Reading::Unavailable(e.clone()),
     }
 }
 
@@ -341,8 +333,8 @@ fn devices(r: &mut Registry, snap: &NodeSnapshot) {
         set(&info, with_model, 1.0);
         set_reading(&sm, &labels, &g.sm_util, 1.0);
         set_reading(&mem, &labels, &g.mem_util, 1.0);
-        set_reading(&used, &labels, &mib_reading(&g.memory_used_mib), MIB);
-        set_reading(&total, &labels, &mib_reading(&g.memory_total_mib), MIB);
+        set_reading(&used, &labels, &g.memory_used_mib.as_f64(), MIB);
+        set_reading(&total, &labels, &g.memory_total_mib.as_f64(), MIB);
         set_reading(&power, &labels, &g.power_w, 1.0);
         set_reading(&temp, &labels, &g.temperature_c, 1.0);
         if let Reading::Ok(p) = &g.counters.energy_pass {
@@ -424,24 +416,14 @@ impl UsageFamilies {
     fn add(&self, labels: &Labels, u: &GpuUsage) {
         set_reading(&self.sm, labels, &u.sm_util, 1.0);
         set_reading(&self.mem, labels, &u.mem_util, 1.0);
-        set_reading(&self.used, labels, &mib_reading(&u.memory_used_mib), MIB);
+        set_reading(&self.used, labels, &u.memory_used_mib.as_f64(), MIB);
         set_reading(&self.power, labels, &u.power_w, 1.0);
         set(&self.procs, labels.clone(), u.pids.len() as f64);
     }
 }
 
-/// Sums two readings; an unavailable one makes the sum unavailable.
-fn add_readings<T: Copy + std::ops::Add<Output = T>>(a: &Reading<T>, b: &Reading<T>) -> Reading<T> {
-    match (a, b) {
-        (Reading::Ok(x), Reading::Ok(y)) => Reading::Ok(*x + *y),
-        (Reading::Unavailable(r), _) | (_, Reading::Unavailable(r)) => {
-            Reading::Unavailable(r.clone())
-        }
-    }
-}
-
 /// Per pod, container and GPU: one series set per part of the pod the join
-/// told apart (see `sampler::ContainerRole::label`). Parts that share a label
+/// told apart (see `snapshot::ContainerRole::label`). Parts that share a label
 /// (`""`: no container, or an unknown one) are summed into one series, so the
 /// series of a pod and GPU sum over `container` to the pod's figure.
 fn pods(r: &mut Registry, snap: &NodeSnapshot) {
@@ -473,11 +455,10 @@ fn pods(r: &mut Registry, snap: &NodeSnapshot) {
                     std::collections::btree_map::Entry::Occupied(mut e) => {
                         let sum = e.get_mut();
                         sum.pids.extend_from_slice(&u.pids);
-                        sum.sm_util = add_readings(&sum.sm_util, &u.sm_util);
-                        sum.mem_util = add_readings(&sum.mem_util, &u.mem_util);
-                        sum.memory_used_mib =
-                            add_readings(&sum.memory_used_mib, &u.memory_used_mib);
-                        sum.power_w = add_readings(&sum.power_w, &u.power_w);
+                        sum.sm_util = sum.sm_util.plus(&u.sm_util);
+                        sum.mem_util = sum.mem_util.plus(&u.mem_util);
+                        sum.memory_used_mib = sum.memory_used_mib.plus(&u.memory_used_mib);
+                        sum.power_w = sum.power_w.plus(&u.power_w);
                     }
                 }
             }
@@ -1043,7 +1024,7 @@ mod tests {
     fn pod_series_per_container() {
         use crate::{
             pods::{ContainerKind, Pod},
-            sampler::{ContainerRole, ContainerUsage, PodUsage},
+            snapshot::{ContainerRole, ContainerUsage, PodUsage},
         };
         use std::sync::Arc;
         let pod = |name: &str| {
@@ -1234,11 +1215,11 @@ mod tests {
         use crate::{
             accounting::{Config, Ledger},
             gpu::{DeviceCounters, EnergyPass},
-            pods::PodSet,
-            sampler::{
+            join::{
                 join,
                 tests::{device, pod, proc, status, table},
             },
+            pods::PodSet,
         };
         let mut ledger = Ledger::new(Config {
             idle_sm_percent: 1.0,
