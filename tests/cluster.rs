@@ -5,7 +5,7 @@
 
 use std::{net::IpAddr, time::Duration};
 
-use gpu_scaler::cluster::{MissingNodePolicy, Stats};
+use gpu_scaler::cluster::MissingNodePolicy;
 use gpu_scaler_tests::{
     cluster::{ClusterDaemon, ClusterSettings},
     kube_api::{
@@ -170,9 +170,9 @@ async fn four_daemons_answer_the_same_for_a_workload_over_three_nodes() {
     let up: Vec<&ClusterDaemon> = daemons.iter().filter(|d| d.node != "gpu-node-2").collect();
     all_answer(&up, "ml", "llm-so", by_selector, 100.0).await;
     let averaged = daemons[0]
-        .stats
+        .metrics
         .as_ref()
-        .map(|s| Stats::get(&s.missing_averaged))
+        .map(|m| m.missing_nodes(true))
         .unwrap_or(0);
     assert!(averaged > 0, "the policy was applied and counted");
 

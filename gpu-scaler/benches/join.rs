@@ -17,8 +17,9 @@ use gpu_scaler::{
     gpu::{GpuDevice, GpuProcess, GpuSnapshot, GpuStatus, ProcessKind},
     join,
     pods::{PodSet, file},
+    scaler,
     snapshot::Reading,
-    telemetry::metrics::{self, Metrics, Sources},
+    telemetry::metrics::{self, Sources},
 };
 
 const PODS: u32 = 500;
@@ -154,7 +155,11 @@ fn main() {
         .and_then(|v| v.parse().ok())
         .unwrap_or(2000);
     let (pods, table, status) = (pods(), attributor(), gpus());
-    let metrics = Metrics::default();
+    // The daemon's registry: the join's and the scaler's families beside
+    // the snapshot's gauges.
+    let mut registry = metrics::registry();
+    join::Metrics::new("nvml").register(&mut registry);
+    scaler::Metrics::default().register(&mut registry);
     let mut join_t = Vec::with_capacity(iters);
     let mut render_t = Vec::with_capacity(iters);
     let mut bytes = 0;
@@ -163,7 +168,7 @@ fn main() {
         let snap = join::join(&status, &pods, &table, SystemTime::now());
         join_t.push(t.elapsed());
         let t = Instant::now();
-        let out = metrics::render(&snap, &Sources::node(&metrics), SystemTime::now());
+        let out = metrics::render(&snap, &Sources::node(&registry), SystemTime::now());
         render_t.push(t.elapsed());
         bytes = out.len();
     }

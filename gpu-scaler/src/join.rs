@@ -7,6 +7,14 @@
 
 use std::{collections::BTreeMap, sync::Arc, time::SystemTime};
 
+use prometheus_client::{
+    metrics::{
+        counter::Counter,
+        family::Family,
+        histogram::{Histogram, exponential_buckets},
+    },
+    registry::Registry,
+};
 use tokio::sync::watch;
 
 use crate::{
@@ -630,53 +638,74 @@ pub fn join(
     }
 }
 
-/// Told about every join (telemetry); called on the sampler's task, so it
-/// must be cheap.
-pub trait Observer: Send + Sync {
-    /// One join took `took`.
-    fn joined(&self, took: std::time::Duration);
-    /// A GPU pass that failed arrived.
-    fn gpu_failed(&self);
-    /// A pod set whose refresh failed arrived.
-    fn pods_failed(&self);
+/// The join's metric families (its duration, failed inputs), owned here and
+/// registered once ([`Metrics::register`]).
+#[derive(Debug)]
+pub struct Metrics {
+    /// One join of GPU samples, attribution and pods into a snapshot.
+    pub duration: Histogram,
+    /// Failed polls by source (the GPU source's name, `pods`).
+    pub errors: Family<[(&'static str, &'static str); 1], Counter>,
+    /// The GPU source's label in `errors` (`nvml`, `mock`).
+    pub gpu_source: &'static str,
 }
 
-struct Unobserved;
+impl Metrics {
+    pub fn new(gpu_source: &'static str) -> Self {
+        Self {
+            // 100 µs .. ~6.5 s: a join is sub-millisecond on a busy node.
+            duration: Histogram::new(exponential_buckets(0.0001, 2.0, 17)),
+            errors: Family::default(),
+            gpu_source,
+        }
+    }
 
-impl Observer for Unobserved {
-    fn joined(&self, _: std::time::Duration) {}
-    fn gpu_failed(&self) {}
-    fn pods_failed(&self) {}
+    /// Registers the families in `registry` (the /metrics registry, once).
+    pub fn register(&self, registry: &mut Registry) {
+        registry.register(
+            "gpu_scaler_sample_duration_seconds",
+            "One join of GPU samples, attribution and pods into a snapshot",
+            self.duration.clone(),
+        );
+        registry.register(
+            "gpu_scaler_sample_errors",
+            "Failed polls by source",
+            self.errors.clone(),
+        );
+    }
+
+    fn error(&self, source: &'static str) {
+        self.errors.get_or_create(&[("source", source)]).inc();
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new("gpu")
+    }
+}
+
+/// What the join task runs with besides its inputs.
+#[derive(Debug, Default)]
+pub struct Options {
+    /// The ledger's settings (idle GPU holders).
+    pub accounting: crate::accounting::Config,
+    /// Where every join and failed input is recorded.
+    pub metrics: Arc<Metrics>,
 }
 
 /// Starts the join task: a new snapshot whenever the GPU status or the pods
 /// change. Runs until its inputs close or every snapshot receiver is dropped.
 pub fn start(
     attributor: Arc<dyn Attributor>,
-    gpu: watch::Receiver<Arc<GpuStatus>>,
-    pods: PodsReceiver,
-) -> SnapshotReceiver {
-    start_with(attributor, gpu, pods, crate::accounting::Config::default())
-}
-
-/// As [`start`], with the ledger's settings (idle GPU holders).
-pub fn start_with(
-    attributor: Arc<dyn Attributor>,
-    gpu: watch::Receiver<Arc<GpuStatus>>,
-    pods: PodsReceiver,
-    accounting: crate::accounting::Config,
-) -> SnapshotReceiver {
-    start_observed(attributor, gpu, pods, Arc::new(Unobserved), accounting)
-}
-
-/// As [`start_with`], telling `observer` about every join and failed input.
-pub fn start_observed(
-    attributor: Arc<dyn Attributor>,
     mut gpu: watch::Receiver<Arc<GpuStatus>>,
     mut pods: PodsReceiver,
-    observer: Arc<dyn Observer>,
-    accounting: crate::accounting::Config,
+    options: Options,
 ) -> SnapshotReceiver {
+    let Options {
+        accounting,
+        metrics,
+    } = options;
     // The ledger lives on the join task: it sees every snapshot, once, in order.
     let mut ledger = Ledger::new(accounting);
     let mut first = join(
@@ -697,15 +726,15 @@ pub fn start_observed(
             let status = gpu.borrow_and_update().clone();
             let set = pods.borrow_and_update().clone();
             if gpu_new && status.error.is_some() {
-                observer.gpu_failed();
+                metrics.error(metrics.gpu_source);
             }
             if pods_new && set.error.is_some() {
-                observer.pods_failed();
+                metrics.error("pods");
             }
             let started = std::time::Instant::now();
             let mut snap = join(&status, &set, attributor.as_ref(), SystemTime::now());
             ledger.record(&mut snap);
-            observer.joined(started.elapsed());
+            metrics.duration.observe(started.elapsed().as_secs_f64());
             tracing::trace!(
                 pods = snap.pods.len(),
                 gpus = snap.gpus.len(),
@@ -1223,7 +1252,7 @@ pub(crate) mod tests {
     async fn publishes_on_change() {
         let (gtx, grx) = watch::channel(Arc::new(status(vec![])));
         let (_ptx, prx) = watch::channel(Arc::new(PodSet::from_pods([pod("a")], None, "t")));
-        let mut snaps = start(Arc::new(table()), grx, prx);
+        let mut snaps = start(Arc::new(table()), grx, prx, Options::default());
         assert!(snaps.borrow_and_update().pods["a"].gpus.is_empty());
         gtx.send_replace(Arc::new(status(vec![device(
             0,

@@ -102,11 +102,12 @@ async fn top_once_json_of_a_running_daemon() {
         (20, "uid-b".to_owned()),
     ])));
     let shutdown = CancellationToken::new();
-    let running = daemon::start_with(
+    let running = daemon::start(
         Inputs {
             attributor,
             gpu,
             pods,
+            cluster: None,
         },
         tokio::net::TcpListener::bind("127.0.0.1:0")
             .await
@@ -120,6 +121,7 @@ async fn top_once_json_of_a_running_daemon() {
             snapshot: gpu_scaler::daemon::http::SnapshotAccess::Auto,
             problems: Vec::new(),
             accounting: Default::default(),
+            gpu_source: "mock",
         },
         shutdown.clone(),
     )

@@ -38,7 +38,7 @@ use std::{
 
 use gpu_scaler::{
     cluster::{
-        Fanout, FanoutConfig, MissingNodePolicy, Stats,
+        Fanout, FanoutConfig, MissingNodePolicy,
         discovery::StaticPeers,
         peer::{self, LocalUsage, PeerClients, proto},
         workload::{CacheLimits, PodDirectory, WorkloadPods},
@@ -485,7 +485,7 @@ async fn bench_coalescing() {
     let mut per_round = Vec::new();
     let began = Instant::now();
     for _ in 0..rounds {
-        let before = Stats::get(&f.stats().peer_requests);
+        let before = f.metrics().peer_requests_sent();
         let start = Instant::now();
         // GetMetrics and IsActive of every ScaledObject, all in flight at once.
         let queries = (0..1000).flat_map(|so| {
@@ -500,7 +500,7 @@ async fn bench_coalescing() {
         for r in futures::future::join_all(queries).await {
             r.expect("answer");
         }
-        per_round.push(Stats::get(&f.stats().peer_requests) - before);
+        per_round.push(f.metrics().peer_requests_sent() - before);
         tokio::time::sleep(poll.saturating_sub(start.elapsed())).await;
     }
     let total: u64 = per_round.iter().sum();

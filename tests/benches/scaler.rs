@@ -532,7 +532,7 @@ async fn handler_cost() {
     let t = Instant::now();
     let mut sum = 0.0;
     for _ in 0..n {
-        let q = metadata::parse(&meta).expect("metadata");
+        let q = metadata::parse(&meta, metadata::PodSelector::Required).expect("metadata");
         let selector = q
             .selector
             .as_ref()

@@ -1,6 +1,6 @@
 //! A daemon of a test cluster, in-process on its own loopback address
 //! (127.0.0.N), wired exactly as `serve` wires one in a cluster
-//! (`daemon::start_with_cluster`): local pods from the fake API server's
+//! (`daemon::start` with the cluster side): local pods from the fake API server's
 //! node-scoped pod watch, workload pods from its label-selector watches,
 //! ScaledObjects through its scale subresources, peers from its EndpointSlices.
 //! Only the GPU and the pid -> pod map are hand-fed ([`super::scaler::TableAttributor`]
@@ -14,7 +14,7 @@ use std::{
 
 use gpu_scaler::{
     cluster::{
-        MissingNodePolicy, Parts, Stats,
+        Metrics, MissingNodePolicy, Parts,
         discovery::EndpointPeers,
         target::{RESOLVE_TTL, TargetResolver},
         workload::{CacheLimits, WorkloadPods},
@@ -55,7 +55,7 @@ pub struct ClusterDaemon {
     run: Option<(CancellationToken, daemon::Running)>,
     /// The listeners reserved by `new`, used by the first start.
     reserved: Option<(tokio::net::TcpListener, tokio::net::TcpListener)>,
-    pub stats: Option<Arc<Stats>>,
+    pub metrics: Option<Arc<Metrics>>,
 }
 
 impl ClusterDaemon {
@@ -77,7 +77,7 @@ impl ClusterDaemon {
             settings,
             run: None,
             reserved: Some((grpc, peer)),
-            stats: None,
+            metrics: None,
         }
     }
 
@@ -131,7 +131,7 @@ impl ClusterDaemon {
         let http = tokio::net::TcpListener::bind((self.ip, 0))
             .await
             .expect("bind HTTP");
-        let stats: Arc<Stats> = Arc::default();
+        let metrics: Arc<Metrics> = Arc::default();
         let parts = Parts {
             node_name: self.node.clone(),
             peer_listener: peer,
@@ -141,13 +141,14 @@ impl ClusterDaemon {
             peer_timeout: s.peer_timeout,
             policy: s.policy,
             tls: None,
-            stats: stats.clone(),
+            metrics: metrics.clone(),
         };
-        let running = daemon::start_with_cluster(
+        let running = daemon::start(
             Inputs {
                 attributor: self.attributor.clone(),
                 gpu: gpu_rx,
                 pods,
+                cluster: Some(parts),
             },
             grpc,
             http,
@@ -157,12 +158,12 @@ impl ClusterDaemon {
                 snapshot: gpu_scaler::daemon::http::SnapshotAccess::Auto,
                 problems: Vec::new(),
                 accounting: Default::default(),
+                gpu_source: "gpu",
             },
-            Some(parts),
             token.clone(),
         )
         .expect("daemon starts");
-        self.stats = Some(stats);
+        self.metrics = Some(metrics);
         self.run = Some((token, running));
     }
 

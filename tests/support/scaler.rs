@@ -1,6 +1,6 @@
 //! A scaler daemon in-process with hand-fed inputs, for the gRPC tests.
 //!
-//! [`Node`] runs the real wiring (`gpu_scaler::daemon::start_with`: sampler,
+//! [`Node`] runs the real wiring (`gpu_scaler::daemon::start`: the join,
 //! gRPC server with ExternalScaler + grpc.health.v1, HTTP listener) on
 //! 127.0.0.1 ephemeral ports. What cannot run here is fed by hand through the
 //! same interfaces the real parts use: a [`TableAttributor`] (pid -> owner map)
@@ -241,11 +241,12 @@ impl Node {
             .await
             .expect("bind HTTP");
         let shutdown = CancellationToken::new();
-        let running = daemon::start_with(
+        let running = daemon::start(
             Inputs {
                 attributor: attributor.unwrap_or_else(|| table.clone()),
                 gpu: gpu_rx,
                 pods: pods_rx,
+                cluster: None,
             },
             grpc,
             http,
@@ -255,6 +256,7 @@ impl Node {
                 snapshot: gpu_scaler::daemon::http::SnapshotAccess::Auto,
                 problems: Vec::new(),
                 accounting: Default::default(),
+                gpu_source: "gpu",
             },
             shutdown.clone(),
         )

@@ -123,7 +123,15 @@ async fn local(args: &TopArgs) -> super::Result<Source> {
             (rx, Some(tx))
         }
     };
-    let mut snapshots = join::start_with(attributor, gpu, pods, args.accounting.config());
+    let mut snapshots = join::start(
+        attributor,
+        gpu,
+        pods,
+        join::Options {
+            accounting: args.accounting.config(),
+            ..Default::default()
+        },
+    );
     // The first view waits for the GPU source's first pass (or its error).
     let first = tokio::time::timeout(
         Duration::from_secs(10),

@@ -19,7 +19,7 @@ use std::{
 use futures::{FutureExt as _, future::Shared};
 
 use super::{
-    Error, MissingNodePolicy, Result, Stats,
+    Error, Metrics, MissingNodePolicy, Result,
     discovery::PeerBook,
     peer::{LocalUsage, PeerClients, proto},
     workload::PodDirectory,
@@ -95,7 +95,7 @@ pub struct Fanout {
     peers: Arc<dyn PeerBook>,
     clients: PeerClients,
     pods: Arc<dyn PodDirectory>,
-    stats: Arc<Stats>,
+    metrics: Arc<Metrics>,
     flights: Mutex<HashMap<FlightKey, Flight>>,
 }
 
@@ -115,7 +115,7 @@ impl Fanout {
         peers: Arc<dyn PeerBook>,
         clients: PeerClients,
         pods: Arc<dyn PodDirectory>,
-        stats: Arc<Stats>,
+        metrics: Arc<Metrics>,
     ) -> Arc<Self> {
         tracing::info!(
             node = %config.node_name,
@@ -129,13 +129,13 @@ impl Fanout {
             peers,
             clients,
             pods,
-            stats,
+            metrics,
             flights: Mutex::default(),
         })
     }
 
-    pub fn stats(&self) -> &Arc<Stats> {
-        &self.stats
+    pub fn metrics(&self) -> &Arc<Metrics> {
+        &self.metrics
     }
 
     pub fn policy(&self) -> MissingNodePolicy {
@@ -171,17 +171,19 @@ impl Fanout {
             flights.retain(|_, f| fresh(f));
             match flights.get(&key) {
                 Some(f) => {
-                    Stats::inc(&self.stats.fanouts_shared);
+                    self.metrics.fanouts_shared.inc();
                     f.clone()
                 }
                 None => {
-                    Stats::inc(&self.stats.fanouts);
+                    self.metrics.fanouts.inc();
                     let this = self.clone();
                     let (ns, sel, _) = key.clone();
                     let f = async move {
                         let started = Instant::now();
                         let r = this.run(&ns, &sel, figures).await;
-                        this.stats.fanout_latency.observe(started.elapsed());
+                        this.metrics
+                            .fanout_latency
+                            .observe(started.elapsed().as_secs_f64());
                         r.map(|u| (Instant::now(), Arc::new(u))).map_err(Arc::new)
                     }
                     .boxed()
@@ -205,7 +207,7 @@ impl Fanout {
         if missing > 0 {
             match &decision {
                 Ok(_) => {
-                    Stats::inc(&self.stats.missing_averaged);
+                    self.metrics.missing_node(true);
                     tracing::debug!(
                         namespace,
                         selector,
@@ -215,7 +217,7 @@ impl Fanout {
                     );
                 }
                 Err(e) => {
-                    Stats::inc(&self.stats.missing_refused);
+                    self.metrics.missing_node(false);
                     tracing::debug!(namespace, selector, missing, total, error = %e, "answering UNAVAILABLE");
                 }
             }
@@ -259,13 +261,9 @@ impl Fanout {
                 match self.peers.address(node) {
                     None => Err("no gpu-scaler daemon is known on this node".to_owned()),
                     Some(addr) => {
-                        Stats::inc(&self.stats.peer_requests);
                         let asked = Instant::now();
                         let r = self.clients.ask(addr, uids, figures.clone()).await;
-                        self.stats.peer_latency.observe(asked.elapsed());
-                        if r.is_err() {
-                            Stats::inc(&self.stats.peer_failures);
-                        }
+                        self.metrics.peer_request(r.is_ok(), asked.elapsed());
                         r.map_err(|e| format!("{addr}: {e}"))
                     }
                 }
@@ -617,8 +615,8 @@ pub(crate) mod tests {
             1,
             "101 queries, one peer request"
         );
-        assert_eq!(Stats::get(&c.fanout.stats().fanouts), 1);
-        assert_eq!(Stats::get(&c.fanout.stats().fanouts_shared), 100);
+        assert_eq!(c.fanout.metrics().fanouts.get(), 1);
+        assert_eq!(c.fanout.metrics().fanouts_shared.get(), 100);
         tokio::time::sleep(Duration::from_millis(350)).await;
         c.fanout
             .workload("ml", "app=w", None)
@@ -672,7 +670,7 @@ pub(crate) mod tests {
             c.fanout.admit(&u, "ml", "app=w").expect("4 of 5 reported"),
             1
         );
-        assert_eq!(Stats::get(&c.fanout.stats().missing_averaged), 1);
+        assert_eq!(c.fanout.metrics().missing_nodes(true), 1);
 
         // n1 silent too: 2 of 5 reported -> UNAVAILABLE.
         let c2 = cluster(
@@ -698,7 +696,7 @@ pub(crate) mod tests {
             .admit(&u, "ml", "app=w")
             .expect_err("fewer than half");
         assert!(e.to_string().contains("only 2 of 5"), "{e}");
-        assert_eq!(Stats::get(&c2.fanout.stats().missing_refused), 1);
+        assert_eq!(c2.fanout.metrics().missing_nodes(false), 1);
         drop(silent);
 
         // fail: any gap refuses.

@@ -16,6 +16,7 @@
 
 pub mod discovery;
 pub mod fanout;
+pub mod metrics;
 pub mod peer;
 pub mod policy;
 pub mod target;
@@ -26,7 +27,8 @@ pub mod workload;
 use std::sync::Arc;
 
 pub use fanout::{Fanout, FanoutConfig, PodReport, WorkloadUsage};
-pub use policy::{Latency, MissingNodePolicy, Stats};
+pub use metrics::Metrics;
+pub use policy::MissingNodePolicy;
 
 /// Errors of the cluster domain.
 #[derive(Debug, thiserror::Error)]
@@ -134,14 +136,14 @@ pub struct Parts {
     pub peer_timeout: std::time::Duration,
     pub policy: MissingNodePolicy,
     pub tls: Option<peer::PeerTls>,
-    pub stats: Arc<Stats>,
+    pub metrics: Arc<Metrics>,
 }
 
 /// The cluster side, started.
 pub struct Started {
     pub view: Arc<view::ClusterView>,
     pub peer_addr: std::net::SocketAddr,
-    pub stats: Arc<Stats>,
+    pub metrics: Arc<Metrics>,
     /// The peer server; ends after `shutdown`.
     pub task: tokio::task::JoinHandle<Result<()>>,
 }
@@ -165,7 +167,7 @@ pub fn start(
         scraper,
     ));
     let clients = peer::PeerClients::new(parts.tls.as_ref(), parts.peer_timeout)?;
-    parts.stats.peers.set(parts.peers.clone());
+    parts.metrics.peers.set(parts.peers.clone());
     let fanout = Fanout::new(
         FanoutConfig {
             node_name: parts.node_name,
@@ -176,7 +178,7 @@ pub fn start(
         parts.peers,
         clients,
         parts.pods,
-        parts.stats.clone(),
+        parts.metrics.clone(),
     );
     let view = Arc::new(view::ClusterView::new(fanout, parts.resolver, snapshots));
     let tls = parts.tls;
@@ -188,7 +190,7 @@ pub fn start(
     Ok(Started {
         view,
         peer_addr,
-        stats: parts.stats,
+        metrics: parts.metrics,
         task,
     })
 }

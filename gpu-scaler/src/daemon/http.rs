@@ -54,11 +54,7 @@ impl SnapshotAccess {
     }
 }
 
-use crate::{
-    gpu::GpuStatus,
-    snapshot::SnapshotReceiver,
-    telemetry::metrics::{self, Metrics},
-};
+use crate::{gpu::GpuStatus, snapshot::SnapshotReceiver, telemetry::metrics};
 
 /// What the handlers read.
 #[derive(Clone)]
@@ -66,12 +62,8 @@ pub struct State {
     pub snapshots: SnapshotReceiver,
     pub gpu: watch::Receiver<Arc<GpuStatus>>,
     pub poll_interval: Duration,
-    /// What accumulates between scrapes.
-    pub metrics: Arc<Metrics>,
-    /// The cluster path's counters, in cluster mode.
-    pub cluster: Option<Arc<crate::cluster::Stats>>,
-    /// Open ExternalScaler streams.
-    pub streams: Arc<crate::scaler::service::OpenStreams>,
+    /// The domains' counters and histograms (join, scaler, engine, cluster).
+    pub registry: Arc<prometheus_client::registry::Registry>,
     /// Asked for its table sizes and counters at scrape time.
     pub attributor: Arc<dyn crate::attribution::Attributor>,
     /// The engines read on this node.
@@ -131,9 +123,7 @@ async fn metrics(extract::State(s): extract::State<State>) -> impl IntoResponse 
     let body = metrics::render(
         &snap,
         &metrics::Sources {
-            metrics: &s.metrics,
-            cluster: s.cluster.as_deref(),
-            streams: Some(&s.streams),
+            registry: &s.registry,
             attribution: s.attributor.stats(),
             gpu_up,
             engines: Some(&engines),

@@ -24,7 +24,6 @@ use crate::{
     pods::{self, PodSet, PodsReceiver},
     scaler::{LocalView, ScalerService, server},
     snapshot::{NodeSnapshot, SnapshotReceiver},
-    telemetry::metrics::Metrics,
 };
 
 /// Errors that stop the daemon.
@@ -110,6 +109,10 @@ pub struct Inputs {
     pub attributor: Arc<dyn Attributor>,
     pub gpu: watch::Receiver<Arc<GpuStatus>>,
     pub pods: PodsReceiver,
+    /// The cluster side, ready-made: with it the daemon answers for the whole
+    /// cluster (the cluster-wide view, and the peer protocol served for other
+    /// daemons); without, for this node's pods only.
+    pub cluster: Option<crate::cluster::Parts>,
 }
 
 /// Settings of the serving side.
@@ -126,6 +129,8 @@ pub struct Settings {
     pub problems: Vec<String>,
     /// The energy and idle-holder ledger.
     pub accounting: crate::accounting::Config,
+    /// The GPU source's label in `gpu_scaler_sample_errors` (`nvml`, `mock`).
+    pub gpu_source: &'static str,
 }
 
 /// A started daemon.
@@ -137,7 +142,7 @@ pub struct Running {
     pub peer_addr: Option<SocketAddr>,
     /// The cluster path's counters (peer RPCs, missing-node policy), in
     /// cluster mode.
-    pub cluster_stats: Option<Arc<crate::cluster::Stats>>,
+    pub cluster_metrics: Option<Arc<crate::cluster::Metrics>>,
     task: JoinHandle<Result<()>>,
 }
 
@@ -213,15 +218,12 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<()> {
     let grpc = bind(config.listen).await?;
     let http = bind(config.metrics_listen).await?;
     let cluster = cluster_parts(&config, kube, &pods).await?;
-    let metrics = Arc::new(Metrics::new(match config.gpu.source {
-        gpu::SourceKind::Nvml => "nvml",
-        gpu::SourceKind::Mock => "mock",
-    }));
-    let running = start_instrumented(
+    let running = start(
         Inputs {
             attributor,
             gpu,
             pods,
+            cluster,
         },
         grpc,
         http,
@@ -231,9 +233,11 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<()> {
             snapshot: config.snapshot,
             problems,
             accounting: config.accounting,
+            gpu_source: match config.gpu.source {
+                gpu::SourceKind::Nvml => "nvml",
+                gpu::SourceKind::Mock => "mock",
+            },
         },
-        cluster,
-        metrics,
         shutdown,
     )?;
     tracing::info!(grpc = %running.grpc_addr, http = %running.http_addr, peer = ?running.peer_addr, "serving");
@@ -300,7 +304,7 @@ async fn cluster_parts(
         peer_timeout: c.peer_timeout,
         policy: c.missing_node_policy,
         tls: c.peer_tls.clone(),
-        stats: Arc::default(),
+        metrics: Arc::default(),
     }))
 }
 
@@ -363,49 +367,16 @@ pub fn liveness(
     ))
 }
 
-/// Wires started inputs to bound listeners and serves until `shutdown`.
-pub fn start_with(
+/// Wires started inputs to bound listeners and serves until `shutdown`; every
+/// domain's counters and histograms are registered for /metrics.
+pub fn start(
     inputs: Inputs,
     grpc: TcpListener,
     http: TcpListener,
     settings: Settings,
     shutdown: CancellationToken,
 ) -> Result<Running> {
-    start_with_cluster(inputs, grpc, http, settings, None, shutdown)
-}
-
-/// As [`start_with`]; with `cluster` the daemon answers for the whole cluster
-/// (the cluster-wide view, and the peer protocol served for other daemons).
-pub fn start_with_cluster(
-    inputs: Inputs,
-    grpc: TcpListener,
-    http: TcpListener,
-    settings: Settings,
-    cluster: Option<crate::cluster::Parts>,
-    shutdown: CancellationToken,
-) -> Result<Running> {
-    start_instrumented(
-        inputs,
-        grpc,
-        http,
-        settings,
-        cluster,
-        Arc::default(),
-        shutdown,
-    )
-}
-
-/// As [`start_with_cluster`], recording sampling and gRPC metrics in `metrics`
-/// (served on /metrics).
-pub fn start_instrumented(
-    inputs: Inputs,
-    grpc: TcpListener,
-    http: TcpListener,
-    settings: Settings,
-    cluster: Option<crate::cluster::Parts>,
-    metrics: Arc<Metrics>,
-    shutdown: CancellationToken,
-) -> Result<Running> {
+    let cluster = inputs.cluster;
     let grpc_addr = grpc.local_addr().map_err(Error::Http)?;
     let http_addr = http.local_addr().map_err(Error::Http)?;
     let gpu = inputs.gpu.clone();
@@ -421,12 +392,15 @@ pub fn start_instrumented(
     );
     tokio::spawn(scraper.clone().run(shutdown.clone()));
     let engines = scraper.subscribe();
-    let snapshots = join::start_observed(
+    let join_metrics = Arc::new(join::Metrics::new(settings.gpu_source));
+    let snapshots = join::start(
         inputs.attributor,
         inputs.gpu,
         inputs.pods,
-        metrics.clone(),
-        settings.accounting,
+        join::Options {
+            accounting: settings.accounting,
+            metrics: join_metrics.clone(),
+        },
     );
     let local_policy = cluster
         .as_ref()
@@ -455,11 +429,18 @@ pub fn start_instrumented(
             ),
         ),
     };
-    let (peer_addr, cluster_stats, peer_task) = match cluster {
-        Some(c) => (Some(c.peer_addr), Some(c.stats), Some(c.task)),
+    let (peer_addr, cluster_metrics, peer_task) = match cluster {
+        Some(c) => (Some(c.peer_addr), Some(c.metrics), Some(c.task)),
         None => (None, None, None),
     };
     let service = ScalerService::new(view, shutdown.clone(), settings.poll_interval);
+    let mut registry = crate::telemetry::metrics::registry();
+    join_metrics.register(&mut registry);
+    service.metrics().register(&mut registry);
+    scraper.metrics().register(&mut registry);
+    if let Some(m) = &cluster_metrics {
+        m.register(&mut registry);
+    }
     let (reporter, health_service) = server::health();
 
     // grpc.health.v1 follows readiness, so probes and KEDA-side checks see a
@@ -501,21 +482,18 @@ pub fn start_instrumented(
         snapshots: snapshots.clone(),
         gpu,
         poll_interval: settings.poll_interval,
-        metrics: metrics.clone(),
-        cluster: cluster_stats.clone(),
-        streams: service.open_streams(),
+        registry: Arc::new(registry),
         attributor,
         engines,
         started_at: SystemTime::now(),
         snapshot: settings.snapshot.serves(http_addr),
         problems: settings.problems.clone().into(),
     };
-    let grpc_fut = server::serve_instrumented(
+    let grpc_fut = server::serve(
         grpc,
         service,
         settings.tls,
         Some(health_service),
-        metrics,
         shutdown.clone(),
     );
     let http_fut = http::serve(http, http_state, shutdown.clone());
@@ -548,7 +526,7 @@ pub fn start_instrumented(
         http_addr,
         snapshots,
         peer_addr,
-        cluster_stats,
+        cluster_metrics,
         task,
     })
 }

@@ -17,7 +17,7 @@ use std::{
     net::{IpAddr, SocketAddr},
 };
 
-pub use scraper::{EngineSnapshot, ScrapeConfig, Scraper};
+pub use scraper::{EngineSnapshot, Metrics, ScrapeConfig, Scraper};
 
 use crate::{figures::Metric, pods::Pod};
 use rule::Rule;

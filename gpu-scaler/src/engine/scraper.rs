@@ -21,6 +21,7 @@ use hyper_util::{
     client::legacy::{Client, connect::HttpConnector},
     rt::TokioExecutor,
 };
+use prometheus_client::{metrics::counter::Counter, registry::Registry};
 use serde::Serialize;
 use tokio::sync::watch;
 
@@ -104,9 +105,32 @@ pub struct EngineSnapshot {
     #[serde(skip)]
     pub taken_at: Option<SystemTime>,
     pub pods: Vec<PodEngine>,
-    /// Reads that failed since start, and reads done.
-    pub reads: u64,
-    pub failures: u64,
+}
+
+/// The engine reader's metric families, owned here and registered once
+/// ([`Metrics::register`]).
+#[derive(Debug, Default)]
+pub struct Metrics {
+    /// Reads done since start.
+    pub reads: Counter,
+    /// Reads that failed (refused, timeout, not 200, unparsable).
+    pub failures: Counter,
+}
+
+impl Metrics {
+    /// Registers the families in `registry` (the /metrics registry, once).
+    pub fn register(&self, registry: &mut Registry) {
+        registry.register(
+            "gpu_scaler_engine_reads",
+            "Engine metrics reads since start",
+            self.reads.clone(),
+        );
+        registry.register(
+            "gpu_scaler_engine_read_failures",
+            "Engine metrics reads that failed (refused, timeout, not 200, unparsable)",
+            self.failures.clone(),
+        );
+    }
 }
 
 struct Inner {
@@ -115,7 +139,7 @@ struct Inner {
     pods: PodsReceiver,
     endpoints: Mutex<BTreeMap<EndpointKey, Endpoint>>,
     published: watch::Sender<Arc<EngineSnapshot>>,
-    counts: Mutex<(u64, u64)>,
+    metrics: Arc<Metrics>,
 }
 
 /// A query's figures for a list of pods.
@@ -222,9 +246,14 @@ impl Scraper {
                 pods,
                 endpoints: Mutex::default(),
                 published,
-                counts: Mutex::default(),
+                metrics: Arc::default(),
             }),
         }
+    }
+
+    /// The reader's metric families.
+    pub fn metrics(&self) -> &Arc<Metrics> {
+        &self.inner.metrics
     }
 
     /// The newest per-pod view, after each poll.
@@ -404,9 +433,8 @@ impl Scraper {
         });
         let results = futures::future::join_all(reads).await;
         let failures = results.iter().filter(|f| **f).count() as u64;
-        let mut c = self.inner.counts.lock().expect("counts lock");
-        c.0 += results.len() as u64;
-        c.1 += failures;
+        self.inner.metrics.reads.inc_by(results.len() as u64);
+        self.inner.metrics.failures.inc_by(failures);
     }
 
     /// One poll: forget what is no longer wanted or no longer here, read the
@@ -439,7 +467,6 @@ impl Scraper {
 
     fn publish(&self) {
         let endpoints = self.inner.endpoints.lock().expect("endpoints lock");
-        let (reads, failures) = *self.inner.counts.lock().expect("counts lock");
         let pods = endpoints
             .iter()
             .map(|(k, e)| PodEngine {
@@ -466,8 +493,6 @@ impl Scraper {
         self.inner.published.send_replace(Arc::new(EngineSnapshot {
             taken_at: Some(SystemTime::now()),
             pods,
-            reads,
-            failures,
         }));
     }
 

@@ -472,9 +472,14 @@ impl<'a> Metadata<'a> {
     }
 }
 
-/// Parses a trigger's metadata; `podSelector` is required.
-pub fn parse(meta: &HashMap<String, String>) -> Result<Query> {
-    parse_with(meta, false)
+/// Whether a trigger must name its pods with `podSelector`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PodSelector {
+    /// Nothing else can find the pods (no Kubernetes API access).
+    Required,
+    /// A missing one gives `selector: None`: the pods come from the
+    /// ScaledObject's scale target.
+    Optional,
 }
 
 /// The error for a missing `podSelector` where nothing else can find the pods.
@@ -489,14 +494,15 @@ pub fn pod_selector_required() -> Error {
     }
 }
 
-/// Parses a trigger's metadata; with `selector_optional` a missing
-/// `podSelector` gives `selector: None` (the pods then come from the
-/// ScaledObject's scale target).
-pub fn parse_with(meta: &HashMap<String, String>, selector_optional: bool) -> Result<Query> {
-    parse_metadata(&Metadata::read(meta)?, selector_optional)
+/// Parses a trigger's metadata (after KEDA resolved its `xFromEnv` keys).
+pub fn parse(meta: &HashMap<String, String>, pod_selector: PodSelector) -> Result<Query> {
+    parse_metadata(
+        &Metadata::read(meta)?,
+        pod_selector == PodSelector::Optional,
+    )
 }
 
-/// The target GetMetricSpec announces for metadata that [`parse_with`]
+/// The target GetMetricSpec announces for metadata that [`parse`]
 /// refuses: what the target keys give where they can be read (the last key
 /// that reads wins, as in keda-gpu-scaler), else `None`. GetMetricSpec never
 /// fails on metadata: KEDA drops its errors (the user would see only "no metric
@@ -839,7 +845,7 @@ mod tests {
     }
 
     fn ok(pairs: &[(&str, &str)]) -> Query {
-        parse(&meta(pairs)).unwrap_or_else(|e| panic!("{pairs:?}: {e}"))
+        parse(&meta(pairs), PodSelector::Required).unwrap_or_else(|e| panic!("{pairs:?}: {e}"))
     }
 
     #[test]
@@ -1107,19 +1113,25 @@ mod tests {
             Some("app=env")
         );
         // Errors name the key as sent.
-        let e =
-            parse(&meta(&[("podSelector", "a"), ("targetValueFromEnv", "-1")])).expect_err("bad");
+        let e = parse(
+            &meta(&[("podSelector", "a"), ("targetValueFromEnv", "-1")]),
+            PodSelector::Required,
+        )
+        .expect_err("bad");
         assert_eq!(e.key, "targetValueFromEnv");
         assert!(
             e.to_string()
                 .starts_with("metadata targetValueFromEnv: \"-1\""),
             "{e}"
         );
-        let e = parse(&meta(&[
-            ("podSelector", "a"),
-            ("activationPodSelectorFromEnv", "r"),
-            ("activationMetric", "engine"),
-        ]))
+        let e = parse(
+            &meta(&[
+                ("podSelector", "a"),
+                ("activationPodSelectorFromEnv", "r"),
+                ("activationMetric", "engine"),
+            ]),
+            PodSelector::Required,
+        )
         .expect_err("no engine metric");
         assert_eq!(e.key, "activationEngineMetric");
     }
@@ -1142,7 +1154,11 @@ mod tests {
             ("gpuindex", "gpuIndex"),
             ("podSelectorFromenv", "podSelectorFromEnv"),
         ] {
-            let e = parse(&meta(&[("podSelector", "a"), (sent, "v")])).expect_err(sent);
+            let e = parse(
+                &meta(&[("podSelector", "a"), (sent, "v")]),
+                PodSelector::Required,
+            )
+            .expect_err(sent);
             assert_eq!(e.key, sent);
             assert!(
                 e.allowed.contains(&format!("did you mean {meant}?")),
@@ -1299,7 +1315,13 @@ mod tests {
                 "activationEngineMetric",
             ),
         ] {
-            assert_eq!(parse(&meta(pairs)).expect_err("bad").key, key, "{pairs:?}");
+            assert_eq!(
+                parse(&meta(pairs), PodSelector::Required)
+                    .expect_err("bad")
+                    .key,
+                key,
+                "{pairs:?}"
+            );
         }
     }
 
@@ -1562,7 +1584,8 @@ mod tests {
                 ok(pairs);
                 continue;
             }
-            let err = parse(&meta(pairs)).expect_err(&format!("{pairs:?} must be rejected"));
+            let err = parse(&meta(pairs), PodSelector::Required)
+                .expect_err(&format!("{pairs:?} must be rejected"));
             assert_eq!(err.key, *key, "{pairs:?}");
             let msg = err.to_string();
             assert!(msg.contains(key), "{msg}");

@@ -10,8 +10,10 @@ pub mod client_identity;
 pub mod codec;
 pub mod error;
 pub mod hpa;
+pub mod instrument;
 pub mod limits;
 pub mod metadata;
+pub mod metrics;
 pub mod naming;
 pub mod server;
 pub mod service;
@@ -19,6 +21,7 @@ pub mod value;
 pub mod view;
 
 pub use error::{Error, Result};
+pub use metrics::Metrics;
 pub use service::ScalerService;
 pub use view::{LocalView, WorkloadView};
 

@@ -57,7 +57,7 @@ pub fn refused_metric_name(meta: &std::collections::HashMap<String, String>) -> 
                     "a".to_owned(),
                 )])
                 .collect();
-        if let Ok(q) = super::metadata::parse(&m)
+        if let Ok(q) = super::metadata::parse(&m, super::metadata::PodSelector::Required)
             && let Some(n) = q.metric_name
         {
             return n;
@@ -104,7 +104,7 @@ mod tests {
             .iter()
             .map(|(k, v)| (k.to_string(), v.to_string()))
             .collect();
-        metadata::parse(&meta).expect("valid metadata")
+        metadata::parse(&meta, metadata::PodSelector::Required).expect("valid metadata")
     }
 
     #[test]

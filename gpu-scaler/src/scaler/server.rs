@@ -3,8 +3,6 @@
 
 use std::{sync::Arc, time::Duration};
 
-use crate::telemetry::metrics::Metrics;
-
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tonic::transport::{Certificate, Identity, Server, ServerTlsConfig};
@@ -66,7 +64,8 @@ pub fn health() -> (
 }
 
 /// Serves until `shutdown` is cancelled, then drains open streams (which end
-/// with OK when the service sees the same token).
+/// with OK when the service sees the same token). Every ExternalScaler call is
+/// counted and timed in the service's [`super::Metrics`].
 pub async fn serve(
     listener: TcpListener,
     service: ScalerService,
@@ -74,20 +73,6 @@ pub async fn serve(
     health: Option<
         tonic_health::pb::health_server::HealthServer<impl tonic_health::pb::health_server::Health>,
     >,
-    shutdown: CancellationToken,
-) -> Result<(), Error> {
-    serve_instrumented(listener, service, tls, health, Arc::default(), shutdown).await
-}
-
-/// As [`serve`], counting and timing every ExternalScaler call in `metrics`.
-pub async fn serve_instrumented(
-    listener: TcpListener,
-    service: ScalerService,
-    tls: Option<Tls>,
-    health: Option<
-        tonic_health::pb::health_server::HealthServer<impl tonic_health::pb::health_server::Health>,
-    >,
-    metrics: Arc<Metrics>,
     shutdown: CancellationToken,
 ) -> Result<(), Error> {
     let mut builder = Server::builder()
@@ -107,7 +92,7 @@ pub async fn serve_instrumented(
         builder = builder.tls_config(cfg).map_err(Error::Tls)?;
     }
     let router = builder
-        .layer(crate::telemetry::grpc::Layer::new(metrics))
+        .layer(super::instrument::Layer::new(service.metrics().clone()))
         .layer(super::client_identity::Layer::new(client_names))
         .add_optional_service(health)
         .add_service(

@@ -1,20 +1,15 @@
 //! The ExternalScaler gRPC service, as KEDA uses it.
 
-use std::{
-    pin::Pin,
-    sync::{
-        Arc,
-        atomic::{AtomicU64, Ordering},
-    },
-    time::Duration,
-};
+use std::{pin::Pin, sync::Arc, time::Duration};
+
+use prometheus_client::metrics::gauge::Gauge;
 
 use tokio_stream::{Stream, StreamExt as _};
 use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status};
 
 use super::{
-    Error, Result, metadata,
+    Error, Metrics, Result, metadata,
     metadata::Query,
     naming,
     proto::{
@@ -34,14 +29,7 @@ pub struct ScalerService {
     /// How often an open StreamIsActive re-checks even without new data, so a
     /// stalled source is reported rather than silently kept.
     recheck: Duration,
-    streams: Arc<OpenStreams>,
-}
-
-/// Open streams by method, for /metrics.
-#[derive(Debug, Default)]
-pub struct OpenStreams {
-    pub stream_is_active: AtomicU64,
-    pub stream_metric_spec: AtomicU64,
+    metrics: Arc<Metrics>,
 }
 
 /// Which streaming method a [`StreamGuard`] counts.
@@ -53,28 +41,22 @@ enum StreamKind {
 
 /// Counts one open stream while it lives (it lives in the stream's state, so
 /// it goes when hyper drops the response body: client gone or shutdown).
-struct StreamGuard {
-    streams: Arc<OpenStreams>,
-    kind: StreamKind,
-}
+struct StreamGuard(Gauge);
 
 impl StreamGuard {
-    fn open(streams: Arc<OpenStreams>, kind: StreamKind) -> Self {
-        Self::counter(&streams, kind).fetch_add(1, Ordering::Relaxed);
-        Self { streams, kind }
-    }
-
-    fn counter(streams: &OpenStreams, kind: StreamKind) -> &AtomicU64 {
-        match kind {
-            StreamKind::IsActive => &streams.stream_is_active,
-            StreamKind::MetricSpec => &streams.stream_metric_spec,
-        }
+    fn open(metrics: &Metrics, kind: StreamKind) -> Self {
+        let gauge = metrics.stream(match kind {
+            StreamKind::IsActive => "StreamIsActive",
+            StreamKind::MetricSpec => "StreamMetricSpec",
+        });
+        gauge.inc();
+        Self(gauge)
     }
 }
 
 impl Drop for StreamGuard {
     fn drop(&mut self) {
-        Self::counter(&self.streams, self.kind).fetch_sub(1, Ordering::Relaxed);
+        self.0.dec();
     }
 }
 
@@ -107,13 +89,14 @@ impl ScalerService {
             view,
             shutdown,
             recheck,
-            streams: Arc::default(),
+            metrics: Arc::default(),
         }
     }
 
-    /// The service's open-stream counts.
-    pub fn open_streams(&self) -> Arc<OpenStreams> {
-        self.streams.clone()
+    /// The service's metric families (calls, latency, open streams), for the
+    /// /metrics registry and the instrumenting layer.
+    pub fn metrics(&self) -> &Arc<Metrics> {
+        &self.metrics
     }
 
     fn query(&self, r: &ScaledObjectRef) -> Result<Query> {
@@ -121,10 +104,12 @@ impl ScalerService {
         if r.namespace.is_empty() {
             return Err(Error::MissingNamespace);
         }
-        Ok(metadata::parse_with(
-            &r.scaler_metadata,
-            self.view.resolves_scale_targets(),
-        )?)
+        let pod_selector = if self.view.resolves_scale_targets() {
+            metadata::PodSelector::Optional
+        } else {
+            metadata::PodSelector::Required
+        };
+        Ok(metadata::parse(&r.scaler_metadata, pod_selector)?)
     }
 
     /// The spec of ScaledObject `r`. It never fails on metadata: KEDA drops
@@ -214,7 +199,7 @@ impl ExternalScaler for ScalerService {
         let mut recheck = tokio::time::interval(self.recheck);
         recheck.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let state = IsActiveState {
-            _open: StreamGuard::open(self.streams.clone(), StreamKind::IsActive),
+            _open: StreamGuard::open(&self.metrics, StreamKind::IsActive),
             updates: self.view.updates(),
             this: self.clone(),
             r,
@@ -274,7 +259,7 @@ impl ExternalScaler for ScalerService {
         let first = GetMetricSpecResponse {
             metric_specs: vec![self.spec_for(request.get_ref())?],
         };
-        let open = StreamGuard::open(self.streams.clone(), StreamKind::MetricSpec);
+        let open = StreamGuard::open(&self.metrics, StreamKind::MetricSpec);
         let shutdown = self.shutdown.clone();
         // The spec comes from the metadata alone, so it never changes while the
         // stream is open: send it, then stay open until the client or we go

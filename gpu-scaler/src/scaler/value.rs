@@ -378,6 +378,7 @@ mod tests {
                     .iter()
                     .map(|(k, v)| (k.to_string(), v.to_string()))
                     .collect(),
+                crate::scaler::metadata::PodSelector::Required,
             )
             .expect("query")
         };
@@ -409,6 +410,7 @@ mod tests {
                 .iter()
                 .map(|(k, v)| (k.to_string(), v.to_string()))
                 .collect(),
+            crate::scaler::metadata::PodSelector::Required,
         )
         .expect("query")
     }
@@ -504,6 +506,7 @@ mod tests {
                 .iter()
                 .map(|(k, v)| (k.to_string(), v.to_string()))
                 .collect(),
+            crate::scaler::metadata::PodSelector::Required,
         )
         .expect("query");
         let w = |engine: Vec<f64>, missing| Workload {

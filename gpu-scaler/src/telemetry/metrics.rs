@@ -1,34 +1,29 @@
 //! The Prometheus exposition on `--metrics-listen` (see docs/metrics.md).
 //!
-//! Gauges are rendered at scrape time from the newest published
-//! [`NodeSnapshot`] (and the cluster's counters) into a registry built for that
-//! one scrape, so the sampling path does no metric work for them and a pod that
-//! is gone from the snapshot is gone from the next scrape: label cardinality is
-//! bounded by what the node runs now. Only what must accumulate between
-//! scrapes (counters, histograms) lives in [`Metrics`].
+//! Two kinds of series. What accumulates between scrapes (counters,
+//! histograms) belongs to the domain that records it (`join`, `scaler`,
+//! `cluster`, `engine`), each registering its families once in the
+//! [`registry`]. The snapshot's gauges are rendered at scrape time from the
+//! newest published [`NodeSnapshot`] into a registry built for that one scrape,
+//! so the sampling path does no metric work for them and a pod that is gone
+//! from the snapshot is gone from the next scrape: label cardinality is bounded
+//! by what the node runs now.
 
-use std::{
-    sync::atomic::AtomicU64,
-    time::{Duration, SystemTime},
-};
+use std::{sync::atomic::AtomicU64, time::SystemTime};
 
 use prometheus_client::{
-    encoding::text::encode,
+    encoding::text::{encode_eof, encode_registry},
     metrics::{
         counter::{ConstCounter, Counter},
         family::Family,
         gauge::{ConstGauge, Gauge},
-        histogram::{Histogram, exponential_buckets},
     },
     registry::Registry,
 };
 
 use crate::{
     attribution::{Backend, Stats as AttributionStats},
-    cluster::{Latency, Stats},
-    scaler::service::OpenStreams,
-    snapshot::Reading,
-    snapshot::{GpuUsage, NodeSnapshot},
+    snapshot::{GpuUsage, NodeSnapshot, Reading},
 };
 
 /// Label set of one series: (name, value) pairs.
@@ -45,106 +40,21 @@ pub const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; cha
 
 const MIB: f64 = 1024.0 * 1024.0;
 
-/// Counters and histograms that accumulate between scrapes. Cheap to record
-/// into (atomics); shared by the sampler, the gRPC layer and the HTTP handler.
-#[derive(Clone)]
-pub struct Metrics {
-    /// One join of GPU samples, attribution and pods into a snapshot.
-    pub sample_duration: Histogram,
-    /// Failed polls by source (`nvml`/`mock`, `pods`).
-    pub sample_errors: Family<Labels, Counter>,
-    /// Finished ExternalScaler calls by method and status code.
-    pub grpc_requests: Family<Labels, Counter>,
-    /// Their latency by method.
-    pub grpc_duration: Family<Labels, Histogram>,
-    /// The GPU source's label in `sample_errors`.
-    pub gpu_source: &'static str,
-}
-
-fn latency_histogram() -> Histogram {
-    // 100 µs .. ~6.5 s: a snapshot join is sub-millisecond, a fan-out with a
-    // slow peer several seconds.
-    Histogram::new(exponential_buckets(0.0001, 2.0, 17))
-}
-
-impl Metrics {
-    /// Empty metrics; `gpu_source` labels GPU sampling errors (`nvml`, `mock`).
-    pub fn new(gpu_source: &'static str) -> Self {
-        Self {
-            sample_duration: latency_histogram(),
-            sample_errors: Family::default(),
-            grpc_requests: Family::default(),
-            grpc_duration: Family::new_with_constructor(latency_histogram),
-            gpu_source,
-        }
-    }
-
-    /// Records one sampler join.
-    pub fn joined(&self, took: Duration) {
-        self.sample_duration.observe(took.as_secs_f64());
-    }
-
-    /// Counts a failed poll of `source`.
-    pub fn sample_error(&self, source: &'static str) {
-        self.sample_errors
-            .get_or_create(&vec![("source", source.to_owned())])
-            .inc();
-    }
-
-    /// Records one finished gRPC call.
-    pub fn grpc_call(&self, method: &str, code: tonic::Code, took: Duration) {
-        self.grpc_requests
-            .get_or_create(&vec![
-                ("method", method.to_owned()),
-                ("code", code_name(code).to_owned()),
-            ])
-            .inc();
-        self.grpc_duration
-            .get_or_create(&vec![("method", method.to_owned())])
-            .observe(took.as_secs_f64());
-    }
-}
-
-impl crate::join::Observer for Metrics {
-    fn joined(&self, took: Duration) {
-        Metrics::joined(self, took);
-    }
-    fn gpu_failed(&self) {
-        self.sample_error(self.gpu_source);
-    }
-    fn pods_failed(&self) {
-        self.sample_error("pods");
-    }
-}
-
-impl Default for Metrics {
-    fn default() -> Self {
-        Self::new("gpu")
-    }
-}
-
-/// The status code's name as gRPC spells it (`OK`, `INVALID_ARGUMENT`, ...).
-pub fn code_name(code: tonic::Code) -> &'static str {
-    use tonic::Code::*;
-    match code {
-        Ok => "OK",
-        Cancelled => "CANCELLED",
-        Unknown => "UNKNOWN",
-        InvalidArgument => "INVALID_ARGUMENT",
-        DeadlineExceeded => "DEADLINE_EXCEEDED",
-        NotFound => "NOT_FOUND",
-        AlreadyExists => "ALREADY_EXISTS",
-        PermissionDenied => "PERMISSION_DENIED",
-        ResourceExhausted => "RESOURCE_EXHAUSTED",
-        FailedPrecondition => "FAILED_PRECONDITION",
-        Aborted => "ABORTED",
-        OutOfRange => "OUT_OF_RANGE",
-        Unimplemented => "UNIMPLEMENTED",
-        Internal => "INTERNAL",
-        Unavailable => "UNAVAILABLE",
-        DataLoss => "DATA_LOSS",
-        Unauthenticated => "UNAUTHENTICATED",
-    }
+/// The /metrics registry with what never changes (`gpu_scaler_build_info`);
+/// each domain registers its own counters and histograms in it once, at start
+/// (`join::Metrics`, `scaler::Metrics`, `cluster::Metrics`, `engine::Metrics`).
+pub fn registry() -> Registry {
+    let mut r = Registry::default();
+    let build: Family<[(&'static str, &'static str); 1], Gauge> = Family::default();
+    build
+        .get_or_create(&[("version", env!("CARGO_PKG_VERSION"))])
+        .set(1);
+    r.register(
+        "gpu_scaler_build_info",
+        "Always 1; carries the version",
+        build,
+    );
+    r
 }
 
 fn gauge(registry: &mut Registry, name: &str, help: &str, value: f64) {
@@ -174,10 +84,8 @@ fn set_reading<T: Copy + Into<f64>>(
 
 /// What a scrape renders besides the snapshot.
 pub struct Sources<'a> {
-    pub metrics: &'a Metrics,
-    pub cluster: Option<&'a Stats>,
-    /// Open ExternalScaler streams.
-    pub streams: Option<&'a OpenStreams>,
+    /// The counters and histograms the domains registered ([`registry`]).
+    pub registry: &'a Registry,
     /// Whether the GPU poller's newest pass failed.
     pub gpu_up: bool,
     /// The attribution backend's table sizes and loss counters.
@@ -187,13 +95,11 @@ pub struct Sources<'a> {
 }
 
 impl<'a> Sources<'a> {
-    /// Only the node's own figures: no cluster, no open streams, no attribution
-    /// counters, the GPU source answering. Set the other fields with `..`.
-    pub fn node(metrics: &'a Metrics) -> Self {
+    /// Only the node's own figures: no attribution counters, no engines, the
+    /// GPU source answering. Set the other fields with `..`.
+    pub fn node(registry: &'a Registry) -> Self {
         Self {
-            metrics,
-            cluster: None,
-            streams: None,
+            registry,
             gpu_up: true,
             attribution: None,
             engines: None,
@@ -202,7 +108,8 @@ impl<'a> Sources<'a> {
 }
 
 /// Renders the exposition for `snap` at `now` (OpenMetrics text, which
-/// Prometheus reads; see [`CONTENT_TYPE`]).
+/// Prometheus reads; see [`CONTENT_TYPE`]): the snapshot's gauges, built for
+/// this scrape, then the registered families.
 pub fn render(snap: &NodeSnapshot, sources: &Sources<'_>, now: SystemTime) -> String {
     let mut r = Registry::default();
     devices(&mut r, snap);
@@ -213,55 +120,14 @@ pub fn render(snap: &NodeSnapshot, sources: &Sources<'_>, now: SystemTime) -> St
     if let Some(stats) = &sources.attribution {
         attribution(&mut r, snap, stats);
     }
-    if let Some(stats) = sources.cluster {
-        cluster(&mut r, stats);
-    }
     if let Some(e) = sources.engines {
         engines(&mut r, e);
     }
-    let m = sources.metrics;
-    r.register(
-        "gpu_scaler_grpc_requests",
-        "Finished ExternalScaler calls by method and status code",
-        m.grpc_requests.clone(),
-    );
-    r.register(
-        "gpu_scaler_grpc_request_duration_seconds",
-        "Latency of ExternalScaler calls (streams count their set-up)",
-        m.grpc_duration.clone(),
-    );
-    if let Some(open) = sources.streams {
-        let streams = GaugeFamily::default();
-        for (method, n) in [
-            ("StreamIsActive", &open.stream_is_active),
-            ("StreamMetricSpec", &open.stream_metric_spec),
-        ] {
-            set(
-                &streams,
-                vec![("method", method.to_owned())],
-                n.load(std::sync::atomic::Ordering::Relaxed) as f64,
-            );
-        }
-        r.register(
-            "gpu_scaler_grpc_streams",
-            "Open StreamIsActive / StreamMetricSpec streams",
-            streams,
-        );
-    }
-    let build: GaugeFamily = Family::default();
-    set(
-        &build,
-        vec![("version", env!("CARGO_PKG_VERSION").to_owned())],
-        1.0,
-    );
-    r.register(
-        "gpu_scaler_build_info",
-        "Always 1; carries the version",
-        build,
-    );
     let mut out = String::new();
     // Writing into a String cannot fail.
-    let _ = encode(&mut out, &r);
+    let _ = encode_registry(&mut out, &r)
+        .and_then(|()| encode_registry(&mut out, sources.registry))
+        .and_then(|()| encode_eof(&mut out));
     out
 }
 
@@ -292,18 +158,6 @@ fn engines(r: &mut Registry, snap: &crate::engine::EngineSnapshot) {
         "gpu_scaler_pod_engine_figure",
         "A pod's engine figure (queue depth, KV-cache use, ...) as a live query reads it",
         figure,
-    );
-    counter(
-        r,
-        "gpu_scaler_engine_reads",
-        "Engine metrics reads since start",
-        snap.reads,
-    );
-    counter(
-        r,
-        "gpu_scaler_engine_read_failures",
-        "Engine metrics reads that failed (refused, timeout, not 200, unparsable)",
-        snap.failures,
     );
 }
 
@@ -596,17 +450,6 @@ fn accounts(r: &mut Registry, snap: &NodeSnapshot) {
 }
 
 fn sampling(r: &mut Registry, snap: &NodeSnapshot, sources: &Sources<'_>, now: SystemTime) {
-    let m = sources.metrics;
-    r.register(
-        "gpu_scaler_sample_duration_seconds",
-        "One join of GPU samples, attribution and pods into a snapshot",
-        m.sample_duration.clone(),
-    );
-    r.register(
-        "gpu_scaler_sample_errors",
-        "Failed polls by source",
-        m.sample_errors.clone(),
-    );
     gauge(
         r,
         "gpu_scaler_snapshot_age_seconds",
@@ -744,118 +587,21 @@ fn ebpf(r: &mut Registry, e: &crate::attribution::EbpfStats) {
     );
 }
 
-fn cluster(r: &mut Registry, s: &Stats) {
-    let requests = Stats::get(&s.peer_requests);
-    let failures = Stats::get(&s.peer_failures);
-    let outcomes: Family<Labels, Counter> = Family::default();
-    outcomes
-        .get_or_create(&vec![("outcome", "ok".to_owned())])
-        .inc_by(requests.saturating_sub(failures));
-    outcomes
-        .get_or_create(&vec![("outcome", "error".to_owned())])
-        .inc_by(failures);
-    r.register(
-        "gpu_scaler_peer_requests",
-        "Node-to-node requests by outcome (error includes timeouts)",
-        outcomes,
-    );
-    counter(
-        r,
-        "gpu_scaler_fanouts",
-        "Fan-outs run (one per workload per cache period)",
-        Stats::get(&s.fanouts),
-    );
-    counter(
-        r,
-        "gpu_scaler_fanout_coalesced",
-        "Queries answered by an in-flight or cached fan-out",
-        Stats::get(&s.fanouts_shared),
-    );
-    r.register(
-        "gpu_scaler_peer_request_duration_seconds",
-        "Latency of one peer request",
-        Fixed::read(&s.peer_latency),
-    );
-    r.register(
-        "gpu_scaler_fanout_duration_seconds",
-        "One query's whole fan-out, slowest peer included",
-        Fixed::read(&s.fanout_latency),
-    );
-    let missing: Family<Labels, Counter> = Family::default();
-    missing
-        .get_or_create(&vec![("outcome", "averaged".to_owned())])
-        .inc_by(Stats::get(&s.missing_averaged));
-    missing
-        .get_or_create(&vec![("outcome", "unavailable".to_owned())])
-        .inc_by(Stats::get(&s.missing_refused));
-    r.register(
-        "gpu_scaler_missing_node",
-        "Queries where a node did not answer, by what the policy did",
-        missing,
-    );
-    if let Some(census) = s.peers.census() {
-        let peers = GaugeFamily::default();
-        set(
-            &peers,
-            vec![("state", "ready".to_owned())],
-            census.ready as f64,
-        );
-        set(
-            &peers,
-            vec![("state", "not_ready".to_owned())],
-            census.not_ready as f64,
-        );
-        r.register(
-            "gpu_scaler_peers",
-            "Nodes with a daemon known to peer discovery, by readiness (--peers: all ready)",
-            peers,
-        );
-    }
-}
-
-/// A cluster [`Latency`] as a Prometheus histogram, as read at scrape time.
-#[derive(Debug)]
-struct Fixed {
-    sum: f64,
-    count: u64,
-    buckets: Vec<(f64, u64)>,
-}
-
-impl Fixed {
-    fn read(l: &Latency) -> Self {
-        let (sum, count, buckets) = l.read();
-        Self {
-            sum,
-            count,
-            buckets,
-        }
-    }
-}
-
-impl prometheus_client::encoding::EncodeMetric for Fixed {
-    fn encode(
-        &self,
-        mut encoder: prometheus_client::encoding::MetricEncoder,
-    ) -> Result<(), std::fmt::Error> {
-        encoder.encode_histogram::<prometheus_client::encoding::NoLabelSet>(
-            self.sum,
-            self.count,
-            &self.buckets,
-            None,
-        )
-    }
-
-    fn metric_type(&self) -> prometheus_client::metrics::MetricType {
-        prometheus_client::metrics::MetricType::Histogram
-    }
-}
-
 #[cfg(test)]
 mod tests {
-    use std::{collections::BTreeMap, sync::atomic::Ordering};
+    use std::{collections::BTreeMap, time::Duration};
 
     use super::*;
     use crate::attribution::Backend;
+
+    /// The /metrics registry as the daemon builds it, with the join's families
+    /// (labelled `mock`).
+    fn node_registry() -> (Registry, crate::join::Metrics) {
+        let mut r = registry();
+        let join = crate::join::Metrics::new("mock");
+        join.register(&mut r);
+        (r, join)
+    }
 
     fn empty_snapshot() -> NodeSnapshot {
         NodeSnapshot {
@@ -875,27 +621,34 @@ mod tests {
 
     #[test]
     fn cluster_counters_and_latencies() {
-        let stats = Stats::default();
-        stats.peer_requests.store(5, Ordering::Relaxed);
-        stats.peer_failures.store(2, Ordering::Relaxed);
-        stats.missing_refused.store(1, Ordering::Relaxed);
-        stats.peer_latency.observe(Duration::from_millis(3));
-        stats.fanout_latency.observe(Duration::from_millis(20));
+        let cluster = crate::cluster::Metrics::default();
+        for ok in [true, true, true, false, false] {
+            // One in the (0.002, 0.004] bucket, the others past it.
+            let took = if ok && cluster.peer_requests_sent() == 0 {
+                Duration::from_millis(3)
+            } else {
+                Duration::from_millis(700)
+            };
+            cluster.peer_request(ok, took);
+        }
+        cluster.missing_node(false);
+        cluster
+            .fanout_latency
+            .observe(Duration::from_millis(20).as_secs_f64());
         // A static list has no readiness: every peer counts as ready.
-        stats.peers.set(std::sync::Arc::new(
+        cluster.peers.set(std::sync::Arc::new(
             crate::cluster::discovery::StaticPeers::new([
                 ("n1".to_owned(), "127.0.0.1:6001".parse().expect("addr")),
                 ("n2".to_owned(), "127.0.0.2:6001".parse().expect("addr")),
             ]),
         ));
-        let metrics = Metrics::new("mock");
-        metrics.sample_error("mock");
+        let (mut registry, join) = node_registry();
+        cluster.register(&mut registry);
+        join.errors.get_or_create(&[("source", "mock")]).inc();
         let out = render(
             &empty_snapshot(),
             &Sources {
-                metrics: &metrics,
-                cluster: Some(&stats),
-                streams: None,
+                registry: &registry,
                 gpu_up: false,
                 engines: None,
                 attribution: Some(AttributionStats {
@@ -945,7 +698,7 @@ mod tests {
     #[test]
     fn ebpf_events_resyncs_and_maps() {
         use crate::attribution::{EbpfStats, EventCounts};
-        let metrics = Metrics::default();
+        let (registry, _join) = node_registry();
         let snap = NodeSnapshot {
             attribution: Backend::Ebpf,
             ..empty_snapshot()
@@ -974,7 +727,7 @@ mod tests {
                 &snap,
                 &Sources {
                     attribution: Some(s),
-                    ..Sources::node(&metrics)
+                    ..Sources::node(&registry)
                 },
                 SystemTime::now(),
             )
@@ -1100,8 +853,8 @@ mod tests {
                 containers: Vec::new(),
             }),
         );
-        let metrics = Metrics::default();
-        let out = render(&snap, &Sources::node(&metrics), SystemTime::now());
+        let (registry, _join) = node_registry();
+        let out = render(&snap, &Sources::node(&registry), SystemTime::now());
         let series = |name: &str, pod: &str, container: &str, gpu: u32| {
             format!(
                 "{name}{{namespace=\"ml\",pod=\"{pod}\",container=\"{container}\",gpu=\"{gpu}\"}}"
@@ -1138,13 +891,11 @@ mod tests {
 
     #[test]
     fn no_cluster_no_cluster_series() {
-        let metrics = Metrics::default();
+        let (mut registry, _join) = node_registry();
+        crate::scaler::Metrics::default().register(&mut registry);
         let out = render(
             &empty_snapshot(),
-            &Sources {
-                streams: Some(&OpenStreams::default()),
-                ..Sources::node(&metrics)
-            },
+            &Sources::node(&registry),
             SystemTime::now(),
         );
         assert!(!out.contains("gpu_scaler_peer_requests_total"), "{out}");
@@ -1184,15 +935,17 @@ mod tests {
                     .into(),
                 },
             ],
-            reads: 5,
-            failures: 1,
         };
-        let metrics = Metrics::new("mock");
+        let (mut registry, _join) = node_registry();
+        let reader = crate::engine::Metrics::default();
+        reader.reads.inc_by(5);
+        reader.failures.inc();
+        reader.register(&mut registry);
         let out = render(
             &empty_snapshot(),
             &Sources {
                 engines: Some(&engines),
-                ..Sources::node(&metrics)
+                ..Sources::node(&registry)
             },
             SystemTime::now(),
         );
@@ -1257,11 +1010,7 @@ mod tests {
         ledger.record(&mut first);
         let mut snap = pass(8_000_000, 190);
         ledger.record(&mut snap);
-        let text = render(
-            &snap,
-            &Sources::node(&Metrics::default()),
-            SystemTime::now(),
-        );
+        let text = render(&snap, &Sources::node(&registry()), SystemTime::now());
         for line in [
             "gpu_scaler_device_energy_joules_total{gpu=\"0\",uuid=\"GPU-0\"} 8000.0",
             "gpu_scaler_device_power_average_watts{gpu=\"0\",uuid=\"GPU-0\"} 250.0",

@@ -1,7 +1,5 @@
-//! Logging set-up, the Prometheus exposition ([`metrics`]) and the gRPC
-//! request instrumentation ([`grpc`]).
+//! Logging set-up and the Prometheus exposition ([`metrics`]).
 
-pub mod grpc;
 pub mod metrics;
 
 use std::io::IsTerminal as _;

@@ -14,7 +14,7 @@ use std::{
     time::Instant,
 };
 
-use super::metrics::Metrics;
+use super::Metrics;
 
 /// The path prefix of KEDA's ExternalScaler service (proto package
 /// `externalscaler`); other services (grpc.health.v1) are not counted.
@@ -114,7 +114,7 @@ where
                     // The transport failed before a status was sent.
                     Err(_) => tonic::Code::Internal,
                 };
-                metrics.grpc_call(method, code, started.elapsed());
+                metrics.call(method, code, started.elapsed());
             }
             res
         })
