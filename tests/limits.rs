@@ -201,7 +201,7 @@ async fn get(addr: SocketAddr, path: &str) -> String {
 
 #[tokio::test]
 async fn idle_http_connections_are_closed_and_never_keep_probes_out() {
-    use gpu_scaler::daemon::http::serve_bounded;
+    use gpu_scaler::daemon::http::{Limits, serve};
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
         .await
         .expect("bind");
@@ -209,11 +209,13 @@ async fn idle_http_connections_are_closed_and_never_keep_probes_out() {
     let router = axum::Router::new().route("/healthz", axum::routing::get(|| async { "ok\n" }));
     let shutdown = tokio_util::sync::CancellationToken::new();
     let header_timeout = Duration::from_millis(500);
-    let server = tokio::spawn(serve_bounded(
+    let server = tokio::spawn(serve(
         listener,
         router,
-        8,
-        header_timeout,
+        Limits {
+            max_connections: 8,
+            header_read_timeout: header_timeout,
+        },
         shutdown.clone(),
     ));
 

@@ -20,4 +20,5 @@ pub mod pods;
 pub mod scaler;
 pub mod snapshot;
 pub mod telemetry;
+pub mod tls;
 pub mod top;

@@ -88,7 +88,7 @@ impl LocalUsage for SyntheticNode {
         &'a self,
         uids: &'a [String],
         _figures: &'a [proto::FigureRequest],
-    ) -> futures::future::BoxFuture<'a, Result<proto::GetPodUsageResponse, String>> {
+    ) -> futures::future::BoxFuture<'a, Result<proto::GetPodUsageResponse, peer::LocalError>> {
         Box::pin(async move { Ok(self.answer(uids)) })
     }
 }

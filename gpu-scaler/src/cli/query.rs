@@ -4,12 +4,13 @@
 
 use std::{collections::HashMap, path::PathBuf, time::Duration};
 
-use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
+use tonic::transport::{Channel, ClientTlsConfig, Endpoint};
 
 use crate::scaler::{
     hpa::{self, TargetType},
     proto::{GetMetricsRequest, ScaledObjectRef, external_scaler_client::ExternalScalerClient},
 };
+use crate::tls;
 
 #[derive(Debug, clap::Args)]
 pub struct QueryArgs {
@@ -53,8 +54,9 @@ pub struct QueryArgs {
     pub json: bool,
 }
 
-fn read(path: &PathBuf) -> super::Result<Vec<u8>> {
-    std::fs::read(path).map_err(|e| super::Error::Usage(format!("reading {}: {e}", path.display())))
+/// A TLS file `query` could not read: a usage error naming it.
+fn usage(e: tls::Error) -> super::Error {
+    super::Error::Usage(e.to_string())
 }
 
 /// Parses `KEY=VALUE` pairs; a value may contain `=` (selectors do).
@@ -83,10 +85,10 @@ async fn connect(args: &QueryArgs) -> super::Result<Channel> {
     if tls {
         let mut cfg = ClientTlsConfig::new();
         if let Some(ca) = &args.tls_ca {
-            cfg = cfg.ca_certificate(Certificate::from_pem(read(ca)?));
+            cfg = cfg.ca_certificate(tls::certificate(ca).map_err(usage)?);
         }
         if let (Some(cert), Some(key)) = (&args.tls_cert, &args.tls_key) {
-            cfg = cfg.identity(Identity::from_pem(read(cert)?, read(key)?));
+            cfg = cfg.identity(tls::identity(cert, key).map_err(usage)?);
         }
         if let Some(name) = &args.tls_server_name {
             cfg = cfg.domain_name(name.clone());

@@ -19,7 +19,7 @@ use std::{
 use futures::{FutureExt as _, future::Shared};
 
 use super::{
-    Error, Metrics, MissingNodePolicy, Result,
+    Error, Metrics, MissingNodePolicy, NoReport, Result,
     discovery::PeerBook,
     peer::{LocalUsage, PeerClients, proto},
     workload::PodDirectory,
@@ -47,11 +47,11 @@ pub struct PodReport {
 }
 
 /// The workload's pods at one moment, sorted by uid.
-#[derive(Clone, Debug, PartialEq)]
+#[derive(Clone, Debug)]
 pub struct WorkloadUsage {
     pub pods: Vec<PodReport>,
     /// Nodes that did not answer, with why.
-    pub missing_nodes: BTreeMap<String, String>,
+    pub missing_nodes: BTreeMap<String, NoReport>,
     /// Pods whose engine could not be read (engine queries), with why.
     pub unreadable_pods: BTreeMap<String, String>,
     /// When the oldest snapshot in the answer was taken.
@@ -256,15 +256,18 @@ impl Fanout {
         let asks = by_node.into_iter().map(|(node, uids)| async move {
             let asked: std::collections::HashSet<String> = uids.iter().cloned().collect();
             let answer = if node == self.config.node_name {
-                self.local.pod_usage(&uids, figures).await
+                self.local
+                    .pod_usage(&uids, figures)
+                    .await
+                    .map_err(NoReport::from)
             } else {
                 match self.peers.address(node) {
-                    None => Err("no gpu-scaler daemon is known on this node".to_owned()),
+                    None => Err(NoReport::NoDaemon),
                     Some(addr) => {
                         let asked = Instant::now();
                         let r = self.clients.ask(addr, uids, figures.clone()).await;
                         self.metrics.peer_request(r.is_ok(), asked.elapsed());
-                        r.map_err(|e| format!("{addr}: {e}"))
+                        r
                     }
                 }
             };
@@ -272,10 +275,7 @@ impl Fanout {
                 if a.node_name == node {
                     super::usage::check_answer(a, &asked, SystemTime::now(), max_age)
                 } else {
-                    Err(format!(
-                        "the daemon asked answered for node {:?}",
-                        a.node_name
-                    ))
+                    Err(NoReport::WrongNode(a.node_name))
                 }
             });
             (node.to_owned(), answer)
@@ -308,14 +308,11 @@ impl Fanout {
                         usage.insert(p.pod_uid.clone(), p);
                     }
                     if !a.unknown_pod_uids.is_empty() {
-                        missing_nodes.insert(
-                            node,
-                            format!("does not know pods {}", a.unknown_pod_uids.join(", ")),
-                        );
+                        missing_nodes.insert(node, NoReport::UnknownPods(a.unknown_pod_uids));
                     }
                 }
                 Err(reason) => {
-                    tracing::debug!(node, reason, "node did not answer");
+                    tracing::debug!(node, %reason, "node did not answer");
                     missing_nodes.insert(node, reason);
                 }
             }
@@ -385,7 +382,7 @@ pub(crate) mod tests {
         pub name: String,
         pub sm: Mutex<HashMap<String, f64>>,
         pub calls: AtomicU64,
-        pub down: Mutex<Option<String>>,
+        pub down: Mutex<Option<Arc<str>>>,
     }
 
     impl FakeNode {
@@ -407,8 +404,10 @@ pub(crate) mod tests {
             &'a self,
             uids: &'a [String],
             _figures: &'a [proto::FigureRequest],
-        ) -> futures::future::BoxFuture<'a, std::result::Result<proto::GetPodUsageResponse, String>>
-        {
+        ) -> futures::future::BoxFuture<
+            'a,
+            std::result::Result<proto::GetPodUsageResponse, super::super::peer::LocalError>,
+        > {
             Box::pin(async move { self.answer(uids) })
         }
     }
@@ -417,10 +416,11 @@ pub(crate) mod tests {
         fn answer(
             &self,
             uids: &[String],
-        ) -> std::result::Result<proto::GetPodUsageResponse, String> {
+        ) -> std::result::Result<proto::GetPodUsageResponse, super::super::peer::LocalError>
+        {
             self.calls.fetch_add(1, Ordering::SeqCst);
             if let Some(reason) = self.down.lock().expect("lock").clone() {
-                return Err(reason);
+                return Err(crate::snapshot::Unfit::GpuDown(reason).into());
             }
             let sm = self.sm.lock().expect("lock");
             let mut resp = proto::GetPodUsageResponse {
@@ -604,7 +604,8 @@ pub(crate) mod tests {
                 .await;
         let first = all[0].as_ref().expect("answer").clone();
         for a in &all {
-            assert_eq!(a.as_ref().expect("answer"), &first);
+            // One fan-out: every query got the very same answer.
+            assert!(Arc::ptr_eq(a.as_ref().expect("answer"), &first));
         }
         c.fanout
             .workload("ml", "app=w", None)
@@ -662,7 +663,9 @@ pub(crate) mod tests {
             .expect("answer");
         assert_eq!(u.unreported(), 1, "d on n2");
         assert!(
-            u.missing_nodes["n2"].contains("GPU source is down"),
+            u.missing_nodes["n2"]
+                .to_string()
+                .contains("GPU source is down"),
             "{:?}",
             u.missing_nodes
         );
@@ -720,7 +723,9 @@ pub(crate) mod tests {
             .await
             .expect("answer");
         assert!(
-            u.missing_nodes["n2"].contains("does not know pods d"),
+            u.missing_nodes["n2"]
+                .to_string()
+                .contains("does not know pods d"),
             "{:?}",
             u.missing_nodes
         );
@@ -752,7 +757,9 @@ pub(crate) mod tests {
         );
         let u = fanout.workload("ml", "app=w", None).await.expect("answer");
         assert!(
-            u.missing_nodes["n9"].contains("no gpu-scaler daemon"),
+            u.missing_nodes["n9"]
+                .to_string()
+                .contains("no gpu-scaler daemon"),
             "{:?}",
             u.missing_nodes
         );
@@ -821,6 +828,6 @@ pub(crate) mod tests {
             .ask(addr, vec!["b".into()], Vec::new())
             .await
             .expect_err("no client certificate");
-        assert!(!e.is_empty());
+        assert!(!e.to_string().is_empty(), "{e:?}");
     }
 }

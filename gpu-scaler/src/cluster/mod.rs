@@ -75,13 +75,68 @@ pub enum Error {
     Kube(#[from] kube::Error),
     #[error(transparent)]
     Pods(#[from] crate::pods::kube::Error),
-    /// Not enough of the workload's nodes answered (see [`MissingNodePolicy`]).
-    #[error("{0}")]
-    Unavailable(String),
+    /// Not enough of the workload's pods were reported (see [`MissingNodePolicy`]).
+    #[error(
+        "{missing} of {total} pods of the workload have no report (--missing-node-policy fail)"
+    )]
+    Unreported { missing: usize, total: usize },
+    #[error(
+        "only {reported} of {total} pods of the workload reported, fewer than half \
+         (--missing-node-policy average)"
+    )]
+    TooFewReported { reported: usize, total: usize },
+    /// A label selector the pods cannot be listed by.
+    #[error("selector {selector:?}: {source}")]
+    Selector {
+        selector: String,
+        #[source]
+        source: crate::pods::selector::Error,
+    },
+    /// The pod cache's bounds keep it from watching one more namespace.
+    #[error(
+        "the pods of {watched} namespaces are watched already, every one in use within \
+         {idle:?}; namespace {namespace} is not watched (a ScaledObject's namespace in use is \
+         never dropped for a new one)"
+    )]
+    TooManyNamespaces {
+        namespace: String,
+        watched: usize,
+        idle: std::time::Duration,
+    },
+    #[error(
+        "{cached} pods are cached already (the budget is {budget}); namespace {namespace} is not \
+         watched"
+    )]
+    PodBudget {
+        namespace: String,
+        cached: usize,
+        budget: usize,
+    },
+    #[error("namespace {namespace} has {pods} pods, more than the cache's budget of {budget}")]
+    NamespaceTooBig {
+        namespace: String,
+        pods: usize,
+        budget: usize,
+    },
+    #[error(
+        "the pod list of namespace {namespace} is out of date: the API server has answered only \
+         errors for {}s (the limit is {}s)",
+        failing.as_secs(),
+        limit.as_secs()
+    )]
+    PodListStale {
+        namespace: String,
+        failing: std::time::Duration,
+        limit: std::time::Duration,
+    },
+    #[error("peer listener: {0}")]
+    PeerListener(#[source] std::io::Error),
     #[error("peer server: {0}")]
-    Serve(String),
+    Serve(#[source] tonic::transport::Error),
     #[error("peer TLS: {0}")]
-    Tls(String),
+    Tls(#[from] crate::tls::Error),
+    #[error("peer TLS: {0}")]
+    TlsConfig(#[source] tonic::transport::Error),
     /// An error shared by every query that waited on the same fan-out.
     #[error(transparent)]
     Shared(Arc<Error>),
@@ -105,6 +160,51 @@ impl Error {
             _ => false,
         }
     }
+}
+
+/// Why a node gave no report for its pods of a workload: they then count as
+/// unreported ([`MissingNodePolicy`]).
+#[derive(Clone, Debug, thiserror::Error)]
+pub enum NoReport {
+    #[error("no gpu-scaler daemon is known on this node")]
+    NoDaemon,
+    #[error("{addr}: {source}")]
+    Connect {
+        addr: std::net::SocketAddr,
+        #[source]
+        source: Arc<tonic::transport::Error>,
+    },
+    #[error("{addr}: {}: {}", status.code(), status.message())]
+    Refused {
+        addr: std::net::SocketAddr,
+        status: tonic::Status,
+    },
+    #[error("{addr}: no answer within {after:?}")]
+    Timeout {
+        addr: std::net::SocketAddr,
+        after: std::time::Duration,
+    },
+    /// This node's own answer (the daemon asks itself through the same path).
+    #[error(transparent)]
+    Local(#[from] peer::LocalError),
+    #[error("the daemon asked answered for node {0:?}")]
+    WrongNode(String),
+    #[error("its snapshot is {age:.1?} old (more than {max_age:?})")]
+    Stale {
+        age: std::time::Duration,
+        max_age: std::time::Duration,
+    },
+    #[error("it reported impossible figures for pod {pod_uid} on GPU {gpu_uuid}: {figures}")]
+    ImpossibleGpu {
+        pod_uid: String,
+        gpu_uuid: String,
+        /// The figures as it sent them.
+        figures: String,
+    },
+    #[error("it reported {value:?} for an engine figure of pod {pod_uid}")]
+    ImpossibleFigure { pod_uid: String, value: Option<f64> },
+    #[error("does not know pods {}", .0.join(", "))]
+    UnknownPods(Vec<String>),
 }
 
 /// The cluster flags of `serve`.
@@ -159,7 +259,7 @@ pub fn start(
     let peer_addr = parts
         .peer_listener
         .local_addr()
-        .map_err(|e| Error::Serve(e.to_string()))?;
+        .map_err(Error::PeerListener)?;
     let local: Arc<dyn peer::LocalUsage> = Arc::new(usage::SnapshotUsage::new(
         parts.node_name.clone(),
         snapshots.clone(),

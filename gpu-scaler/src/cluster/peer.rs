@@ -14,12 +14,11 @@ use std::{
 
 use tonic::{
     Request, Response, Status,
-    transport::{
-        Certificate, Channel, ClientTlsConfig, Endpoint, Identity, Server, ServerTlsConfig,
-    },
+    transport::{Channel, ClientTlsConfig, Endpoint, Server, ServerTlsConfig},
 };
 
-use super::{Error, Result};
+use super::{Error, NoReport, Result};
+use crate::tls;
 
 /// Code generated from `proto/gpuscaler_peer_v1.proto` by build.rs.
 pub mod proto {
@@ -37,6 +36,16 @@ pub const MAX_PODS_PER_REQUEST: usize = 100_000;
 /// Most engine figures one request may ask about.
 pub const MAX_FIGURES_PER_REQUEST: usize = 8;
 
+/// Why this node cannot answer for its pods.
+#[derive(Clone, Debug, thiserror::Error)]
+pub enum LocalError {
+    /// The snapshot may not be answered from (GPU source down, stale).
+    #[error(transparent)]
+    Unfit(#[from] crate::snapshot::Unfit),
+    #[error("engine figures are not read by this daemon")]
+    NoEngines,
+}
+
 /// This node's per-pod usage, as the protocol carries it. The daemon answers its
 /// own node through this same function (not a shortcut), so its figures go
 /// through the same conversion as every peer's.
@@ -50,7 +59,7 @@ pub trait LocalUsage: Send + Sync + 'static {
         &'a self,
         uids: &'a [String],
         figures: &'a [proto::FigureRequest],
-    ) -> futures::future::BoxFuture<'a, std::result::Result<GetPodUsageResponse, String>>;
+    ) -> futures::future::BoxFuture<'a, std::result::Result<GetPodUsageResponse, LocalError>>;
 }
 
 /// The gRPC service peers call.
@@ -103,25 +112,17 @@ pub struct PeerTls {
     pub server_name: String,
 }
 
-fn read(path: &PathBuf) -> Result<Vec<u8>> {
-    std::fs::read(path).map_err(|e| Error::Tls(format!("{}: {e}", path.display())))
-}
-
 impl PeerTls {
-    fn identity(&self) -> Result<Identity> {
-        Ok(Identity::from_pem(read(&self.cert)?, read(&self.key)?))
-    }
-
     pub fn server(&self) -> Result<ServerTlsConfig> {
         Ok(ServerTlsConfig::new()
-            .identity(self.identity()?)
-            .client_ca_root(Certificate::from_pem(read(&self.ca)?)))
+            .identity(tls::identity(&self.cert, &self.key)?)
+            .client_ca_root(tls::certificate(&self.ca)?))
     }
 
     pub fn client(&self) -> Result<ClientTlsConfig> {
         Ok(ClientTlsConfig::new()
-            .ca_certificate(Certificate::from_pem(read(&self.ca)?))
-            .identity(self.identity()?)
+            .ca_certificate(tls::certificate(&self.ca)?)
+            .identity(tls::identity(&self.cert, &self.key)?)
             .domain_name(self.server_name.clone()))
     }
 }
@@ -144,9 +145,7 @@ pub async fn serve(
         let config = tls
             .server()?
             .timeout(crate::scaler::server::TLS_HANDSHAKE_TIMEOUT);
-        server = server
-            .tls_config(config)
-            .map_err(|e| Error::Tls(e.to_string()))?;
+        server = server.tls_config(config).map_err(Error::TlsConfig)?;
     }
     let incoming = crate::listener::capped(listener, 4096, "peer", Arc::default());
     server
@@ -156,7 +155,7 @@ pub async fn serve(
         )
         .serve_with_incoming_shutdown(incoming, shutdown)
         .await
-        .map_err(|e| Error::Serve(e.to_string()))
+        .map_err(Error::Serve)
 }
 
 /// Clients for every peer, one lazily connected channel each.
@@ -184,21 +183,23 @@ impl PeerClients {
         }
     }
 
-    fn channel(&self, addr: SocketAddr) -> std::result::Result<Channel, String> {
+    fn channel(&self, addr: SocketAddr) -> std::result::Result<Channel, NoReport> {
+        let connect = |source| NoReport::Connect {
+            addr,
+            source: Arc::new(source),
+        };
         let mut channels = self.channels.lock().expect("channels lock");
         if let Some(c) = channels.get(&addr) {
             return Ok(c.clone());
         }
         let scheme = if self.tls.is_some() { "https" } else { "http" };
         let mut endpoint = Endpoint::from_shared(format!("{scheme}://{addr}"))
-            .map_err(|e| e.to_string())?
+            .map_err(connect)?
             .connect_timeout(self.timeout)
             .timeout(self.timeout)
             .tcp_nodelay(true);
         if let Some(tls) = &self.tls {
-            endpoint = endpoint
-                .tls_config(tls.clone())
-                .map_err(|e| e.to_string())?;
+            endpoint = endpoint.tls_config(tls.clone()).map_err(connect)?;
         }
         let channel = endpoint.connect_lazy();
         channels.insert(addr, channel.clone());
@@ -219,7 +220,7 @@ impl PeerClients {
         addr: SocketAddr,
         uids: Vec<String>,
         figures: Vec<proto::FigureRequest>,
-    ) -> std::result::Result<GetPodUsageResponse, String> {
+    ) -> std::result::Result<GetPodUsageResponse, NoReport> {
         let mut client = PeerClient::new(self.channel(addr)?);
         let call = client.get_pod_usage(GetPodUsageRequest {
             pod_uids: uids,
@@ -227,8 +228,11 @@ impl PeerClients {
         });
         match tokio::time::timeout(self.timeout, call).await {
             Ok(Ok(resp)) => Ok(resp.into_inner()),
-            Ok(Err(status)) => Err(format!("{}: {}", status.code(), status.message())),
-            Err(_) => Err(format!("no answer within {:?}", self.timeout)),
+            Ok(Err(status)) => Err(NoReport::Refused { addr, status }),
+            Err(_) => Err(NoReport::Timeout {
+                addr,
+                after: self.timeout,
+            }),
         }
     }
 }

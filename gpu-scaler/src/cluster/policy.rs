@@ -37,14 +37,9 @@ impl MissingNodePolicy {
         }
         let reported = total - missing;
         match self {
-            Self::Fail => Err(Error::Unavailable(format!(
-                "{missing} of {total} pods of the workload have no report (--missing-node-policy fail)"
-            ))),
+            Self::Fail => Err(Error::Unreported { missing, total }),
             Self::Average if reported > 0 && reported * 2 >= total => Ok(missing),
-            Self::Average => Err(Error::Unavailable(format!(
-                "only {reported} of {total} pods of the workload reported, fewer than half \
-                 (--missing-node-policy average)"
-            ))),
+            Self::Average => Err(Error::TooFewReported { reported, total }),
         }
     }
 }

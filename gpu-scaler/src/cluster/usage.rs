@@ -11,7 +11,10 @@ use std::{
     time::{Duration, SystemTime, UNIX_EPOCH},
 };
 
-use super::peer::{LocalUsage, proto};
+use super::{
+    NoReport,
+    peer::{LocalError, LocalUsage, proto},
+};
 use crate::{
     engine::{EngineQuery, Scraper},
     figures::Metric,
@@ -29,13 +32,11 @@ pub fn check_answer(
     asked: &std::collections::HashSet<String>,
     now: SystemTime,
     max_age: Duration,
-) -> Result<proto::GetPodUsageResponse, String> {
+) -> Result<proto::GetPodUsageResponse, NoReport> {
     let at = UNIX_EPOCH + Duration::from_nanos(u64::try_from(a.snapshot_unix_nanos).unwrap_or(0));
     let age = now.duration_since(at).unwrap_or_default();
     if age > max_age {
-        return Err(format!(
-            "its snapshot is {age:.1?} old (more than {max_age:?})"
-        ));
+        return Err(NoReport::Stale { age, max_age });
     }
     let before = a.pods.len();
     let mut seen = std::collections::HashSet::new();
@@ -58,28 +59,30 @@ pub fn check_answer(
                 || !rate(g.nvlink_rx_mbps)
         });
         if let Some(g) = bad_gpu {
-            return Err(format!(
-                "it reported impossible figures for pod {} on GPU {}: SM {:?} %, memory {:?} %, power {:?} W, PCIe {:?}/{:?} KB/s, NVLink {:?}/{:?} MB/s",
-                p.pod_uid,
-                g.gpu_uuid,
-                g.sm_util_percent,
-                g.mem_util_percent,
-                g.power_watts,
-                g.pcie_tx_kbps,
-                g.pcie_rx_kbps,
-                g.nvlink_tx_mbps,
-                g.nvlink_rx_mbps
-            ));
+            return Err(NoReport::ImpossibleGpu {
+                pod_uid: p.pod_uid.clone(),
+                gpu_uuid: g.gpu_uuid.clone(),
+                figures: format!(
+                    "SM {:?} %, memory {:?} %, power {:?} W, PCIe {:?}/{:?} KB/s, NVLink {:?}/{:?} MB/s",
+                    g.sm_util_percent,
+                    g.mem_util_percent,
+                    g.power_watts,
+                    g.pcie_tx_kbps,
+                    g.pcie_rx_kbps,
+                    g.nvlink_tx_mbps,
+                    g.nvlink_rx_mbps
+                ),
+            });
         }
         if let Some(f) = p
             .figures
             .iter()
             .find(|f| f.value.is_some_and(|v| !v.is_finite()))
         {
-            return Err(format!(
-                "it reported {:?} for an engine figure of pod {}",
-                f.value, p.pod_uid
-            ));
+            return Err(NoReport::ImpossibleFigure {
+                pod_uid: p.pod_uid.clone(),
+                value: f.value,
+            });
         }
     }
     Ok(a)
@@ -271,17 +274,14 @@ impl LocalUsage for SnapshotUsage {
         &'a self,
         uids: &'a [String],
         figures: &'a [proto::FigureRequest],
-    ) -> futures::future::BoxFuture<'a, Result<proto::GetPodUsageResponse, String>> {
+    ) -> futures::future::BoxFuture<'a, Result<proto::GetPodUsageResponse, LocalError>> {
         Box::pin(async move {
             let snap = self.snapshots.borrow().clone();
             let mut resp = self.gpu_usage(&snap, uids)?;
             if figures.is_empty() {
                 return Ok(resp);
             }
-            let scraper = self
-                .scraper
-                .as_ref()
-                .ok_or("engine figures are not read by this daemon")?;
+            let scraper = self.scraper.as_ref().ok_or(LocalError::NoEngines)?;
             // Every pod of the answer is in `snap`: the answer came from it.
             let pods: Vec<Arc<Pod>> = resp
                 .pods
@@ -322,10 +322,10 @@ impl SnapshotUsage {
         &self,
         snap: &crate::snapshot::NodeSnapshot,
         uids: &[String],
-    ) -> Result<proto::GetPodUsageResponse, String> {
+    ) -> Result<proto::GetPodUsageResponse, LocalError> {
         // A stale snapshot or a GPU source that is down is an error, as for
         // a local query: the asking daemon then applies its policy.
-        check_fresh(snap, self.poll_interval, SystemTime::now()).map_err(|e| e.to_string())?;
+        check_fresh(snap, self.poll_interval, SystemTime::now())?;
         let taken = snap.samples_taken_at.unwrap_or(snap.taken_at);
         let mut resp = proto::GetPodUsageResponse {
             node_name: self.node_name.clone(),
@@ -387,11 +387,11 @@ mod tests {
         negative_traffic.gpus[0].nvlink_tx_mbps = Some(-5.0);
         let e = check_answer(answer(vec![negative_traffic], now), &asked, now, limit)
             .expect_err("negative throughput");
-        assert!(e.contains("NVLink"), "{e}");
+        assert!(e.to_string().contains("NVLink"), "{e}");
         for bad in [f64::NAN, f64::INFINITY, 100.5, -1.0] {
             let e = check_answer(answer(vec![pod("a", bad)], now), &asked, now, limit)
                 .expect_err("impossible");
-            assert!(e.contains("impossible"), "{e}");
+            assert!(e.to_string().contains("impossible"), "{e}");
         }
         let mut nan_figure = pod("a", 1.0);
         nan_figure.figures.push(proto::FigureReading {
@@ -406,7 +406,7 @@ mod tests {
             limit,
         )
         .expect_err("stale");
-        assert!(stale.contains("old"), "{stale}");
+        assert!(stale.to_string().contains("old"), "{stale}");
     }
 
     #[test]

@@ -47,11 +47,11 @@ impl ClusterView {
             .fanout
             .workload(namespace, selector, engine)
             .await
-            .map_err(to_scaler)?;
+            .map_err(scaler::Error::from)?;
         let missing = self
             .fanout
             .admit(&usage, namespace, selector)
-            .map_err(to_scaler)?;
+            .map_err(scaler::Error::from)?;
         let reported: Vec<_> = usage
             .pods
             .iter()
@@ -82,24 +82,30 @@ impl ClusterView {
     }
 }
 
-/// Problems with the ScaledObject itself are NOT_FOUND/FAILED_PRECONDITION for
-/// KEDA; everything else is UNAVAILABLE (transient, never a number).
-fn to_scaler(e: Error) -> scaler::Error {
-    let e = match e {
-        Error::Shared(inner) => match Arc::try_unwrap(inner) {
-            Ok(e) => e,
-            Err(shared) => return to_scaler_ref(&shared),
-        },
-        e => e,
-    };
-    to_scaler_ref(&e)
+/// The one place a cluster error becomes a scaler error (whose codes
+/// `scaler::error` sets): a problem with the ScaledObject itself (missing, its
+/// target unresolvable, [`Error::is_user_error`]) is a workload error, which
+/// KEDA sees as FAILED_PRECONDITION; everything else (peers, the pod cache,
+/// the missing-node policy) is UNAVAILABLE: transient, never a number.
+impl From<Error> for scaler::Error {
+    fn from(e: Error) -> Self {
+        match e {
+            Error::Shared(inner) => match Arc::try_unwrap(inner) {
+                Ok(e) => e.into(),
+                Err(shared) => Self::from(&*shared),
+            },
+            e => Self::from(&e),
+        }
+    }
 }
 
-fn to_scaler_ref(e: &Error) -> scaler::Error {
-    match e {
-        Error::Shared(inner) => to_scaler_ref(inner),
-        e if e.is_user_error() => scaler::Error::Workload(e.to_string()),
-        e => scaler::Error::Unavailable(e.to_string()),
+impl From<&Error> for scaler::Error {
+    fn from(e: &Error) -> Self {
+        match e {
+            Error::Shared(inner) => Self::from(&**inner),
+            e if e.is_user_error() => Self::Workload(e.to_string()),
+            e => Self::Unavailable(e.to_string()),
+        }
     }
 }
 
@@ -136,12 +142,16 @@ impl WorkloadView for ClusterView {
                     scaler::metadata::pod_selector_required(),
                 ));
             };
-            let resolved = resolver.resolve(namespace, name).await.map_err(to_scaler)?;
+            let resolved = resolver
+                .resolve(namespace, name)
+                .await
+                .map_err(scaler::Error::from)?;
             if resolved.is_value_trigger(metadata) {
-                return Err(to_scaler(Error::ScaledJobValue {
+                return Err(Error::ScaledJobValue {
                     namespace: namespace.into(),
                     name: name.into(),
-                }));
+                }
+                .into());
             }
             self.answer(namespace, &resolved.selector, engine).await
         })

@@ -151,21 +151,19 @@ impl WorkloadPods {
         }
         entries.retain(|_, e| now.duration_since(e.last_used) < self.limits.idle);
         if entries.len() >= self.limits.max_namespaces {
-            return Err(Error::Unavailable(format!(
-                "the pods of {} namespaces are watched already, every one in use within {:?}; \
-                 namespace {namespace} is not watched (a ScaledObject's namespace in use is never \
-                 dropped for a new one)",
-                entries.len(),
-                self.limits.idle
-            )));
+            return Err(Error::TooManyNamespaces {
+                namespace: namespace.to_owned(),
+                watched: entries.len(),
+                idle: self.limits.idle,
+            });
         }
         let cached: usize = entries.values().map(|e| e.watch.len()).sum();
         if cached >= self.limits.max_pods {
-            return Err(Error::Unavailable(format!(
-                "{cached} pods are cached already (the budget is {}); namespace {namespace} is not \
-                 watched",
-                self.limits.max_pods
-            )));
+            return Err(Error::PodBudget {
+                namespace: namespace.to_owned(),
+                cached,
+                budget: self.limits.max_pods,
+            });
         }
         tracing::debug!(namespace, "watching a namespace's pods");
         let watch = Arc::new(PodWatch::namespace(self.client.clone(), namespace));
@@ -182,8 +180,10 @@ impl WorkloadPods {
 
     async fn get(&self, namespace: &str, selector: &str) -> Result<Arc<PodMap>> {
         // Parsed before anything is watched: a bad selector costs no request.
-        let selector = Selector::parse(selector.trim())
-            .map_err(|e| Error::Unavailable(format!("selector {selector:?}: {e}")))?;
+        let selector = Selector::parse(selector.trim()).map_err(|source| Error::Selector {
+            selector: selector.to_owned(),
+            source,
+        })?;
         let watch = self.watch(namespace)?;
         let pods = watch
             .ready(self.limits.first_list)
@@ -192,19 +192,18 @@ impl WorkloadPods {
         if let Some(failing) = watch.failing_for()
             && failing > self.limits.max_stale
         {
-            return Err(Error::Unavailable(format!(
-                "the pod list of namespace {namespace} is out of date: the API server has \
-                 answered only errors for {}s (the limit is {}s)",
-                failing.as_secs(),
-                self.limits.max_stale.as_secs()
-            )));
+            return Err(Error::PodListStale {
+                namespace: namespace.to_owned(),
+                failing,
+                limit: self.limits.max_stale,
+            });
         }
         if pods.len() > self.limits.max_pods {
-            return Err(Error::Unavailable(format!(
-                "namespace {namespace} has {} pods, more than the cache's budget of {}",
-                pods.len(),
-                self.limits.max_pods
-            )));
+            return Err(Error::NamespaceTooBig {
+                namespace: namespace.to_owned(),
+                pods: pods.len(),
+                budget: self.limits.max_pods,
+            });
         }
         Ok(Arc::new(
             pods.iter()
@@ -237,8 +236,11 @@ impl PodDirectory for PodSetDirectory {
     ) -> BoxFuture<'a, Result<Arc<PodMap>>> {
         let set = self.0.borrow().clone();
         Box::pin(async move {
-            let selector = crate::pods::Selector::parse(selector)
-                .map_err(|e| Error::Unavailable(format!("selector {selector:?}: {e}")))?;
+            let selector =
+                crate::pods::Selector::parse(selector).map_err(|source| Error::Selector {
+                    selector: selector.to_owned(),
+                    source,
+                })?;
             let pods: PodMap = set
                 .select(namespace, &selector)
                 .map(|p| (p.uid.clone(), p.clone()))

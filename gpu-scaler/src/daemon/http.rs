@@ -218,31 +218,36 @@ impl Conns {
     }
 }
 
-/// Serves until `shutdown`, then closes the open connections gracefully
-/// (requests in flight finish).
-pub async fn serve(
-    listener: TcpListener,
-    state: State,
-    shutdown: CancellationToken,
-) -> std::io::Result<()> {
-    serve_bounded(
-        listener,
-        router(state),
-        MAX_CONNECTIONS,
-        HEADER_READ_TIMEOUT,
-        shutdown,
-    )
-    .await
+/// What one listener accepts: open connections and how long a request head
+/// may take.
+#[derive(Clone, Copy, Debug)]
+pub struct Limits {
+    pub max_connections: usize,
+    pub header_read_timeout: Duration,
 }
 
-/// The accept loop of [`serve`] with its limits as arguments.
-pub async fn serve_bounded(
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            max_connections: MAX_CONNECTIONS,
+            header_read_timeout: HEADER_READ_TIMEOUT,
+        }
+    }
+}
+
+/// Serves `router` (the daemon's is [`router`]) within `limits` until
+/// `shutdown`, then closes the open connections gracefully (requests in flight
+/// finish).
+pub async fn serve(
     listener: TcpListener,
     router: Router,
-    max_connections: usize,
-    header_read_timeout: Duration,
+    limits: Limits,
     shutdown: CancellationToken,
 ) -> std::io::Result<()> {
+    let Limits {
+        max_connections,
+        header_read_timeout,
+    } = limits;
     let conns = Arc::new(Conns::default());
     let mut tasks = tokio::task::JoinSet::new();
     loop {

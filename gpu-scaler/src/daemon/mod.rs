@@ -39,12 +39,8 @@ pub enum Error {
         #[source]
         source: std::io::Error,
     },
-    #[error("reading {path}: {source}")]
-    ReadTls {
-        path: String,
-        #[source]
-        source: std::io::Error,
-    },
+    #[error(transparent)]
+    Tls(#[from] crate::tls::Error),
     #[error(transparent)]
     Grpc(#[from] server::Error),
     #[error("HTTP listener: {0}")]
@@ -71,12 +67,7 @@ pub struct TlsFiles {
 
 impl TlsFiles {
     pub fn load(&self) -> Result<server::Tls> {
-        let read = |p: &Path| {
-            std::fs::read(p).map_err(|source| Error::ReadTls {
-                path: p.display().to_string(),
-                source,
-            })
-        };
+        let read = |p: &Path| crate::tls::read(p);
         Ok(server::Tls {
             cert_pem: read(&self.cert)?,
             key_pem: read(&self.key)?,
@@ -496,7 +487,12 @@ pub fn start(
         Some(health_service),
         shutdown.clone(),
     );
-    let http_fut = http::serve(http, http_state, shutdown.clone());
+    let http_fut = http::serve(
+        http,
+        http::router(http_state),
+        http::Limits::default(),
+        shutdown.clone(),
+    );
     let task = tokio::spawn(async move {
         let (g, h) = tokio::join!(
             async {
