@@ -113,21 +113,16 @@ pub struct Figure {
     pub name: &'static str,
     /// Other accepted names (keda-gpu-scaler's `metricType` values).
     pub aliases: &'static [&'static str],
-    pub unit: &'static str,
-    /// One pod's value, in a sentence (README, docs/metrics.md, `/metrics` HELP).
-    pub per_pod: &'static str,
     pub aggregation: Aggregation,
     pub source: Source,
 }
 
 macro_rules! fig {
-    ($m:ident, $name:literal, [$($alias:literal),*], $unit:literal, $agg:ident, $src:expr, $per_pod:literal) => {
+    ($m:ident, $name:literal, [$($alias:literal),*], $agg:ident, $src:expr $(,)?) => {
         Figure {
             metric: Metric::$m,
             name: $name,
             aliases: &[$($alias),*],
-            unit: $unit,
-            per_pod: $per_pod,
             aggregation: Aggregation::$agg,
             source: $src,
         }
@@ -136,231 +131,127 @@ macro_rules! fig {
 
 /// Every figure, in the order docs list them.
 pub const FIGURES: [Figure; 25] = [
-    fig!(
-        GpuUtilization,
-        "gpu_utilization",
-        [],
-        "percent",
-        Sum,
-        Source::Gpu,
-        "SM utilization % of its processes, summed per GPU, averaged over the GPUs it uses"
-    ),
+    fig!(GpuUtilization, "gpu_utilization", [], Sum, Source::Gpu,),
     fig!(
         MemoryUtilization,
         "memory_utilization",
         [],
-        "percent",
         Sum,
         Source::Gpu,
-        "Memory-controller utilization %, likewise"
     ),
-    fig!(
-        MemoryUsedMib,
-        "memory_used_mib",
-        [],
-        "MiB",
-        Sum,
-        Source::Gpu,
-        "GPU memory its processes use, MiB, summed over GPUs"
-    ),
+    fig!(MemoryUsedMib, "memory_used_mib", [], Sum, Source::Gpu,),
     fig!(
         MemoryUsedPercent,
         "memory_used_percent",
         [],
-        "percent",
         Sum,
         Source::Gpu,
-        "That memory as % of the total memory of the GPUs it uses"
     ),
-    fig!(
-        PowerDraw,
-        "power_draw",
-        [],
-        "watts",
-        Sum,
-        Source::Gpu,
-        "Watts: each GPU's power (the energy counter's mean over the last pass; the instantaneous reading where the GPU has no counter) split over its processes by SM share (equally when none used SM; all of it for a pod that owns the GPU)"
-    ),
-    fig!(
-        Temperature,
-        "temperature",
-        [],
-        "celsius",
-        Max,
-        Source::Gpu,
-        "°C of the hottest GPU it uses"
-    ),
-    fig!(
-        PcieTxKbps,
-        "pcie_tx_kbps",
-        [],
-        "KB/s",
-        Sum,
-        Source::Gpu,
-        "PCIe KB/s sent by each GPU it uses, split over the GPU's processes by SM share (all of it for a pod that owns the GPU), summed over GPUs; unavailable where the split is unknown (MPS, MIG instances shared with others) or the GPU moved data while none of its processes used SM"
-    ),
-    fig!(
-        PcieRxKbps,
-        "pcie_rx_kbps",
-        [],
-        "KB/s",
-        Sum,
-        Source::Gpu,
-        "PCIe KB/s received, likewise"
-    ),
-    fig!(
-        NvlinkTxMbps,
-        "nvlink_tx_mbps",
-        [],
-        "MB/s",
-        Sum,
-        Source::Gpu,
-        "NVLink MB/s sent over all links (the counter's rate over the last pass), split likewise"
-    ),
-    fig!(
-        NvlinkRxMbps,
-        "nvlink_rx_mbps",
-        [],
-        "MB/s",
-        Sum,
-        Source::Gpu,
-        "NVLink MB/s received, likewise"
-    ),
+    fig!(PowerDraw, "power_draw", [], Sum, Source::Gpu,),
+    fig!(Temperature, "temperature", [], Max, Source::Gpu,),
+    fig!(PcieTxKbps, "pcie_tx_kbps", [], Sum, Source::Gpu,),
+    fig!(PcieRxKbps, "pcie_rx_kbps", [], Sum, Source::Gpu,),
+    fig!(NvlinkTxMbps, "nvlink_tx_mbps", [], Sum, Source::Gpu,),
+    fig!(NvlinkRxMbps, "nvlink_rx_mbps", [], Sum, Source::Gpu,),
     fig!(
         VllmQueueDepth,
         "vllm_queue_depth",
         ["vllm_num_requests_waiting"],
-        "requests",
         Sum,
         Source::Engine(Engine::Vllm),
-        "`vllm:num_requests_waiting` summed over its series (every data-parallel `engine` and `model_name`)"
     ),
     fig!(
         VllmRunning,
         "vllm_running",
         ["vllm_num_requests_running"],
-        "requests",
         Sum,
         Source::Engine(Engine::Vllm),
-        "`vllm:num_requests_running` summed likewise"
     ),
     fig!(
         VllmKvCacheUsage,
         "vllm_kv_cache_usage",
         ["vllm_gpu_cache_usage", "vllm_kv_cache_usage_perc"],
-        "ratio",
         Sum,
         Source::Engine(Engine::Vllm),
-        "Mean over its engines of `vllm:kv_cache_usage_perc`, a 0-1 fraction (`vllm:gpu_cache_usage_perc` before vLLM 0.12)"
     ),
     fig!(
         VllmKvCachePercent,
         "vllm_kv_cache_usage_percent",
         [],
-        "percent",
         Sum,
         Source::Engine(Engine::Vllm),
-        "`vllm_kv_cache_usage` as a percentage (0-100): what keda-gpu-scaler's `metricType: vllm_kv_cache_usage` means"
     ),
     fig!(
         SglangQueueDepth,
         "sglang_queue_depth",
         ["sglang_num_queue_reqs"],
-        "requests",
         Sum,
         Source::Engine(Engine::Sglang),
-        "`sglang:num_queue_reqs` summed over its series (one per data-parallel rank; tensor-parallel ranks other than 0 do not export)"
     ),
     fig!(
         SglangRunning,
         "sglang_running",
         ["sglang_num_running_reqs"],
-        "requests",
         Sum,
         Source::Engine(Engine::Sglang),
-        "`sglang:num_running_reqs` summed likewise"
     ),
     fig!(
         SglangTokenUsage,
         "sglang_token_usage",
         [],
-        "ratio",
         Sum,
         Source::Engine(Engine::Sglang),
-        "Mean over its series of `sglang:token_usage` (KV-cache tokens in use, 0-1)"
     ),
     fig!(
         TgiQueueSize,
         "tgi_queue_size",
         [],
-        "requests",
         Sum,
         Source::Engine(Engine::Tgi),
-        "`tgi_queue_size`"
     ),
     fig!(
         TgiBatchSize,
         "tgi_batch_size",
         ["tgi_batch_current_size"],
-        "requests",
         Sum,
         Source::Engine(Engine::Tgi),
-        "`tgi_batch_current_size`"
     ),
     fig!(
         TritonPendingRequests,
         "triton_pending_requests",
         ["triton_queue_depth"],
-        "requests",
         Sum,
         Source::Engine(Engine::Triton),
-        "`nv_inference_pending_request_count` summed over its models"
     ),
     fig!(
         TritonQueueWaitMs,
         "triton_queue_wait_ms",
         ["triton_queue_wait"],
-        "ms",
         Sum,
         Source::Engine(Engine::Triton),
-        "Increase of `nv_inference_queue_duration_us` over the increase of `nv_inference_request_success` + `_failure`, all models, between the last two reads, in ms (per request, not per batch item); 0 with no request"
     ),
     fig!(
         TritonRequestRate,
         "triton_request_rate",
         [],
-        "requests/s",
         Sum,
         Source::Engine(Engine::Triton),
-        "Increase of `nv_inference_request_success` + `nv_inference_request_failure` per second"
     ),
     fig!(
         TrtllmQueueDepth,
         "trtllm_queue_depth",
         [],
-        "requests",
         Sum,
         Source::Engine(Engine::TrtLlm),
-        "trtllm-serve's `trtllm_num_requests_waiting`, else the Triton TensorRT-LLM backend's `nv_trt_llm_request_metrics{request_type=\"waiting\"}`"
     ),
     fig!(
         TrtllmKvCacheUsage,
         "trtllm_kv_cache_usage",
         [],
-        "ratio",
         Sum,
         Source::Engine(Engine::TrtLlm),
-        "trtllm-serve's `trtllm_kv_cache_utilization` (mean over series), else `nv_trt_llm_kv_cache_block_metrics{kv_cache_block_type=\"fraction\"}`"
     ),
-    fig!(
-        Engine,
-        "engine",
-        [],
-        "as the engine reports",
-        Sum,
-        Source::Engine(Engine::Any),
-        "The series `engineMetric` names: a gauge summed, a counter's per-second rate, a histogram's `engineQuantile` (default the mean) between the last two reads"
-    ),
+    fig!(Engine, "engine", [], Sum, Source::Engine(Engine::Any),),
 ];
 
 impl Metric {

@@ -749,30 +749,13 @@ pub fn start(
 
 #[cfg(test)]
 pub(crate) mod tests {
-    use std::collections::HashMap;
-
     use super::*;
     use crate::{
         attribution::{Attribution, Backend, PodIdentity, QosClass},
         gpu::{DeviceCounters, GpuProcess, GpuSnapshot, MigInstance, ProcessKind},
         pods::ContainerKind,
+        testing::Attributions,
     };
-
-    /// A hand-written attributor: a fixed pid -> owner table; pids not in
-    /// it are gone.
-    pub struct Table(pub HashMap<u32, Attribution>);
-
-    impl Attributor for Table {
-        fn resolve(&self, pid: u32) -> Option<Attribution> {
-            self.0.get(&pid).cloned()
-        }
-        fn unresolved_alive(&self, _: u32) -> bool {
-            false
-        }
-        fn backend(&self) -> Backend {
-            Backend::Procfs
-        }
-    }
 
     pub(crate) fn owned_by(uid: Option<&str>) -> Attribution {
         Attribution {
@@ -849,29 +832,14 @@ pub(crate) mod tests {
         }
     }
 
-    pub(crate) fn table() -> Table {
-        Table(HashMap::from([
+    pub(crate) fn table() -> Attributions {
+        Attributions::from_table([
             (10, owned_by(Some("a"))),
             (11, owned_by(Some("a"))),
             (20, owned_by(Some("b"))),
             (30, owned_by(None)),
             (40, owned_by(Some("elsewhere"))),
-        ]))
-    }
-
-    /// [`Table`], but every pid it does not know is alive.
-    struct AliveUnknowns(Table);
-
-    impl Attributor for AliveUnknowns {
-        fn resolve(&self, pid: u32) -> Option<Attribution> {
-            self.0.resolve(pid)
-        }
-        fn unresolved_alive(&self, _: u32) -> bool {
-            true
-        }
-        fn backend(&self) -> Backend {
-            Backend::Procfs
-        }
+        ])
     }
 
     #[test]
@@ -881,7 +849,12 @@ pub(crate) mod tests {
             device(0, 300.0, vec![proc(10, 30, 10, 1000)]),
             device(1, 100.0, vec![proc(99, 20, 0, 7)]),
         ]);
-        let snap = join(&st, &pods, &AliveUnknowns(table()), SystemTime::UNIX_EPOCH);
+        let snap = join(
+            &st,
+            &pods,
+            &table().unknowns_alive(),
+            SystemTime::UNIX_EPOCH,
+        );
         // "idle" shows no process, so live pid 99 may be its: not 0.
         let idle = &snap.pods["idle"].gpus;
         assert_eq!(idle.len(), 1, "{idle:?}");
@@ -1079,7 +1052,7 @@ pub(crate) mod tests {
             None,
             "t",
         );
-        let table = Table(HashMap::from([
+        let table = Attributions::from_table([
             (10, in_container("a", Some("c-server"), false)),
             (11, in_container("a", Some("c-server"), false)),
             (12, in_container("a", Some("c-sidecar"), false)),
@@ -1090,7 +1063,7 @@ pub(crate) mod tests {
             (16, in_container("a", Some("c-server"), true)),
             (17, in_container("a", None, false)),
             (20, in_container("b", Some("c-b"), false)),
-        ]));
+        ]);
         let st = status(vec![
             device(
                 0,
@@ -1489,8 +1462,12 @@ pub(crate) mod tests {
         assert_eq!(a.len(), 2);
         assert!(a.iter().all(|g| g.pcie_tx_kbps == Reading::Ok(450.0)));
         assert_eq!(
-            crate::scaler::value::pod_value(crate::figures::Metric::PcieTxKbps, &snap.pods["a"])
-                .expect("the pod owns the GPU"),
+            crate::scaler::value::pod_value_on(
+                crate::figures::Metric::PcieTxKbps,
+                None,
+                &snap.pods["a"]
+            )
+            .expect("the pod owns the GPU"),
             900.0
         );
         let power: f64 = a.iter().filter_map(|g| g.power_w.ok()).sum();
@@ -1512,8 +1489,8 @@ pub(crate) mod tests {
             None,
             "t",
         );
-        let mut t = table();
-        t.0.insert(10, in_container("a", Some("c-server"), false));
+        let t = table();
+        t.insert(10, in_container("a", Some("c-server"), false));
         let st = status(vec![
             with_counters(
                 device(

@@ -6,19 +6,21 @@
 //! and `pods`; nothing outside `attribution` touches eBPF maps and nothing
 //! outside `gpu` touches NVML. docs/architecture.md has the map.
 
-pub mod accounting;
+pub(crate) mod accounting;
 pub mod attribution;
 pub mod cli;
 pub mod cluster;
 pub mod daemon;
 pub mod engine;
-pub mod figures;
+pub(crate) mod figures;
 pub mod gpu;
 pub mod join;
-pub mod listener;
+pub(crate) mod listener;
 pub mod pods;
 pub mod scaler;
 pub mod snapshot;
 pub mod telemetry;
-pub mod tls;
-pub mod top;
+#[cfg(any(test, feature = "test-util"))]
+pub mod testing;
+pub(crate) mod tls;
+pub(crate) mod top;

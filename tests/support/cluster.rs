@@ -3,7 +3,7 @@
 //! (`daemon::start` with the cluster side): local pods from the fake API server's
 //! node-scoped pod watch, workload pods from its label-selector watches,
 //! ScaledObjects through its scale subresources, peers from its EndpointSlices.
-//! Only the GPU and the pid -> pod map are hand-fed ([`super::scaler::TableAttributor`]
+//! Only the GPU and the pid -> pod map are hand-fed ([`gpu_scaler::testing::Attributions`]
 //! and a `GpuStatus` channel re-published every poll so samples stay fresh).
 
 use std::{
@@ -28,7 +28,7 @@ use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tonic::transport::Channel;
 
-use super::scaler::TableAttributor;
+use gpu_scaler::testing::Attributions;
 
 /// How a test cluster's daemons are set up.
 #[derive(Clone)]
@@ -47,7 +47,7 @@ pub struct ClusterSettings {
 pub struct ClusterDaemon {
     pub node: String,
     pub ip: IpAddr,
-    pub attributor: Arc<TableAttributor>,
+    pub attributor: Arc<Attributions>,
     devices: Arc<Mutex<Vec<GpuDevice>>>,
     pub grpc_addr: SocketAddr,
     pub peer_addr: SocketAddr,

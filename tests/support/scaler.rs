@@ -3,166 +3,35 @@
 //! [`Node`] runs the real wiring (`gpu_scaler::daemon::start`: the join,
 //! gRPC server with ExternalScaler + grpc.health.v1, HTTP listener) on
 //! 127.0.0.1 ephemeral ports. What cannot run here is fed by hand through the
-//! same interfaces the real parts use: a [`TableAttributor`] (pid -> owner map)
+//! same interfaces the real parts use: a [`Attributions`] (pid -> owner map)
 //! implements `Attributor`, GPU passes are sent on the `GpuStatus` watch
 //! channel, and pods on the `PodSet` channel.
 
 use std::{
-    collections::{BTreeMap, HashMap},
-    sync::{Arc, RwLock},
+    sync::Arc,
     time::{Duration, SystemTime},
 };
 
 use gpu_scaler::{
-    attribution::{Attribution, Attributor, Backend, Owner, PodIdentity, QosClass},
+    attribution::Attributor,
     daemon::{self, Inputs, Settings},
-    gpu::{GpuDevice, GpuProcess, GpuSnapshot, GpuStatus, ProcessKind},
+    gpu::{GpuDevice, GpuSnapshot, GpuStatus},
     pods::{Pod, PodSet, PodsReceiver, PodsSender},
     scaler::{
         proto::{GetMetricsRequest, ScaledObjectRef, external_scaler_client::ExternalScalerClient},
         server::Tls,
     },
-    snapshot::Reading,
+    testing::Attributions,
 };
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tonic::transport::Channel;
 
-/// An `Attributor` answering from a table the test edits; a pid not in it is
-/// gone, unless [`TableAttributor::alive_unknown`] says it lives.
-#[derive(Default)]
-pub struct TableAttributor {
-    table: RwLock<HashMap<u32, Attribution>>,
-    alive: RwLock<std::collections::HashSet<u32>>,
-}
-
-impl TableAttributor {
-    /// Makes `pid` a process of the pod `pod_uid`.
-    pub fn assign(&self, pid: u32, pod_uid: &str) {
-        let attribution = Attribution {
-            cgroup_id: None,
-            cgroup_path: format!(
-                "/kubepods.slice/kubepods-pod{}.slice",
-                pod_uid.replace('-', "_")
-            )
-            .into(),
-            owner: Owner::Pod(PodIdentity {
-                pod_uid: pod_uid.to_owned(),
-                container_id: None,
-                runtime: None,
-                qos: QosClass::Burstable,
-                is_conmon: false,
-            }),
-            backend: Backend::Procfs,
-        };
-        self.table
-            .write()
-            .expect("attributor lock")
-            .insert(pid, attribution);
-    }
-
-    /// Makes `pid` a live process no one can attribute (not in the table).
-    pub fn alive_unknown(&self, pid: u32) {
-        self.alive.write().expect("attributor lock").insert(pid);
-    }
-
-    /// Makes `pid` a host process (no pod).
-    pub fn assign_host(&self, pid: u32) {
-        let attribution = Attribution {
-            cgroup_id: None,
-            cgroup_path: "/system.slice/x.service".into(),
-            owner: Owner::Host,
-            backend: Backend::Procfs,
-        };
-        self.table
-            .write()
-            .expect("attributor lock")
-            .insert(pid, attribution);
-    }
-}
-
-impl Attributor for TableAttributor {
-    fn resolve(&self, pid: u32) -> Option<Attribution> {
-        self.table
-            .read()
-            .expect("attributor lock")
-            .get(&pid)
-            .cloned()
-    }
-    fn unresolved_alive(&self, pid: u32) -> bool {
-        self.alive.read().expect("attributor lock").contains(&pid)
-    }
-    fn backend(&self) -> Backend {
-        Backend::Procfs
-    }
-}
-
-/// A pod in `namespace` with `labels`, on no particular node.
-pub fn pod(namespace: &str, name: &str, uid: &str, labels: &[(&str, &str)]) -> Pod {
-    Pod {
-        uid: uid.to_owned(),
-        namespace: namespace.to_owned(),
-        name: name.to_owned(),
-        labels: labels
-            .iter()
-            .map(|(k, v)| (k.to_string(), v.to_string()))
-            .collect::<BTreeMap<_, _>>(),
-        node_name: None,
-        phase: Some("Running".into()),
-        ready: true,
-        ip: None,
-        annotations: Default::default(),
-        containers: Vec::new(),
-    }
-}
-
-/// A compute process with SM %, memory-controller % and memory used.
-pub fn process(pid: u32, sm: u32, mem: u32, used_mib: u64) -> GpuProcess {
-    GpuProcess {
-        pid,
-        kind: ProcessKind::Compute,
-        used_memory_mib: Reading::Ok(used_mib),
-        sm_util: Reading::Ok(sm),
-        mem_util: Reading::Ok(mem),
-        gpu_instance_id: None,
-    }
-}
-
-/// A GPU with 80 GiB, at `temp_c` and `power_w`, running `processes`.
-pub fn device(index: u32, temp_c: u32, power_w: f64, processes: Vec<GpuProcess>) -> GpuDevice {
-    GpuDevice {
-        index,
-        uuid: format!("GPU-{index:08}"),
-        name: "Test GPU".into(),
-        sm_util: Reading::Ok(
-            processes
-                .iter()
-                .filter_map(|p| p.sm_util.ok())
-                .sum::<u32>()
-                .min(100),
-        ),
-        mem_util: Reading::Ok(0),
-        memory_used_mib: Reading::Ok(
-            processes
-                .iter()
-                .filter_map(|p| p.used_memory_mib.ok())
-                .sum(),
-        ),
-        memory_total_mib: Reading::Ok(81_920),
-        temperature_c: Reading::Ok(temp_c),
-        power_w: Reading::Ok(power_w),
-        power_limit_w: Reading::Ok(700.0),
-        mig_enabled: false,
-        mig_instance: None,
-        counters: gpu_scaler::gpu::DeviceCounters::default(),
-        processes,
-        processes_error: None,
-    }
-}
+pub use gpu_scaler::testing::{device, pod, process};
 
 /// A daemon on 127.0.0.1 with hand-fed inputs.
 pub struct Node {
-    pub attributor: Arc<TableAttributor>,
+    pub attributor: Arc<Attributions>,
     gpu_tx: watch::Sender<Arc<GpuStatus>>,
     pods_tx: PodsSender,
     /// When the newest input was fed; the sampler's join of it runs later.
@@ -225,7 +94,7 @@ impl Node {
         gpu: Option<watch::Receiver<Arc<GpuStatus>>>,
         attributor: Option<Arc<dyn Attributor>>,
     ) -> Node {
-        let table = Arc::new(TableAttributor::default());
+        let table = Arc::new(Attributions::default());
         let (gpu_tx, own_gpu) = watch::channel(Arc::new(GpuStatus {
             last_good: None,
             error: Some("no pass yet".into()),
@@ -381,24 +250,12 @@ pub async fn metric_value(
 }
 
 /// GET `path` from the daemon HTTP listener at `addr` with a plain HTTP/1.1
-/// request: (status code, body).
+/// request ([`gpu_scaler::testing::http_get`], off the runtime's threads):
+/// (status code, body).
 pub async fn http_get(addr: std::net::SocketAddr, path: &str) -> (u16, String) {
-    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
-    let mut s = tokio::net::TcpStream::connect(addr)
+    let path = path.to_owned();
+    tokio::task::spawn_blocking(move || gpu_scaler::testing::http_get(addr, &path))
         .await
-        .expect("connect HTTP");
-    let req = format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n");
-    s.write_all(req.as_bytes()).await.expect("send request");
-    let mut buf = String::new();
-    s.read_to_string(&mut buf).await.expect("read response");
-    let code = buf
-        .split_whitespace()
-        .nth(1)
-        .and_then(|c| c.parse().ok())
-        .expect("status line");
-    let body = buf
-        .split_once("\r\n\r\n")
-        .map(|(_, b)| b.to_owned())
-        .unwrap_or_default();
-    (code, body)
+        .expect("HTTP GET task")
+        .expect("HTTP GET")
 }

@@ -5,8 +5,8 @@
 use std::{
     ffi::OsStr,
     fs::OpenOptions,
-    io::{Read as _, Write as _},
-    net::{IpAddr, SocketAddr, TcpListener, TcpStream},
+    io::Read as _,
+    net::{IpAddr, SocketAddr, TcpListener},
     os::unix::process::CommandExt as _,
     path::{Path, PathBuf},
     process::{Child, Command, Stdio},
@@ -127,18 +127,8 @@ pub fn free_port(ip: IpAddr) -> u16 {
         .port()
 }
 
-/// GET `path` over plain HTTP/1.1: (status, body), or None if nothing answers.
+/// GET `path` over plain HTTP/1.1: (status, body), or None if nothing answers
+/// ([`gpu_scaler::testing::http_get`]).
 pub fn http_get(addr: SocketAddr, path: &str) -> Option<(u16, String)> {
-    let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(1)).ok()?;
-    s.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
-    write!(
-        s,
-        "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
-    )
-    .ok()?;
-    let mut buf = String::new();
-    s.read_to_string(&mut buf).ok()?;
-    let code = buf.split(' ').nth(1)?.parse().ok()?;
-    let body = buf.split_once("\r\n\r\n").map(|(_, b)| b.to_owned())?;
-    Some((code, body))
+    gpu_scaler::testing::http_get(addr, path).ok()
 }

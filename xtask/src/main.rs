@@ -204,7 +204,7 @@ fn main() -> Result<()> {
         }
         Task::Bench { what: Bench::Join } => {
             toolchain::ensure()?;
-            cargo(&["bench", "--package", "gpu-scaler", "--bench", "join"])
+            cargo(&["bench", "--package", "gpu-scaler-tests", "--bench", "join"])
         }
         Task::Bench {
             what: Bench::Scaler,
@@ -271,6 +271,10 @@ fn main() -> Result<()> {
             chart::check()?;
             // --locked, as the Dockerfile builds: a stale Cargo.lock fails here
             // rather than in the image build.
+            // Every binary first: the tests in tests/ run the daemon (and
+            // their helpers) as processes, which `cargo test` builds only for
+            // a package's own integration tests.
+            cargo(&["build", "--workspace", "--locked"])?;
             let mut test = vec!["test", "--workspace", "--locked"];
             test.extend(args.iter().map(String::as_str));
             cargo(&test)?;

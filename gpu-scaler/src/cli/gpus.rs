@@ -205,11 +205,11 @@ mod tests {
         gpu::GpuProcess,
     };
 
-    struct OnePod;
-
-    impl Attributor for OnePod {
-        fn resolve(&self, pid: u32) -> Option<Attribution> {
-            (pid == 4242).then(|| Attribution {
+    /// pid 4242 in a containerd container of one pod; no other process.
+    fn one_pod() -> crate::testing::Attributions {
+        crate::testing::Attributions::from_table([(
+            4242,
+            Attribution {
                 cgroup_id: Some(7),
                 cgroup_path: "/kubepods.slice/x".into(),
                 owner: Owner::Pod(PodIdentity {
@@ -220,12 +220,8 @@ mod tests {
                     is_conmon: false,
                 }),
                 backend: Backend::Procfs,
-            })
-        }
-
-        fn backend(&self) -> Backend {
-            Backend::Procfs
-        }
+            },
+        )])
     }
 
     fn snapshot() -> GpuSnapshot {
@@ -264,7 +260,7 @@ mod tests {
 
     #[test]
     fn table_shows_figures_pods_and_why_a_figure_is_missing() {
-        let table = render_table(&snapshot(), Some(&OnePod));
+        let table = render_table(&snapshot(), Some(&one_pod()));
         assert!(table.contains("GPU 0  NVIDIA H100  GPU-1"), "{table}");
         assert!(
             table.contains(
@@ -299,7 +295,7 @@ mod tests {
 
     #[test]
     fn json_carries_each_process_attribution() {
-        let json = render_json(&snapshot(), Some(&OnePod), None);
+        let json = render_json(&snapshot(), Some(&one_pod()), None);
         let v: serde_json::Value = serde_json::from_str(&json).expect("valid JSON");
         assert_eq!(v["taken_at_unix_ms"], 1500);
         let procs = &v["devices"][0]["processes"];

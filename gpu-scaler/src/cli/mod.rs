@@ -1,13 +1,13 @@
 //! The `gpu-scaler` command line: argument types and dispatch. `main.rs` parses
 //! and calls [`run`]; each subcommand lives in its own module.
 
-pub mod accounting;
-pub mod gpu_source;
-pub mod gpus;
-pub mod local_attribution;
-pub mod ps;
+pub(crate) mod accounting;
+pub(crate) mod gpu_source;
+pub(crate) mod gpus;
+pub(crate) mod local_attribution;
+pub(crate) mod ps;
 pub mod query;
-pub mod serve;
+pub(crate) mod serve;
 pub mod top;
 
 use clap::{Parser, Subcommand};

@@ -138,10 +138,6 @@ impl Fanout {
         &self.metrics
     }
 
-    pub fn policy(&self) -> MissingNodePolicy {
-        self.config.policy
-    }
-
     /// The usage of the pods `selector` selects in `namespace`, shared with every
     /// concurrent or recent identical query.
     pub async fn workload(

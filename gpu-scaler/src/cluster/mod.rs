@@ -15,13 +15,13 @@
 //! - [`view`]: the scaler's [`crate::scaler::WorkloadView`] for the cluster.
 
 pub mod discovery;
-pub mod fanout;
-pub mod metrics;
+pub(crate) mod fanout;
+pub(crate) mod metrics;
 pub mod peer;
-pub mod policy;
+pub(crate) mod policy;
 pub mod target;
-pub mod usage;
-pub mod view;
+pub(crate) mod usage;
+pub(crate) mod view;
 pub mod workload;
 
 use std::sync::Arc;

@@ -75,7 +75,6 @@ impl ClusterView {
             .collect();
         Ok(Workload {
             pods,
-            sampled_at: usage.sampled_at,
             missing,
             engine,
         })

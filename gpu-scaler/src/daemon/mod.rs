@@ -131,9 +131,6 @@ pub struct Running {
     pub snapshots: SnapshotReceiver,
     /// Where the peer protocol is served, in cluster mode.
     pub peer_addr: Option<SocketAddr>,
-    /// The cluster path's counters (peer RPCs, missing-node policy), in
-    /// cluster mode.
-    pub cluster_metrics: Option<Arc<crate::cluster::Metrics>>,
     task: JoinHandle<Result<()>>,
 }
 
@@ -522,7 +519,6 @@ pub fn start(
         http_addr,
         snapshots,
         peer_addr,
-        cluster_metrics,
         task,
     })
 }

@@ -9,7 +9,7 @@
 //!
 //! Why not a crate: `prometheus-parse` allocates a `String` per label and splits
 //! lines with a regex, and OpenMetrics-only parsers reject Prometheus text; both
-//! are compared in `cargo bench -p gpu-scaler --bench exposition`.
+//! are compared in `cargo bench -p gpu-scaler-tests --bench exposition`.
 //!
 //! One malformed line makes the whole exposition an error, as for a Prometheus
 //! scrape: a half-read engine must not give a half-summed number. Lines of

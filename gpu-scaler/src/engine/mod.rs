@@ -8,8 +8,8 @@
 //! that is unavailable with the reason, never a 0.
 
 pub mod exposition;
-pub mod rule;
-pub mod scraper;
+pub(crate) mod rule;
+pub(crate) mod scraper;
 pub mod series;
 
 use std::{

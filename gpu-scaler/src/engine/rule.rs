@@ -39,15 +39,10 @@ pub enum Rule {
         den: Vec<SeriesSelector>,
         scale: f64,
     },
-    /// A histogram over the window: the `quantile` (as PromQL's
-    /// histogram_quantile interpolates it), or the mean (increase of `_sum`
-    /// over increase of `_count`; 0 when nothing was observed).
-    Histogram {
-        series: SeriesSelector,
-        quantile: Option<f64>,
-    },
     /// Decided by the family's `# TYPE`: gauge or untyped, the sum; counter,
-    /// the per-second rate; histogram, as [`Rule::Histogram`].
+    /// the per-second rate; histogram, over the window: the `quantile` (as
+    /// PromQL's histogram_quantile interpolates it), or the mean (increase of
+    /// `_sum` over increase of `_count`; 0 when nothing was observed).
     Auto {
         series: SeriesSelector,
         quantile: Option<f64>,
@@ -90,19 +85,7 @@ impl Rule {
             Self::Gauge { alternatives, .. } => alternatives.iter().collect(),
             Self::Rate { series } => series.iter().collect(),
             Self::DeltaRatio { num, den, .. } => std::iter::once(num).chain(den).collect(),
-            Self::Histogram { series, .. } | Self::Auto { series, .. } => vec![series],
-        }
-    }
-
-    /// Whether the rule needs a previous scrape.
-    pub fn needs_history(&self, cur: &Scrape) -> bool {
-        match self {
-            Self::Gauge { .. } => false,
-            Self::Auto { series, .. } => cur
-                .extracts
-                .get(series)
-                .is_none_or(|x| !matches!(x.kind, Kind::Gauge | Kind::Untyped)),
-            _ => true,
+            Self::Auto { series, .. } => vec![series],
         }
     }
 
@@ -178,7 +161,6 @@ impl Rule {
                 }
                 Ok(increase(prev.extracts.get(num).map(|p| p.sum), n.sum) / d * scale)
             }
-            Self::Histogram { series, quantile } => histogram(series, *quantile, prev, cur),
             Self::Auto { series, quantile } => {
                 let x = cur.extracts.get(series).ok_or_else(|| absent(series))?;
                 match x.kind {
@@ -403,7 +385,7 @@ mod tests {
                 "# TYPE q histogram\nq_bucket{{le=\"0.1\"}} {b1}\nq_bucket{{le=\"1\"}} {b2}\nq_bucket{{le=\"+Inf\"}} {inf}\nq_sum {sum}\nq_count {inf}\n"
             )
         };
-        let mean = Rule::Histogram {
+        let mean = Rule::Auto {
             series: sel("q"),
             quantile: None,
         };
@@ -417,7 +399,6 @@ mod tests {
         assert_eq!(mean.reading(Some(&a), &b).ok(), Some(0.5));
         // 10 new observations, all in (0.1, 1]: the median interpolates to 0.55.
         assert_eq!(p50.reading(Some(&a), &b).ok(), Some(0.55));
-        assert!(p50.needs_history(&b));
         let g = Rule::Auto {
             series: sel("q"),
             quantile: None,

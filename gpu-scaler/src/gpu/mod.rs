@@ -6,11 +6,11 @@
 //! never zero: a wrong zero scales a workload away.
 
 mod collector;
-pub mod driver_version;
+pub(crate) mod driver_version;
 pub mod mock;
 pub mod nvml;
 mod poller;
-pub mod scenario;
+pub(crate) mod scenario;
 
 use std::{sync::Arc, time::SystemTime};
 

@@ -8,7 +8,7 @@
 
 pub mod file;
 pub mod kube;
-pub mod selector;
+pub(crate) mod selector;
 
 use std::{collections::BTreeMap, net::IpAddr, sync::Arc, time::SystemTime};
 

@@ -42,17 +42,6 @@ pub enum Requirement {
 }
 
 impl Requirement {
-    pub fn key(&self) -> &str {
-        match self {
-            Self::Exists(k)
-            | Self::DoesNotExist(k)
-            | Self::Equals(k, _)
-            | Self::NotEquals(k, _)
-            | Self::In(k, _)
-            | Self::NotIn(k, _) => k,
-        }
-    }
-
     pub fn matches(&self, labels: &BTreeMap<String, String>) -> bool {
         match self {
             Self::Exists(k) => labels.contains_key(k),
@@ -131,10 +120,6 @@ impl Selector {
         requirements.sort();
         requirements.dedup();
         Ok(Self { requirements })
-    }
-
-    pub fn requirements(&self) -> &[Requirement] {
-        &self.requirements
     }
 
     pub fn matches(&self, labels: &BTreeMap<String, String>) -> bool {
@@ -505,7 +490,7 @@ mod tests {
     fn parses_the_issue_example() {
         let s = sel("app=vllm,tier in (gpu,edge),!canary");
         assert_eq!(
-            s.requirements(),
+            s.requirements,
             &[
                 Requirement::DoesNotExist("canary".into()),
                 Requirement::Equals("app".into(), "vllm".into()),
@@ -617,7 +602,7 @@ mod tests {
         // Exactly 4096 bytes: `k in (v,v,...,v)` with 2,045 values.
         let at = format!("k in ({})", vec!["v"; 2045].join(","));
         assert_eq!(at.len(), MAX_BYTES);
-        assert_eq!(sel(&at).requirements().len(), 1);
+        assert_eq!(sel(&at).requirements.len(), 1);
         let over = format!("k in ({})", vec!["v"; 2046].join(","));
         assert!(err(&over).message.contains("4098 bytes"));
 
@@ -627,7 +612,7 @@ mod tests {
                 .collect::<Vec<_>>()
                 .join(",")
         };
-        assert_eq!(sel(&reqs(MAX_REQUIREMENTS)).requirements().len(), 64);
+        assert_eq!(sel(&reqs(MAX_REQUIREMENTS)).requirements.len(), 64);
         let e = err(&reqs(MAX_REQUIREMENTS + 1));
         assert!(e.message.contains("more than 64 requirements"), "{e}");
         assert_eq!(

@@ -6,19 +6,19 @@
 //! `service` speaks the gRPC contract and `error` maps failures to status
 //! codes in one place. Handlers only read published snapshots.
 
-pub mod client_identity;
-pub mod codec;
-pub mod error;
+pub(crate) mod client_identity;
+pub(crate) mod codec;
+pub(crate) mod error;
 pub mod hpa;
-pub mod instrument;
-pub mod limits;
+pub(crate) mod instrument;
+pub(crate) mod limits;
 pub mod metadata;
-pub mod metrics;
-pub mod naming;
+pub(crate) mod metrics;
+pub(crate) mod naming;
 pub mod server;
-pub mod service;
+pub(crate) mod service;
 pub mod value;
-pub mod view;
+pub(crate) mod view;
 
 pub use error::{Error, Result};
 pub use metrics::Metrics;

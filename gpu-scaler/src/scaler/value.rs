@@ -27,11 +27,6 @@ fn get<T: Copy>(r: &Reading<T>, what: &str, pod: &PodUsage, gpu: &GpuUsage) -> R
     }
 }
 
-/// One pod's value of a GPU `metric`. A pod with no GPU process is 0.
-pub fn pod_value(metric: Metric, pod: &PodUsage) -> Result<f64> {
-    pod_value_on(metric, None, pod)
-}
-
 /// One pod's value of a GPU `metric` over its GPUs, or only over the GPU of
 /// its node with NVML index `gpu_index` (keda-gpu-scaler's `gpuIndex`); a pod
 /// with no process there is 0.
@@ -307,20 +302,50 @@ mod tests {
             gpu(0, 60.0, 10.0, 1024, 4096, 70, 100.0),
             gpu(1, 20.0, 30.0, 1024, 12288, 80, 50.0),
         ]);
-        assert_eq!(pod_value(Metric::GpuUtilization, &p).expect("ok"), 40.0);
-        assert_eq!(pod_value(Metric::MemoryUtilization, &p).expect("ok"), 20.0);
-        assert_eq!(pod_value(Metric::MemoryUsedMib, &p).expect("ok"), 2048.0);
-        assert_eq!(pod_value(Metric::MemoryUsedPercent, &p).expect("ok"), 12.5);
-        assert_eq!(pod_value(Metric::PowerDraw, &p).expect("ok"), 150.0);
-        assert_eq!(pod_value(Metric::Temperature, &p).expect("ok"), 80.0);
+        assert_eq!(
+            pod_value_on(Metric::GpuUtilization, None, &p).expect("ok"),
+            40.0
+        );
+        assert_eq!(
+            pod_value_on(Metric::MemoryUtilization, None, &p).expect("ok"),
+            20.0
+        );
+        assert_eq!(
+            pod_value_on(Metric::MemoryUsedMib, None, &p).expect("ok"),
+            2048.0
+        );
+        assert_eq!(
+            pod_value_on(Metric::MemoryUsedPercent, None, &p).expect("ok"),
+            12.5
+        );
+        assert_eq!(
+            pod_value_on(Metric::PowerDraw, None, &p).expect("ok"),
+            150.0
+        );
+        assert_eq!(
+            pod_value_on(Metric::Temperature, None, &p).expect("ok"),
+            80.0
+        );
         // Throughputs add up over the GPUs, as the pod's total traffic.
-        assert_eq!(pod_value(Metric::PcieTxKbps, &p).expect("ok"), 1500.0);
-        assert_eq!(pod_value(Metric::PcieRxKbps, &p).expect("ok"), 3000.0);
-        assert_eq!(pod_value(Metric::NvlinkTxMbps, &p).expect("ok"), 15000.0);
-        assert_eq!(pod_value(Metric::NvlinkRxMbps, &p).expect("ok"), 30000.0);
+        assert_eq!(
+            pod_value_on(Metric::PcieTxKbps, None, &p).expect("ok"),
+            1500.0
+        );
+        assert_eq!(
+            pod_value_on(Metric::PcieRxKbps, None, &p).expect("ok"),
+            3000.0
+        );
+        assert_eq!(
+            pod_value_on(Metric::NvlinkTxMbps, None, &p).expect("ok"),
+            15000.0
+        );
+        assert_eq!(
+            pod_value_on(Metric::NvlinkRxMbps, None, &p).expect("ok"),
+            30000.0
+        );
         for m in Metric::ALL.into_iter().filter(|m| !m.is_engine()) {
             assert_eq!(
-                pod_value(m, &pod(vec![])).expect("ok"),
+                pod_value_on(m, None, &pod(vec![])).expect("ok"),
                 0.0,
                 "{m}: a pod without GPU processes is 0"
             );
@@ -332,25 +357,25 @@ mod tests {
         let mut g = gpu(0, 60.0, 10.0, 1024, 4096, 70, 100.0);
         g.sm_util = Reading::unavailable("MIG");
         let p = pod(vec![g]);
-        let err = pod_value(Metric::GpuUtilization, &p).expect_err("unavailable");
+        let err = pod_value_on(Metric::GpuUtilization, None, &p).expect_err("unavailable");
         assert!(
             err.to_string().contains("ml/p") && err.to_string().contains("MIG"),
             "{err}"
         );
         assert_eq!(
-            pod_value(Metric::MemoryUsedMib, &p).expect("memory still known"),
+            pod_value_on(Metric::MemoryUsedMib, None, &p).expect("memory still known"),
             1024.0
         );
         let mut g = gpu(0, 60.0, 10.0, 1024, 4096, 70, 100.0);
         g.nvlink_tx_mbps = Reading::unavailable("MPS: no split");
-        let err = pod_value(Metric::NvlinkTxMbps, &pod(vec![g])).expect_err("unavailable");
+        let err = pod_value_on(Metric::NvlinkTxMbps, None, &pod(vec![g])).expect_err("unavailable");
         assert!(
             err.to_string().contains("NVLink TX") && err.to_string().contains("MPS"),
             "{err}"
         );
         let mut g = gpu(0, 1.0, 1.0, 1, 0, 1, 1.0);
         g.memory_total_mib = Reading::Ok(0);
-        assert!(pod_value(Metric::MemoryUsedPercent, &pod(vec![g])).is_err());
+        assert!(pod_value_on(Metric::MemoryUsedPercent, None, &pod(vec![g])).is_err());
     }
 
     #[test]
@@ -469,7 +494,6 @@ mod tests {
         ]);
         let w = Workload {
             pods: pods.to_vec(),
-            sampled_at: std::time::SystemTime::now(),
             missing: 0,
             engine: vec![4.0, 2.0, 0.0, 0.0],
         };
@@ -487,7 +511,6 @@ mod tests {
         ]);
         let w = Workload {
             pods: Vec::new(),
-            sampled_at: std::time::SystemTime::now(),
             missing: 0,
             engine: vec![1.0, f64::NAN],
         };
@@ -511,7 +534,6 @@ mod tests {
         .expect("query");
         let w = |engine: Vec<f64>, missing| Workload {
             pods: Vec::new(),
-            sampled_at: std::time::SystemTime::now(),
             missing,
             engine,
         };

@@ -30,8 +30,6 @@ pub struct Workload {
     /// The selected pods (only ever from the requested namespace), each with
     /// its GPU use (empty when it runs no GPU process).
     pub pods: Vec<Arc<PodUsage>>,
-    /// When the oldest data in the answer was sampled.
-    pub sampled_at: SystemTime,
     /// Pods of the workload whose node did not answer, or whose engine could
     /// not be read, admitted by the missing-node policy: each counts as the
     /// average of the reported pods' values.
@@ -154,7 +152,6 @@ impl LocalView {
             .collect();
         Ok(Workload {
             pods,
-            sampled_at: snap.samples_taken_at.unwrap_or(snap.taken_at),
             missing: 0,
             engine: Vec::new(),
         })

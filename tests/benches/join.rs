@@ -3,7 +3,7 @@
 //! process each (1,000 processes), pods named by a PodList with their
 //! container statuses. Prints medians; asserts nothing.
 //!
-//! `cargo xtask bench join` (or `cargo bench -p gpu-scaler --bench join`).
+//! `cargo xtask bench join` (or `cargo bench -p gpu-scaler-tests --bench join`).
 //! Environment: `JOIN_BENCH_ITERS` (default 2000).
 
 use std::{
@@ -13,29 +13,19 @@ use std::{
 };
 
 use gpu_scaler::{
-    attribution::{Attribution, Attributor, Backend, Owner, PodIdentity, QosClass, Runtime},
+    attribution::{Attribution, Backend, Owner, PodIdentity, QosClass, Runtime},
     gpu::{GpuDevice, GpuProcess, GpuSnapshot, GpuStatus, ProcessKind},
     join,
     pods::{PodSet, file},
     scaler,
     snapshot::Reading,
     telemetry::metrics::{self, Sources},
+    testing::Attributions,
 };
 
 const PODS: u32 = 500;
 const GPUS: u32 = 8;
 const CONTAINERS: [&str; 2] = ["server", "sidecar"];
-
-struct Table(HashMap<u32, Attribution>);
-
-impl Attributor for Table {
-    fn resolve(&self, pid: u32) -> Option<Attribution> {
-        self.0.get(&pid).cloned()
-    }
-    fn backend(&self) -> Backend {
-        Backend::Procfs
-    }
-}
 
 fn uid(i: u32) -> String {
     format!("b0000000-0000-4000-8000-{i:012}")
@@ -75,7 +65,7 @@ fn pods() -> PodSet {
     PodSet::from_pods(pods, Some("n1".into()), "bench")
 }
 
-fn attributor() -> Table {
+fn attributor() -> Attributions {
     let mut t = HashMap::new();
     for i in 0..PODS {
         for c in 0..CONTAINERS.len() {
@@ -96,7 +86,7 @@ fn attributor() -> Table {
             );
         }
     }
-    Table(t)
+    Attributions::from_table(t)
 }
 
 fn gpus() -> GpuStatus {

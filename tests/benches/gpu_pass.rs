@@ -1,5 +1,5 @@
 //! GPU sampling figures (run with `cargo xtask bench gpu`, or
-//! `cargo bench -p gpu-scaler --bench gpu_pass`):
+//! `cargo build --release -p gpu-scaler && cargo bench -p gpu-scaler-tests --bench gpu_pass`):
 //!
 //! 1. the cost of one sampling pass through the real NVML code path (nvml-wrapper
 //!    loading the fake libnvidia-ml.so) for 8 GPUs x 64 processes, next to the
@@ -22,10 +22,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-#[path = "../tests/common/mod.rs"]
-mod common;
-
-use common::fake_nvml;
+use gpu_scaler::testing::fake_nvml_library as fake_nvml;
 
 use gpu_scaler::gpu::{self, GpuSource, mock::MockSource, nvml::NvmlSource};
 use nvml_wrapper_sys::bindings::{
@@ -405,7 +402,7 @@ fn task_cpu(pid: u32) -> Option<Duration> {
 }
 
 fn daemon_cpu(lib: &Path, secs: u64) {
-    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_gpu-scaler"))
+    let mut child = std::process::Command::new(gpu_scaler_tests::workspace_bin("gpu-scaler"))
         .args(["serve", "--gpu", "nvml", "--poll-interval", "1s"])
         .arg("--nvml-lib")
         .arg(lib)

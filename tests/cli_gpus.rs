@@ -3,9 +3,7 @@
 
 use std::process::Command;
 
-mod common;
-
-use common::fake_nvml;
+use gpu_scaler::testing::fake_nvml_library as fake_nvml;
 
 const SCENARIO: &str = r#"
 [[gpu]]
@@ -31,7 +29,7 @@ fn scenario() -> String {
 }
 
 fn gpus_json(args: &[&str], envs: &[(&str, &std::ffi::OsStr)]) -> serde_json::Value {
-    let out = Command::new(env!("CARGO_BIN_EXE_gpu-scaler"))
+    let out = Command::new(gpu_scaler_tests::workspace_bin("gpu-scaler"))
         .arg("gpus")
         .arg("--json")
         .args(args)
@@ -104,7 +102,7 @@ fn gpus_reads_nvml_through_the_library_given() {
 
 #[test]
 fn gpus_without_a_driver_fails_with_the_reason() {
-    let out = Command::new(env!("CARGO_BIN_EXE_gpu-scaler"))
+    let out = Command::new(gpu_scaler_tests::workspace_bin("gpu-scaler"))
         .args([
             "gpus",
             "--gpu",

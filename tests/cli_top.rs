@@ -2,44 +2,21 @@
 //! real daemon's HTTP listener (the daemon wiring in-process, fed by hand).
 
 use std::{
-    collections::{BTreeMap, HashMap},
+    collections::BTreeMap,
     process::Command,
     sync::Arc,
     time::{Duration, SystemTime},
 };
 
 use gpu_scaler::{
-    attribution::{Attribution, Attributor, Backend, Owner, PodIdentity, QosClass},
     daemon::{self, Inputs, Settings},
     gpu::{GpuDevice, GpuProcess, GpuSnapshot, GpuStatus, ProcessKind},
     pods::{Pod, PodSet},
     snapshot::Reading,
+    testing::Attributions,
 };
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
-
-/// pid -> pod UID.
-struct Table(HashMap<u32, String>);
-
-impl Attributor for Table {
-    fn resolve(&self, pid: u32) -> Option<Attribution> {
-        self.0.get(&pid).map(|uid| Attribution {
-            cgroup_id: None,
-            cgroup_path: "/kubepods.slice/x".into(),
-            owner: Owner::Pod(PodIdentity {
-                pod_uid: uid.clone(),
-                container_id: None,
-                runtime: None,
-                qos: QosClass::Burstable,
-                is_conmon: false,
-            }),
-            backend: Backend::Procfs,
-        })
-    }
-    fn backend(&self) -> Backend {
-        Backend::Procfs
-    }
-}
 
 fn process(pid: u32, sm: u32, used_mib: u64) -> GpuProcess {
     GpuProcess {
@@ -97,10 +74,9 @@ async fn top_once_json_of_a_running_daemon() {
         None,
         "test",
     )));
-    let attributor = Arc::new(Table(HashMap::from([
-        (10, "uid-a".to_owned()),
-        (20, "uid-b".to_owned()),
-    ])));
+    let attributor = Arc::new(Attributions::new());
+    attributor.assign(10, "uid-a");
+    attributor.assign(20, "uid-b");
     let shutdown = CancellationToken::new();
     let running = daemon::start(
         Inputs {
@@ -129,7 +105,7 @@ async fn top_once_json_of_a_running_daemon() {
     let addr = running.http_addr.to_string();
 
     let out = tokio::task::spawn_blocking(move || {
-        Command::new(env!("CARGO_BIN_EXE_gpu-scaler"))
+        Command::new(gpu_scaler_tests::workspace_bin("gpu-scaler"))
             .args(["top", "--once", "--json", "--sort", "memory", "--address"])
             .arg(&addr)
             .output()
