@@ -46,8 +46,8 @@ pub enum QosClass {
 /// The path cannot tell whether its container is the pod's sandbox (pause)
 /// container: both are `<runtime>-<id>` scopes side by side. Only the pod's
 /// container statuses can, so that is decided where pods and identities meet,
-/// the sampler's join ([`crate::join::container_role`], carried as
-/// [`crate::snapshot::ContainerRole`] on each [`crate::snapshot::ContainerUsage`]),
+/// the join (`join::container_role`, carried as
+/// `snapshot::ContainerRole` on each `snapshot::ContainerUsage`),
 /// never here.
 #[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize)]
 pub struct PodIdentity {

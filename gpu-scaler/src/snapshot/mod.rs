@@ -1,9 +1,10 @@
 //! What one node's GPUs are doing, per pod, at one moment: the [`NodeSnapshot`]
-//! the join (`crate::join`) publishes on a watch channel every poll, the
+//! the join (`join`) publishes on a watch channel every poll, the
 //! figures in it ([`Reading`]) and the rule for when it may be answered from
 //! ([`check_fresh`]). Everything that serves figures (the scaler, the peer
 //! protocol, `/metrics`, `top`) reads these and nothing else.
 
+mod accounts;
 mod reading;
 
 use std::{
@@ -15,10 +16,10 @@ use std::{
 use serde::Serialize;
 use tokio::sync::watch;
 
+pub use accounts::{Accounts, DeviceEnergy, Holder, PodEnergy, Unattributed, UnattributedEnergy};
 pub use reading::Reading;
 
 use crate::{
-    accounting::Accounts,
     attribution::Backend,
     gpu::{DeviceCounters, MigInstance},
     pods::{ContainerKind, Pod},
@@ -92,7 +93,7 @@ pub enum PowerSource {
 
 /// How one pass splits a GPU board's energy counter: the fractions of its
 /// increase each pod (and container) and the processes of no pod get. The
-/// ledger ([`crate::accounting`]) applies them to the increase since the
+/// ledger (`accounting`) applies them to the increase since the
 /// counter reading it accounted last, so no energy is lost or counted twice
 /// whatever passes it did not see.
 #[derive(Clone, Debug, PartialEq)]
@@ -138,7 +139,7 @@ pub struct PodUsage {
 /// Which part of its pod a process runs in. The cgroup path names the
 /// container's runtime id ([`crate::attribution::PodIdentity::container_id`]); only the pod's
 /// container statuses say which container that is, or that it is none of them
-/// (the sandbox), so this is known only after the join ([`crate::join::container_role`]).
+/// (the sandbox), so this is known only after the join (`join::container_role`).
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
 #[serde(tag = "role", rename_all = "snake_case")]
 pub enum ContainerRole {
