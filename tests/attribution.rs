@@ -128,7 +128,7 @@ fn pod(uid: &str, cid: Option<&str>, rt: Option<Runtime>, qos: QosClass, conmon:
     })
 }
 
-/// (relative path, expected owner) for every kubelet layout in DESIGN.md.
+/// (relative path, expected owner) for every kubelet layout in docs/architecture.md#kubelet-cgroup-layouts.
 fn layouts() -> Vec<(String, Owner)> {
     let mut out = Vec::new();
     let mut n = 0;

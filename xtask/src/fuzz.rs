@@ -26,7 +26,7 @@ pub fn run(seconds: u64) -> Result<()> {
 fn run_one(target: &str, seconds: u64) -> Result<()> {
     ensure_cargo_fuzz()?;
     // The fuzz crate is its own workspace; start it from the main lock file so it
-    // builds the same dependency versions (aya-build stays pinned, see DESIGN.md).
+    // builds the same dependency versions (aya-build stays pinned, see docs/architecture.md#toolchain-pins).
     std::fs::copy(
         "Cargo.lock",
         Path::new(FUZZ_CRATE_PARENT).join("fuzz/Cargo.lock"),

@@ -1,4 +1,4 @@
-//! cgroup path -> [`Owner`] for every kubelet cgroup layout (see DESIGN.md).
+//! cgroup path -> [`Owner`] for every kubelet cgroup layout (see docs/architecture.md#kubelet-cgroup-layouts).
 //!
 //! The kubelet names a pod's cgroup in one of two ways:
 //! - systemd driver: `kubepods.slice/kubepods-<qos>.slice/kubepods-<qos>-pod<uid>.slice`
