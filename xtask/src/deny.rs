@@ -19,6 +19,11 @@ const OFFLINE_CHECKS: &[&str] = &["licenses", "bans", "sources"];
 
 pub fn check() -> Result<()> {
     ensure()?;
+    // `--offline` reads every crate's manifest from cargo's cache, those of
+    // other platforms' dependencies (windows-*, android_*) included, which a
+    // Linux build never downloads: a fresh machine has them only after a fetch
+    // for every target.
+    super::cargo(&["fetch", "--locked"])?;
     let mut cmd = Command::new("cargo");
     cmd.args(["deny", "--locked", "--offline", "check"])
         .args(OFFLINE_CHECKS);
