@@ -403,33 +403,6 @@ mod tests {
         );
     }
 
-    /// xtask keeps its own copy of the figure names and profiles (it cannot
-    /// link the daemon): it must list exactly these.
-    #[test]
-    fn xtasks_copy_of_the_names_is_whole() {
-        let chart = include_str!("../../xtask/src/chart.rs");
-        let list = |name: &str| -> Vec<String> {
-            let start = chart
-                .find(&format!("const {name}: &[&str] = &["))
-                .unwrap_or_else(|| panic!("xtask/src/chart.rs has no {name}"));
-            let body = &chart[start..];
-            let body = &body[body.find('[').expect("a list") + 1..];
-            let body = &body[body.find('[').expect("a list") + 1..body.find("];").expect("closed")];
-            body.split('"')
-                .skip(1)
-                .step_by(2)
-                .map(str::to_owned)
-                .collect()
-        };
-        let names: Vec<String> = FIGURES.iter().map(|f| f.name.to_owned()).collect();
-        assert_eq!(list("METRICS"), names, "xtask/src/chart.rs METRICS");
-        let profiles: Vec<String> = crate::scaler::metadata::PROFILES
-            .iter()
-            .map(|p| p.name.to_owned())
-            .collect();
-        assert_eq!(list("PROFILES"), profiles, "xtask/src/chart.rs PROFILES");
-    }
-
     /// Each engine figure on an exposition in its engine's exact format
     /// (names, labels, HELP/TYPE, value spelling as the engine prints them).
     #[test]

@@ -1,6 +1,6 @@
 //! ScaledObject trigger metadata -> a [`Query`]. Every key is documented in the
-//! README's "ScaledObject metadata" section; keep the two in step (and the copy
-//! of the vocabulary in xtask/src/chart.rs).
+//! README's "ScaledObject metadata" section; keep the two in step
+//! (tests/examples.rs runs deploy/examples/ through [`parse`]).
 //!
 //! What KEDA sends (kedacore/keda pkg/scalers/external_scaler.go,
 //! `parseExternalScalerMetadata`): the trigger's `metadata` as written, except

@@ -11,7 +11,7 @@ pub(crate) mod codec;
 pub(crate) mod error;
 pub mod hpa;
 pub(crate) mod instrument;
-pub(crate) mod limits;
+pub mod limits;
 pub mod metadata;
 pub(crate) mod metrics;
 pub(crate) mod naming;
