@@ -151,8 +151,43 @@ pub struct Config {
 /// Errors of the attribution domain.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
+    /// No probe to load (a `GPU_SCALER_NO_EBPF=1` build).
     #[error("eBPF attribution is not available: {0}")]
     EbpfUnavailable(String),
+    /// The probe object lacks a program or map the loader expects, or has one of
+    /// another type: a probe and daemon from different builds.
+    #[error("eBPF attribution is not available: probe object: {0}")]
+    ProbeObject(String),
+    /// The kernel (or aya) refused the probe object.
+    #[error("eBPF attribution is not available: loading the probe: {source}")]
+    Load {
+        #[source]
+        source: aya::EbpfError,
+    },
+    /// A program of the probe could not be loaded or attached to its tracepoint.
+    #[error("eBPF attribution is not available: {action} {program}: {source}")]
+    Program {
+        /// `"loading"` or `"attaching"`.
+        action: &'static str,
+        /// The program's name in the object (that of its tracepoint too).
+        program: &'static str,
+        #[source]
+        source: aya::programs::ProgramError,
+    },
+    /// A map of the probe could not be opened as its type or queried.
+    #[error("eBPF attribution is not available: map {map}: {source}")]
+    Map {
+        map: &'static str,
+        #[source]
+        source: aya::maps::MapError,
+    },
+    /// A blocking start-up step panicked or was cancelled.
+    #[error("eBPF attribution is not available: {what}: {source}")]
+    Task {
+        what: &'static str,
+        #[source]
+        source: tokio::task::JoinError,
+    },
     #[error("tracefs: {0}")]
     Tracefs(String),
     #[error("eBPF ring buffer size: {0}")]
