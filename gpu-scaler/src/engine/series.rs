@@ -138,10 +138,22 @@ impl SeriesSelector {
             return Err(format!("unexpected {rest:?} after the family name"));
         }
         matchers.sort();
-        Ok(Self {
+        let sel = Self {
             family: family.to_owned(),
             matchers,
-        })
+        };
+        // The limit holds for the canonical form too (escapes make it longer
+        // than the text it came from), so whatever a selector prints, for the
+        // peer protocol or a metric name, parses again (found by the fuzz
+        // target `exposition`).
+        let canonical = sel.to_string().len();
+        if canonical > MAX_SELECTOR_LEN {
+            return Err(format!(
+                "longer than {MAX_SELECTOR_LEN} characters once its escapes are written \
+                 ({canonical})"
+            ));
+        }
+        Ok(sel)
     }
 
     fn matches(&self, sample: &exposition::Sample<'_>) -> bool {
@@ -276,6 +288,18 @@ pub fn extract(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_length_limit_holds_for_what_a_selector_prints() {
+        // Raw newlines print as `\n`: 600 of them are 1,200 characters written.
+        let long = format!("a{{b=\"{}\"}}", "\n".repeat(600));
+        assert!(long.len() <= MAX_SELECTOR_LEN);
+        let e = SeriesSelector::parse(&long).expect_err("too long once escaped");
+        assert!(e.contains("escapes"), "{e}");
+        let short = format!("a{{b=\"{}\"}}", "\n".repeat(300));
+        let sel = SeriesSelector::parse(&short).expect("within the limit escaped");
+        assert_eq!(SeriesSelector::parse(&sel.to_string()), Ok(sel));
+    }
 
     #[test]
     fn selector_text_round_trips() {
