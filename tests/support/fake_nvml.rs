@@ -11,22 +11,10 @@ use std::path::{Path, PathBuf};
 /// The scenario file name the fake looks for beside itself.
 const SCENARIO: &str = "fake-nvml.toml";
 
-/// Path of the `libfake_nvml.so` cargo built for this test binary: the tests
-/// package depends on `fake-nvml`, so cargo builds the cdylib into the same
-/// `deps` directory as the test executable (and uplifts it one level up).
+/// Path of the `libfake_nvml.so` cargo built for this test binary
+/// ([`gpu_scaler::testing::fake_nvml_library`]).
 pub fn library() -> PathBuf {
-    let exe = std::env::current_exe().expect("path of the test executable");
-    let deps = exe.parent().expect("test executable has a directory");
-    [deps.to_path_buf(), deps.join("..")]
-        .iter()
-        .map(|dir| dir.join("libfake_nvml.so"))
-        .find(|p| p.is_file())
-        .unwrap_or_else(|| {
-            panic!(
-                "libfake_nvml.so not found beside {}; `cargo build -p fake-nvml` builds it",
-                exe.display()
-            )
-        })
+    gpu_scaler::testing::fake_nvml_library()
 }
 
 /// A private copy of the fake library and its scenario.
