@@ -752,7 +752,7 @@ pub(crate) mod tests {
     use super::*;
     use crate::{
         attribution::{Attribution, Backend, PodIdentity, QosClass},
-        gpu::{DeviceCounters, GpuProcess, GpuSnapshot, MigInstance, ProcessKind},
+        gpu::{DeviceCounters, GpuProcess, GpuSnapshot, MigInstance},
         pods::ContainerKind,
         testing::Attributions,
     };
@@ -775,16 +775,7 @@ pub(crate) mod tests {
         }
     }
 
-    pub(crate) fn proc(pid: u32, sm: u32, mem: u32, used: u64) -> GpuProcess {
-        GpuProcess {
-            pid,
-            kind: ProcessKind::Compute,
-            used_memory_mib: Reading::Ok(used),
-            sm_util: Reading::Ok(sm),
-            mem_util: Reading::Ok(mem),
-            gpu_instance_id: None,
-        }
-    }
+    pub(crate) use crate::testing::process as proc;
 
     pub(crate) fn device(index: u32, power: f64, processes: Vec<GpuProcess>) -> GpuDevice {
         GpuDevice {

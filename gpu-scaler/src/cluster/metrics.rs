@@ -66,6 +66,14 @@ impl Default for Metrics {
 impl Metrics {
     /// Registers the families in `registry` (the /metrics registry, once).
     pub fn register(&self, registry: &mut Registry) {
+        // Every outcome has a series from the start, 0 until it happens (as
+        // before the families were registered: a rate over them needs both).
+        for outcome in ["ok", "error"] {
+            let _ = self.peer_requests.get_or_create(&[("outcome", outcome)]);
+        }
+        for outcome in ["averaged", "unavailable"] {
+            let _ = self.missing.get_or_create(&[("outcome", outcome)]);
+        }
         registry.register(
             "gpu_scaler_peer_requests",
             "Node-to-node requests by outcome (error includes timeouts)",
@@ -206,6 +214,10 @@ mod tests {
         assert!(
             out.contains("gpu_scaler_peer_request_duration_seconds_count 3"),
             "{out}"
+        );
+        assert!(
+            out.contains(r#"gpu_scaler_missing_node_total{outcome="averaged"} 0"#),
+            "every outcome has a series: {out}"
         );
         assert!(!out.contains("gpu_scaler_peers"), "no book yet: {out}");
     }
