@@ -11,7 +11,7 @@
 
 use std::fmt;
 
-use crate::engine::{Engine, rule::Rule, series::SeriesSelector};
+use crate::engine::{Engine, EngineFigure, rule::Rule, series::SeriesSelector};
 
 /// What is measured for each pod.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -291,6 +291,18 @@ impl Metric {
 
     pub fn is_engine(self) -> bool {
         matches!(self.figure().source, Source::Engine(_))
+    }
+
+    /// What the engine module needs to read this figure; `None` for GPU figures.
+    pub fn engine_figure(self) -> Option<EngineFigure> {
+        match self.figure().source {
+            Source::Engine(engine) => Some(EngineFigure {
+                name: self.as_str(),
+                engine,
+                rule: self.engine_rule(),
+            }),
+            Source::Gpu => None,
+        }
     }
 
     /// How a pod's value is computed from its engine's metrics; `None` for GPU

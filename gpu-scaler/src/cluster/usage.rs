@@ -91,7 +91,7 @@ pub fn check_answer(
 /// An engine query as the protocol carries it.
 pub fn figure_request(q: &EngineQuery) -> proto::FigureRequest {
     proto::FigureRequest {
-        metric: q.metric.as_str().to_owned(),
+        metric: q.name.to_owned(),
         engine_metric: q.engine_metric.clone().unwrap_or_default(),
         engine_quantile: q.quantile,
         port: q.port.map(u32::from),
@@ -101,8 +101,8 @@ pub fn figure_request(q: &EngineQuery) -> proto::FigureRequest {
 
 /// An engine query from the protocol, checked exactly as metadata is.
 pub fn engine_query(r: &proto::FigureRequest) -> Result<EngineQuery, String> {
-    let metric = Metric::parse(&r.metric)
-        .filter(|m| m.is_engine())
+    let figure = Metric::parse(&r.metric)
+        .and_then(Metric::engine_figure)
         .ok_or_else(|| format!("{:?} is not an engine figure", r.metric))?;
     let port = r
         .port
@@ -110,7 +110,7 @@ pub fn engine_query(r: &proto::FigureRequest) -> Result<EngineQuery, String> {
         .transpose()?;
     let engine_metric = Some(r.engine_metric.as_str()).filter(|s| !s.is_empty());
     EngineQuery::new(
-        metric,
+        figure,
         engine_metric,
         r.engine_quantile,
         port,

@@ -19,7 +19,7 @@ use std::{
 
 pub use scraper::{EngineSnapshot, Metrics, ScrapeConfig, Scraper};
 
-use crate::{figures::Metric, pods::Pod};
+use crate::pods::Pod;
 use rule::Rule;
 use series::SeriesSelector;
 
@@ -67,10 +67,26 @@ const DEFAULT_PATH: &str = "/metrics";
 /// Longest `metricsPath` accepted.
 pub const MAX_PATH_LEN: usize = 256;
 
+/// An engine figure as the figures table describes it (`figures::Metric::
+/// engine_figure`): this module reads engines and knows nothing of the table, so
+/// the table hands it what it needs.
+#[derive(Clone, Debug, PartialEq)]
+pub struct EngineFigure {
+    /// Its metadata name (`vllm_queue_depth`, or `engine`).
+    pub name: &'static str,
+    /// The engine it is read from, for the default port and path.
+    pub engine: Engine,
+    /// How a pod's value is computed; `None` for `metric: engine`, whose rule
+    /// comes from `engineMetric`.
+    pub rule: Option<Rule>,
+}
+
 /// What one query reads from each of its pods' engines.
 #[derive(Clone, Debug, PartialEq)]
 pub struct EngineQuery {
-    pub metric: Metric,
+    /// The figure's metadata name.
+    pub name: &'static str,
+    pub engine: Engine,
     pub rule: Rule,
     /// `engineMetric` (for `metric: engine`).
     pub engine_metric: Option<String>,
@@ -103,10 +119,10 @@ pub fn check_path(path: &str) -> Result<(), String> {
 }
 
 impl EngineQuery {
-    /// The query for `metric` (an engine figure); `engine_metric` and
-    /// `quantile` only with `metric: engine`.
+    /// The query for `figure`; `engine_metric` and `quantile` only with
+    /// `metric: engine`.
     pub fn new(
-        metric: Metric,
+        figure: EngineFigure,
         engine_metric: Option<&str>,
         quantile: Option<f64>,
         port: Option<u16>,
@@ -132,12 +148,13 @@ impl EngineQuery {
                 why: "a quantile between 0 and 1, exclusive (e.g. 0.95)".into(),
             });
         }
-        let rule = match (metric.engine_rule(), engine_metric) {
+        let rule = match (figure.rule, engine_metric) {
             (Some(_), Some(_)) => {
                 return Err(QueryError {
                     key: "engineMetric",
                     why: format!(
-                        "only with metric: engine; metric {metric} already says what is read"
+                        "only with metric: engine; metric {} already says what is read",
+                        figure.name
                     ),
                 });
             }
@@ -167,20 +184,14 @@ impl EngineQuery {
             }
         };
         Ok(Self {
-            metric,
+            name: figure.name,
+            engine: figure.engine,
             rule,
             engine_metric: engine_metric.map(|s| s.trim().to_owned()),
             quantile,
             port,
             path: path.map(str::to_owned),
         })
-    }
-
-    fn engine(&self) -> Engine {
-        match self.metric.figure().source {
-            crate::figures::Source::Engine(e) => e,
-            crate::figures::Source::Gpu => Engine::Any,
-        }
     }
 
     /// Where to read this query's figure from `pod`: the query's port and
@@ -196,7 +207,7 @@ impl EngineQuery {
                 Some(v) => v.trim().parse::<u16>().ok().filter(|p| *p > 0).ok_or_else(|| {
                     format!("annotation {PORT_ANNOTATION}={v:?} is not a port")
                 })?,
-                None => self.engine().default_port().ok_or_else(|| {
+                None => self.engine.default_port().ok_or_else(|| {
                     format!(
                         "no metrics port: set metricsPort in the trigger or the pod's {PORT_ANNOTATION} annotation"
                     )
@@ -209,7 +220,7 @@ impl EngineQuery {
                 check_path(p).map_err(|e| format!("annotation {PATH_ANNOTATION}={p:?}: {e}"))?;
                 p.clone()
             }
-            (None, None) => self.engine().default_path().to_owned(),
+            (None, None) => self.engine.default_path().to_owned(),
         };
         Ok((SocketAddr::new(ip, port), path))
     }
@@ -222,7 +233,7 @@ impl EngineQuery {
 
 impl fmt::Display for EngineQuery {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.metric.as_str())?;
+        f.write_str(self.name)?;
         if let Some(m) = &self.engine_metric {
             write!(f, " {m}")?;
         }
@@ -244,6 +255,12 @@ mod tests {
     use std::collections::BTreeMap;
 
     use super::*;
+    // The table's own rows, so these tests read what the daemon reads.
+    use crate::figures::Metric;
+
+    fn figure(m: Metric) -> EngineFigure {
+        m.engine_figure().expect("an engine figure")
+    }
 
     fn pod(ip: Option<&str>, annotations: &[(&str, &str)]) -> Pod {
         Pod {
@@ -262,7 +279,7 @@ mod tests {
     #[test]
     fn endpoint_order_query_then_annotations_then_default() {
         let q = |port, path| {
-            EngineQuery::new(Metric::VllmQueueDepth, None, None, port, path).expect("query")
+            EngineQuery::new(figure(Metric::VllmQueueDepth), None, None, port, path).expect("query")
         };
         let plain = pod(Some("10.0.0.7"), &[]);
         let annotated = pod(
@@ -291,8 +308,8 @@ mod tests {
                 .expect_err("bad")
                 .contains("not a port")
         );
-        let generic =
-            EngineQuery::new(Metric::Engine, Some("my_queue"), None, None, None).expect("q");
+        let generic = EngineQuery::new(figure(Metric::Engine), Some("my_queue"), None, None, None)
+            .expect("q");
         assert!(
             generic
                 .endpoint(&plain)
@@ -363,7 +380,7 @@ mod tests {
             ),
         ];
         for (m, em, q, port, path, key) in cases {
-            let e = EngineQuery::new(m, em, q, port, path).expect_err(key);
+            let e = EngineQuery::new(figure(m), em, q, port, path).expect_err(key);
             assert_eq!(e.key, key, "{}", e.why);
         }
     }

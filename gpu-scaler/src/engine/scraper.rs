@@ -483,7 +483,7 @@ impl Scraper {
                         let label = if q.engine_metric.is_some() {
                             name.clone()
                         } else {
-                            q.metric.as_str().to_owned()
+                            q.name.to_owned()
                         };
                         (label, self.reading(e, q))
                     })

@@ -773,7 +773,7 @@ fn engine_query(metric: Metric, m: &Metadata<'_>) -> Result<Option<EngineQuery>>
         keys::ENGINE_METRIC,
         keys::ENGINE_QUANTILE,
     ];
-    if !metric.is_engine() {
+    let Some(figure) = metric.engine_figure() else {
         if let Some(key) = engine_only.into_iter().find(|k| m.get(k).is_some()) {
             return Err(m.error(
                 key,
@@ -784,13 +784,13 @@ fn engine_query(metric: Metric, m: &Metadata<'_>) -> Result<Option<EngineQuery>>
             ));
         }
         return Ok(None);
-    }
+    };
     let (mut port, mut path) = (None, None);
-    let url_key = match metric.figure().source {
-        crate::figures::Source::Engine(crate::engine::Engine::Vllm) => Some(keys::VLLM_ENDPOINT),
-        crate::figures::Source::Engine(
-            crate::engine::Engine::Triton | crate::engine::Engine::TrtLlm,
-        ) => Some(keys::TRITON_ENDPOINT),
+    let url_key = match figure.engine {
+        crate::engine::Engine::Vllm => Some(keys::VLLM_ENDPOINT),
+        crate::engine::Engine::Triton | crate::engine::Engine::TrtLlm => {
+            Some(keys::TRITON_ENDPOINT)
+        }
         _ => None,
     };
     if let Some(key) = url_key
@@ -816,7 +816,7 @@ fn engine_query(metric: Metric, m: &Metadata<'_>) -> Result<Option<EngineQuery>>
         |q| q > 0.0 && q < 1.0,
     )?;
     let engine_metric = m.get(keys::ENGINE_METRIC);
-    EngineQuery::new(metric, engine_metric, quantile, port, path.as_deref())
+    EngineQuery::new(figure, engine_metric, quantile, port, path.as_deref())
         .map(Some)
         .map_err(|e| {
             let key = known(e.key).unwrap_or(keys::ENGINE_METRIC);

@@ -128,7 +128,7 @@ impl LocalView {
         }
         w.pods = kept;
         if !unreadable.is_empty() {
-            tracing::debug!(metric = %query.metric, pods = ?unreadable, "engines not read");
+            tracing::debug!(metric = query.name, pods = ?unreadable, "engines not read");
             w.missing = admit(total, unreadable.len()).map_err(|e| {
                 Error::Unavailable(format!("{e}; not read: {}", unreadable.join("; ")))
             })?;
