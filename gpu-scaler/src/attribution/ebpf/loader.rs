@@ -81,21 +81,14 @@ pub(super) fn load(ring: RingBufferSize) -> Result<Loaded> {
         .load(probe)
         .map_err(|source| Error::Load { source })?;
     for (program, category, name) in PROGRAMS {
-        let program_err = |action| {
-            move |source| Error::Program {
-                action,
-                program,
-                source,
-            }
-        };
         let tp: &mut TracePoint = ebpf
             .program_mut(program)
             .ok_or_else(|| Error::ProbeObject(format!("no program {program}")))?
             .try_into()
-            .map_err(program_err("loading"))?;
-        tp.load().map_err(program_err("loading"))?;
+            .map_err(program_err("loading", program))?;
+        tp.load().map_err(program_err("loading", program))?;
         tp.attach(category, name)
-            .map_err(program_err("attaching"))?;
+            .map_err(program_err("attaching", program))?;
     }
     let ring = take_map(&mut ebpf, "EVENTS")?;
     let ring_buffer_bytes = max_entries("EVENTS", &ring)?;
@@ -130,6 +123,19 @@ fn take_map(ebpf: &mut Ebpf, name: &str) -> Result<Map> {
         .ok_or_else(|| Error::ProbeObject(format!("no {name} map")))
 }
 
+/// Keeps aya's error as the source: its Display has the verifier log, its
+/// type the cause (an operator's `{:#}` and a test's downcast both see it).
+fn program_err(
+    action: &'static str,
+    program: &'static str,
+) -> impl FnOnce(aya::programs::ProgramError) -> Error {
+    move |source| Error::Program {
+        action,
+        program,
+        source,
+    }
+}
+
 fn map_err(map: &'static str) -> impl FnOnce(aya::maps::MapError) -> Error {
     move |source| Error::Map { map, source }
 }
@@ -154,5 +160,49 @@ fn raise_memlock_limit() {
     // SAFETY: a valid rlimit struct.
     if unsafe { libc::setrlimit(libc::RLIMIT_MEMLOCK, &unlimited) } != 0 {
         tracing::debug!(error = %std::io::Error::last_os_error(), "could not raise RLIMIT_MEMLOCK");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::error::Error as _;
+
+    use aya::{maps::MapError, programs::ProgramError};
+
+    use super::*;
+
+    #[test]
+    fn a_program_error_names_the_step_and_keeps_ayas_error_as_its_source() {
+        let e = program_err("attaching", "sched_process_fork")(ProgramError::AlreadyAttached);
+        assert_eq!(
+            e.to_string(),
+            "eBPF attribution is not available: attaching sched_process_fork: \
+             the program was already attached"
+        );
+        let source = e
+            .source()
+            .and_then(|s| s.downcast_ref::<ProgramError>())
+            .expect("aya's ProgramError is the source");
+        assert!(
+            matches!(source, ProgramError::AlreadyAttached),
+            "{source:?}"
+        );
+    }
+
+    #[test]
+    fn a_map_error_names_the_map_and_keeps_ayas_error_as_its_source() {
+        let e = map_err("PID_CGROUP")(MapError::InvalidMapType { map_type: 99 });
+        assert_eq!(
+            e.to_string(),
+            "eBPF attribution is not available: map PID_CGROUP: invalid map type 99"
+        );
+        let source = e
+            .source()
+            .and_then(|s| s.downcast_ref::<MapError>())
+            .expect("aya's MapError is the source");
+        assert!(
+            matches!(source, MapError::InvalidMapType { map_type: 99 }),
+            "{source:?}"
+        );
     }
 }
