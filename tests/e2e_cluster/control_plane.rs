@@ -35,6 +35,8 @@ pub const MANAGER: &str = "gpu-scaler-e2e";
 const UP_WITHIN: Duration = Duration::from_secs(120);
 /// The Service that fronts KEDA's metrics server (KEDA's own name for it).
 const KEDA_NS: &str = "keda";
+/// The KEDA operator's /etc/hosts before any Service name is added.
+const HOSTS: &str = "127.0.0.1 localhost\n::1 localhost ip6-localhost\n";
 const METRICS_SERVICE: &str = "keda-metrics-apiserver";
 /// Where KEDA's metrics server listens inside its namespace.
 const METRICS_PORT: u16 = 6443;
@@ -130,6 +132,8 @@ pub struct ControlPlane {
     pub dir: PathBuf,
     pub logs: PathBuf,
     pub admin: Client,
+    /// The KEDA operator's /etc/hosts (see [`ControlPlane::set_service_addresses`]).
+    hosts: PathBuf,
     /// KEDA operator's metrics-service (gRPC) address, for its metrics server.
     keda_grpc: SocketAddr,
     keda_netns: Netns,
@@ -279,6 +283,7 @@ impl ControlPlane {
             server,
             admin_kubeconfig,
             dir: dir.to_owned(),
+            hosts: dir.join("keda-operator.hosts"),
             logs,
             admin,
             keda_grpc: SocketAddr::new(IpAddr::V4(host), free_port(IpAddr::V4(host))),
@@ -363,6 +368,19 @@ impl ControlPlane {
         }
     }
 
+    /// Makes `name` resolve to `addresses` for the KEDA operator, as cluster DNS
+    /// resolves a Service's name (there is no kube-proxy, so no virtual IP: the
+    /// endpoints themselves, in order; gRPC's pick_first takes the first that
+    /// answers). The file is rewritten in place, so the bind mount sees it, and
+    /// Go's resolver re-reads it when its modification time changes.
+    pub fn set_service_addresses(&self, name: &str, addresses: &[std::net::Ipv4Addr]) {
+        let mut text = HOSTS.to_owned();
+        for a in addresses {
+            text.push_str(&format!("{a} {name}\n"));
+        }
+        std::fs::write(&self.hosts, text).expect("write KEDA's hosts file");
+    }
+
     /// KEDA: its CRDs, the operator on the host, its metrics server in its own
     /// network namespace behind the `v1beta1.external.metrics.k8s.io`
     /// APIService, and waits until the aggregation layer reports it Available.
@@ -385,7 +403,11 @@ impl ControlPlane {
         ];
         let host = IpAddr::V4(self.net.host_ip());
         let certs = self.pki.keda_dir.display().to_string();
-        self.keda_operator = Some(Proc::spawn(
+        // KEDA dials a trigger's scalerAddress by the name gpu-scaler's
+        // certificate carries (a Service's); there is no cluster DNS, so the
+        // operator gets an /etc/hosts of its own (set_service_addresses).
+        std::fs::write(&self.hosts, HOSTS).expect("write KEDA's hosts file");
+        self.keda_operator = Some(Proc::spawn_with_hosts(
             "keda-operator",
             &inputs.bin("keda-operator"),
             [
@@ -398,7 +420,7 @@ impl ControlPlane {
                 "--zap-log-level=info".into(),
             ],
             &env,
-            None,
+            &self.hosts,
             &self.logs,
         ));
         let kubeconfig = self.admin_kubeconfig.display().to_string();

@@ -15,7 +15,12 @@
 //!   finishes the deletion;
 //! - writes each node's mock GPU scenario: a workload's demand (set by the test, in
 //!   SM %) shared out over its running pods' first processes, as requests spread
-//!   over replicas.
+//!   over replicas; or, while the test says the GPUs are lost, a GPU whose every
+//!   NVML call answers GPU_IS_LOST (a GPU fallen off the bus);
+//! - serves each running pod's vLLM engine on its pod IP (an address of the test's
+//!   bridge, so the daemons reach it from their nodes' namespaces, as a pod network
+//!   routes to pod IPs): `vllm:num_requests_waiting` is the workload's queue (set by
+//!   the test) shared out over its running pods, as requests queue up on replicas.
 
 use std::{
     collections::{BTreeMap, HashMap},
@@ -28,6 +33,7 @@ use std::{
 
 use gpu_scaler_tests::{
     cgroup::{self, TestTree},
+    engine::{FakeEngine, vllm_exposition},
     kube_api::container_id_of,
     pod::systemd_containerd,
     process,
@@ -49,18 +55,32 @@ pub struct Node {
     pub scenario: PathBuf,
 }
 
+/// Where every pod's engine serves its metrics (the ScaledObjects' `metricsPort`).
+pub const ENGINE_PORT: u16 = 8000;
+/// GPUs per node. A pod's process runs on the node's least busy one (a device
+/// plugin would give it one GPU of its own while they last, time-slicing after),
+/// so per-process SM never adds up past 100 on one GPU while each pod has its own.
+pub const GPUS_PER_NODE: usize = 4;
+
 /// A pod this kubelet runs.
 struct LocalPod {
     namespace: String,
     app: Option<String>,
     node: usize,
+    /// The GPU of its node its processes run on.
+    gpu: usize,
     processes: Vec<Child>,
     /// The pod's cgroup directory (containers below it).
     dir: Option<PathBuf>,
+    /// Its vLLM engine's /metrics on the pod IP.
+    engine: Option<FakeEngine>,
 }
 
 impl LocalPod {
     fn stop(mut self) {
+        if let Some(e) = &mut self.engine {
+            e.stop();
+        }
         for p in &mut self.processes {
             let _ = p.kill();
             let _ = p.wait();
@@ -75,11 +95,17 @@ impl LocalPod {
 struct State {
     /// (namespace, `app` label) -> the workload's total GPU demand, SM %.
     demand: HashMap<(String, String), u32>,
+    /// (namespace, `app` label) -> the requests waiting in the workload's engines.
+    queue: HashMap<(String, String), u32>,
+    /// Pod IPs handed out so far, per node: each pod gets a new one.
+    ips: Vec<u32>,
     pods: BTreeMap<String, LocalPod>,
     /// What went wrong in the loop, reported by [`Kubelet::check`].
     errors: Vec<String>,
     /// Scenario text last written per node.
     written: Vec<String>,
+    /// Every node's GPU answers GPU_IS_LOST.
+    gpus_lost: bool,
 }
 
 pub struct Kubelet {
@@ -88,20 +114,22 @@ pub struct Kubelet {
 }
 
 impl Kubelet {
-    /// Starts the loop on the current runtime; `nodes` exist already.
-    pub fn start(client: Client, nodes: Vec<Node>, tree: TestTree) -> Self {
+    /// Starts the loop on the current runtime; `nodes` exist already. Pod IPs are
+    /// added to `bridge` (the test's, in the host's namespace).
+    pub fn start(client: Client, nodes: Vec<Node>, tree: TestTree, bridge: String) -> Self {
         let state = Arc::new(Mutex::new(State {
             written: vec![String::new(); nodes.len()],
+            ips: vec![0; nodes.len()],
             ..State::default()
         }));
         for n in &nodes {
-            write_atomically(&n.scenario, &scenario(&[]));
+            write_atomically(&n.scenario, &scenario(&[], false));
         }
         let s = state.clone();
         let task = tokio::spawn(async move {
             let tree = tree;
             loop {
-                if let Err(e) = sync(&client, &nodes, &tree, &s).await {
+                if let Err(e) = sync(&client, &nodes, &tree, &bridge, &s).await {
                     s.lock().expect("kubelet state").errors.push(e);
                 }
                 tokio::time::sleep(Duration::from_millis(300)).await;
@@ -117,6 +145,21 @@ impl Kubelet {
             .expect("kubelet state")
             .demand
             .insert((namespace.into(), app.into()), sm);
+    }
+
+    /// Sets the requests waiting in workload `namespace`/`app`'s engines.
+    pub fn set_queue(&self, namespace: &str, app: &str, waiting: u32) {
+        self.state
+            .lock()
+            .expect("kubelet state")
+            .queue
+            .insert((namespace.into(), app.into()), waiting);
+    }
+
+    /// Makes every node's GPU lost (each NVML call answers GPU_IS_LOST), or
+    /// brings them back; the daemons keep running and see it on their next poll.
+    pub fn set_gpus_lost(&self, lost: bool) {
+        self.state.lock().expect("kubelet state").gpus_lost = lost;
     }
 
     /// Running pods of `namespace` with `app=<app>`.
@@ -192,6 +235,7 @@ async fn sync(
     client: &Client,
     nodes: &[Node],
     tree: &TestTree,
+    bridge: &str,
     state: &Mutex<State>,
 ) -> Result<(), String> {
     let all: Api<Pod> = Api::all(client.clone());
@@ -200,6 +244,20 @@ async fn sync(
         .await
         .map_err(|e| format!("list pods: {e}"))?;
     let mut seen = Vec::new();
+    // Pods bound to each node, counting those bound this round (not yet
+    // started): a scale-up's new pods spread as the scheduler's spreading does.
+    let mut bound: Vec<usize> = nodes
+        .iter()
+        .map(|n| {
+            pods.items
+                .iter()
+                .filter(|p| {
+                    p.spec.as_ref().and_then(|s| s.node_name.as_deref()) == Some(n.name.as_str())
+                        && !daemonset_owned(p)
+                })
+                .count()
+        })
+        .collect();
     for pod in &pods.items {
         let (Some(uid), Some(ns), Some(name)) = (
             pod.metadata.uid.clone(),
@@ -231,9 +289,8 @@ async fn sync(
             let target = match affinity_node(pod) {
                 Some(n) => n,
                 None => {
-                    let s = state.lock().expect("kubelet state");
-                    let busy = |i: usize| s.pods.values().filter(|p| p.node == i).count();
-                    let i = (0..nodes.len()).min_by_key(|&i| busy(i)).expect("nodes");
+                    let i = (0..nodes.len()).min_by_key(|&i| bound[i]).expect("nodes");
+                    bound[i] += 1;
                     nodes[i].name.clone()
                 }
             };
@@ -268,8 +325,19 @@ async fn sync(
             namespace: ns.clone(),
             app,
             node,
+            gpu: {
+                let s = state.lock().expect("kubelet state");
+                let busy = |g: usize| {
+                    s.pods
+                        .values()
+                        .filter(|p| p.node == node && p.gpu == g && !p.processes.is_empty())
+                        .count()
+                };
+                (0..GPUS_PER_NODE).min_by_key(|&g| busy(g)).expect("GPUs")
+            },
             processes: Vec::new(),
             dir: None,
+            engine: None,
         };
         let mut statuses = Vec::new();
         let ds = daemonset_owned(pod);
@@ -298,8 +366,19 @@ async fn sync(
         let pod_ip = if ds {
             nodes[node].ip.to_string()
         } else {
-            let k = state.lock().expect("kubelet state").pods.len() % 250 + 2;
-            format!("10.214.{}.{k}", node + 1)
+            let k = {
+                let mut s = state.lock().expect("kubelet state");
+                s.ips[node] += 1;
+                s.ips[node]
+            };
+            // Never reused while the test runs (a few dozen pods): a new pod
+            // never answers at a gone one's address.
+            let ip = Ipv4Addr::new(10, 214, node as u8 + 1, (k % 250 + 1) as u8);
+            if let Err(e) = serve_engine(&mut local, ip, bridge) {
+                local.stop();
+                return Err(format!("{ns}/{name}: {e}"));
+            }
+            ip.to_string()
         };
         let host_ip = nodes[node].ip.to_string();
         let conditions: Vec<Value> = [
@@ -342,10 +421,53 @@ async fn sync(
     Ok(())
 }
 
+/// Gives `pod` the address `ip` (on the test's bridge) and an engine serving
+/// there, idle until [`write_scenarios`] sets its queue.
+fn serve_engine(pod: &mut LocalPod, ip: Ipv4Addr, bridge: &str) -> Result<(), String> {
+    let out = Command::new("ip")
+        .args(["addr", "add", &format!("{ip}/32"), "dev", bridge])
+        .output()
+        .map_err(|e| format!("ip addr add {ip}: {e}"))?;
+    if !out.status.success() {
+        return Err(format!(
+            "ip addr add {ip}: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        ));
+    }
+    let addr = std::net::SocketAddr::from((ip, ENGINE_PORT));
+    pod.engine = Some(FakeEngine::start(addr, &vllm_exposition(&[(0, 0, 0.0)])));
+    Ok(())
+}
+
+/// Shares `total` over `n` parts: equal, the remainder to the first ones.
+fn share(total: u32, n: u32, i: u32) -> u32 {
+    total / n + u32::from(i < total % n)
+}
+
 /// Shares each workload's demand over its running pods (equal parts, the
-/// remainder to the first by UID) and writes every node's scenario that changed.
+/// remainder to the first by UID) and writes every node's scenario that changed;
+/// shares each workload's queue the same way over its pods' engines.
 fn write_scenarios(nodes: &[Node], s: &mut State) {
-    let mut loads: Vec<Vec<(u32, u32)>> = vec![Vec::new(); nodes.len()];
+    let running = |s: &State, ns: &str, app: &str| -> Vec<String> {
+        s.pods
+            .iter()
+            .filter(|(_, p)| {
+                p.namespace == ns && p.app.as_deref() == Some(app) && !p.processes.is_empty()
+            })
+            .map(|(uid, _)| uid.clone())
+            .collect()
+    };
+    for ((ns, app), &waiting) in &s.queue {
+        let pods = running(s, ns, app);
+        let n = pods.len() as u32;
+        for (i, uid) in pods.iter().enumerate() {
+            if let Some(e) = &s.pods[uid].engine {
+                // One data-parallel engine per pod, 4 running, KV cache at 40 %.
+                e.set(&vllm_exposition(&[(share(waiting, n, i as u32), 4, 0.4)]));
+            }
+        }
+    }
+    let mut loads: Vec<Vec<Load>> = vec![Vec::new(); nodes.len()];
     for ((ns, app), &demand) in &s.demand {
         let pods: Vec<&LocalPod> = s
             .pods
@@ -361,12 +483,15 @@ fn write_scenarios(nodes: &[Node], s: &mut State) {
             continue;
         }
         for (i, p) in pods.iter().enumerate() {
-            let share = demand / n + u32::from((i as u32) < demand % n);
-            loads[p.node].push((p.processes[0].id(), share));
+            loads[p.node].push(Load {
+                gpu: p.gpu,
+                pid: p.processes[0].id(),
+                sm: share(demand, n, i as u32),
+            });
         }
     }
     for (i, node) in nodes.iter().enumerate() {
-        let text = scenario(&loads[i]);
+        let text = scenario(&loads[i], s.gpus_lost);
         if s.written[i] != text {
             write_atomically(&node.scenario, &text);
             s.written[i] = text;
@@ -374,20 +499,38 @@ fn write_scenarios(nodes: &[Node], s: &mut State) {
     }
 }
 
-/// One GPU running `loads` (pid, SM %); a share over 100 is the scenario's to
-/// clamp, as NVML's samples can be.
-fn scenario(loads: &[(u32, u32)]) -> String {
-    let busy: u32 = loads.iter().map(|l| l.1).sum();
-    let mut s = format!(
-        "[[gpu]]\nname = \"Fake H100\"\nmemory_total_mib = 81920\nutilization = {}\n\
-         memory_utilization = 10\ntemperature_c = 60\npower_w = 300.0\npower_limit_w = 700.0\n",
-        busy.min(100)
-    );
-    for (pid, sm) in loads {
+/// One process's GPU use in a node's scenario.
+#[derive(Clone, Copy)]
+struct Load {
+    gpu: usize,
+    pid: u32,
+    /// SM %; a share over 100 is the scenario's to clamp, as NVML's samples can be.
+    sm: u32,
+}
+
+/// A node's [`GPUS_PER_NODE`] GPUs running `loads`. `lost`: every NVML call
+/// about them fails.
+fn scenario(loads: &[Load], lost: bool) -> String {
+    let mut s = String::new();
+    for gpu in 0..GPUS_PER_NODE {
+        let here: Vec<&Load> = loads.iter().filter(|l| l.gpu == gpu).collect();
+        let busy: u32 = here.iter().map(|l| l.sm.min(100)).sum();
         s.push_str(&format!(
-            "\n[[gpu.process]]\npid = {pid}\nsm_util = {}\nmem_util = 5\nused_memory_mib = 1024\n",
-            (*sm).min(100)
+            "[[gpu]]\nname = \"Fake H100\"\nmemory_total_mib = 81920\nutilization = {}\n\
+             memory_utilization = 10\ntemperature_c = 60\npower_w = 300.0\npower_limit_w = 700.0\n",
+            busy.min(100)
         ));
+        if lost {
+            s.push_str("\n[gpu.errors]\nall = \"GPU_IS_LOST\"\n");
+        }
+        for l in here {
+            s.push_str(&format!(
+                "\n[[gpu.process]]\npid = {}\nsm_util = {}\nmem_util = 5\nused_memory_mib = 1024\n",
+                l.pid,
+                l.sm.min(100)
+            ));
+        }
+        s.push('\n');
     }
     s
 }

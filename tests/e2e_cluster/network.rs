@@ -69,6 +69,11 @@ impl Network {
         Ok(net)
     }
 
+    /// The bridge's name (pod IPs are added to it).
+    pub fn bridge(&self) -> &str {
+        &self.bridge
+    }
+
     /// The host's address on the bridge: where the API server and KEDA's operator
     /// listen.
     pub fn host_ip(&self) -> Ipv4Addr {

@@ -3,10 +3,10 @@
 //! when the test fails.
 
 use std::{
-    ffi::OsStr,
+    ffi::{CString, OsStr},
     fs::File,
     io::Read as _,
-    os::unix::process::CommandExt as _,
+    os::unix::{ffi::OsStrExt as _, process::CommandExt as _},
     path::{Path, PathBuf},
     process::{Child, Command, Stdio},
 };
@@ -30,6 +30,33 @@ impl Proc {
         netns: Option<&Netns>,
         logs: &Path,
     ) -> Self {
+        Self::start(name, program, args, env, netns, None, logs)
+    }
+
+    /// [`Proc::spawn`] on the host's network, with `hosts` as its /etc/hosts: a
+    /// mount namespace of its own (private propagation, so nothing leaks to the
+    /// host's) where `hosts` is bind-mounted over /etc/hosts. What cluster DNS
+    /// would answer for a Service name, without touching the machine's file.
+    pub fn spawn_with_hosts<S: AsRef<OsStr>>(
+        name: &str,
+        program: &Path,
+        args: impl IntoIterator<Item = S>,
+        env: &[(&str, String)],
+        hosts: &Path,
+        logs: &Path,
+    ) -> Self {
+        Self::start(name, program, args, env, None, Some(hosts), logs)
+    }
+
+    fn start<S: AsRef<OsStr>>(
+        name: &str,
+        program: &Path,
+        args: impl IntoIterator<Item = S>,
+        env: &[(&str, String)],
+        netns: Option<&Netns>,
+        hosts: Option<&Path>,
+        logs: &Path,
+    ) -> Self {
         let log = logs.join(format!("{name}.log"));
         let out = std::fs::OpenOptions::new()
             .create(true)
@@ -44,6 +71,36 @@ impl Proc {
         }
         if let Some(ns) = netns {
             ns.enter(&mut cmd);
+        }
+        if let Some(hosts) = hosts {
+            let source = CString::new(hosts.as_os_str().as_bytes()).expect("a path without NUL");
+            // SAFETY: unshare and mount are plain syscalls, async-signal-safe; the
+            // strings are made before the fork and live in the closure.
+            unsafe {
+                cmd.pre_exec(move || {
+                    let root = c"/";
+                    let target = c"/etc/hosts";
+                    if libc::unshare(libc::CLONE_NEWNS) != 0
+                        || libc::mount(
+                            std::ptr::null(),
+                            root.as_ptr(),
+                            std::ptr::null(),
+                            libc::MS_REC | libc::MS_PRIVATE,
+                            std::ptr::null(),
+                        ) != 0
+                        || libc::mount(
+                            source.as_ptr(),
+                            target.as_ptr(),
+                            std::ptr::null(),
+                            libc::MS_BIND,
+                            std::ptr::null(),
+                        ) != 0
+                    {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                    Ok(())
+                });
+            }
         }
         // SAFETY: prctl is async-signal-safe. A test killed without unwinding
         // takes its control plane with it.

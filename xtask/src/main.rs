@@ -47,12 +47,15 @@ enum Task {
         /// Skip the fuzz run.
         #[arg(long)]
         no_fuzz: bool,
+        /// Skip `cargo xtask e2e` (the real control plane; needs Go and root).
+        #[arg(long)]
+        no_e2e: bool,
         /// Extra arguments for `cargo test`.
         #[arg(trailing_var_arg = true)]
         args: Vec<String>,
     },
     /// gpu-scaler under the real control plane: build etcd, Kubernetes and KEDA from
-    /// their Go modules (cached under target/e2e/), start them as processes and run
+    /// their Go modules (binaries in target/e2e/), start them as processes and run
     /// the scenarios of tests/e2e_cluster/ (root; see docs/e2e.md).
     E2e(e2e::Args),
     /// Fuzz the cgroup path parser (cargo-fuzz, nightly) for a while.
@@ -161,6 +164,10 @@ fn main() -> Result<()> {
     match args.task {
         Task::Setup => toolchain::ensure(),
         Task::Run(args) => {
+            if args.kubernetes {
+                toolchain::ensure()?;
+                return e2e::demo(&args);
+            }
             if let Some(binary) = args.binary.clone() {
                 return demo::run(&binary, args);
             }
@@ -253,6 +260,7 @@ fn main() -> Result<()> {
         Task::Test {
             no_lint,
             no_fuzz,
+            no_e2e,
             args,
         } => {
             toolchain::ensure()?;
@@ -280,6 +288,9 @@ fn main() -> Result<()> {
             cargo(&test)?;
             if !no_fuzz {
                 fuzz::run(30)?;
+            }
+            if !no_e2e {
+                e2e::run_in_test()?;
             }
             Ok(())
         }

@@ -63,7 +63,7 @@ impl Signal {
         }
     }
 
-    fn name(self) -> &'static str {
+    pub fn name(self) -> &'static str {
         match self {
             Signal::Gpu => "gpu",
             Signal::Engine => "engine",
@@ -113,6 +113,14 @@ pub struct RunArgs {
     /// check and the build).
     #[arg(long)]
     pub binary: Option<PathBuf>,
+    /// Run the demo on the real control plane instead (root): etcd,
+    /// kube-apiserver, kube-controller-manager and KEDA built from their Go
+    /// modules as `cargo xtask e2e` builds them, three nodes, a Deployment and a
+    /// ScaledObject scaled by the real HPA (docs/e2e.md). Takes --duration,
+    /// --json, --signal, --demand, --scale-down-window, --min-replicas and
+    /// --max-replicas.
+    #[arg(long)]
+    pub kubernetes: bool,
     /// Runs beside other demos: instance N keeps its files in target/demo-N, its
     /// cgroups in gpu-scaler-demo-N and its pod IPs in 127.(10+N).0.0/16 (the
     /// closed-loop test runs two at once).
@@ -156,7 +164,7 @@ pub fn run(binary: &Path, args: RunArgs) -> Result<()> {
         bail!("{} does not exist", binary.display());
     }
 
-    let root = is_root();
+    let root = crate::toolchain::is_root();
     if args.instance > 100 {
         bail!("--instance must be at most 100");
     }
@@ -417,11 +425,6 @@ fn cgroup_base(root: bool, name: &str) -> Result<Option<PathBuf>> {
         }
         Err(e) => Err(e).with_context(|| format!("creating {}", candidate.display())),
     }
-}
-
-fn is_root() -> bool {
-    // SAFETY: geteuid has no preconditions.
-    unsafe { libc::geteuid() == 0 }
 }
 
 /// The sum of one per-GPU figure of a pod in the daemon's /v1/snapshot.

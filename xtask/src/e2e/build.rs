@@ -3,10 +3,12 @@
 //! Each component has its own Go module under `xtask/e2e/<component>/` (their
 //! dependency graphs conflict: KEDA v2.21 wants k8s.io/* v0.36, Kubernetes v1.35 its
 //! own v0.35 staging modules), pinned by its go.mod and go.sum and built with
-//! `-mod=readonly`, so nothing but those exact versions is fetched. The Go module and
-//! build caches live under `target/e2e/go/`, the binaries under
-//! `target/e2e/<component>/`; a component is rebuilt only when its go.mod or go.sum
-//! changed since its last successful build (a stamp holds both).
+//! `-mod=readonly`, so nothing but those exact versions is fetched. The binaries go
+//! to `target/e2e/bin/`; a component is rebuilt only when its go.mod or go.sum
+//! changed since its last successful build (a stamp holds both). The Go module and
+//! build caches are Go's own (`go env GOMODCACHE GOCACHE`, under the user's home),
+//! as cargo's registry is: a fresh clone (CI's) relinks from them in a few minutes
+//! instead of compiling ~20 CPU-minutes of Go again (docs/e2e.md has the figures).
 
 use std::{
     fs,
@@ -85,14 +87,22 @@ pub struct Parts {
     pub keda_crds: PathBuf,
 }
 
+/// Whether every component's binaries are in target/e2e/bin/ (possibly stale:
+/// [`ensure`] checks the stamps).
+pub fn built() -> bool {
+    let bin = Path::new("target/e2e/bin");
+    COMPONENTS
+        .iter()
+        .all(|c| c.binaries.iter().all(|(_, b)| bin.join(b).is_file()))
+}
+
 /// Builds what is missing or stale and returns where everything is.
 pub fn ensure(target: &Path) -> Result<Parts> {
     let go = find_go()?;
     let bin = target.join("e2e/bin");
     fs::create_dir_all(&bin)?;
     let bin = bin.canonicalize()?;
-    let root = bin.parent().expect("e2e/bin has a parent").to_owned();
-    let env = GoEnv::new(&go, &root)?;
+    let env = GoEnv::new(&go);
     for c in COMPONENTS {
         build(&env, c, &bin)?;
     }
@@ -150,32 +160,23 @@ fn find_go() -> Result<PathBuf> {
     bail!("no Go toolchain found. {HOW}")
 }
 
-/// The environment every `go` command runs in: caches under target/, no toolchain
-/// download, read-only go.mod.
+/// The environment every `go` command runs in: no toolchain download, read-only
+/// go.mod, Go's own caches.
 struct GoEnv {
     go: PathBuf,
     vars: Vec<(&'static str, String)>,
 }
 
 impl GoEnv {
-    fn new(go: &Path, root: &Path) -> Result<Self> {
-        let cache = root.join("go");
-        fs::create_dir_all(&cache)?;
-        let cache = cache.canonicalize()?;
-        Ok(Self {
+    fn new(go: &Path) -> Self {
+        Self {
             go: go.to_owned(),
             vars: vec![
-                ("GOMODCACHE", cache.join("mod").display().to_string()),
-                ("GOCACHE", cache.join("build").display().to_string()),
                 // The machine's own Go; a toolchain line never triggers a download.
                 ("GOTOOLCHAIN", "local".into()),
-                // -modcacherw: `cargo clean` can remove the module cache.
-                (
-                    "GOFLAGS",
-                    "-mod=readonly -modcacherw -trimpath -buildvcs=false".into(),
-                ),
+                ("GOFLAGS", "-mod=readonly -trimpath -buildvcs=false".into()),
             ],
-        })
+        }
     }
 
     fn command(&self, component: &str) -> Command {
