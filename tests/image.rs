@@ -11,20 +11,29 @@
 //!   say why NVML is missing);
 //! - the eBPF probe is embedded (unless built with `GPU_SCALER_NO_EBPF=1`);
 //! - the image runs as a non-root numeric user and its entrypoint is the
-//!   binary the build stage produced.
+//!   binary the build stage produced;
+//! - it builds for linux/amd64 and linux/arm64 by cross-compiling in a builder
+//!   of the build machine's platform.
+//!
+//! The binary is the workspace's, or the one `GPU_SCALER_IMAGE_BINARY` names
+//! with `GPU_SCALER_IMAGE_ARCH` its architecture: `cargo xtask test` runs these
+//! tests again on the aarch64 binary it cross-builds (issue 17).
 
-use std::{collections::BTreeSet, path::Path};
+use std::{
+    collections::BTreeSet,
+    path::{Path, PathBuf},
+};
 
 use gpu_scaler_tests::workspace_bin;
 use object::{
-    elf::{DT_NEEDED, EM_BPF, FileHeader64},
+    elf::{DT_NEEDED, EM_AARCH64, EM_BPF, EM_X86_64, FileHeader64},
     read::elf::FileHeader as _,
 };
 
-/// What distroless/cc-debian12 provides: Debian 12's libc6 (glibc and its split
-/// libraries) and libgcc-s1.
+/// What distroless/cc-debian12 provides on every platform: Debian 12's libc6
+/// (glibc and its split libraries) and libgcc-s1; its dynamic loader is per
+/// architecture ([`Arch::loader`]).
 const RUNTIME_LIBS: &[&str] = &[
-    "ld-linux-x86-64.so.2",
     "libc.so.6",
     "libdl.so.2",
     "libgcc_s.so.1",
@@ -37,6 +46,63 @@ const RUNTIME_LIBS: &[&str] = &[
 fn dockerfile() -> String {
     let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/Dockerfile");
     std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("read {}: {e}", path.display()))
+}
+
+/// An architecture the image is built for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Arch {
+    X86_64,
+    Aarch64,
+}
+
+impl Arch {
+    fn from_name(name: &str) -> Self {
+        match name {
+            "x86_64" => Self::X86_64,
+            "aarch64" => Self::Aarch64,
+            other => panic!("GPU_SCALER_IMAGE_ARCH={other:?}: x86_64 or aarch64"),
+        }
+    }
+
+    /// Its ELF `e_machine`.
+    fn machine(self) -> u16 {
+        match self {
+            Self::X86_64 => EM_X86_64,
+            Self::Aarch64 => EM_AARCH64,
+        }
+    }
+
+    /// glibc's dynamic loader there, in distroless/cc-debian12 for that platform.
+    fn loader(self) -> &'static str {
+        match self {
+            Self::X86_64 => "ld-linux-x86-64.so.2",
+            Self::Aarch64 => "ld-linux-aarch64.so.1",
+        }
+    }
+}
+
+/// The binary to check and the architecture it must be for: the one
+/// `GPU_SCALER_IMAGE_BINARY` names (`GPU_SCALER_IMAGE_ARCH` required with it),
+/// else the workspace's, for this machine.
+fn binary() -> (PathBuf, Arch) {
+    match std::env::var_os("GPU_SCALER_IMAGE_BINARY") {
+        Some(path) => {
+            let arch = std::env::var("GPU_SCALER_IMAGE_ARCH")
+                .expect("GPU_SCALER_IMAGE_ARCH names GPU_SCALER_IMAGE_BINARY's architecture");
+            (PathBuf::from(path), Arch::from_name(&arch))
+        }
+        None => (
+            workspace_bin("gpu-scaler"),
+            Arch::from_name(std::env::consts::ARCH),
+        ),
+    }
+}
+
+/// The ELF `e_machine` of `binary`.
+fn machine(binary: &[u8]) -> u16 {
+    let elf = FileHeader64::<object::Endianness>::parse(binary).expect("the binary is ELF64");
+    let endian = elf.endian().expect("ELF endianness");
+    elf.e_machine.get(endian)
 }
 
 /// The shared libraries `binary` names as DT_NEEDED.
@@ -71,8 +137,14 @@ fn embeds_bpf_object(binary: &[u8]) -> bool {
 
 #[test]
 fn the_binary_needs_only_what_the_runtime_image_has() {
-    let bin = workspace_bin("gpu-scaler");
+    let (bin, arch) = binary();
     let data = std::fs::read(&bin).expect("read the gpu-scaler binary");
+    assert_eq!(
+        machine(&data),
+        arch.machine(),
+        "{} must be an {arch:?} binary (ELF e_machine)",
+        bin.display()
+    );
     let needed = needed(&data);
     assert!(
         needed.contains("libc.so.6"),
@@ -80,11 +152,11 @@ fn the_binary_needs_only_what_the_runtime_image_has() {
     );
     let missing: Vec<_> = needed
         .iter()
-        .filter(|l| !RUNTIME_LIBS.contains(&l.as_str()))
+        .filter(|l| !RUNTIME_LIBS.contains(&l.as_str()) && *l != arch.loader())
         .collect();
     assert!(
         missing.is_empty(),
-        "{} needs {missing:?}, which distroless/cc-debian12 does not carry",
+        "{} needs {missing:?}, which distroless/cc-debian12 for {arch:?} does not carry",
         bin.display()
     );
     assert!(
@@ -121,7 +193,10 @@ fn the_dockerfile_ships_that_binary_on_glibc_as_non_root() {
         .iter()
         .filter_map(|l| l.strip_prefix("FROM "))
         .map(|f| {
-            let image = f.split_whitespace().next().expect("FROM image");
+            let image = f
+                .split_whitespace()
+                .find(|w| !w.starts_with("--"))
+                .expect("FROM image");
             match image.strip_prefix("${").and_then(|i| i.strip_suffix('}')) {
                 Some(arg) => args
                     .get(arg)
@@ -152,9 +227,37 @@ fn the_dockerfile_ships_that_binary_on_glibc_as_non_root() {
         .iter()
         .rposition(|l| l.starts_with("FROM "))
         .expect("FROM")..];
+    // One builder, on the build machine's platform, cross-compiling for each
+    // target platform: nothing emulated. `cargo xtask build --target` runs
+    // `cargo build --release --locked --package gpu-scaler --target ...`.
+    let builder = lines
+        .iter()
+        .find(|l| l.starts_with("FROM "))
+        .expect("a builder stage");
     assert!(
-        d.contains("cargo build --release --locked --package gpu-scaler"),
-        "the build stage builds the daemon from the lock file"
+        builder.contains("--platform=$BUILDPLATFORM"),
+        "the builder runs on the build machine's platform: {builder}"
+    );
+    assert!(
+        lines.contains(&"ARG TARGETARCH"),
+        "the builder reads the platform it builds for"
+    );
+    for (arch, triple) in [
+        ("amd64", "x86_64-unknown-linux-gnu"),
+        ("arm64", "aarch64-unknown-linux-gnu"),
+    ] {
+        assert!(
+            d.contains(&format!("{arch}) triple={triple}")),
+            "TARGETARCH {arch} builds {triple}"
+        );
+    }
+    assert!(
+        d.contains("cargo xtask build --target \"${triple}\""),
+        "the build stage builds the daemon for the target, from the lock file"
+    );
+    assert!(
+        !final_stage.iter().any(|l| l.starts_with("RUN ")),
+        "the runtime stage runs nothing at build time (it would need emulation)"
     );
     let copied = final_stage
         .iter()

@@ -6,6 +6,7 @@ mod bench_daemon;
 mod bench_gpu;
 mod bench_scaler;
 mod chart;
+mod cross;
 mod demo;
 mod deny;
 mod device_check;
@@ -39,6 +40,14 @@ enum Task {
         #[command(subcommand)]
         what: Bench,
     },
+    /// Build the daemon (release, its eBPF probe embedded) for a Linux target,
+    /// installing the cross toolchain it lacks.
+    Build {
+        /// x86_64-unknown-linux-gnu or aarch64-unknown-linux-gnu (default: this
+        /// machine's).
+        #[arg(long)]
+        target: Option<String>,
+    },
     /// Set up, then check formatting and lints and run every test.
     Test {
         /// Skip `cargo fmt --check` and clippy.
@@ -50,6 +59,9 @@ enum Task {
         /// Skip `cargo xtask e2e` (the real control plane; needs Go and root).
         #[arg(long)]
         no_e2e: bool,
+        /// Skip the aarch64 build and its unit tests under qemu-user.
+        #[arg(long)]
+        no_cross: bool,
         /// Extra arguments for `cargo test`.
         #[arg(trailing_var_arg = true)]
         args: Vec<String>,
@@ -257,10 +269,22 @@ fn main() -> Result<()> {
             toolchain::ensure()?;
             e2e::run(&args)
         }
+        Task::Build { target } => {
+            let target = match target {
+                Some(t) => cross::Target::parse(&t)?,
+                None => cross::TARGETS
+                    .iter()
+                    .copied()
+                    .find(|t| t.triple.starts_with(std::env::consts::ARCH))
+                    .context("this machine's architecture is not a target")?,
+            };
+            cross::build(target).map(drop)
+        }
         Task::Test {
             no_lint,
             no_fuzz,
             no_e2e,
+            no_cross,
             args,
         } => {
             toolchain::ensure()?;
@@ -288,6 +312,9 @@ fn main() -> Result<()> {
             cargo(&test)?;
             if !no_fuzz {
                 fuzz::run(30)?;
+            }
+            if !no_cross {
+                cross::test()?;
             }
             if !no_e2e {
                 e2e::run_in_test()?;

@@ -72,7 +72,13 @@ fn ensure_nightly() -> Result<()> {
 }
 
 fn ensure_debian_packages() -> Result<()> {
-    let missing: Vec<&str> = DEBIAN_PACKAGES
+    ensure_debian(DEBIAN_PACKAGES, "LLVM 22 for bpf-linker")
+}
+
+/// Installs the Debian `packages` that are missing (root only; otherwise says
+/// what to install); `why` is what the user is told they are for.
+pub(crate) fn ensure_debian(packages: &[&str], why: &str) -> Result<()> {
+    let missing: Vec<&str> = packages
         .iter()
         .copied()
         .filter(|p| !debian_installed(p))
@@ -87,10 +93,7 @@ fn ensure_debian_packages() -> Result<()> {
             missing.join(" ")
         );
     }
-    eprintln!(
-        "xtask: installing {missing:?} from Debian (LLVM 22 for bpf-linker; \
-         a minute or two)"
-    );
+    eprintln!("xtask: installing {missing:?} from Debian ({why}; a minute or two)");
     super::run(Command::new("apt-get").arg("update").arg("-qq"))?;
     super::run(
         Command::new("apt-get")
@@ -140,7 +143,7 @@ pub(crate) fn is_root() -> bool {
 }
 
 /// Runs a command and returns its stdout; a non-zero exit is an error.
-fn output(cmd: &mut Command) -> Result<String> {
+pub(crate) fn output(cmd: &mut Command) -> Result<String> {
     let out = cmd
         .stderr(Stdio::null())
         .output()
