@@ -40,7 +40,7 @@ pub struct Target {
     arch: &'static str,
 }
 
-pub const TARGETS: &[Target] = &[
+const TARGETS: &[Target] = &[
     Target {
         triple: "x86_64-unknown-linux-gnu",
         gcc_package: "gcc-x86-64-linux-gnu",
@@ -83,6 +83,15 @@ impl Target {
                         .join(", ")
                 )
             })
+    }
+
+    /// This machine's own target.
+    pub fn host() -> Result<Self> {
+        TARGETS
+            .iter()
+            .copied()
+            .find(|t| t.is_host())
+            .with_context(|| format!("no target for this machine ({})", std::env::consts::ARCH))
     }
 
     fn is_host(self) -> bool {

@@ -59,7 +59,7 @@ enum Task {
         /// Skip `cargo xtask e2e` (the real control plane; needs Go and root).
         #[arg(long)]
         no_e2e: bool,
-        /// Skip the aarch64 build and its unit tests under qemu-user.
+        /// Skip the aarch64 build and its tests under qemu-user.
         #[arg(long)]
         no_cross: bool,
         /// Extra arguments for `cargo test`.
@@ -272,11 +272,7 @@ fn main() -> Result<()> {
         Task::Build { target } => {
             let target = match target {
                 Some(t) => cross::Target::parse(&t)?,
-                None => cross::TARGETS
-                    .iter()
-                    .copied()
-                    .find(|t| t.triple.starts_with(std::env::consts::ARCH))
-                    .context("this machine's architecture is not a target")?,
+                None => cross::Target::host()?,
             };
             cross::build(target).map(drop)
         }
