@@ -367,8 +367,8 @@ fn render(
     let _ = writeln!(s, "$ kubectl -n {NAMESPACE} get hpa keda-hpa-{APP}");
     let _ = writeln!(
         s,
-        "{:<16}{:<18}{:<20}{:<9}{:<9}{}",
-        "NAME", "REFERENCE", "TARGETS", "MINPODS", "MAXPODS", "REPLICAS"
+        "{:<16}{:<18}{:<20}{:<9}{:<9}REPLICAS",
+        "NAME", "REFERENCE", "TARGETS", "MINPODS", "MAXPODS"
     );
     let (desired, current) = match hpa {
         Some((d, c)) => (

@@ -439,6 +439,15 @@ fn serve_engine(pod: &mut LocalPod, ip: Ipv4Addr, bridge: &str) -> Result<(), St
     Ok(())
 }
 
+/// The running pods (with processes) of workload `ns`/`app`, by UID: the order
+/// the shares are handed out in.
+fn running<'a>(s: &'a State, ns: &str, app: &str) -> Vec<&'a LocalPod> {
+    s.pods
+        .values()
+        .filter(|p| p.namespace == ns && p.app.as_deref() == Some(app) && !p.processes.is_empty())
+        .collect()
+}
+
 /// Shares `total` over `n` parts: equal, the remainder to the first ones.
 fn share(total: u32, n: u32, i: u32) -> u32 {
     total / n + u32::from(i < total % n)
@@ -448,20 +457,11 @@ fn share(total: u32, n: u32, i: u32) -> u32 {
 /// remainder to the first by UID) and writes every node's scenario that changed;
 /// shares each workload's queue the same way over its pods' engines.
 fn write_scenarios(nodes: &[Node], s: &mut State) {
-    let running = |s: &State, ns: &str, app: &str| -> Vec<String> {
-        s.pods
-            .iter()
-            .filter(|(_, p)| {
-                p.namespace == ns && p.app.as_deref() == Some(app) && !p.processes.is_empty()
-            })
-            .map(|(uid, _)| uid.clone())
-            .collect()
-    };
     for ((ns, app), &waiting) in &s.queue {
         let pods = running(s, ns, app);
         let n = pods.len() as u32;
-        for (i, uid) in pods.iter().enumerate() {
-            if let Some(e) = &s.pods[uid].engine {
+        for (i, p) in pods.iter().enumerate() {
+            if let Some(e) = &p.engine {
                 // One data-parallel engine per pod, 4 running, KV cache at 40 %.
                 e.set(&vllm_exposition(&[(share(waiting, n, i as u32), 4, 0.4)]));
             }
@@ -469,19 +469,8 @@ fn write_scenarios(nodes: &[Node], s: &mut State) {
     }
     let mut loads: Vec<Vec<Load>> = vec![Vec::new(); nodes.len()];
     for ((ns, app), &demand) in &s.demand {
-        let pods: Vec<&LocalPod> = s
-            .pods
-            .values()
-            .filter(|p| {
-                &p.namespace == ns && p.app.as_ref() == Some(app) && !p.processes.is_empty()
-            })
-            .collect();
-        let Ok(n) = u32::try_from(pods.len()) else {
-            continue;
-        };
-        if n == 0 {
-            continue;
-        }
+        let pods = running(s, ns, app);
+        let n = pods.len() as u32;
         for (i, p) in pods.iter().enumerate() {
             loads[p.node].push(Load {
                 gpu: p.gpu,

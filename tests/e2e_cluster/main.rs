@@ -1041,6 +1041,16 @@ fn fallback_workload(c: &mut Cluster) {
     c.wait_replicas("ml", "fb", "fb", 2);
 }
 
+/// The failures KEDA counted per metric (`status.health.*.numberOfFailures`).
+fn failures(so: &DynamicObject) -> Vec<i64> {
+    so.data["status"]["health"]
+        .as_object()
+        .into_iter()
+        .flat_map(|h| h.values())
+        .filter_map(|m| m["numberOfFailures"].as_i64())
+        .collect()
+}
+
 /// Waits until ScaledObject `ns/name`'s condition `kind` has `status`.
 #[track_caller]
 fn wait_condition(c: &mut Cluster, ns: &str, name: &str, kind: &str, status: &str) {
@@ -1076,12 +1086,7 @@ fn fallback_when_gpus_are_unreadable(c: &mut Cluster) {
         "{}",
         so.data["status"]
     );
-    let failures = so.data["status"]["health"]
-        .as_object()
-        .into_iter()
-        .flat_map(|h| h.values())
-        .filter_map(|m| m["numberOfFailures"].as_i64())
-        .max();
+    let failures = failures(&so).into_iter().max();
     assert!(
         failures.is_some_and(|f| f >= 2),
         "KEDA counted the refused GetMetrics as failures: {}",
@@ -1118,14 +1123,8 @@ fn every_daemon_killed_holds_replicas(c: &mut Cluster) {
         "KEDA ran the fallback with every daemon gone; {fixed}: {}",
         so.data["status"]
     );
-    let failures: Vec<i64> = so.data["status"]["health"]
-        .as_object()
-        .into_iter()
-        .flat_map(|h| h.values())
-        .filter_map(|m| m["numberOfFailures"].as_i64())
-        .collect();
     assert!(
-        failures.iter().all(|&f| f == 0),
+        failures(&so).iter().all(|&f| f == 0),
         "KEDA counted failures with every daemon gone; {fixed}: {}",
         so.data["status"]
     );
