@@ -155,9 +155,7 @@ impl GpuSource for NvmlSource {
                 nvml
             }
         };
-        let now_us = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map_or(0, |d| u64::try_from(d.as_micros()).unwrap_or(u64::MAX));
+        let now_us = unix_us();
         let result = self.collector.pass(
             &NvmlDriver {
                 nvml: &nvml,
@@ -363,14 +361,16 @@ impl DriverDevice for NvmlDevice<'_> {
     }
 
     fn energy_mj(&self) -> NvResult<(u64, u64)> {
-        let mj = self.dev.total_energy_consumption()?;
         // Timed at the read, not at the pass's start: the mean power divides
         // by the time between two reads, and later GPUs of a pass are read
-        // later.
-        let at = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map_or(0, |d| u64::try_from(d.as_micros()).unwrap_or(u64::MAX));
-        Ok((mj, at))
+        // later. The driver samples its counter somewhere inside the call
+        // (an ioctl that can sleep): the midpoint is off by at most half the
+        // call, where a time taken after it carries the whole call, and any
+        // preemption inside it, into the mean.
+        let before = unix_us();
+        let mj = self.dev.total_energy_consumption()?;
+        let after = unix_us();
+        Ok((mj, before + after.saturating_sub(before) / 2))
     }
 
     fn mig_instances(&self) -> NvResult<Vec<Box<dyn DriverDevice + '_>>> {
@@ -455,4 +455,12 @@ fn nvml_result(code: u32) -> NvResult<()> {
     } else {
         Err(NvmlError::from(code))
     }
+}
+
+/// The wall clock in µs since the epoch, NVML's own time base for samples (0
+/// when the clock reads before the epoch).
+fn unix_us() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_micros()).unwrap_or(u64::MAX))
 }
