@@ -166,8 +166,9 @@ pub fn build(target: Target) -> Result<std::path::PathBuf> {
 }
 
 /// The aarch64 step of `cargo xtask test`: built for aarch64 and run under
-/// qemu-user, the daemon's and the shared types' unit tests (the latter's size
-/// asserts compile for aarch64's ABI), the integration tests that need no kernel
+/// qemu-user, the unit tests of the daemon, the shared types (their size
+/// asserts compile for aarch64's ABI), the fake driver and the test support
+/// library, the integration tests that need no kernel
 /// ([`QEMU_TESTS`], and [`QEMU_PROCESS_TESTS`], which start the aarch64 daemon
 /// as a process, where binfmt_misc can run it); then tests/image.rs on the
 /// aarch64 binary (its ELF machine, its libraries against the arm64 runtime
@@ -199,6 +200,12 @@ pub fn test() -> Result<()> {
         "gpu-scaler",
         "--package",
         "gpu-scaler-common",
+        // The fake driver is the aarch64 NVML's double: its struct layouts
+        // are the ABI nvml-wrapper reads there.
+        "--package",
+        "fake-nvml",
+        "--package",
+        "gpu-scaler-tests",
         "--lib",
     ])?;
     // The daemon first: the process tests start it (cargo builds only the
