@@ -480,6 +480,18 @@ pub(super) fn assert_scenario(name: &str, objects: &[Value], calls: &RbacCalls) 
                 "bpffs disabled but mounted"
             );
         }
+        "arm64-fleet-values" => {
+            let pod = &find(objects, "DaemonSet", RELEASE)?["spec"]["template"]["spec"];
+            ensure!(
+                pod["nodeSelector"]
+                    == serde_json::json!({
+                        "nvidia.com/gpu.present": "true",
+                        "kubernetes.io/arch": "arm64",
+                    }),
+                "GPU nodes of one architecture: {}",
+                pod["nodeSelector"]
+            );
+        }
         other => {
             bail!("{CI_VALUES}/{other}.yaml has no assertions in xtask/src/chart/scenarios.rs")
         }
