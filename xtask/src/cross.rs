@@ -200,8 +200,8 @@ pub fn test() -> Result<()> {
         "gpu-scaler",
         "--package",
         "gpu-scaler-common",
-        // The fake driver is the aarch64 NVML's double: its struct layouts
-        // are the ABI nvml-wrapper reads there.
+        // The fake driver is the aarch64 NVML's double: its C calls (array
+        // sizes, bounded strings) are what nvml-wrapper reads there.
         "--package",
         "fake-nvml",
         "--package",
