@@ -1100,9 +1100,14 @@ fn fallback_when_gpus_are_unreadable(c: &mut Cluster) {
 /// Every daemon killed: what real KEDA v2.21 does, asserted so that a KEDA
 /// upgrade that changes it fails here. With no daemon to answer, GetMetricSpec
 /// fails as well as GetMetrics, and KEDA runs no fallback when GetMetricSpec
-/// fails (kedacore/keda#8056: the failure counter is only fed by GetMetrics):
-/// it counts no failure, never says Fallback=True, and the HPA, unable to read
-/// the metric (FailedGetExternalMetric), holds the current replicas. Safe, as
+/// fails (kedacore/keda#8056: the failure counter and the fallback are only
+/// reached after a metric spec, `getScalerState` in pkg/scaling/scale_handler.go):
+/// it never says Fallback=True, and the HPA, unable to read the metric
+/// (FailedGetExternalMetric), holds the current replicas. Failures counted
+/// while the daemons were going down (a poll that got its spec from one still
+/// up and then lost GetMetrics) stay, as only a success resets them, and may
+/// even pass `failureThreshold`: they feed no fallback either, so the count
+/// (0 in most runs, 3 in one) is printed, not asserted. Safe, as
 /// gpu-scaler's refusal to answer a zero is meant to be (nothing scales away),
 /// but not the fallback: README "What KEDA's fallback covers". The daemons back,
 /// the ScaledObject is Ready again and follows the demand.
@@ -1123,10 +1128,9 @@ fn every_daemon_killed_holds_replicas(c: &mut Cluster) {
         "KEDA ran the fallback with every daemon gone; {fixed}: {}",
         so.data["status"]
     );
-    assert!(
-        failures(&so).iter().all(|&f| f == 0),
-        "KEDA counted failures with every daemon gone; {fixed}: {}",
-        so.data["status"]
+    eprintln!(
+        "e2e: failures KEDA counted as the daemons went down: {:?}",
+        failures(&so)
     );
     assert_eq!(
         condition(&so, "HPAActive").map(|c| c.0).as_deref(),
