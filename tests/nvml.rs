@@ -1212,13 +1212,8 @@ used_memory_mib = 1000
 /// A daemon on the fake with pods a (pids 11, 13) and b (12), and GetMetrics
 /// for pod `a` alone (`podSelector` on its name label).
 async fn counters_node(scenario: &str) -> Node {
-    counters_node_every(Duration::from_millis(50), scenario).await
-}
-
-/// As [`counters_node`], reading the fake every `interval`.
-async fn counters_node_every(interval: Duration, scenario: &str) -> Node {
     let fake = FakeNvml::new(scenario);
-    let node = serve_every(interval, &fake, &[11, 13], &[12]).await;
+    let node = serve(&fake, &[11, 13], &[12]).await;
     // The library must outlive the daemon's use of it.
     std::mem::forget(fake);
     node
@@ -1357,13 +1352,12 @@ async fn keda_sees_power_from_the_energy_counter() {
     // scenario says at one instant (power_w): the same here, so the mean
     // from the counter must match it. A pass of 250 ms, the mean's window:
     // see the bound below.
-    let node = counters_node_every(
-        Duration::from_millis(250),
+    let fake = FakeNvml::new(
         "[[gpu]]\nutilization = 50\nmemory_total_mib = 1000\npower_w = 300.0\n\
          [[gpu.process]]\npid = 11\nsm_util = 30\nused_memory_mib = 10\n\
          [[gpu.process]]\npid = 12\nsm_util = 10\nused_memory_mib = 10\n",
-    )
-    .await;
+    );
+    let node = serve_every(Duration::from_millis(250), &fake, &[11], &[12]).await;
     let deadline = Instant::now() + Duration::from_secs(20);
     let snap = loop {
         let snap = node.snapshots().borrow().clone();
